@@ -1,0 +1,253 @@
+"""Read and validate raw MIND files (news.tsv, behaviors.tsv) with polars.
+
+MIND files are tab-separated, have no header and no quoting: a title may contain `"`.
+Each file is read as one text column per line, split on tabs and checked column by
+column, so every error names the file, the 1-based line number and the field.
+
+Behaviors keep their news ids as strings here; mapping them to store indices is the
+store's job (see `mmnewsrec.data.store`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+logger = logging.getLogger(__name__)
+
+NEWS_COLUMNS = [
+    "news_id",
+    "category",
+    "subcategory",
+    "title",
+    "abstract",
+    "url",
+    "title_entities",
+    "abstract_entities",
+]
+BEHAVIORS_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions"]
+TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # e.g. 11/15/2019 8:55:22 AM (naive, read as UTC)
+SPLIT_NAMES = ("train", "dev", "test")
+
+
+class MindFormatError(ValueError):
+    """A MIND file that cannot be read; names the file, line and field where known."""
+
+    def __init__(self, path: Path | str, line: int | None, field: str | None, message: str):
+        self.path, self.line, self.field, self.message = Path(path), line, field, message
+        where = str(path) + (f", line {line}" if line is not None else "")
+        where += f", field {field}" if field is not None else ""
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class RawBehaviors:
+    """One behaviors.tsv, validated, with news ids still as strings.
+
+    rows: impression_id (i64), user_id (str), time (i64 unix s), line (u32), one per impression.
+    history: row (u32), news_id (str), one per history click, in file order.
+    candidates: row (u32), news_id (str), label (i8, -1 when unlabelled), in file order.
+    """
+
+    path: Path
+    labelled: bool
+    rows: pl.DataFrame
+    history: pl.DataFrame
+    candidates: pl.DataFrame
+
+
+def file_digest(data: bytes) -> dict:
+    """Size and sha256 of a file's bytes, for the store manifest."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_lines(path: Path, data: bytes | None = None) -> pl.Series:
+    """The lines of a UTF-8 text file as a string Series (no trailing empty line, no CR)."""
+    if data is None:
+        data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise MindFormatError(path, line, None, f"not valid UTF-8 ({err.reason})") from None
+    text = text.removeprefix("\ufeff")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return pl.Series("line", lines, dtype=pl.String).str.strip_suffix("\r")
+
+
+def split_columns(path: Path, lines: pl.Series, names: list[str]) -> pl.DataFrame:
+    """Split tab-separated lines into named string columns; wrong column counts are errors."""
+    counts = lines.str.count_matches("\t", literal=True) + 1
+    bad = (counts != len(names)).arg_true()
+    if len(bad):
+        i = int(bad[0])
+        raise MindFormatError(
+            path,
+            i + 1,
+            None,
+            f"expected {len(names)} tab-separated columns, found {counts[i]}" + csv_hint(lines[i]),
+        )
+    frame = lines.str.splitn("\t", len(names)).struct.rename_fields(names).struct.unnest()
+    return frame.with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("line") + 1)
+
+
+def csv_hint(line: str) -> str:
+    """A hint appended to errors on lines that look re-saved by a CSV writer."""
+    quoted = any(f.startswith('"') and f.endswith('"') and len(f) > 1 for f in line.split("\t"))
+    if quoted or '""' in line:
+        return CSV_QUOTED
+    return ""
+
+
+CSV_QUOTED = (
+    " (the file looks CSV-quoted, as written by a CSV/pandas writer; raw MIND files are "
+    "tab-separated with no quoting: re-export them unquoted, e.g. quoting=csv.QUOTE_NONE)"
+)
+
+
+def first_bad(path: Path, frame: pl.DataFrame, bad: pl.Expr, field: str, message: str) -> None:
+    """Raise for the first row where `bad` holds, quoting that row's `field` value."""
+    hit = frame.filter(bad.fill_null(True)).head(1)
+    if hit.height:
+        value = hit[field][0] if field in hit.columns else None
+        shown = "" if value is None else f": {value[:80]!r}"
+        raise MindFormatError(path, int(hit["line"][0]), field, message + shown)
+
+
+def read_news(path: Path, data: bytes | None = None) -> pl.DataFrame:
+    """Read and validate one news.tsv: 8 string columns plus `line`, ids unique and non-empty."""
+    news = split_columns(path, read_lines(path, data), NEWS_COLUMNS)
+    first_bad(path, news, pl.col("news_id").str.len_bytes() == 0, "news_id", "empty news id")
+    for field in ("title_entities", "abstract_entities"):
+        col = pl.col(field)
+        first_bad(
+            path,
+            news,
+            col.str.starts_with('"'),
+            field,
+            "entities are not JSON-array text" + CSV_QUOTED,
+        )
+        not_json = (col.str.len_bytes() > 0) & ~col.str.starts_with("[")
+        first_bad(path, news, not_json, field, "entities are not JSON-array text")
+    quoted = pl.col("title").str.starts_with('"') & pl.col("title").str.contains('""', literal=True)
+    first_bad(path, news, quoted, "title", "title is quoted" + CSV_QUOTED)
+    dup = pl.col("news_id").is_duplicated() & ~pl.col("news_id").is_first_distinct()
+    hit = news.filter(dup).head(1)
+    if hit.height:
+        news_id = hit["news_id"][0]
+        first = news.filter(pl.col("news_id") == news_id)["line"][0]
+        raise MindFormatError(
+            path,
+            int(hit["line"][0]),
+            "news_id",
+            f"duplicate news id {news_id!r} (first on line {first})",
+        )
+    return news
+
+
+def read_behaviors(path: Path, data: bytes | None = None) -> RawBehaviors:
+    """Read and validate one behaviors.tsv (labelled or unlabelled impressions)."""
+    frame = split_columns(path, read_lines(path, data), BEHAVIORS_COLUMNS)
+    rows = parse_rows(path, frame)
+    history = explode_ids(frame, "history").filter(pl.col("news_id").str.len_bytes() > 0)
+    candidates, labelled = parse_impressions(path, frame)
+    return RawBehaviors(path, labelled, rows, history.drop("line"), candidates)
+
+
+def parse_rows(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
+    """Impression id, user id and time per row, each checked."""
+    rows = frame.select(
+        pl.col("impression_id").str.strip_chars().cast(pl.Int64, strict=False).alias("id"),
+        pl.col("time").str.strptime(pl.Datetime("us"), TIME_FORMAT, strict=False).alias("t"),
+        "impression_id",
+        "user_id",
+        "time",
+        "line",
+    )
+    first_bad(path, rows, pl.col("id").is_null(), "impression_id", "not an integer")
+    first_bad(path, rows, pl.col("user_id").str.len_bytes() == 0, "user_id", "empty user id")
+    first_bad(
+        path, rows, pl.col("t").is_null(), "time", "not a MIND time like '11/15/2019 8:55:22 AM'"
+    )
+    return rows.select(
+        pl.col("id").alias("impression_id"),
+        "user_id",
+        pl.col("t").dt.epoch("s").alias("time"),
+        "line",
+    )
+
+
+def explode_ids(frame: pl.DataFrame, field: str) -> pl.DataFrame:
+    """One row per space-separated token of `field`: row (position), line, news_id (token)."""
+    return (
+        frame.select(
+            pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
+            "line",
+            pl.col(field).str.split(" ").alias("news_id"),
+        )
+        .explode("news_id")
+        .with_columns(pl.col("news_id").fill_null(""))
+    )
+
+
+def parse_impressions(path: Path, frame: pl.DataFrame) -> tuple[pl.DataFrame, bool]:
+    """Candidates with labels; tokens are all `<id>-<0|1>` (labelled) or all `<id>` (not)."""
+    tokens = explode_ids(frame, "impressions")
+    tok = pl.col("news_id")
+    dash = tok.str.contains("-", literal=True)
+    suffix = tok.str.slice(-2)
+    labelled = dash & suffix.is_in(["-0", "-1"]) & (tok.str.len_bytes() > 2)
+    tokens = tokens.with_columns(labelled.alias("labelled"), dash.alias("dash"))
+    first_bad(path, tokens, tok.str.len_bytes() == 0, "impressions", "empty candidate token")
+    first_bad(
+        path,
+        tokens,
+        pl.col("dash") & ~pl.col("labelled"),
+        "impressions",
+        "bad candidate token, expected <news id>-0, <news id>-1 or <news id>",
+    )
+    is_labelled = bool(tokens["labelled"][0]) if tokens.height else True
+    first_bad(
+        path,
+        tokens,
+        pl.col("labelled") != is_labelled,
+        "impressions",
+        "mixes labelled (<id>-0/1) and unlabelled (<id>) candidates; first token was "
+        + ("labelled" if is_labelled else "unlabelled")
+        + ", this one is not",
+    )
+    if is_labelled:
+        label = tok.str.slice(-1).cast(pl.Int8)
+        tokens = tokens.with_columns(label.alias("label"), tok.str.head(-2))
+    else:
+        tokens = tokens.with_columns(pl.lit(-1, dtype=pl.Int8).alias("label"))
+    return tokens.select("row", "news_id", "label"), is_labelled
+
+
+def find_splits(data_dir: Path, split: str | None = None) -> dict[str, Path]:
+    """Split name -> folder holding behaviors.tsv (and usually news.tsv).
+
+    DATA_DIR is either one split (DATA_DIR/behaviors.tsv; named `split`, default "train")
+    or several sub-folders named train/dev/test (then `split` is not used).
+    """
+    data_dir = Path(data_dir)
+    if (data_dir / "behaviors.tsv").is_file():
+        return {split or "train": data_dir}
+    found = {name: data_dir / name for name in SPLIT_NAMES if (data_dir / name).is_dir()}
+    for name, folder in found.items():
+        if not (folder / "behaviors.tsv").is_file():
+            raise MindFormatError(folder / "behaviors.tsv", None, None, f"split {name}: missing")
+    if not found:
+        raise MindFormatError(
+            data_dir,
+            None,
+            None,
+            "no behaviors.tsv here nor in train/, dev/ or test/ sub-folders",
+        )
+    return found
