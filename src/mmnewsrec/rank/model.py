@@ -1,0 +1,430 @@
+"""Ranking models on frozen news vectors: transformers, an additive-attention user encoder,
+and baselines, all with one forward contract:
+
+    scores = model(history, candidates)
+    history:    LongTensor (B, L) news indices, 0 = padding, left-padded, most recent click last
+    candidates: LongTensor (B, C) news indices, 0 = padding candidate (its score is 0, ignore it)
+    scores:     FloatTensor (B, C); a candidate's score never depends on the other candidates
+
+Models gather their inputs from a non-persistent buffer `news_vectors` (N+1, D) set at
+construction, so checkpoints hold weights only and `model_args` rebuilds the architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmnewsrec.recall.recaller import mean_user_vectors, padded_to_csr
+
+logger = logging.getLogger(__name__)
+
+# Named size presets for the neural models (keys a config lacks are ignored).
+# cpu:  the default, trains at hundreds of rows/s on 2 cores.
+# gpu:  for one data-centre GPU (fp32/bf16), ~4x the width, 4 layers.
+# seed: the research notebook's architecture, for comparison on equal terms.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "gpu": {"d_model": 256, "n_layers": 4, "n_heads": 8, "d_ff": 1024, "dropout": 0.1},
+    "seed": {"d_model": 768, "n_layers": 4, "n_heads": 8, "d_ff": 1024, "dropout": 0.1},
+}
+
+
+@dataclass
+class RecTransformerConfig:
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.1
+    max_history: int = 50  # L: the most recent clicks kept
+    image_flag: bool = True  # add a learned "no image" vector to news without an image
+
+
+@dataclass
+class FastRecTransformerConfig(RecTransformerConfig):
+    n_cross_layers: int = 1  # candidate -> history cross-attention blocks
+
+
+@dataclass
+class AdditiveAttentionConfig:
+    d_model: int = 128
+    n_heads: int = 4
+    query_dim: int = 128  # hidden size of the additive attention
+    dropout: float = 0.1
+    max_history: int = 50
+    image_flag: bool = True
+
+
+@dataclass
+class RandomConfig:
+    seed: int = 0
+
+
+@dataclass
+class PopularityConfig:
+    pass
+
+
+@dataclass
+class MeanCosineConfig:
+    recency_weighting: float | None = None  # g in (0, 1]: r-th most recent click weighs g**r
+
+
+class Ranker(nn.Module):
+    """Holds the frozen news vectors and the config; subclasses implement forward."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, config: Any, news_vectors: Any, has_image: Any = None) -> None:
+        super().__init__()
+        vectors = torch.as_tensor(np.asarray(news_vectors, dtype=np.float32))
+        if vectors.ndim != 2 or len(vectors) < 2:
+            raise ValueError(f"news_vectors: expected (N+1, D), got {tuple(vectors.shape)}")
+        flags = torch.ones(len(vectors), dtype=torch.bool)
+        if has_image is not None:
+            flags = torch.as_tensor(np.asarray(has_image, dtype=bool))
+            if flags.shape != (len(vectors),):
+                raise ValueError(f"has_image: expected ({len(vectors)},), got {tuple(flags.shape)}")
+        self.config = config
+        self.register_buffer("news_vectors", vectors, persistent=False)  # (N+1, D)
+        self.register_buffer("has_image", flags, persistent=False)  # (N+1,)
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """Config as a plain dict: `build_model(name, model_args, vectors)` rebuilds the model."""
+        return asdict(self.config)
+
+    @property
+    def news_dim(self) -> int:
+        return self.news_vectors.shape[1]
+
+
+class NewsEncoder(nn.Module):
+    """Frozen news vector -> d_model token: projection, "no image" vector, LayerNorm."""
+
+    def __init__(self, news_dim: int, d_model: int, image_flag: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(news_dim, d_model)
+        self.no_image = nn.Parameter(torch.zeros(d_model)) if image_flag else None
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, vectors: Tensor, has_image: Tensor) -> Tensor:
+        x = self.proj(vectors)  # (..., d)
+        if self.no_image is not None:
+            x = x + (~has_image).unsqueeze(-1).to(x.dtype) * self.no_image
+        return self.norm(x)
+
+
+def with_no_history(tokens: Tensor, history: Tensor, no_history: Tensor) -> tuple[Tensor, Tensor]:
+    """Prepend the learned no-history token, which is never masked, so no row is all padding.
+
+    tokens (B, L, d), history (B, L) -> tokens (B, 1+L, d), key padding mask (B, 1+L), True = pad.
+    """
+    first = no_history.expand(len(tokens), 1, -1)
+    mask = F.pad(history == 0, (1, 0), value=False)
+    return torch.cat([first, tokens], dim=1), mask
+
+
+class SequenceEmbedding(nn.Module):
+    """Tokens for the transformers: news token + type (history/candidate) + recency position."""
+
+    def __init__(self, news_dim: int, cfg: RecTransformerConfig) -> None:
+        super().__init__()
+        self.news = NewsEncoder(news_dim, cfg.d_model, cfg.image_flag)
+        self.type_emb = nn.Parameter(torch.randn(2, cfg.d_model) * 0.02)  # 0 history, 1 candidate
+        self.recency = nn.Parameter(torch.randn(cfg.max_history, cfg.d_model) * 0.02)
+        self.no_history = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def history(self, ranker: Ranker, history: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) -> tokens (B, 1+L, d) and key padding mask (B, 1+L)."""
+        length = history.shape[1]
+        recency = torch.arange(length - 1, -1, -1, device=history.device)  # 0 = latest click
+        x = self.news(ranker.news_vectors[history], ranker.has_image[history])
+        x = x + self.type_emb[0] + self.recency[recency]
+        tokens, mask = with_no_history(x, history, self.no_history)
+        return self.dropout(tokens), mask
+
+    def candidates(self, ranker: Ranker, candidates: Tensor) -> Tensor:
+        """(...) candidate indices -> (..., d) tokens."""
+        x = self.news(ranker.news_vectors[candidates], ranker.has_image[candidates])
+        return self.dropout(x + self.type_emb[1])
+
+
+def transformer_encoder(cfg: RecTransformerConfig) -> nn.TransformerEncoder:
+    """Pre-norm encoder with a final LayerNorm."""
+    layer = nn.TransformerEncoderLayer(
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.d_ff,
+        cfg.dropout,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+    norm = nn.LayerNorm(cfg.d_model)
+    return nn.TransformerEncoder(layer, cfg.n_layers, norm=norm, enable_nested_tensor=False)
+
+
+class RecTransformer(Ranker):
+    """Per-candidate reference: one encoder pass over [no-history | history | candidate] for
+    every candidate; the score is read at the candidate position by a linear head."""
+
+    name = "rec_transformer"
+    config_class = RecTransformerConfig
+
+    def __init__(self, config: RecTransformerConfig, news_vectors: Any, has_image: Any = None):
+        super().__init__(config, news_vectors, has_image)
+        self.embed = SequenceEmbedding(self.news_dim, config)
+        self.encoder = transformer_encoder(config)
+        self.head = nn.Linear(config.d_model, 1)
+
+    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+        history = history[:, -self.config.max_history :]
+        hist, mask = self.embed.history(self, history)  # (B, 1+L, d), (B, 1+L)
+        rows, cols = (candidates > 0).nonzero(as_tuple=True)  # only real candidates: P pairs
+        cand = self.embed.candidates(self, candidates[rows, cols])  # (P, d)
+        x = torch.cat([hist[rows], cand.unsqueeze(1)], dim=1)  # (P, 2+L, d)
+        pad = F.pad(mask[rows], (0, 1), value=False)  # (P, 2+L)
+        out = self.encoder(x, src_key_padding_mask=pad)[:, -1]  # (P, d)
+        scores = self.head(out).squeeze(-1)  # (P,)
+        return torch.zeros(candidates.shape, dtype=scores.dtype, device=scores.device).index_put(
+            (rows, cols), scores
+        )
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm block: candidate queries attend to the encoded history, then an MLP.
+    Candidates never attend to each other."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(
+            nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, q: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
+        a, _ = self.attn(self.norm_q(q), memory, memory, key_padding_mask=mask, need_weights=False)
+        q = q + self.dropout(a)  # (B, C, d)
+        return q + self.dropout(self.ff(self.norm_ff(q)))
+
+
+class FastRecTransformer(Ranker):
+    """Encodes the history once per row; each candidate cross-attends to it and an MLP scores
+    [user, candidate, user * candidate]."""
+
+    name = "fast_rec_transformer"
+    config_class = FastRecTransformerConfig
+
+    def __init__(self, config: FastRecTransformerConfig, news_vectors: Any, has_image: Any = None):
+        super().__init__(config, news_vectors, has_image)
+        d = config.d_model
+        self.embed = SequenceEmbedding(self.news_dim, config)
+        self.encoder = transformer_encoder(config)
+        self.cross = nn.ModuleList(
+            CrossAttentionBlock(d, config.n_heads, config.d_ff, config.dropout)
+            for _ in range(config.n_cross_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Sequential(
+            nn.Linear(3 * d, d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(d, 1)
+        )
+
+    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+        history = history[:, -self.config.max_history :]
+        hist, mask = self.embed.history(self, history)  # (B, 1+L, d), (B, 1+L)
+        memory = self.encoder(hist, src_key_padding_mask=mask)  # (B, 1+L, d)
+        cand = self.embed.candidates(self, candidates)  # (B, C, d)
+        q = cand
+        for block in self.cross:
+            q = block(q, memory, mask)
+        user = self.norm(q)  # (B, C, d): the history as seen from each candidate
+        scores = self.head(torch.cat([user, cand, user * cand], dim=-1)).squeeze(-1)
+        return scores.masked_fill(candidates == 0, 0.0)
+
+
+class AdditivePooling(nn.Module):
+    """Additive attention pooling: softmax_i(q . tanh(W h_i + b)) weighted sum of h_i."""
+
+    def __init__(self, d_model: int, query_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, query_dim)
+        self.query = nn.Parameter(torch.randn(query_dim) * 0.02)
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        logits = torch.tanh(self.proj(h)) @ self.query  # (B, T)
+        weights = logits.masked_fill(mask, -torch.inf).softmax(dim=1)
+        return (weights.unsqueeze(-1) * h).sum(dim=1)  # (B, d)
+
+
+class AdditiveAttentionUser(Ranker):
+    """NRMS-style user encoder on frozen vectors: projected history, multi-head self-attention,
+    additive attention pooling -> user vector; score = dot(user, candidate) / sqrt(d)."""
+
+    name = "additive_attention"
+    config_class = AdditiveAttentionConfig
+
+    def __init__(self, config: AdditiveAttentionConfig, news_vectors: Any, has_image: Any = None):
+        super().__init__(config, news_vectors, has_image)
+        d = config.d_model
+        self.news = NewsEncoder(self.news_dim, d, config.image_flag)
+        self.no_history = nn.Parameter(torch.randn(d) * 0.02)
+        self.attn = nn.MultiheadAttention(d, config.n_heads, config.dropout, batch_first=True)
+        self.pool = AdditivePooling(d, config.query_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def user(self, history: Tensor) -> Tensor:
+        """(B, L) history -> (B, d) user vector."""
+        history = history[:, -self.config.max_history :]
+        x = self.news(self.news_vectors[history], self.has_image[history])
+        tokens, mask = with_no_history(self.dropout(x), history, self.no_history)
+        h, _ = self.attn(tokens, tokens, tokens, key_padding_mask=mask, need_weights=False)
+        return self.pool(self.dropout(h), mask)
+
+    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+        user = self.user(history)  # (B, d)
+        cand = self.news(self.news_vectors[candidates], self.has_image[candidates])  # (B, C, d)
+        scores = torch.einsum("bd,bcd->bc", user, cand) / math.sqrt(cand.shape[-1])
+        return scores.masked_fill(candidates == 0, 0.0)
+
+
+MASK31 = (1 << 31) - 1
+
+
+def mix31(x: Tensor) -> Tensor:
+    """Integer hash of non-negative int64 values to [0, 2**31), exact (no overflow)."""
+    x = x & MASK31
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & MASK31
+    return (x >> 16) ^ x
+
+
+class RandomRanker(Ranker):
+    """Deterministic pseudo-random scores hashed from (seed, history, candidate)."""
+
+    name = "random"
+    config_class = RandomConfig
+    trainable = False
+
+    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+        row_key = mix31(history).sum(dim=1, keepdim=True) & MASK31  # (B, 1); mix31(0) = 0
+        key = mix31(candidates) + mix31(row_key + self.config.seed * 0x9E3779B1)
+        scores = mix31(key).float() / float(MASK31)
+        return scores.masked_fill(candidates == 0, 0.0)
+
+
+class PopularityRanker(Ranker):
+    """Score = log(1 + clicks of the candidate in the train split), held in buffer `counts`."""
+
+    name = "popularity"
+    config_class = PopularityConfig
+    trainable = False
+
+    def __init__(
+        self, config: PopularityConfig, news_vectors: Any, has_image: Any = None, counts: Any = None
+    ):
+        super().__init__(config, news_vectors, has_image)
+        self.register_buffer("counts", torch.zeros(len(self.news_vectors)))  # (N+1,)
+        if counts is not None:
+            self.fit_counts(counts)
+
+    def fit_counts(self, counts: Any) -> PopularityRanker:
+        """Set click counts per news index (N+1,)."""
+        counts = torch.as_tensor(np.asarray(counts), dtype=torch.float32)
+        if counts.shape != self.counts.shape:
+            raise ValueError(f"counts: expected {tuple(self.counts.shape)}, got {counts.shape}")
+        self.counts.copy_(counts)
+        return self
+
+    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+        return torch.log1p(self.counts[candidates]).masked_fill(candidates == 0, 0.0)
+
+
+def click_counts(behaviors: Any, num_news: int) -> np.ndarray:
+    """Clicks per news index (N+1,) int64 from a labelled `Behaviors`."""
+    clicked = np.asarray(behaviors.candidate_items)[np.asarray(behaviors.candidate_labels) == 1]
+    return np.bincount(clicked, minlength=num_news + 1)
+
+
+class MeanCosineRanker(Ranker):
+    """The recaller as a ranker: cosine of the (recency-weighted) mean history vector and the
+    candidate vector."""
+
+    name = "mean_cosine"
+    config_class = MeanCosineConfig
+    trainable = False
+
+    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+        offsets, items = padded_to_csr(history)
+        clicked = F.normalize(self.news_vectors[items], dim=1)
+        user = mean_user_vectors(clicked, offsets, self.config.recency_weighting)  # (B, D)
+        cand = F.normalize(self.news_vectors[candidates], dim=-1)  # (B, C, D)
+        scores = torch.einsum("bd,bcd->bc", user, cand)
+        return scores.masked_fill(candidates == 0, 0.0)
+
+
+MODELS: dict[str, type[Ranker]] = {
+    cls.name: cls
+    for cls in (
+        RecTransformer,
+        FastRecTransformer,
+        AdditiveAttentionUser,
+        RandomRanker,
+        PopularityRanker,
+        MeanCosineRanker,
+    )
+}
+
+
+def model_config(name: str, config: Any = None) -> Any:
+    """Resolve a model's config from None, a dataclass, or a dict with an optional "preset"."""
+    cls = MODELS[canonical_name(name)].config_class
+    if is_dataclass(config):
+        if not isinstance(config, cls):
+            raise TypeError(f"{name}: expected {cls.__name__}, got {type(config).__name__}")
+        return config
+    values = dict(config or {})
+    preset = values.pop("preset", "cpu")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{name}: unknown config keys {unknown}; known: {sorted(known)}")
+    base = {k: v for k, v in PRESETS[preset].items() if k in known}
+    return cls(**(base | values))
+
+
+def canonical_name(name: str) -> str:
+    """Registry key for a model name ("mean-cosine" and "mean_cosine" are the same)."""
+    key = name.replace("-", "_").lower()
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    return key
+
+
+def build_model(
+    name: str, config: Any = None, news_vectors: Any = None, has_image: Any = None
+) -> Ranker:
+    """Build a registered model on frozen news vectors (N+1, D), row 0 = padding."""
+    if news_vectors is None:
+        raise ValueError("build_model needs news_vectors (N+1, D)")
+    cls = MODELS[canonical_name(name)]
+    model = cls(model_config(name, config), news_vectors, has_image)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("%s: %s, %.2fM parameters", cls.name, model.model_args, n_params / 1e6)
+    return model

@@ -1,0 +1,245 @@
+"""Recall: a user vector from clicked news, then cosine top-K over the whole corpus."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["auto", "exact", "faiss_flat", "faiss_hnsw"]
+BACKENDS = ("auto", "exact", "faiss_flat", "faiss_hnsw")
+SCORE_BLOCK = 1 << 25  # floats in one (users x news) block of exact scores
+
+
+def mean_user_vectors(
+    clicked: Tensor, offsets: Tensor, recency_weighting: float | None = None
+) -> Tensor:
+    """L2-normalised (optionally recency-weighted) mean of clicked-news vectors: (U, D).
+
+    clicked: (nnz, D) unit vectors of the clicks, user u owning rows offsets[u]:offsets[u+1],
+    oldest first. With recency_weighting = g in (0, 1], the r-th most recent click (r = 0 the
+    latest) weighs g**r. A user without clicks gets a zero vector.
+    """
+    device, counts = clicked.device, offsets.diff()
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # (nnz,)
+    weights = torch.ones(len(rows), dtype=clicked.dtype, device=device)
+    if recency_weighting is not None:
+        recency = offsets[rows + 1] - 1 - torch.arange(len(rows), device=device)
+        weights = float(recency_weighting) ** recency.to(clicked.dtype)
+    summed = torch.zeros(len(counts), clicked.shape[1], dtype=clicked.dtype, device=device)
+    summed.index_add_(0, rows, clicked * weights[:, None])
+    return F.normalize(summed, dim=1)
+
+
+def padded_to_csr(padded: Tensor) -> tuple[Tensor, Tensor]:
+    """(U, L) news indices, 0 = padding -> CSR (offsets (U+1,), items (nnz,)), order kept."""
+    mask = padded > 0
+    offsets = torch.zeros(len(padded) + 1, dtype=torch.int64, device=padded.device)
+    offsets[1:] = mask.sum(1).cumsum(0)
+    return offsets, padded[mask].long()
+
+
+def as_csr(histories: Any) -> tuple[Tensor, Tensor]:
+    """Accept a padded 2-D array/tensor or an (offsets, items) pair; return int64 CSR tensors."""
+    if isinstance(histories, tuple | list):
+        offsets, items = histories
+        return torch.as_tensor(np.asarray(offsets), dtype=torch.int64), torch.as_tensor(
+            np.asarray(items), dtype=torch.int64
+        )
+    padded = torch.as_tensor(np.asarray(histories))
+    if padded.ndim != 2:
+        raise ValueError(f"histories: expected (users, L) or (offsets, items), got {padded.shape}")
+    return padded_to_csr(padded)
+
+
+def slice_csr(offsets: Tensor, items: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """Rows start:stop of a CSR pair, offsets rebased to 0."""
+    lo, hi = int(offsets[start]), int(offsets[stop])
+    return offsets[start : stop + 1] - lo, items[lo:hi]
+
+
+def pair_keys(offsets: Tensor, items: Tensor, width: int) -> Tensor:
+    """One int64 key per (row, item) of a CSR pair: row * width + item."""
+    rows = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+    return rows * width + items
+
+
+class Recaller:
+    """Cosine top-K recall over all news from the mean vector of a user's clicks.
+
+    backend: "exact" (torch matmul), "faiss_flat" (exact, IndexFlatIP), "faiss_hnsw"
+    (approximate, IndexHNSWFlat) or "auto" (exact up to `exact_max_news` news, else faiss_flat).
+    Row 0 of the news vectors is padding and is never returned; index 0 in a result means
+    "no result" (fewer than k news left after exclusion).
+    """
+
+    def __init__(
+        self,
+        k: int = 100,
+        backend: Backend = "auto",
+        recency_weighting: float | None = None,
+        exact_max_news: int = 100_000,
+        hnsw_m: int = 32,
+        hnsw_ef_search: int = 128,
+        batch_size: int = 1024,
+    ) -> None:
+        self.k = k
+        self.backend = backend
+        self.recency_weighting = recency_weighting
+        self.exact_max_news = exact_max_news
+        self.hnsw_m = hnsw_m
+        self.hnsw_ef_search = hnsw_ef_search
+        self.batch_size = batch_size
+
+    def fit(self, vectors: Any) -> Recaller:
+        """Normalise the news vectors (N+1, D) (row 0 = padding) and build the index."""
+        self._check_params()
+        matrix = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        if matrix.ndim != 2 or len(matrix) < 2:
+            raise ValueError(f"vectors: expected (N+1, D) with N >= 1, got {tuple(matrix.shape)}")
+        self.vectors_ = F.normalize(matrix, dim=1)
+        self.vectors_[0] = 0.0
+        self.num_news_ = len(matrix) - 1
+        self.backend_ = self._resolve_backend()
+        self.index_ = self._build_index() if self.backend_ != "exact" else None
+        logger.info("recaller: %d news, dim %d, %s", self.num_news_, matrix.shape[1], self.backend_)
+        return self
+
+    def user_vectors(self, histories: Any) -> np.ndarray:
+        """Unit user vectors (U, D) from histories: padded (U, L) or (offsets, items)."""
+        offsets, items = as_csr(histories)
+        chunks = [
+            self._users(*slice_csr(offsets, items, s, min(s + self.batch_size, len(offsets) - 1)))
+            for s in range(0, len(offsets) - 1, self.batch_size)
+        ]
+        return torch.cat(chunks).numpy() if chunks else np.zeros((0, self.vectors_.shape[1]))
+
+    def search(
+        self, user_vectors: Any, k: int | None = None, exclude: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k cosine (scores (U, k) float32, news indices (U, k) int64), best first.
+
+        exclude: news to leave out per user (e.g. the history), padded (U, E) or (offsets, items).
+        """
+        users = torch.as_tensor(np.asarray(user_vectors, dtype=np.float32))
+        if exclude is None:
+            exclude = (torch.zeros(len(users) + 1, dtype=torch.int64), torch.zeros(0).long())
+        ex_offsets, ex_items = as_csr(exclude)
+        if len(ex_offsets) - 1 != len(users):
+            raise ValueError(f"exclude has {len(ex_offsets) - 1} rows for {len(users)} users")
+        results = [
+            self._search(
+                users[s : s + self.batch_size],
+                k or self.k,
+                *slice_csr(ex_offsets, ex_items, s, min(s + self.batch_size, len(users))),
+            )
+            for s in range(0, len(users), self.batch_size)
+        ]
+        scores, indices = zip(*results, strict=True) if results else ((), ())
+        width = min(k or self.k, self.num_news_)
+        return (
+            torch.cat(scores).numpy() if scores else np.zeros((0, width), np.float32),
+            torch.cat(indices).numpy() if indices else np.zeros((0, width), np.int64),
+        )
+
+    def recall_at_k(
+        self, behaviors: Any, k: int | None = None, exclude_history: bool = True
+    ) -> float:
+        """Share of clicked candidates found in each impression's top-k over the whole corpus.
+
+        behaviors: a labelled `Behaviors` (history/candidate CSR arrays and labels).
+        """
+        labels = torch.as_tensor(np.asarray(behaviors.candidate_labels))
+        if len(labels) and bool((labels < 0).all()):
+            raise ValueError(f"split {behaviors.split!r} is unlabelled: recall@k needs clicks")
+        h_offsets, h_items = as_csr((behaviors.history_offsets, behaviors.history_items))
+        c_offsets, c_items = as_csr((behaviors.candidate_offsets, behaviors.candidate_items))
+        hits = clicks = 0
+        for s in range(0, len(h_offsets) - 1, self.batch_size):
+            stop = min(s + self.batch_size, len(h_offsets) - 1)
+            history = slice_csr(h_offsets, h_items, s, stop)
+            exclude = history if exclude_history else (history[0] * 0, history[1][:0])
+            _, top = self._search(self._users(*history), k or self.k, *exclude)
+            c_off, c_it = slice_csr(c_offsets, c_items, s, stop)
+            clicked = labels[int(c_offsets[s]) : int(c_offsets[stop])] == 1
+            keys = pair_keys(c_off, c_it, self.num_news_ + 1)[clicked]
+            top_keys = torch.arange(len(top))[:, None] * (self.num_news_ + 1) + top
+            hits += int(torch.isin(keys, top_keys[top > 0]).sum())
+            clicks += len(keys)
+        logger.info("recall@%d: %d of %d clicks", k or self.k, hits, clicks)
+        return hits / clicks if clicks else float("nan")
+
+    def _check_params(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        g = self.recency_weighting
+        if g is not None and not 0.0 < g <= 1.0:
+            raise ValueError(f"recency_weighting must be in (0, 1], got {g}")
+
+    def _resolve_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "exact" if self.num_news_ <= self.exact_max_news else "faiss_flat"
+
+    def _build_index(self) -> Any:
+        import faiss
+
+        data = np.ascontiguousarray(self.vectors_[1:].numpy())
+        dim = data.shape[1]
+        if self.backend_ == "faiss_flat":
+            index = faiss.IndexFlatIP(dim)
+        else:
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.add(data)
+        return index
+
+    def _users(self, offsets: Tensor, items: Tensor) -> Tensor:
+        return mean_user_vectors(self.vectors_[items], offsets, self.recency_weighting)
+
+    def _search(
+        self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        k = min(k, self.num_news_)
+        if self.index_ is None:
+            return self._search_exact(users, k, ex_offsets, ex_items)
+        return self._search_faiss(users, k, ex_offsets, ex_items)
+
+    def _search_exact(
+        self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        step = max(1, SCORE_BLOCK // (self.num_news_ + 1))
+        rows = torch.repeat_interleave(torch.arange(len(users)), ex_offsets.diff())
+        out = []
+        for s in range(0, len(users), step):
+            scores = users[s : s + step] @ self.vectors_.T  # (b, N+1)
+            scores[:, 0] = -torch.inf
+            part = (rows >= s) & (rows < s + step)
+            scores[rows[part] - s, ex_items[part]] = -torch.inf
+            out.append(scores.topk(k, dim=1))
+        top = torch.cat([t.values for t in out]), torch.cat([t.indices for t in out])
+        return top[0], top[1].masked_fill(top[0] == -torch.inf, 0)
+
+    def _search_faiss(
+        self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        extra = int(ex_offsets.diff().max()) if len(ex_items) else 0
+        fetch = min(k + extra, self.num_news_)
+        if self.backend_ == "faiss_hnsw":
+            self.index_.hnsw.efSearch = max(self.hnsw_ef_search, fetch)
+        scores, ids = self.index_.search(np.ascontiguousarray(users.numpy()), fetch)
+        scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long() + 1  # -1 -> 0
+        width = self.num_news_ + 1
+        keys = torch.arange(len(ids))[:, None] * width + ids
+        keep = (ids > 0) & ~torch.isin(keys, pair_keys(ex_offsets, ex_items, width))
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
+        kept = keep.gather(1, order)
+        scores = scores.gather(1, order).masked_fill(~kept, -torch.inf)
+        return scores, ids.gather(1, order).masked_fill(~kept, 0)
