@@ -394,7 +394,7 @@ def model_config(name: str, config: Any = None) -> Any:
     """Resolve a model's config from None, a dataclass, or a dict with an optional "preset"."""
     cls = MODELS[canonical_name(name)].config_class
     if is_dataclass(config):
-        if not isinstance(config, cls):
+        if type(config) is not cls:
             raise TypeError(f"{name}: expected {cls.__name__}, got {type(config).__name__}")
         return config
     values = dict(config or {})

@@ -155,9 +155,9 @@ class Recaller:
 
         behaviors: a labelled `Behaviors` (history/candidate CSR arrays and labels).
         """
-        labels = torch.as_tensor(np.asarray(behaviors.candidate_labels))
-        if len(labels) and bool((labels < 0).all()):
+        if not behaviors.labelled:
             raise ValueError(f"split {behaviors.split!r} is unlabelled: recall@k needs clicks")
+        labels = torch.as_tensor(np.asarray(behaviors.candidate_labels))
         h_offsets, h_items = as_csr((behaviors.history_offsets, behaviors.history_items))
         c_offsets, c_items = as_csr((behaviors.candidate_offsets, behaviors.candidate_items))
         hits = clicks = 0

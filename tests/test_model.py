@@ -1,0 +1,261 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmnewsrec.data.store import Behaviors
+from mmnewsrec.rank.model import (
+    MODELS,
+    PRESETS,
+    FastRecTransformerConfig,
+    PopularityRanker,
+    RecTransformerConfig,
+    build_model,
+    click_counts,
+    model_config,
+)
+
+NEURAL = ["rec_transformer", "fast_rec_transformer", "additive_attention"]
+TINY = {"d_model": 32, "n_heads": 4, "dropout": 0.0, "max_history": 8}
+
+
+def tiny(name: str) -> dict:
+    """A small config for a model name (baselines take none)."""
+    if name not in NEURAL:
+        return {}
+    extra = {"n_layers": 1, "d_ff": 64} if "transformer" in name else {"query_dim": 32}
+    return TINY | extra
+
+
+@pytest.fixture
+def vectors() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(61, 16, generator=g)
+    v[0] = 0
+    return v
+
+
+@pytest.fixture
+def has_image() -> torch.Tensor:
+    flags = torch.arange(61) % 3 != 0
+    flags[0] = False
+    return flags
+
+
+def make(name, vectors, has_image, **overrides):
+    torch.manual_seed(0)
+    model = build_model(name, tiny(name) | overrides, vectors, has_image)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shapes_finite_and_padding_candidates(name, vectors, has_image):
+    model = make(name, vectors, has_image)
+    history = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5], [0, 0, 0, 0, 0]])
+    candidates = torch.tensor([[7, 8, 9, 0], [10, 11, 0, 0], [12, 13, 14, 15]])
+    scores = model(history, candidates)
+    assert scores.shape == (3, 4)
+    assert scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()
+    assert (scores[candidates == 0] == 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_left_padding_does_not_change_scores(name, vectors, has_image):
+    model = make(name, vectors, has_image)
+    history = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    padded = F.pad(history, (4, 0))
+    candidates = torch.tensor([[9, 10, 11], [12, 13, 14]])
+    torch.testing.assert_close(model(padded, candidates), model(history, candidates))
+
+
+@pytest.mark.parametrize("name", NEURAL + ["mean_cosine", "random"])
+def test_history_change_in_one_row_leaves_other_rows(name, vectors, has_image):
+    model = make(name, vectors, has_image)
+    history = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    candidates = torch.tensor([[9, 10], [11, 12]])
+    before = model(history, candidates)
+    changed = history.clone()
+    changed[0, :2] = 0  # row 0: two clicks fewer, more padding
+    after = model(changed, candidates)
+    torch.testing.assert_close(after[1], before[1])
+    assert not torch.allclose(after[0], before[0])
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_empty_history_is_finite_in_training(name, vectors, has_image):
+    model = make(name, vectors, has_image).train()
+    history = torch.zeros(2, 6, dtype=torch.long)
+    candidates = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    scores = model(history, candidates)
+    assert torch.isfinite(scores).all()
+    F.cross_entropy(scores, torch.tensor([0, 1])).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    no_history = model.embed.no_history if hasattr(model, "embed") else model.no_history
+    assert no_history.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_candidates_are_scored_independently(name, vectors, has_image):
+    model = make(name, vectors, has_image)
+    history = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    candidates = torch.tensor([[10, 11, 12, 13], [14, 15, 16, 17]])
+    before = model(history, candidates)
+    changed = candidates.clone()
+    changed[:, 1] = torch.tensor([30, 31])
+    after = model(history, changed)
+    keep = [0, 2, 3]
+    torch.testing.assert_close(after[:, keep], before[:, keep])
+    perm = torch.tensor([3, 1, 0, 2])
+    torch.testing.assert_close(model(history, candidates[:, perm]), before[:, perm])
+
+
+@pytest.mark.parametrize("name", ["rec_transformer", "fast_rec_transformer"])
+def test_only_the_last_max_history_clicks_count(name, vectors, has_image):
+    model = make(name, vectors, has_image)  # max_history 8
+    history = torch.arange(1, 13).unsqueeze(0)  # 12 clicks
+    candidates = torch.tensor([[20, 21]])
+    older = history.clone()
+    older[0, :4] = torch.tensor([40, 41, 42, 43])
+    torch.testing.assert_close(model(older, candidates), model(history, candidates))
+    recent = history.clone()
+    recent[0, -1] = 44
+    assert not torch.allclose(model(recent, candidates), model(history, candidates))
+
+
+def test_missing_image_flag_changes_the_score(vectors, has_image):
+    model = make("fast_rec_transformer", vectors, has_image)
+    with torch.no_grad():
+        model.embed.news.no_image.copy_(torch.randn(32))  # not constant: LayerNorm follows
+    history, candidates = torch.tensor([[1, 2]]), torch.tensor([[4, 5]])  # 4 has an image
+    before = model(history, candidates)
+    model.has_image[4] = False
+    after = model(history, candidates)
+    assert not torch.isclose(after[0, 0], before[0, 0])
+    torch.testing.assert_close(after[0, 1], before[0, 1])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_args_round_trip_without_vectors_in_state(name, vectors, has_image):
+    model = make(name, vectors, has_image)
+    state = model.state_dict()
+    assert "news_vectors" not in state and "has_image" not in state
+    rebuilt = build_model(name, model.model_args, vectors, has_image).eval()
+    rebuilt.load_state_dict(state)
+    history, candidates = torch.tensor([[0, 1, 2]]), torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(rebuilt(history, candidates), model(history, candidates))
+
+
+def test_presets_and_config_errors():
+    seed = model_config("rec_transformer", {"preset": "seed"})
+    assert seed == RecTransformerConfig(d_model=768, n_layers=4, n_heads=8, d_ff=1024, dropout=0.1)
+    gpu = model_config("fast-rec-transformer", {"preset": "gpu", "dropout": 0.2})
+    assert isinstance(gpu, FastRecTransformerConfig)
+    assert (gpu.d_model, gpu.n_layers, gpu.dropout) == (PRESETS["gpu"]["d_model"], 4, 0.2)
+    assert model_config("additive_attention", {"preset": "seed"}).d_model == 768
+    assert model_config("fast_rec_transformer") == FastRecTransformerConfig()
+    with pytest.raises(ValueError, match="unknown config keys"):
+        model_config("rec_transformer", {"d_modl": 3})
+    with pytest.raises(ValueError, match="unknown preset"):
+        model_config("rec_transformer", {"preset": "tpu"})
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("transformer", None, torch.zeros(3, 2))
+    with pytest.raises(TypeError):
+        model_config("rec_transformer", FastRecTransformerConfig())
+
+
+def test_news_vectors_are_a_frozen_buffer(vectors, has_image):
+    model = make("additive_attention", vectors, has_image).train()
+    assert all(p.data_ptr() != model.news_vectors.data_ptr() for p in model.parameters())
+    model(torch.tensor([[1, 2]]), torch.tensor([[3, 4]])).sum().backward()
+    assert model.news_vectors.grad is None
+    with pytest.raises(ValueError, match="has_image"):
+        build_model("random", None, vectors, has_image[:-1])
+
+
+def topic_problem(n_rows: int, seed: int = 0):
+    """News of 4 topics; the clicked candidate (column 0 of 5) shares the history's topic."""
+    g = torch.Generator().manual_seed(seed)
+    topics = torch.arange(200) % 4  # news index r + 1 has topic r % 4
+    centres = torch.randn(4, 16, generator=g)
+    vectors = F.pad(centres[topics] + 0.5 * torch.randn(200, 16, generator=g), (0, 0, 1, 0))
+
+    def draw(topic: torch.Tensor) -> torch.Tensor:
+        return topic + 1 + 4 * torch.randint(0, 50, topic.shape, generator=g)
+
+    user = torch.randint(0, 4, (n_rows, 1), generator=g)
+    history = draw(user.expand(n_rows, 6))
+    history[:, :2] *= (torch.rand(n_rows, 2, generator=g) > 0.5).long()  # some left padding
+    negative_topics = (user + torch.randint(1, 4, (n_rows, 4), generator=g)) % 4
+    return vectors, history, torch.cat([draw(user), draw(negative_topics)], dim=1)
+
+
+def pairwise_auc(scores: torch.Tensor) -> float:
+    """Share of (positive, negative) pairs ranked right; the positive is column 0."""
+    return (scores[:, :1] > scores[:, 1:]).float().mean().item()
+
+
+@pytest.mark.parametrize("name", ["rec_transformer", "fast_rec_transformer", "additive_attention"])
+def test_overfits_a_topic_problem(name):
+    vectors, history, candidates = topic_problem(256)
+    torch.manual_seed(0)
+    model = build_model(name, tiny(name), vectors)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    target = torch.zeros(64, dtype=torch.long)
+    for step in range(120):
+        rows = torch.arange(step * 64, step * 64 + 64) % 256
+        loss = F.cross_entropy(model(history[rows], candidates[rows]), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        auc = pairwise_auc(model.eval()(history, candidates))
+    assert auc > 0.97, (name, auc, loss.item())
+
+
+def test_random_ranker_is_deterministic_and_seeded(vectors):
+    history = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    candidates = torch.arange(1, 41).view(2, 20)
+    a = build_model("random", None, vectors)(history, candidates)
+    b = build_model("random", {"seed": 0}, vectors)(history, candidates)
+    c = build_model("random", {"seed": 1}, vectors)(history, candidates)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    assert ((a >= 0) & (a < 1)).all() and a.std() > 0.15
+    assert not build_model("random", None, vectors).trainable
+
+
+def test_popularity_orders_by_train_clicks(vectors):
+    behaviors = Behaviors(
+        split="train",
+        labelled=True,
+        impression_ids=np.array([1, 2]),
+        user_index=np.array([0, 1]),
+        times=np.array([0, 0]),
+        history_offsets=np.array([0, 0, 0]),
+        history_items=np.array([], dtype=np.int32),
+        candidate_offsets=np.array([0, 3, 6]),
+        candidate_items=np.array([5, 6, 7, 5, 6, 8]),
+        candidate_labels=np.array([1, 1, 0, 1, 0, 0]),
+    )
+    counts = click_counts(behaviors, num_news=60)
+    assert counts.shape == (61,) and counts[5] == 2 and counts[6] == 1 and counts[7] == 0
+    model = build_model("popularity", None, vectors).fit_counts(counts)
+    scores = model(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[7, 6, 5]]))
+    assert scores.argsort(descending=True).tolist() == [[2, 1, 0]]
+    assert "counts" in model.state_dict()
+    again = PopularityRanker(model.config, vectors, counts=counts)
+    torch.testing.assert_close(again.counts, model.counts)
+
+
+@pytest.mark.parametrize("gamma", [None, 0.5])
+def test_mean_cosine_equals_manual_cosine(gamma, vectors):
+    model = build_model("mean_cosine", {"recency_weighting": gamma}, vectors)
+    history = torch.tensor([[0, 1, 2, 3]])
+    candidates = torch.tensor([[4, 5, 6]])
+    unit = F.normalize(vectors, dim=1)
+    weights = torch.tensor([1.0, 1.0, 1.0]) if gamma is None else torch.tensor([0.25, 0.5, 1.0])
+    user = (weights[:, None] * unit[1:4]).sum(0)
+    expected = F.cosine_similarity(user[None], vectors[4:7])
+    torch.testing.assert_close(model(history, candidates)[0], expected)
