@@ -46,8 +46,8 @@ def padded_to_csr(padded: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def as_csr(histories: Any) -> tuple[Tensor, Tensor]:
-    """Accept a padded 2-D array/tensor or an (offsets, items) pair; return int64 CSR tensors."""
-    if isinstance(histories, tuple | list):
+    """Accept a padded 2-D array/list/tensor or an (offsets, items) tuple; return int64 CSR."""
+    if isinstance(histories, tuple):
         offsets, items = histories
         return torch.as_tensor(np.asarray(offsets), dtype=torch.int64), torch.as_tensor(
             np.asarray(items), dtype=torch.int64

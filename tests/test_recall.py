@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+
+from mmnewsrec.data.store import Behaviors
+from mmnewsrec.recall import Recaller
+
+
+def random_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """(n+1, dim) float16 like the encoder's output, row 0 = padding."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n + 1, dim)).astype(np.float16)
+    vectors[0] = 0
+    return vectors
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def behaviors(histories: list[list[int]], candidates: list[list[tuple[int, int]]]) -> Behaviors:
+    """A labelled split from per-impression histories and (news, label) candidates."""
+    n = len(histories)
+    return Behaviors(
+        split="dev",
+        labelled=True,
+        impression_ids=np.arange(1, n + 1),
+        user_index=np.arange(n),
+        times=np.zeros(n),
+        history_offsets=np.cumsum([0] + [len(h) for h in histories]),
+        history_items=np.array([i for h in histories for i in h], dtype=np.int32),
+        candidate_offsets=np.cumsum([0] + [len(c) for c in candidates]),
+        candidate_items=np.array([i for c in candidates for i, _ in c], dtype=np.int32),
+        candidate_labels=np.array([label for c in candidates for _, label in c], dtype=np.int8),
+    )
+
+
+def test_user_vectors_are_the_mean_of_unit_click_vectors():
+    vectors = random_vectors(20, 8)
+    recaller = Recaller(k=5).fit(vectors)
+    padded = np.array([[0, 0, 3, 7], [1, 2, 3, 4], [0, 0, 0, 0]])
+    users = recaller.user_vectors(padded)
+    expected = unit(unit(vectors[[3, 7]]).mean(0))
+    np.testing.assert_allclose(users[0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(users[2], 0)  # no clicks: zero vector
+    csr = (np.array([0, 2, 6, 6]), np.array([3, 7, 1, 2, 3, 4]))
+    np.testing.assert_allclose(recaller.user_vectors(csr), users, atol=1e-6)
+
+
+def test_recency_weighting_favours_recent_clicks():
+    vectors = random_vectors(20, 8)
+    recaller = Recaller(recency_weighting=0.5).fit(vectors)
+    users = recaller.user_vectors(np.array([[0, 3, 7, 9]]))
+    clicks = unit(vectors[[3, 7, 9]])
+    expected = unit(0.25 * clicks[0] + 0.5 * clicks[1] + clicks[2])
+    np.testing.assert_allclose(users[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_search_matches_brute_force_and_excludes():
+    vectors = random_vectors(300, 16)
+    recaller = Recaller(k=10, backend="exact").fit(vectors)
+    history = np.array([[0, 5, 6], [1, 2, 3]])
+    users = recaller.user_vectors(history)
+    cosine = users @ unit(vectors[1:]).T  # (2, 300), index = column + 1
+    scores, indices = recaller.search(users)
+    assert scores.shape == indices.shape == (2, 10)
+    np.testing.assert_array_equal(indices, np.argsort(-cosine, axis=1)[:, :10] + 1)
+    np.testing.assert_allclose(scores, -np.sort(-cosine, axis=1)[:, :10], atol=1e-5)
+    _, kept = recaller.search(users, k=300, exclude=history)
+    assert not np.isin(kept[0], [5, 6]).any() and not np.isin(kept[1], [1, 2, 3]).any()
+    assert (kept[0, :298] > 0).all() and (kept[0, 298:] == 0).all()  # 0 = no result left
+    assert len(set(kept[1, :297])) == 297 and (kept[1, 297:] == 0).all()
+
+
+def test_more_than_the_corpus_returns_padding_markers():
+    recaller = Recaller(backend="exact").fit(random_vectors(5, 4))
+    scores, indices = recaller.search(recaller.user_vectors(np.array([[1]])), k=9, exclude=[[1]])
+    assert indices.shape == (1, 5)
+    assert sorted(indices[0, :4]) == [2, 3, 4, 5] and indices[0, 4] == 0
+    assert scores[0, 4] == -np.inf
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_faiss_flat_equals_exact(exclude):
+    vectors = random_vectors(2000, 32, seed=1)
+    rng = np.random.default_rng(2)
+    history = rng.integers(0, 2001, size=(50, 20))
+    exact = Recaller(k=20, backend="exact").fit(vectors)
+    flat = Recaller(k=20, backend="faiss_flat", batch_size=16).fit(vectors)
+    users = exact.user_vectors(history)
+    ex = history if exclude else None
+    s1, i1 = exact.search(users, exclude=ex)
+    s2, i2 = flat.search(users, exclude=ex)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+
+
+def test_hnsw_recall_is_high():
+    vectors = random_vectors(5000, 32, seed=3)
+    history = np.random.default_rng(4).integers(1, 5001, size=(200, 10))
+    exact = Recaller(k=10, backend="exact").fit(vectors)
+    hnsw = Recaller(k=10, backend="faiss_hnsw").fit(vectors)
+    users = exact.user_vectors(history)
+    truth, found = exact.search(users, exclude=history)[1], hnsw.search(users, exclude=history)[1]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found, strict=True)])
+    assert overlap > 0.95
+
+
+def test_auto_backend_by_corpus_size():
+    vectors = random_vectors(50, 4)
+    assert Recaller().fit(vectors).backend_ == "exact"
+    assert Recaller(exact_max_news=10).fit(vectors).backend_ == "faiss_flat"
+    with pytest.raises(ValueError, match="backend"):
+        Recaller(backend="annoy").fit(vectors)
+    with pytest.raises(ValueError, match="recency_weighting"):
+        Recaller(recency_weighting=1.5).fit(vectors)
+
+
+def test_recall_at_k_on_a_hand_built_case():
+    # News 1..8 on four axes, {1, 2} axis 0 ... {7, 8} axis 3, tilted by 0.01 * index, so
+    # the first off-axis news of every user is news 8 (largest tilt).
+    vectors = np.zeros((9, 4), np.float32)
+    vectors[1:] = np.repeat(np.eye(4), 2, axis=0) + 0.01 * np.arange(1, 9)[:, None]
+    split = behaviors(
+        histories=[[1], [3], []],
+        # top-2 without the history: user 0 {2, 8}, user 1 {4, 8}; clicks 2 and 4 are found,
+        # 5 and 6 are not. User 2 has no history and no click.
+        candidates=[[(2, 1), (5, 1), (6, 0)], [(4, 1), (6, 1)], [(7, 0)]],
+    )
+    recaller = Recaller(k=2).fit(vectors)
+    assert recaller.recall_at_k(split) == pytest.approx(2 / 4)
+    assert recaller.recall_at_k(split, k=8) == 1.0
+    flat = Recaller(k=2, backend="faiss_flat", batch_size=1).fit(vectors)
+    assert flat.recall_at_k(split) == pytest.approx(2 / 4)
+    # without excluding the history, news 1 takes one of user 0's two places
+    top = recaller.search(recaller.user_vectors(np.array([[1]])), k=2)[1]
+    assert top[0, 0] == 1
+    with pytest.raises(ValueError, match="unlabelled"):
+        split.labelled = False
+        recaller.recall_at_k(split)
