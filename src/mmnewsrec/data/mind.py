@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ NEWS_COLUMNS = [
 BEHAVIORS_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions"]
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # e.g. 11/15/2019 8:55:22 AM (naive, read as UTC)
 SPLIT_NAMES = ("train", "dev", "test")
+CHUNK_ROWS = 20_000  # behaviors lines parsed at once; bounds the memory of exploded tokens
 
 
 class MindFormatError(ValueError):
@@ -46,11 +48,11 @@ class MindFormatError(ValueError):
 
 @dataclass
 class RawBehaviors:
-    """One behaviors.tsv, validated, with news ids still as strings.
+    """One behaviors.tsv (or a chunk of its lines), validated, news ids still strings.
 
     rows: impression_id (i64), user_id (str), time (i64 unix s), line (u32), one per impression.
-    history: row (u32), news_id (str), one per history click, in file order.
-    candidates: row (u32), news_id (str), label (i8, -1 when unlabelled), in file order.
+    history: row (u32, line - 1), news_id (str), one per history click, in file order.
+    candidates: row (u32, line - 1), news_id (str), label (i8, -1 when unlabelled), in file order.
     """
 
     path: Path
@@ -59,23 +61,58 @@ class RawBehaviors:
     history: pl.DataFrame
     candidates: pl.DataFrame
 
+    @property
+    def first_row(self) -> int:
+        """0-based file row of this chunk's first impression (tokens' `row` is file-wide)."""
+        return int(self.rows["line"][0]) - 1 if self.rows.height else 0
 
-def file_digest(data: bytes) -> dict:
-    """Size and sha256 of a file's bytes, for the store manifest."""
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+def file_digest(path: Path, block: int = 1 << 20) -> dict:
+    """Size and sha256 of a file (read in blocks), for the store manifest."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
 
 
-def read_lines(path: Path, data: bytes | None = None) -> pl.Series:
+def read_table(path: Path, names: list[str]) -> pl.DataFrame:
+    """Read a raw MIND tsv into named string columns plus `line` (1-based).
+
+    The fast path is polars' reader; when its result does not have exactly one row per line and
+    len(names) columns per row, the file is split line by line to name the first bad line.
+    """
+    data = path.read_bytes()
+    lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    try:
+        frame = pl.read_csv(
+            data,
+            has_header=False,
+            separator="\t",
+            quote_char=None,
+            new_columns=names,
+            schema=dict.fromkeys(names, pl.String),
+            empty_string_is_null=False,
+            raise_if_empty=False,
+        )
+        tabs_ok = data.count(b"\t") == lines * (len(names) - 1)
+        ok = frame.height == lines and tabs_ok
+    except pl.exceptions.PolarsError:
+        ok = False
+    if not ok:
+        frame = split_columns(path, read_lines(path, data), names)
+    return frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.UInt32).alias("line"))
+
+
+def read_lines(path: Path, data: bytes) -> pl.Series:
     """The lines of a UTF-8 text file as a string Series (no trailing empty line, no CR)."""
-    if data is None:
-        data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise MindFormatError(path, line, None, f"not valid UTF-8 ({err.reason})") from None
-    text = text.removeprefix("\ufeff")
-    lines = text.split("\n")
+    lines = text.removeprefix("\ufeff").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return pl.Series("line", lines, dtype=pl.String).str.strip_suffix("\r")
@@ -93,8 +130,7 @@ def split_columns(path: Path, lines: pl.Series, names: list[str]) -> pl.DataFram
             None,
             f"expected {len(names)} tab-separated columns, found {counts[i]}" + csv_hint(lines[i]),
         )
-    frame = lines.str.splitn("\t", len(names)).struct.rename_fields(names).struct.unnest()
-    return frame.with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("line") + 1)
+    return lines.str.splitn("\t", len(names)).struct.rename_fields(names).struct.unnest()
 
 
 def csv_hint(line: str) -> str:
@@ -111,18 +147,24 @@ CSV_QUOTED = (
 )
 
 
-def first_bad(path: Path, frame: pl.DataFrame, bad: pl.Expr, field: str, message: str) -> None:
-    """Raise for the first row where `bad` holds, quoting that row's `field` value."""
+def first_bad(
+    path: Path, frame: pl.DataFrame, bad: pl.Expr, field: str, message: str, show: str = ""
+) -> None:
+    """Raise for the first row where `bad` holds, quoting its `show` column (default `field`).
+
+    `frame` has a 1-based `line` column or a 0-based `row` column.
+    """
     hit = frame.filter(bad.fill_null(True)).head(1)
     if hit.height:
-        value = hit[field][0] if field in hit.columns else None
+        line = int(hit["line"][0]) if "line" in hit.columns else int(hit["row"][0]) + 1
+        value = hit[show or field][0]
         shown = "" if value is None else f": {value[:80]!r}"
-        raise MindFormatError(path, int(hit["line"][0]), field, message + shown)
+        raise MindFormatError(path, line, field, message + shown)
 
 
-def read_news(path: Path, data: bytes | None = None) -> pl.DataFrame:
+def read_news(path: Path) -> pl.DataFrame:
     """Read and validate one news.tsv: 8 string columns plus `line`, ids unique and non-empty."""
-    news = split_columns(path, read_lines(path, data), NEWS_COLUMNS)
+    news = read_table(path, NEWS_COLUMNS)
     first_bad(path, news, pl.col("news_id").str.len_bytes() == 0, "news_id", "empty news id")
     for field in ("title_entities", "abstract_entities"):
         col = pl.col(field)
@@ -151,13 +193,25 @@ def read_news(path: Path, data: bytes | None = None) -> pl.DataFrame:
     return news
 
 
-def read_behaviors(path: Path, data: bytes | None = None) -> RawBehaviors:
-    """Read and validate one behaviors.tsv (labelled or unlabelled impressions)."""
-    frame = split_columns(path, read_lines(path, data), BEHAVIORS_COLUMNS)
-    rows = parse_rows(path, frame)
-    history = explode_ids(frame, "history").filter(pl.col("news_id").str.len_bytes() > 0)
-    candidates, labelled = parse_impressions(path, frame)
-    return RawBehaviors(path, labelled, rows, history.drop("line"), candidates)
+def read_behaviors(path: Path) -> RawBehaviors:
+    """Read and validate one whole behaviors.tsv (labelled or unlabelled impressions)."""
+    return next(iter_behaviors(path, chunk_rows=None))
+
+
+def iter_behaviors(path: Path, chunk_rows: int | None = CHUNK_ROWS) -> Iterator[RawBehaviors]:
+    """Read and validate one behaviors.tsv in chunks of lines (None: one chunk), to bound memory.
+
+    All chunks agree on `labelled`; at least one chunk is yielded, even for an empty file.
+    """
+    frame = read_table(path, BEHAVIORS_COLUMNS)
+    step = chunk_rows or max(frame.height, 1)
+    labelled = None
+    for start in range(0, max(frame.height, 1), step):
+        part = frame.slice(start, step)
+        rows = parse_rows(path, part)
+        history = explode_ids(part, "history").filter(pl.col("news_id").str.len_bytes() > 0)
+        candidates, labelled = parse_impressions(path, part.drop("history"), labelled)
+        yield RawBehaviors(path, labelled, rows, history, candidates)
 
 
 def parse_rows(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
@@ -184,50 +238,54 @@ def parse_rows(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def explode_ids(frame: pl.DataFrame, field: str) -> pl.DataFrame:
-    """One row per space-separated token of `field`: row (position), line, news_id (token)."""
+    """One row per space-separated token of `field`: row (0-based line), news_id (the token)."""
     return (
-        frame.select(
-            pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"),
-            "line",
-            pl.col(field).str.split(" ").alias("news_id"),
-        )
+        frame.lazy()
+        .select((pl.col("line") - 1).alias("row"), pl.col(field).str.split(" ").alias("news_id"))
         .explode("news_id")
         .with_columns(pl.col("news_id").fill_null(""))
+        .collect()
     )
 
 
-def parse_impressions(path: Path, frame: pl.DataFrame) -> tuple[pl.DataFrame, bool]:
-    """Candidates with labels; tokens are all `<id>-<0|1>` (labelled) or all `<id>` (not)."""
+def parse_impressions(
+    path: Path, frame: pl.DataFrame, labelled: bool | None = None
+) -> tuple[pl.DataFrame, bool]:
+    """Candidates with labels; tokens are all `<id>-<0|1>` (labelled) or all `<id>` (not).
+
+    `labelled` is what earlier lines of the file were (None: decided by the first token).
+    """
     tokens = explode_ids(frame, "impressions")
     tok = pl.col("news_id")
     dash = tok.str.contains("-", literal=True)
-    suffix = tok.str.slice(-2)
-    labelled = dash & suffix.is_in(["-0", "-1"]) & (tok.str.len_bytes() > 2)
-    tokens = tokens.with_columns(labelled.alias("labelled"), dash.alias("dash"))
-    first_bad(path, tokens, tok.str.len_bytes() == 0, "impressions", "empty candidate token")
+    is_label = (tok.str.ends_with("-0") | tok.str.ends_with("-1")) & (tok.str.len_bytes() > 2)
+    tokens = tokens.with_columns(is_label.alias("labelled"), dash.alias("dash"))
+    empty = tok.str.len_bytes() == 0
+    first_bad(path, tokens, empty, "impressions", "empty candidate token", show="news_id")
     first_bad(
         path,
         tokens,
         pl.col("dash") & ~pl.col("labelled"),
         "impressions",
         "bad candidate token, expected <news id>-0, <news id>-1 or <news id>",
+        show="news_id",
     )
-    is_labelled = bool(tokens["labelled"][0]) if tokens.height else True
+    if labelled is None:
+        labelled = bool(tokens["labelled"][0]) if tokens.height else True
+    kinds = ("unlabelled", "labelled")
     first_bad(
         path,
         tokens,
-        pl.col("labelled") != is_labelled,
+        pl.col("labelled") != labelled,
         "impressions",
-        "mixes labelled (<id>-0/1) and unlabelled (<id>) candidates; first token was "
-        + ("labelled" if is_labelled else "unlabelled")
-        + ", this one is not",
+        f"mixes labelled (<id>-0/1) and unlabelled (<id>) candidates; line 1 is "
+        f"{kinds[labelled]}, this token is {kinds[not labelled]}",
+        show="news_id",
     )
-    if is_labelled:
-        label = tok.str.slice(-1).cast(pl.Int8)
-        tokens = tokens.with_columns(label.alias("label"), tok.str.head(-2))
-    else:
-        tokens = tokens.with_columns(pl.lit(-1, dtype=pl.Int8).alias("label"))
-    return tokens.select("row", "news_id", "label"), is_labelled
+    if labelled:
+        label = tok.str.ends_with("-1").cast(pl.Int8)
+        return tokens.select("row", tok.str.head(-2), label.alias("label")), True
+    return tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label")), False
 
 
 def find_splits(data_dir: Path, split: str | None = None) -> dict[str, Path]:

@@ -33,7 +33,7 @@ from mmnewsrec.data.mind import (
     RawBehaviors,
     file_digest,
     find_splits,
-    read_behaviors,
+    iter_behaviors,
     read_news,
 )
 
@@ -98,6 +98,19 @@ class Behaviors:
         folder.mkdir(parents=True, exist_ok=True)
         for name in ARRAY_DTYPES:
             np.save(folder / f"{name}.npy", getattr(self, name))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Behaviors]) -> Behaviors:
+        """The impressions of `parts` one after the other (same split and labelling)."""
+        arrays = {
+            name: np.concatenate([getattr(p, name) for p in parts])
+            for name in ARRAY_DTYPES
+            if not name.endswith("_offsets")
+        }
+        for kind in ("history", "candidate"):
+            counts = np.concatenate([np.diff(getattr(p, f"{kind}_offsets")) for p in parts])
+            arrays[f"{kind}_offsets"] = csr_offsets(counts)
+        return cls(split=parts[0].split, labelled=parts[0].labelled, **arrays)
 
     @classmethod
     def load(cls, folder: Path, split: str, labelled: bool) -> Behaviors:
@@ -242,14 +255,11 @@ def build_store(
     with atomic_dir(out) as tmp:
         users = pl.DataFrame(schema={"user_id": pl.String})
         for name, folder in folders.items():
-            data = (folder / "behaviors.tsv").read_bytes()
-            sources.setdefault(name, {})["behaviors"] = file_digest(data)
-            raw = read_behaviors(folder / "behaviors.tsv", data)
-            del data
-            users = pl.concat([users, raw.rows.select("user_id")]).unique(maintain_order=True)
-            behaviors, counts = index_behaviors(raw, name, news_map, users, strict)
+            path = folder / "behaviors.tsv"
+            sources.setdefault(name, {})["behaviors"] = file_digest(path)
+            behaviors, dropped, users = build_split(name, path, news_map, users, strict)
             behaviors.save(tmp / "behaviors" / name)
-            manifest["splits"][name] = counts
+            manifest["splits"][name] = split_counts(behaviors, dropped)
         news.drop("line").write_parquet(tmp / "news.parquet")
         users.write_parquet(tmp / "users.parquet")
         manifest["num_users"] = users.height
@@ -268,9 +278,8 @@ def union_news(folders: dict[str, Path]) -> tuple[pl.DataFrame, dict]:
         if not path.is_file():
             logger.warning("split %s has no news.tsv", name)
             continue
-        data = path.read_bytes()
-        sources[name] = {"news": file_digest(data)}
-        tables.append(read_news(path, data))
+        sources[name] = {"news": file_digest(path)}
+        tables.append(read_news(path))
         logger.info("read %s: %d news", path, tables[-1].height)
     if not tables:
         raise MindFormatError(next(iter(folders.values())) / "news.tsv", None, None, "missing")
@@ -315,23 +324,52 @@ def attach_images(news: pl.DataFrame, image_dir: Path | None) -> tuple[pl.DataFr
     return news, digest
 
 
+def build_split(
+    split: str, path: Path, news_map: pl.DataFrame, users: pl.DataFrame, strict: bool
+) -> tuple[Behaviors, dict, pl.DataFrame]:
+    """Parse one behaviors.tsv chunk by chunk into Behaviors; returns dropped counts and users.
+
+    `users` (one user_id column, row = user index) is extended with the split's new users.
+    """
+    parts, unknown, dropped = [], [], dict.fromkeys(["history", "candidates", "impressions"], 0)
+    for raw in iter_behaviors(path):
+        users = pl.concat([users, raw.rows.select("user_id")]).unique(maintain_order=True)
+        part, ids, counts = index_behaviors(raw, split, news_map, users, strict)
+        parts.append(part)
+        unknown.append(ids)
+        dropped = {key: dropped[key] + counts[key] for key in dropped}
+    dropped["unknown_ids"] = pl.concat(unknown).n_unique()
+    if dropped["unknown_ids"]:
+        logger.warning(
+            "%s: %d news ids not in any news.tsv: dropped %d history clicks, %d candidates "
+            "and %d impressions left without candidates",
+            path,
+            dropped["unknown_ids"],
+            dropped["history"],
+            dropped["candidates"],
+            dropped["impressions"],
+        )
+    logger.info("read %s: %d impressions", path, sum(p.num_impressions for p in parts))
+    return Behaviors.concat(parts), dropped, users
+
+
 def index_behaviors(
     raw: RawBehaviors, split: str, news_map: pl.DataFrame, users: pl.DataFrame, strict: bool
-) -> tuple[Behaviors, dict]:
-    """Map ids to indices and drop (or, if strict, reject) unknown news ids; manifest counts."""
-    history = raw.history.join(news_map, on="news_id", how="left", maintain_order="left")
-    candidates = raw.candidates.join(news_map, on="news_id", how="left", maintain_order="left")
-    unknown = pl.col("index").is_null()
+) -> tuple[Behaviors, pl.Series, dict]:
+    """Map ids to indices, drop (or, if strict, reject) unknown news ids.
+
+    Returns the Behaviors, the unknown ids (with repeats) and counts of what was dropped.
+    """
+    history, candidates = lookup(raw.history, news_map), lookup(raw.candidates, news_map)
     if strict:
-        reject_unknown(raw, history, "history")
-        reject_unknown(raw, candidates, "impressions")
-    missing = pl.concat([history.filter(unknown)["news_id"], candidates.filter(unknown)["news_id"]])
-    history, candidates = history.filter(~unknown), candidates.filter(~unknown)
+        reject_unknown(raw, raw.history, history, "history")
+        reject_unknown(raw, raw.candidates, candidates, "impressions")
+    history_rows = raw.history["row"].to_numpy() - raw.first_row
+    candidate_rows = raw.candidates["row"].to_numpy() - raw.first_row
     n = raw.rows.height
-    history_counts = np.bincount(history["row"].to_numpy(), minlength=n)
-    candidate_rows = candidates["row"].to_numpy()
-    candidate_counts = np.bincount(candidate_rows, minlength=n)
-    keep = candidate_counts > 0
+    known = candidates > 0
+    keep = np.bincount(candidate_rows[known], minlength=n) > 0  # impressions left with candidates
+    history_kept = (history > 0) & keep[history_rows]
     user_index = raw.rows.join(
         users.with_row_index("u"), on="user_id", how="left", maintain_order="left"
     )["u"].to_numpy()
@@ -341,42 +379,47 @@ def index_behaviors(
         impression_ids=raw.rows["impression_id"].to_numpy()[keep],
         user_index=user_index[keep],
         times=raw.rows["time"].to_numpy()[keep],
-        history_offsets=csr_offsets(history_counts[keep]),
-        history_items=history["index"].to_numpy()[keep[history["row"].to_numpy()]],
-        candidate_offsets=csr_offsets(candidate_counts[keep]),
-        candidate_items=candidates["index"].to_numpy(),
-        candidate_labels=candidates["label"].to_numpy(),
+        history_offsets=csr_offsets(np.bincount(history_rows[history_kept], minlength=n)[keep]),
+        history_items=history[history_kept],
+        candidate_offsets=csr_offsets(np.bincount(candidate_rows[known], minlength=n)[keep]),
+        candidate_items=candidates[known],
+        candidate_labels=raw.candidates["label"].to_numpy()[known],
     )
-    dropped = {
-        "unknown_ids": missing.n_unique(),
-        "history": raw.history.height - history.height,
-        "candidates": raw.candidates.height - candidates.height,
+    unknown = pl.concat(
+        [
+            raw.history["news_id"].filter(pl.Series(history == 0)),
+            raw.candidates["news_id"].filter(pl.Series(~known)),
+        ]
+    )
+    counts = {
+        "history": int((history == 0).sum()),
+        "candidates": int((~known).sum()),
         "impressions": int(n - keep.sum()),
     }
-    if dropped["unknown_ids"]:
-        logger.warning(
-            "%s: %d news ids not in any news.tsv: dropped %d history clicks, %d candidates "
-            "and %d impressions left without candidates",
-            raw.path,
-            dropped["unknown_ids"],
-            dropped["history"],
-            dropped["candidates"],
-            dropped["impressions"],
-        )
-    return behaviors, split_counts(behaviors, dropped)
+    return behaviors, unknown, counts
 
 
-def reject_unknown(raw: RawBehaviors, tokens: pl.DataFrame, field: str) -> None:
+def lookup(tokens: pl.DataFrame, news_map: pl.DataFrame) -> np.ndarray:
+    """News index (int32) of each token's news_id; 0 where the id is in no news.tsv."""
+    ids = tokens["news_id"]
+    index = ids.replace_strict(
+        news_map["news_id"], news_map["index"], default=0, return_dtype=pl.Int32
+    )
+    return index.to_numpy()
+
+
+def reject_unknown(raw: RawBehaviors, tokens: pl.DataFrame, index: np.ndarray, field: str) -> None:
     """Raise for the first token whose news id is in no news.tsv (strict mode)."""
-    missing = tokens.filter(pl.col("index").is_null())
-    if missing.height:
-        news_id, row = missing["news_id"][0], missing["row"][0]
+    unknown = index == 0
+    if unknown.any():
+        first = int(np.argmax(unknown))
+        distinct = tokens["news_id"].filter(pl.Series(unknown)).n_unique()
         raise MindFormatError(
             raw.path,
-            int(raw.rows["line"][row]),
+            int(tokens["row"][first]) + 1,
             field,
-            f"news id {news_id!r} is in no news.tsv ({missing['news_id'].n_unique()} unknown "
-            f"ids in this field; without --strict they are dropped)",
+            f"news id {tokens['news_id'][first]!r} is in no news.tsv ({distinct} unknown ids "
+            f"in this field; without --strict they are dropped)",
         )
 
 
