@@ -77,14 +77,17 @@ def prepare(
     out: Annotated[Path, typer.Option(help="Store directory to write.")],
     images: Annotated[Path | None, typer.Option(help="Folder of <news_id>.jpg/png.")] = None,
     strict: Annotated[bool, typer.Option(help="Unknown news ids in behaviors are errors.")] = False,
+    split: Annotated[
+        str | None, typer.Option(help="Split name of a single-split DATA_DIR (default train).")
+    ] = None,
 ) -> None:
     """Parse and validate MIND tsv files into a compact, memory-mapped store."""
     from mmnewsrec.data.mind import MindFormatError
-    from mmnewsrec.data.store import build_store
+    from mmnewsrec.data.store import StoreError, build_store
 
     try:
-        store = build_store(data_dir, out, images=images, strict=strict)
-    except MindFormatError as err:
+        store = build_store(data_dir, out, images=images, strict=strict, split=split)
+    except (MindFormatError, StoreError) as err:
         fail(str(err))
     typer.echo(store.summary())
 

@@ -142,13 +142,19 @@ def csv_hint(line: str) -> str:
 
 
 CSV_QUOTED = (
-    " (the file looks CSV-quoted, as written by a CSV/pandas writer; raw MIND files are "
-    "tab-separated with no quoting: re-export them unquoted, e.g. quoting=csv.QUOTE_NONE)"
+    "; the file looks CSV-quoted (re-saved by a CSV/pandas writer), but raw MIND files are "
+    "tab-separated with no quoting: re-export it unquoted (e.g. quoting=csv.QUOTE_NONE)"
 )
 
 
 def first_bad(
-    path: Path, frame: pl.DataFrame, bad: pl.Expr, field: str, message: str, show: str = ""
+    path: Path,
+    frame: pl.DataFrame,
+    bad: pl.Expr,
+    field: str,
+    message: str,
+    show: str = "",
+    hint: str = "",
 ) -> None:
     """Raise for the first row where `bad` holds, quoting its `show` column (default `field`).
 
@@ -159,7 +165,7 @@ def first_bad(
         line = int(hit["line"][0]) if "line" in hit.columns else int(hit["row"][0]) + 1
         value = hit[show or field][0]
         shown = "" if value is None else f": {value[:80]!r}"
-        raise MindFormatError(path, line, field, message + shown)
+        raise MindFormatError(path, line, field, message + shown + hint)
 
 
 def read_news(path: Path) -> pl.DataFrame:
@@ -173,12 +179,13 @@ def read_news(path: Path) -> pl.DataFrame:
             news,
             col.str.starts_with('"'),
             field,
-            "entities are not JSON-array text" + CSV_QUOTED,
+            "entities are not JSON-array text",
+            hint=CSV_QUOTED,
         )
         not_json = (col.str.len_bytes() > 0) & ~col.str.starts_with("[")
         first_bad(path, news, not_json, field, "entities are not JSON-array text")
     quoted = pl.col("title").str.starts_with('"') & pl.col("title").str.contains('""', literal=True)
-    first_bad(path, news, quoted, "title", "title is quoted" + CSV_QUOTED)
+    first_bad(path, news, quoted, "title", "title is quoted", hint=CSV_QUOTED)
     dup = pl.col("news_id").is_duplicated() & ~pl.col("news_id").is_first_distinct()
     hit = news.filter(dup).head(1)
     if hit.height:

@@ -69,7 +69,7 @@ class Behaviors:
 
     def __post_init__(self) -> None:
         for name, dtype in ARRAY_DTYPES.items():
-            setattr(self, name, np.asarray(getattr(self, name), dtype=dtype))
+            setattr(self, name, np.asanyarray(getattr(self, name), dtype=dtype))
         n = len(self.impression_ids)
         for kind in ("history", "candidate"):
             offsets, items = getattr(self, f"{kind}_offsets"), getattr(self, f"{kind}_items")
