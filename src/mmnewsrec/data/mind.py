@@ -1,8 +1,10 @@
 """Read and validate raw MIND files (news.tsv, behaviors.tsv) with polars.
 
 MIND files are tab-separated, have no header and no quoting: a title may contain `"`.
-Each file is read as one text column per line, split on tabs and checked column by
-column, so every error names the file, the 1-based line number and the field.
+Files are read by polars with quoting off; a file whose rows do not all have the expected
+column count is re-split line by line to find the first bad line. Columns are then checked
+with vectorised expressions, and every error names the file, the 1-based line and the field.
+Behaviors are parsed in chunks of lines, so memory stays bounded on MIND-large.
 
 Behaviors keep their news ids as strings here; mapping them to store indices is the
 store's job (see `mmnewsrec.data.store`).
