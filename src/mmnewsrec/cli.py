@@ -101,4 +101,48 @@ def prepare(
 # ---------------------------------------------------------------------------- evaluate
 
 
+@app.command()
+def score(
+    truth_path: Annotated[Path, typer.Argument(help="Truth file: `impression_id [0,1,...]`.")],
+    prediction_path: Annotated[
+        Path, typer.Argument(help="Prediction file or zip: `impression_id [r1,r2,...]`.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Score a prediction file against a truth file, as the MIND leaderboard does."""
+    import json
+
+    from mmnewsrec.evaluate.leaderboard import ScoreFileError, score_files
+
+    try:
+        metrics = score_files(truth_path, prediction_path)
+    except ScoreFileError as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    for label, key in (("AUC", "auc"), ("MRR", "mrr"), ("nDCG@5", "ndcg5"), ("nDCG@10", "ndcg10")):
+        typer.echo(f"{label}: {metrics[key]:.4f}")
+    typer.echo(f"impressions: {metrics['impressions']} scored, {metrics['skipped']} skipped")
+
+
+@app.command()
+def truth(
+    store_dir: Dir,
+    out: Annotated[Path, typer.Option(help="Truth file to write.")],
+    split: Annotated[str, typer.Option(help="A labelled split of the store.")] = "dev",
+) -> None:
+    """Write the truth file (`impression_id [0,1,...]` lines) of a labelled split."""
+    from mmnewsrec.data.store import Store, StoreError
+    from mmnewsrec.evaluate.leaderboard import ScoreFileError, write_truth
+
+    try:
+        path = write_truth(out, Store.load(store_dir).behaviors(split))
+    except KeyError as err:
+        fail(err.args[0])
+    except (StoreError, ScoreFileError) as err:
+        fail(str(err))
+    typer.echo(f"truth of split {split!r} written to {path}")
+
+
 # ---------------------------------------------------------------------------- serve
