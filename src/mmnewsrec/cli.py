@@ -42,16 +42,24 @@ def fail(message: str) -> None:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="Output directory (train/, dev/, images/).")],
-    news: Annotated[int, typer.Option(help="Number of news items.")] = 5000,
-    users: Annotated[int, typer.Option(help="Number of users.")] = 5000,
-    impressions: Annotated[int, typer.Option(help="Impressions, train and dev together.")] = 20000,
+    news: Annotated[int, typer.Option(help="Number of news items.")] = 3000,
+    users: Annotated[int, typer.Option(help="Number of users.")] = 2500,
+    impressions: Annotated[int, typer.Option(help="Impressions, train and dev together.")] = 15000,
     seed: Annotated[int, typer.Option(help="Random seed; output is byte-identical per seed.")] = 0,
+    quick: Annotated[bool, typer.Option(help="Small set: 500 news, 300 users.")] = False,
 ) -> None:
     """Write a deterministic synthetic MIND-format data set with images and an oracle."""
     from mmnewsrec.data.synthetic import SynthConfig, generate
 
-    config = SynthConfig(news=news, users=users, impressions=impressions, seed=seed)
-    summary = generate(out, config)
+    try:
+        config = (
+            SynthConfig.quick(seed)
+            if quick
+            else SynthConfig(news=news, users=users, impressions=impressions, seed=seed)
+        )
+        summary = generate(out, config)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err))
     typer.echo(summary)
 
 

@@ -4,7 +4,9 @@ Written under OUT (byte-identical for a seed):
     train/news.tsv, train/behaviors.tsv, dev/news.tsv, dev/behaviors.tsv   raw MIND format
     images/<news_id>.jpg   for about half of the news
     dev/oracle.tsv         header + (impression_id, news_id, probability) per dev candidate
-    synth.json             the configuration and the summary
+    truth/news.tsv         header + hidden news attributes (news_id, tier, style, published)
+    truth/users.tsv        header + hidden user attributes (user_id, interests, style)
+    manifest.json          the configuration and the summary
 
 News. Each news item n has a subcategory s(n) inside a category c(n) (11 categories, 31
 subcategories), a quality tier q(n) in {-1, 0, +1}, a publication time, and for about half of
@@ -47,7 +49,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -59,9 +60,13 @@ import polars as pl
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mmnewsrec.data.store import atomic_dir
+from mmnewsrec.evaluate.metrics import evaluate_scores
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+MANIFEST_KIND = "mmnewsrec synthetic MIND data"
 DAY = 86_400
 START = int(datetime(2019, 11, 9, tzinfo=UTC).timestamp())  # first train impression
 TRAIN_DAYS, DEV_DAYS = 5, 1
@@ -445,7 +450,7 @@ class SynthSummary:
                 f"{self.dev_impressions:,}, candidates {self.candidates:,}, clicks {self.clicks:,}",
                 f"  dev oracle AUC {self.oracle_auc:.4f} (visible signals only "
                 f"{self.visible_auc:.4f}, without images {self.text_only_auc:.4f})",
-                f"  generated in {self.seconds:.1f} s",
+                f"  generated in {self.seconds:.1f} s" if self.seconds else "  (already there)",
             ]
         )
 
@@ -610,10 +615,14 @@ def _csr_offsets(group: np.ndarray, n: int) -> np.ndarray:
 
 def _first_occurrences(group: np.ndarray, item: np.ndarray) -> np.ndarray:
     """Positions of the first occurrence of each (group, item) pair, in ascending order."""
-    order = np.lexsort((np.arange(len(item)), item, group))
-    keep = np.ones(len(order), bool)
-    keep[1:] = (group[order][1:] != group[order][:-1]) | (item[order][1:] != item[order][:-1])
-    return np.sort(order[keep])
+    _, first = np.unique(group * (int(item.max()) + 1) + item, return_index=True)
+    return np.sort(first)
+
+
+def _group_sort(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Order by group, then key, then position (np.lexsort((key, group)), faster)."""
+    order = np.argsort(key, kind="stable")
+    return order[np.argsort(group[order], kind="stable")]
 
 
 def _histories(
@@ -647,7 +656,7 @@ def _histories(
     item = members[starts[cell] + (rng.random(len(owner)) * counts[cell]).astype(np.int64)]
     keep = _first_occurrences(owner, item)
     owner, item = owner[keep], item[keep]
-    order = np.lexsort((item, news.published[item], owner))
+    order = _group_sort(owner, news.published[item] * len(news.sub) + item)
     return _csr_offsets(owner, n_users), item[order]
 
 
@@ -712,7 +721,7 @@ def _make_impressions(
         model, users, topics, user[imp], news.sub[items], news.tier[items], news.style[items], age
     )
     clicks = rng.choice([1, 2, 3], n, p=model.clicks)
-    order = np.lexsort((-(z + rng.gumbel(size=len(z))), imp))  # Gumbel top-m = Plackett-Luce
+    order = _group_sort(imp, -(z + rng.gumbel(size=len(z))))  # Gumbel top-m = Plackett-Luce
     rank = np.empty(len(z), np.int64)
     rank[order] = np.arange(len(z)) - offsets[imp[order]]
     return _Impressions(
@@ -769,26 +778,6 @@ def click_probability(
         probability = sum(p * m for p, m in zip(clicks, _inclusion(w), strict=True))
         out[part[0] : part[-1]] = probability[row, col]
     return out
-
-
-def mean_auc(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> float:
-    """Mean over impressions of the per-impression AUC (ties count half)."""
-    sizes = np.diff(offsets)
-    imp = np.repeat(np.arange(len(sizes)), sizes)
-    order = np.lexsort((scores, imp))
-    s, g, positive = scores[order], imp[order], labels[order].astype(bool)
-    new = np.ones(len(s), bool)
-    new[1:] = (g[1:] != g[:-1]) | (s[1:] != s[:-1])
-    run = np.cumsum(new) - 1
-    start = np.flatnonzero(new)
-    end = np.append(start[1:], len(s))
-    rank = (start + end + 1)[run] / 2 - offsets[g]  # 1-based, ties averaged
-    n_pos = np.bincount(g, weights=positive, minlength=len(sizes))
-    n_neg = sizes - n_pos
-    rank_sum = np.bincount(g[positive], weights=rank[positive], minlength=len(sizes))
-    valid = (n_pos > 0) & (n_neg > 0)
-    auc = (rank_sum[valid] - n_pos[valid] * (n_pos[valid] + 1) / 2) / (n_pos * n_neg)[valid]
-    return float(auc.mean())
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray | float, v: np.ndarray | float) -> np.ndarray:
@@ -947,12 +936,43 @@ def _dev_figures(
             "probability": probability,
         }
     )
+    visible = z + model.age_per_day * imps.age[lo:]
     figures = {
-        "oracle_auc": mean_auc(probability, labels, offsets),
-        "visible_auc": mean_auc(z + model.age_per_day * imps.age[lo:], labels, offsets),
-        "text_only_auc": mean_auc(text_only, labels, offsets),
+        name: evaluate_scores(scores, labels, offsets)["auc"]
+        for name, scores in [
+            ("oracle_auc", probability),
+            ("visible_auc", visible),
+            ("text_only_auc", text_only),
+        ]
     }
     return oracle, figures
+
+
+def _truth(news: _News, users: _Users, topics: _Topics) -> dict[str, pl.DataFrame]:
+    """Hidden attributes of news and users (style: -1 none, 0 stripes, 1 smooth)."""
+    names = np.append(np.array(topics.subcategories, dtype=object), "")  # -1 -> ""
+    interests = pl.DataFrame(names[users.interests], schema=["a", "b", "c"], orient="row")
+    return {
+        "news": pl.DataFrame(
+            {
+                "news_id": "N" + pl.Series(np.arange(1, len(news.sub) + 1)).cast(pl.String),
+                "tier": news.tier,
+                "style": news.style,
+                "published": news.published,
+            }
+        ),
+        "users": pl.DataFrame(
+            {
+                "user_id": "U" + pl.Series(np.arange(1, len(users.style) + 1)).cast(pl.String),
+                "interests": interests.select(
+                    pl.concat_list("a", "b", "c")
+                    .list.eval(pl.element().filter(pl.element() != ""))
+                    .list.join(",")
+                ).to_series(),
+                "style": users.style,
+            }
+        ),
+    }
 
 
 def _write(folder: Path, config: SynthConfig) -> dict:
@@ -972,6 +992,8 @@ def _write(folder: Path, config: SynthConfig) -> dict:
         _write_tsv(_behaviors_frame(imps, history, first, last), folder / split / "behaviors.tsv")
     oracle, figures = _dev_figures(imps, users, news, model)
     _write_tsv(oracle, folder / "dev" / "oracle.tsv", header=True)
+    for name, frame in _truth(news, users, topics).items():
+        _write_tsv(frame, folder / "truth" / f"{name}.tsv", header=True)
     started = time.perf_counter()
     images = _write_images(folder / "images", rngs[5], news, config.image_size)
     logger.info("wrote %d images in %.1f s", images, time.perf_counter() - started)
@@ -993,14 +1015,18 @@ def _config_json(config: SynthConfig) -> dict:
     return json.loads(json.dumps(asdict(config)))
 
 
-def _replace(new: Path, out: Path) -> None:
-    """Move the finished folder new to out, replacing what was there."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    new.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def _saved_manifest(out: Path) -> dict | None:
+    """The manifest of the synthetic data set in out, None if out is empty or missing.
+
+    Raises FileExistsError when out holds anything else (a store, real data, ...).
+    """
+    path = out / "manifest.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("kind") == MANIFEST_KIND:
+        return saved
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty and holds no synthetic data set")
+    return None
 
 
 def generate(out: Path | str, config: SynthConfig | None = None) -> SynthSummary:
@@ -1012,20 +1038,18 @@ def generate(out: Path | str, config: SynthConfig | None = None) -> SynthSummary
     """
     config = config or SynthConfig()
     out = Path(out)
-    manifest = out / "synth.json"
-    if manifest.is_file():
-        saved = json.loads(manifest.read_text())
-        if saved.get("version") == FORMAT_VERSION and saved["config"] == _config_json(config):
-            logger.info("synthetic data in %s is up to date", out)
-            return SynthSummary(path=str(out), **saved["summary"])
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty and holds no synthetic data set")
+    saved = _saved_manifest(out)
+    if saved and saved["version"] == FORMAT_VERSION and saved["config"] == _config_json(config):
+        logger.info("synthetic data in %s is up to date", out)
+        return SynthSummary(path=str(out), **saved["summary"])
     started = time.perf_counter()
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fields = _write(tmp, config)
-    saved = {"version": FORMAT_VERSION, "config": _config_json(config), "summary": fields}
-    (tmp / "synth.json").write_text(json.dumps(saved, indent=2) + "\n")
-    _replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        fields = _write(tmp, config)
+        saved = {
+            "kind": MANIFEST_KIND,
+            "version": FORMAT_VERSION,
+            "config": _config_json(config),
+            "summary": fields,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(saved, indent=2) + "\n")
     return SynthSummary(path=str(out), seconds=time.perf_counter() - started, **fields)
