@@ -1,0 +1,172 @@
+"""The HTTP service: a FastAPI app over one `Recommender`, plus the static page at `/`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from mmnewsrec.serve.recommender import Recommender
+
+logger = logging.getLogger(__name__)
+
+NewsId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+
+MAX_K = 100
+MAX_HISTORY_IDS = 1000  # longer bodies get 422; the model itself keeps only its last L clicks
+
+
+class ServeSettings(BaseModel):
+    """Where and how the service runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    search_limit: int = Field(20, ge=1, description="Most titles one search returns.")
+
+
+# ---------------------------------------------------------------------------- schemas
+
+
+class RecommendRequest(BaseModel):
+    """A click history (oldest first) and how many news to return."""
+
+    model_config = ConfigDict(extra="forbid")
+    history: list[NewsId] = Field(default_factory=list, max_length=MAX_HISTORY_IDS)
+    k: int = Field(10, ge=1, le=MAX_K)
+    exclude_history: bool = True
+
+
+class NewsOut(BaseModel):
+    news_id: str
+    title: str
+    category: str
+    subcategory: str
+    has_image: bool
+
+
+class NewsDetail(NewsOut):
+    abstract: str
+    url: str
+
+
+class RecommendedOut(NewsOut):
+    score: float
+    stage: str = Field(description="Which stage placed the item: rerank, recall or popularity.")
+    recall_rank: int | None = Field(description="1-based rank in recall; null for popularity.")
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedOut]
+    unknown: list[str] = Field(description="History ids not in the store (ignored).")
+    history_used: list[str] = Field(description="History ids that were scored, oldest first.")
+    timings_ms: dict[str, float]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    device: str
+    max_history: int
+    recall_k: int
+    vectors: dict[str, object]
+    counts: dict[str, int]
+
+
+# ---------------------------------------------------------------------------- dependencies
+
+
+def get_recommender(request: Request) -> Recommender:
+    return request.app.state.recommender
+
+
+def get_settings(request: Request) -> ServeSettings:
+    return request.app.state.settings
+
+
+RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+SettingsDep = Annotated[ServeSettings, Depends(get_settings)]
+
+
+def news_or_404(recommender: Recommender, news_id: str) -> int:
+    """Store index of `news_id`, or HTTP 404."""
+    index = recommender.index_of(news_id)
+    if index == 0:
+        raise HTTPException(404, f"unknown news id {news_id!r}")
+    return index
+
+
+# ---------------------------------------------------------------------------- routers
+
+recommend_router = APIRouter(tags=["recommend"])
+news_router = APIRouter(prefix="/news", tags=["news"])
+health_router = APIRouter(tags=["health"])
+
+
+@recommend_router.post("/recommend", response_model=RecommendResponse)
+def recommend(body: RecommendRequest, recommender: RecommenderDep):
+    """Top-k news for a click history; an empty history gets the most clicked news."""
+    result = recommender.recommend(body.history, k=body.k, exclude_history=body.exclude_history)
+    return asdict(result)
+
+
+@news_router.get("/search", response_model=list[NewsOut])
+def search_news(
+    recommender: RecommenderDep,
+    settings: SettingsDep,
+    q: Annotated[str, Query(min_length=1, max_length=200)],
+    limit: Annotated[int, Query(ge=1)] = 10,
+):
+    """News whose title contains `q` (case-insensitive)."""
+    indices = recommender.search_titles(q, min(limit, settings.search_limit))
+    return [asdict(recommender.summary(i)) for i in indices]
+
+
+@news_router.get("/{news_id}", response_model=NewsDetail)
+def get_news(news_id: str, recommender: RecommenderDep):
+    """One news item's metadata."""
+    return asdict(recommender.detail(news_or_404(recommender, news_id)))
+
+
+@news_router.get("/{news_id}/image", response_class=FileResponse)
+def get_image(news_id: str, recommender: RecommenderDep):
+    """The news item's image file, as recorded in the store; 404 when it has none."""
+    path = recommender.image_path(news_or_404(recommender, news_id))
+    if path is None or path.suffix.lower() not in IMAGE_TYPES or not path.is_file():
+        raise HTTPException(404, f"no image for {news_id!r}")
+    return FileResponse(path, media_type=IMAGE_TYPES[path.suffix.lower()])
+
+
+@health_router.get("/health", response_model=Health)
+def health(recommender: RecommenderDep):
+    """Model, vectors and corpus counts of the loaded run."""
+    return {"status": "ok", **recommender.info()}
+
+
+# ---------------------------------------------------------------------------- app
+
+
+def create_app(recommender: Recommender, settings: ServeSettings | None = None) -> FastAPI:
+    """The service over an already-loaded recommender."""
+    app = FastAPI(title="mmnewsrec", summary="News recommendations for a click history.")
+    app.state.recommender = recommender
+    app.state.settings = settings or ServeSettings()
+    for router in (recommend_router, news_router, health_router):
+        app.include_router(router)
+    static = Path(str(files("mmnewsrec.serve") / "static"))
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(static / "index.html")
+
+    return app

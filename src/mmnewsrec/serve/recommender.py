@@ -1,0 +1,219 @@
+"""Live recommendations for one click history: recall by the mean user vector, rerank with a
+trained model, fall back to the most clicked news when nothing in the history is known."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NewsSummary:
+    news_id: str
+    title: str
+    category: str
+    subcategory: str
+    has_image: bool
+
+
+@dataclass(frozen=True)
+class NewsDetail(NewsSummary):
+    abstract: str
+    url: str
+
+
+@dataclass(frozen=True)
+class RecommendedNews(NewsSummary):
+    score: float  # the score of the stage that placed the item
+    stage: str  # "rerank", "recall" (beyond the rerank budget) or "popularity"
+    recall_rank: int | None  # 1-based rank in recall; None for popularity
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[RecommendedNews]
+    unknown: list[str]  # history ids not in the store, ignored
+    history_used: list[str]  # the known ids that were scored (the last L), oldest first
+    timings_ms: dict[str, float]
+
+
+class Recommender:
+    """Recall top-`recall_k` news by the mean vector of the history, rerank them with the
+    trained ranker, return the top k. Everything is loaded once; a request costs one search
+    over the corpus and one forward pass over `recall_k` candidates."""
+
+    def __init__(self, store: Any, vectors: Any, ranker: Any, recall_k: int = 200) -> None:
+        from mmnewsrec.recall import Recaller
+
+        if recall_k < 1:
+            raise ValueError(f"recall_k must be >= 1, got {recall_k}")
+        check_same_news(store, vectors)
+        self.store, self.vectors, self.ranker, self.recall_k = store, vectors, ranker, recall_k
+        self.recaller = Recaller(k=recall_k).fit(vectors.vectors)
+        news = store.news
+        # A dict answers one request's lookups in microseconds (Store.news_index builds a
+        # mapping over the whole corpus per call, meant for batch work).
+        self._index = {news_id: i + 1 for i, news_id in enumerate(news["news_id"].to_list())}
+        self._columns = {
+            name: [None, *news[name].to_list()]
+            for name in ("news_id", "title", "category", "subcategory", "abstract", "url")
+        }
+        self._images = [None, *news["image_path"].to_list()]
+        self._titles_lower = news["title"].str.to_lowercase()
+        self.clicks = self._train_clicks()
+        self._popular = np.argsort(-self.clicks[1:], kind="stable") + 1  # most clicked first
+        self.recommend([self._columns["news_id"][1]], k=1)  # warm-up: first forward is slow
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "cpu", recall_k: int = 200) -> Recommender:
+        """Load RUN_DIR's model with the store and news vectors it was trained on."""
+        from mmnewsrec.config import validate_config
+        from mmnewsrec.data.store import Store
+        from mmnewsrec.encode.pipeline import NewsVectors
+        from mmnewsrec.rank import load_ranker
+
+        config_path = Path(run_dir) / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: not a run directory of `train`")
+        config = validate_config(json.loads(config_path.read_text()), str(config_path))
+        store = Store.load(config.data.store_dir)
+        vectors = NewsVectors.load(config.data.vectors_dir)
+        ranker = load_ranker(run_dir, device, vectors=vectors)
+        return cls(store, vectors, ranker, recall_k=recall_k)
+
+    def _train_clicks(self) -> np.ndarray:
+        """Clicks per news index in the run's train split (zeros when the store lacks it)."""
+        from mmnewsrec.rank.model import click_counts
+
+        split = self.ranker.config.data.train_split
+        if split not in self.store.splits or not self.store.behaviors(split).labelled:
+            logger.warning("no labelled split %r: popularity fallback ranks by index", split)
+            return np.zeros(self.store.num_news + 1, dtype=np.int64)
+        return click_counts(self.store.behaviors(split), self.store.num_news)
+
+    # ------------------------------------------------------------------ news
+
+    def index_of(self, news_id: str) -> int:
+        """Store index of a news id; 0 when unknown."""
+        return self._index.get(news_id, 0)
+
+    def summary(self, index: int) -> NewsSummary:
+        return NewsSummary(*self._fields(index))
+
+    def detail(self, index: int) -> NewsDetail:
+        c = self._columns
+        return NewsDetail(*self._fields(index), c["abstract"][index] or "", c["url"][index] or "")
+
+    def _fields(self, index: int) -> tuple[str, str, str, str, bool]:
+        c = self._columns
+        return (
+            c["news_id"][index],
+            c["title"][index] or "",
+            c["category"][index] or "",
+            c["subcategory"][index] or "",
+            self._images[index] is not None,
+        )
+
+    def image_path(self, index: int) -> Path | None:
+        """The image file the store records for a news index, if any."""
+        path = self._images[index]
+        return Path(path) if path else None
+
+    def search_titles(self, query: str, limit: int = 10) -> list[int]:
+        """Indices of news whose title contains `query` (any case), most clicked first."""
+        found = self._titles_lower.str.contains(query.lower(), literal=True).to_numpy()
+        hits = np.flatnonzero(found) + 1
+        return hits[np.argsort(-self.clicks[hits], kind="stable")[:limit]].tolist()
+
+    def info(self) -> dict[str, Any]:
+        """What /health reports: model, vectors and corpus counts."""
+        return {
+            "model": self.ranker.checkpoint["model_name"],
+            "device": str(self.ranker.device),
+            "max_history": self.ranker.history_len,
+            "recall_k": self.recall_k,
+            "vectors": {"dim": int(self.vectors.dim), "hash": self.vectors.hash},
+            "counts": {
+                "news": self.store.num_news,
+                "news_with_image": sum(p is not None for p in self._images),
+                "users": self.store.num_users,
+                "clicked_news": int(np.count_nonzero(self.clicks)),
+            },
+        }
+
+    # ------------------------------------------------------------------ recommend
+
+    def recommend(
+        self, history: Sequence[str], k: int = 10, exclude_history: bool = True
+    ) -> Recommendation:
+        """Top-k news for a click history (oldest first). Unknown ids are reported and
+        ignored; only the last L known clicks are scored; no known click: most clicked news."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        start = time.perf_counter()
+        indices = [self._index.get(news_id, 0) for news_id in history]
+        unknown = [news_id for news_id, i in zip(history, indices, strict=True) if i == 0]
+        known = np.array([i for i in indices if i], dtype=np.int64)
+        used = known[-self.ranker.history_len :]
+        exclude = np.unique(known) if exclude_history else known[:0]
+        timings = {"lookup": _ms(start)}
+        if len(used):
+            items = self._recall_rerank(used, exclude, k, timings)
+        else:
+            items = self._popular_items(exclude, k)
+        timings["total"] = _ms(start)
+        history_used = [self._columns["news_id"][i] for i in used]
+        return Recommendation(items, unknown, history_used, timings)
+
+    def _recall_rerank(
+        self, history: np.ndarray, exclude: np.ndarray, k: int, timings: dict[str, float]
+    ) -> list[RecommendedNews]:
+        start = time.perf_counter()
+        user = self.recaller.user_vectors(history[None, :])  # (1, D)
+        recall_scores, found = self.recaller.search(
+            user, k=max(k, self.recall_k), exclude=exclude[None, :]
+        )
+        keep = found[0] > 0  # 0 = no result (corpus smaller than asked)
+        recall_scores, found = recall_scores[0][keep], found[0][keep]
+        timings["recall"] = _ms(start)
+
+        start = time.perf_counter()
+        head = found[: self.recall_k]
+        scores = self.ranker.score_items(history, head, width=max(len(head), 1))
+        order = np.argsort(-scores, kind="stable")[:k]
+        timings["rerank"] = _ms(start)
+        items = [self._item(head[j], scores[j], "rerank", int(j) + 1) for j in order]
+        tail = range(len(head), min(len(found), len(head) + k - len(items)))
+        items += [self._item(found[j], recall_scores[j], "recall", j + 1) for j in tail]
+        return items
+
+    def _popular_items(self, exclude: np.ndarray, k: int) -> list[RecommendedNews]:
+        top = self._popular[: k + len(exclude)]
+        top = top[~np.isin(top, exclude)][:k]
+        return [self._item(i, self.clicks[i], "popularity", None) for i in top]
+
+    def _item(self, index: int, score: float, stage: str, rank: int | None) -> RecommendedNews:
+        return RecommendedNews(*self._fields(int(index)), float(score), stage, rank)
+
+
+def check_same_news(store: Any, vectors: Any) -> None:
+    """Refuse vectors whose rows are not this store's news indices."""
+    encoded = vectors.manifest.get("store", {}).get("content_hash", store.content_hash)
+    if len(vectors.vectors) != store.num_news + 1 or encoded != store.content_hash:
+        raise ValueError(
+            f"news vectors ({len(vectors.vectors)} rows, store {encoded[:12]}) do not match the "
+            f"store {store.path} ({store.num_news} news + padding, {store.content_hash[:12]})"
+        )
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)

@@ -1,0 +1,114 @@
+// The page: build a click history, ask /recommend, show the news as cards. No build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { history: [], unknown: new Set() };
+
+function el(tag, props = {}, children = []) {
+  const node = Object.assign(document.createElement(tag), props);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+async function api(path, options) {
+  const response = await fetch(path, options);
+  if (!response.ok) throw new Error(`${response.status} ${await response.text()}`);
+  return response.json();
+}
+
+function addToHistory(newsId, title) {
+  if (!newsId || state.history.some((h) => h.news_id === newsId)) return;
+  state.history.push({ news_id: newsId, title: title || newsId });
+  renderHistory();
+}
+
+function renderHistory() {
+  const list = $("history");
+  list.replaceChildren(...state.history.map((h, i) => {
+    const remove = el("button", { type: "button", textContent: "×", title: "remove" });
+    remove.onclick = () => { state.history.splice(i, 1); renderHistory(); };
+    const label = el("span", { textContent: h.title, title: h.news_id });
+    const item = el("li", {}, [label, remove]);
+    if (state.unknown.has(h.news_id)) item.classList.add("unknown");
+    return item;
+  }));
+  $("history-empty").hidden = state.history.length > 0;
+}
+
+let searchTimer;
+function onSearch() {
+  clearTimeout(searchTimer);
+  const q = $("search").value.trim();
+  if (!q) { $("search-results").replaceChildren(); return; }
+  searchTimer = setTimeout(async () => {
+    const found = await api(`/news/search?q=${encodeURIComponent(q)}&limit=10`);
+    $("search-results").replaceChildren(...found.map((n) => {
+      const item = el("li", { textContent: n.title, title: `${n.news_id} · ${n.category}` });
+      item.onclick = () => addToHistory(n.news_id, n.title);
+      return item;
+    }));
+  }, 150);
+}
+
+function addTypedIds() {
+  for (const id of $("ids").value.split(/[\s,]+/)) addToHistory(id.trim());
+  $("ids").value = "";
+}
+
+function card(item) {
+  const picture = item.has_image
+    ? el("img", { src: `/news/${encodeURIComponent(item.news_id)}/image`, alt: item.title, loading: "lazy" })
+    : el("div", { className: "noimage", textContent: "no image" });
+  const where = item.recall_rank ? `${item.stage} · recall #${item.recall_rank}` : item.stage;
+  const meta = el("div", { className: "meta" }, [
+    el("span", { className: `badge ${item.stage}`, textContent: where }),
+    el("span", { textContent: `score ${item.score.toFixed(3)}` }),
+    el("span", { textContent: `${item.category} / ${item.subcategory}` }),
+  ]);
+  const body = el("div", { className: "body" }, [el("div", { className: "title", textContent: item.title }), meta]);
+  const node = el("article", { className: "card", title: `${item.news_id}: click to add to the history` }, [picture, body]);
+  node.dataset.newsId = item.news_id;
+  node.onclick = () => addToHistory(item.news_id, item.title);
+  return node;
+}
+
+async function recommend() {
+  $("message").textContent = "…";
+  const body = {
+    history: state.history.map((h) => h.news_id),
+    k: Number($("k").value) || 10,
+    exclude_history: $("exclude").checked,
+  };
+  try {
+    const result = await api("/recommend", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    state.unknown = new Set(result.unknown);
+    renderHistory();
+    $("cards").replaceChildren(...result.items.map(card));
+    const t = result.timings_ms;
+    $("timings").textContent = `${result.items.length} news · ${t.total.toFixed(1)} ms`;
+    $("message").textContent = result.unknown.length ? `Unknown ids ignored: ${result.unknown.join(", ")}` : "";
+  } catch (err) {
+    $("message").textContent = `Request failed: ${err.message}`;
+  }
+}
+
+async function showHealth() {
+  try {
+    const h = await api("/health");
+    $("health").textContent = `model ${h.model} · ${h.counts.news} news · ${h.vectors.dim}-d vectors · recall ${h.recall_k}`;
+  } catch (err) {
+    $("health").textContent = `service unavailable (${err.message})`;
+  }
+}
+
+$("search").addEventListener("input", onSearch);
+$("add-ids").addEventListener("click", addTypedIds);
+$("ids").addEventListener("keydown", (e) => { if (e.key === "Enter") addTypedIds(); });
+$("submit").addEventListener("click", recommend);
+$("clear").addEventListener("click", () => { state.history = []; state.unknown.clear(); renderHistory(); });
+renderHistory();
+showHealth();

@@ -1,0 +1,209 @@
+"""Recommender: recall by the mean user vector, rerank, popularity fallback; the CLI commands.
+
+`tiny_run` (also used by the API and browser tests) builds a real run once per test session:
+synthetic data -> store -> topic-shaped random news vectors -> a ranker trained a few steps.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmnewsrec.cli import app
+from mmnewsrec.serve import Recommender
+
+HISTORY_LEN = 8
+
+
+def topic_vectors(store, dim: int = 32, seed: int = 0):
+    """Random vectors around one centre per subcategory, so recall finds the same topic."""
+    from mmnewsrec.encode.pipeline import NewsVectors
+
+    rng = np.random.default_rng(seed)
+    news = store.news
+    _, topic = np.unique(news["subcategory"].to_numpy(), return_inverse=True)
+    centres = rng.normal(size=(topic.max() + 1, dim))
+    vectors = centres[topic] + 0.3 * rng.normal(size=(len(news), dim))
+    vectors = np.vstack([np.zeros((1, dim)), vectors]).astype(np.float16)
+    has_image = np.concatenate([[False], news["image_path"].is_not_null().to_numpy()])
+    manifest = {
+        "hash": hashlib.sha256(vectors.tobytes()).hexdigest(),
+        "store": {"content_hash": store.content_hash},
+        "fusion": {"method": "random topic centres (tests)"},
+    }
+    return NewsVectors(vectors, has_image, manifest)
+
+
+def tiny_run(root: Path) -> Path:
+    """A trained run under root (built once, reused while its checkpoint exists)."""
+    from mmnewsrec.config import load_config
+    from mmnewsrec.data.store import build_store
+    from mmnewsrec.data.synthetic import SynthConfig, generate
+    from mmnewsrec.rank.train import run_training
+
+    run = root / "run"
+    if (run / "checkpoint.pt").is_file():
+        return run
+    generate(root / "data", SynthConfig.quick())
+    store = build_store(root / "data", root / "store")
+    topic_vectors(store).save(root / "emb")
+    values = {
+        "data.store_dir": root / "store",
+        "data.vectors_dir": root / "emb",
+        "data.history_len": HISTORY_LEN,
+        "data.dev_impressions": 50,
+        "run.out_dir": run,
+        "run.max_steps": 3,
+        "run.progress": False,
+        "optim.epochs": 1,
+        "optim.batch_size": 32,
+        "model.args": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 1},
+    }
+    run_training(load_config("train_cpu", values=values))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return tiny_run(tmp_path_factory.getbasetemp() / "serve-run")
+
+
+@pytest.fixture(scope="module")
+def rec(run_dir) -> Recommender:
+    return Recommender.from_run(run_dir)
+
+
+@pytest.fixture(scope="module")
+def golf(rec) -> list[str]:
+    """Ids of the news of one subcategory."""
+    news = rec.store.news
+    return news.filter(news["subcategory"] == "golf")["news_id"].to_list()
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_rerank_returns_model_scores_of_recalled_news(rec, golf):
+    history = golf[:3]
+    result = rec.recommend(history, k=10)
+    assert len(result.items) == 10 and result.unknown == [] and result.history_used == history
+    assert all(item.stage == "rerank" for item in result.items)
+    scores = [item.score for item in result.items]
+    assert scores == sorted(scores, reverse=True)
+    ids = [item.news_id for item in result.items]
+    assert len(set(ids)) == 10 and not set(ids) & set(history)
+    index = np.array([rec.index_of(i) for i in ids])
+    used = np.array([rec.index_of(i) for i in history])
+    expected = rec.ranker.score_items(used, index)  # a candidate's score is its own
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+    assert all(1 <= item.recall_rank <= rec.recall_k for item in result.items)
+    row = rec.store.news.row(int(index[0]) - 1, named=True)
+    first = result.items[0]
+    assert (first.title, first.category, first.has_image) == (
+        row["title"],
+        row["category"],
+        row["image_path"] is not None,
+    )
+
+
+def test_recall_ranks_by_cosine_of_the_mean_user_vector(run_dir, golf):
+    small = Recommender.from_run(run_dir, recall_k=4)
+    result = small.recommend(golf[:3], k=12)
+    stages = [item.stage for item in result.items]
+    assert stages == ["rerank"] * 4 + ["recall"] * 8
+    assert [item.recall_rank for item in result.items[4:]] == list(range(5, 13))
+    vectors = np.asarray(small.vectors.vectors, dtype=np.float32)
+    user = unit(unit(vectors[[small.index_of(i) for i in golf[:3]]]).mean(0))
+    tail = [small.index_of(item.news_id) for item in result.items[4:]]
+    np.testing.assert_allclose(
+        [item.score for item in result.items[4:]], unit(vectors[tail]) @ user, atol=1e-4
+    )
+    cosine = unit(vectors[1:]) @ user
+    cosine[[small.index_of(i) - 1 for i in golf[:3]]] = -np.inf
+    best = set(np.argsort(-cosine)[:12] + 1)
+    assert {small.index_of(item.news_id) for item in result.items} == best
+    assert sum(item.subcategory == "golf" for item in result.items) >= 8
+
+
+def test_exclude_history_false_can_return_clicked_news(run_dir, golf):
+    small = Recommender.from_run(run_dir, recall_k=1)
+    kept = small.recommend(golf[:1], k=3, exclude_history=False)
+    assert kept.items[0].news_id == golf[0]  # its own vector is the nearest
+    dropped = small.recommend(golf[:1], k=3)
+    assert golf[0] not in [item.news_id for item in dropped.items]
+
+
+def test_unknown_ids_are_reported_and_ignored(rec, golf):
+    plain = rec.recommend(golf[:2], k=5)
+    mixed = rec.recommend(["N-missing", golf[0], "", golf[1]], k=5)
+    assert mixed.unknown == ["N-missing", ""]
+    assert mixed.history_used == golf[:2]
+    assert [(i.news_id, round(i.score, 5)) for i in mixed.items] == [
+        (i.news_id, round(i.score, 5)) for i in plain.items
+    ]
+
+
+def test_long_history_is_cut_to_the_most_recent_clicks(rec):
+    ids = rec.store.news["news_id"].to_list()[: HISTORY_LEN + 7]
+    long = rec.recommend(ids, k=5, exclude_history=False)
+    assert long.history_used == ids[-HISTORY_LEN:]
+    short = rec.recommend(ids[-HISTORY_LEN:], k=5, exclude_history=False)
+    assert [i.news_id for i in long.items] == [i.news_id for i in short.items]
+    excluded = rec.recommend(ids, k=50)  # exclusion still covers the whole history
+    assert not {i.news_id for i in excluded.items} & set(ids)
+
+
+def test_empty_history_falls_back_to_train_clicks(rec):
+    train = rec.store.behaviors("train")
+    clicked = np.asarray(train.candidate_items)[np.asarray(train.candidate_labels) == 1]
+    counts = np.bincount(clicked, minlength=rec.store.num_news + 1)
+    for history in ([], ["N-missing"]):
+        result = rec.recommend(history, k=7)
+        assert [item.stage for item in result.items] == ["popularity"] * 7
+        assert [item.score for item in result.items] == sorted(counts, reverse=True)[:7]
+        assert all(item.recall_rank is None for item in result.items)
+        assert result.unknown == history and result.history_used == []
+    top = rec.store.news_ids[int(np.argmax(counts))]
+    assert rec.recommend([], k=1).items[0].news_id == top
+
+
+def test_bad_k_and_mismatched_vectors_are_refused(rec, run_dir):
+    with pytest.raises(ValueError, match="k must be"):
+        rec.recommend([], k=0)
+    other = topic_vectors(rec.store)
+    other.manifest["store"] = {"content_hash": "0" * 64}
+    with pytest.raises(ValueError, match="do not match the store"):
+        Recommender(rec.store, other, rec.ranker)
+
+
+def test_news_lookup_search_and_images(rec):
+    news = rec.store.news
+    with_image = news.filter(news["image_path"].is_not_null()).row(0, named=True)
+    index = rec.index_of(with_image["news_id"])
+    assert rec.detail(index).abstract == with_image["abstract"]
+    assert rec.image_path(index) == Path(with_image["image_path"])
+    assert rec.index_of("N-missing") == 0
+    found = rec.search_titles("GOLF", limit=50)
+    assert found and all("golf" in rec.summary(i).title.lower() for i in found)
+    expected = news.filter(news["title"].str.to_lowercase().str.contains("golf"))
+    assert len(found) == min(50, len(expected))
+    clicks = [rec.clicks[i] for i in found]
+    assert clicks == sorted(clicks, reverse=True)
+
+
+def test_cli_recommend_text_and_json(run_dir, golf):
+    runner = CliRunner()
+    history = ",".join([*golf[:2], "N-missing"])
+    out = runner.invoke(app, ["recommend", str(run_dir), "--history", history, "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["unknown"] == ["N-missing"] and len(result["items"]) == 10
+    text = runner.invoke(app, ["recommend", str(run_dir), "--history", history, "--k", "3"])
+    assert text.exit_code == 0
+    assert result["items"][0]["news_id"] in text.stdout and "2 clicks used" in text.stdout
+    bad = runner.invoke(app, ["recommend", str(run_dir.parent), "--history", history])
+    assert bad.exit_code == 2 and "not a run directory" in bad.output

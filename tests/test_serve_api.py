@@ -1,0 +1,167 @@
+"""The HTTP API through FastAPI's test client, on a real tiny run."""
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from test_recommender import HISTORY_LEN, tiny_run
+
+from mmnewsrec.serve import Recommender, ServeSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory) -> Recommender:
+    return Recommender.from_run(tiny_run(tmp_path_factory.getbasetemp() / "serve-run"))
+
+
+@pytest.fixture(scope="module")
+def client(rec) -> TestClient:
+    return TestClient(create_app(rec, ServeSettings(search_limit=5)))
+
+
+@pytest.fixture(scope="module")
+def ids(rec) -> list[str]:
+    return rec.store.news["news_id"].to_list()
+
+
+def image_ids(rec) -> tuple[str, str]:
+    """One news id with an image and one without."""
+    news = rec.store.news
+    has = news["image_path"].is_not_null()
+    return news.filter(has)["news_id"][0], news.filter(~has)["news_id"][0]
+
+
+def test_recommend_happy_path(client, rec, ids):
+    response = client.post("/recommend", json={"history": ids[:3], "k": 7})
+    assert response.status_code == 200
+    body = response.json()
+    assert len(body["items"]) == 7 and body["unknown"] == [] and body["history_used"] == ids[:3]
+    expected = rec.recommend(ids[:3], k=7)
+    assert [i["news_id"] for i in body["items"]] == [i.news_id for i in expected.items]
+    first = body["items"][0]
+    assert set(first) == {
+        "news_id", "title", "category", "subcategory", "has_image", "score", "stage", "recall_rank"
+    }  # fmt: skip
+    assert first["stage"] == "rerank" and first["recall_rank"] >= 1
+    assert {"lookup", "recall", "rerank", "total"} <= set(body["timings_ms"])
+
+
+def test_recommend_reports_unknown_ids(client, ids):
+    body = client.post("/recommend", json={"history": [ids[0], "N-nope", "x" * 64]}).json()
+    assert body["unknown"] == ["N-nope", "x" * 64] and body["history_used"] == ids[:1]
+    assert len(body["items"]) == 10 and body["items"][0]["stage"] == "rerank"
+
+
+def test_empty_history_gets_popular_news(client):
+    for body in ({"history": []}, {}, {"history": ["N-nope"]}):
+        items = client.post("/recommend", json=body | {"k": 4}).json()["items"]
+        assert [i["stage"] for i in items] == ["popularity"] * 4
+        assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
+
+
+def test_long_history_is_cut(client, ids):
+    history = ids[: HISTORY_LEN + 30]
+    body = client.post("/recommend", json={"history": history, "k": 100}).json()
+    assert body["history_used"] == history[-HISTORY_LEN:]
+    assert not {i["news_id"] for i in body["items"]} & set(history)
+    kept = client.post("/recommend", json={"history": history, "exclude_history": False}).json()
+    assert kept["history_used"] == history[-HISTORY_LEN:]
+
+
+@pytest.mark.parametrize(("k", "status"), [(0, 422), (1, 200), (100, 200), (101, 422), (-3, 422)])
+def test_k_is_bounded(client, ids, k, status):
+    response = client.post("/recommend", json={"history": ids[:2], "k": k})
+    assert response.status_code == status
+    if status == 200:
+        assert len(response.json()["items"]) == k
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"history": "N1"},
+        {"history": [1, 2]},
+        {"history": [None]},
+        {"history": [""]},
+        {"history": ["x" * 65]},
+        {"history": ["N1"] * 1001},
+        {"k": "ten"},
+        {"k": 2.5},
+        {"exclude_history": "maybe"},
+        {"history": [], "extra": 1},
+        [],
+        "N1",
+    ],
+)
+def test_bad_bodies_get_422(client, body):
+    assert client.post("/recommend", json=body).status_code == 422
+
+
+def test_not_json_gets_422(client):
+    json_type = {"content-type": "application/json"}
+    assert client.post("/recommend", content=b"{history", headers=json_type).status_code == 422
+    assert client.get("/recommend").status_code == 405
+
+
+def test_news_metadata(client, rec, ids):
+    body = client.get(f"/news/{ids[4]}").json()
+    row = rec.store.news.row(4, named=True)
+    for field in ("news_id", "title", "category", "subcategory", "abstract", "url"):
+        assert body[field] == row[field]
+    assert body["has_image"] == (row["image_path"] is not None)
+    assert client.get("/news/N-nope").status_code == 404
+
+
+def test_image_served_from_the_store_only(client, rec):
+    with_image, without = image_ids(rec)
+    response = client.get(f"/news/{with_image}/image")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    path = rec.image_path(rec.index_of(with_image))
+    assert response.content == Path(path).read_bytes()
+    assert client.get(f"/news/{without}/image").status_code == 404
+    assert client.get("/news/N-nope/image").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/news/..%2F..%2F..%2Fetc%2Fpasswd/image",
+        "/news/%2e%2e/image",
+        "/news/..%5C..%5Cetc%5Cpasswd/image",
+        "/news/%2Fetc%2Fpasswd/image",
+        "/news/N1%00.jpg/image",
+        "/news/..%252F..%252Fetc%252Fpasswd/image",
+    ],
+)
+def test_image_path_traversal_is_404(client, url):
+    response = client.get(url)
+    assert response.status_code == 404
+    assert b"root:" not in response.content
+
+
+def test_search_titles(client, rec):
+    body = client.get("/news/search", params={"q": "GOLF", "limit": 50}).json()
+    assert 0 < len(body) <= 5  # capped by the settings
+    assert all("golf" in item["title"].lower() for item in body)
+    assert client.get("/news/search", params={"q": "no such words here"}).json() == []
+    assert client.get("/news/search").status_code == 422
+    assert client.get("/news/search", params={"q": "golf", "limit": 0}).status_code == 422
+
+
+def test_health(client, rec):
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["model"] == "fast_rec_transformer"
+    assert body["vectors"] == {"dim": 32, "hash": rec.vectors.hash}
+    assert body["counts"]["news"] == rec.store.num_news
+    assert body["counts"]["news_with_image"] == rec.store.news["image_path"].is_not_null().sum()
+    assert body["max_history"] == HISTORY_LEN and body["recall_k"] == 200
+
+
+def test_page_and_assets(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="search"' in page.text and "app.js" in page.text
+    assert "/recommend" in client.get("/static/app.js").text
+    assert client.get("/static/style.css").status_code == 200
+    assert client.get("/nothing-here").status_code == 404
+    assert client.get("/static/../recommender.py").status_code == 404
