@@ -154,3 +154,75 @@ def truth(
 
 
 # ---------------------------------------------------------------------------- serve
+
+
+def load_recommender(run_dir: Path, device: str, recall_k: int):
+    """A Recommender over RUN_DIR, or a user-facing error."""
+    from mmnewsrec.data.store import StoreError
+    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.serve import Recommender
+
+    try:  # ValueError covers ConfigError, EncodeError and mismatched vectors
+        return Recommender.from_run(run_dir, device=device, recall_k=recall_k)
+    except (OSError, ValueError, StoreError, CheckpointError) as err:
+        fail(str(err))
+
+
+RunDir = Annotated[Path, typer.Argument(help="Run directory written by `train`.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+RecallK = Annotated[int, typer.Option(min=1, help="Candidates recalled, then reranked.")]
+
+
+@app.command()
+def recommend(
+    run_dir: RunDir,
+    history: Annotated[str, typer.Option(help="Clicked news ids, oldest first: N1,N2,...")] = "",
+    k: Annotated[int, typer.Option(min=1, max=100, help="How many news to return.")] = 10,
+    exclude_history: Annotated[bool, typer.Option(help="Leave clicked news out.")] = True,
+    recall_k: RecallK = 200,
+    device: Device = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Recommend news for a click history with a trained run (recall, then rerank)."""
+    import json
+    from dataclasses import asdict
+
+    recommender = load_recommender(run_dir, device, recall_k)
+    ids = [news_id.strip() for news_id in history.split(",") if news_id.strip()]
+    result = recommender.recommend(ids, k=k, exclude_history=exclude_history)
+    if as_json:
+        typer.echo(json.dumps(asdict(result), indent=2))
+        return
+    if result.unknown:
+        typer.secho(f"unknown ids ignored: {', '.join(result.unknown)}", fg="yellow", err=True)
+    for rank, item in enumerate(result.items, 1):
+        typer.echo(
+            f"{rank:3d}  {item.news_id:<10} {item.stage:<10} {item.score:9.4f}  "
+            f"{item.category}/{item.subcategory}  {item.title}"
+        )
+    typer.echo(f"{len(result.history_used)} clicks used, {result.timings_ms['total']:.1f} ms")
+
+
+@app.command()
+def serve(
+    run_dir: RunDir,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    recall_k: RecallK = 200,
+    device: Device = "cpu",
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+) -> None:
+    """Serve recommendations over HTTP (POST /recommend) with a web page at /."""
+    import uvicorn
+
+    from mmnewsrec.serve import ServeSettings, create_app
+
+    settings = ServeSettings(host=host, port=port)
+    recommender = load_recommender(run_dir, device, recall_k)
+    typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/")
+    uvicorn.run(
+        create_app(recommender, settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=access_log,
+    )
