@@ -103,7 +103,120 @@ def prepare(
 # ---------------------------------------------------------------------------- encode
 
 
+@app.command()
+def encode(
+    store_dir: Dir,
+    out: Annotated[
+        Path, typer.Option(help="Folder for vectors.npy, has_image.npy, manifest.json.")
+    ],
+    text_encoder: Annotated[
+        str | None,
+        typer.Option(
+            help="sentence-transformers or Hugging Face text model, hub id or path; 'none' = "
+            "off (default: all-MiniLM-L6-v2, shipped)."
+        ),
+    ] = None,
+    text_fields: Annotated[
+        str, typer.Option(help="Comma-separated, in order: title, abstract, category, subcategory.")
+    ] = "category,subcategory,title",
+    image_encoder: Annotated[
+        str | None,
+        typer.Option(
+            help="efficientnet-lite0 or a Hugging Face vision model (DINOv2, ViT, CLIP); 'none' "
+            "= off (default: efficientnet-lite0 if the store has images)."
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Input size of efficientnet-lite0 (default: 224).")
+    ] = None,
+    joint_encoder: Annotated[
+        str | None, typer.Option(help="CLIP or BLIP model giving both the text and image vectors.")
+    ] = None,
+    fusion: Annotated[
+        str | None,
+        typer.Option(
+            help="concat, hadamard, mean, text or image (default: concat, or the one side)."
+        ),
+    ] = None,
+    fusion_dim: Annotated[
+        int | None, typer.Option(help="Width for hadamard/mean (default: the smaller side).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the hadamard/mean projection.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Inputs per model call.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+    ] = "auto",
+    force: Annotated[bool, typer.Option(help="Encode even if the vectors are up to date.")] = False,
+) -> None:
+    """Embed every news item of a store with frozen encoders (no work if up to date)."""
+    from mmnewsrec.data.store import StoreError
+    from mmnewsrec.encode.pipeline import EncodeConfig, EncodeError, encode_store
+
+    try:
+        config = EncodeConfig(
+            text_encoder=text_encoder,
+            text_fields=tuple(f.strip() for f in text_fields.split(",") if f.strip()),
+            image_encoder=image_encoder,
+            image_size=image_size,
+            joint_encoder=joint_encoder,
+            fusion=fusion,
+            fusion_dim=fusion_dim,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+        )
+        vectors = encode_store(store_dir, out, config, force=force)
+    except (EncodeError, StoreError, OSError) as err:
+        fail(str(err))
+    typer.echo(f"news vectors in {out}: {vectors.summary()}")
+
+
 # ---------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="TOML file, or a shipped config name.")
+    ] = "train_cpu",
+    store: Annotated[Path | None, typer.Option(help="Store directory (data.store_dir).")] = None,
+    vectors: Annotated[Path | None, typer.Option(help="News vectors (data.vectors_dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (run.out_dir).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name (model.name).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="optim.epochs")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    seed: Annotated[int | None, typer.Option(help="run.seed")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="section.key=value (repeatable).")
+    ] = None,
+) -> None:
+    """Train a ranker (or fit a baseline) and keep the best checkpoint by dev AUC.
+
+    Several processes: torchrun --nproc-per-node N --no-python mmnewsrec train ...
+    """
+    from mmnewsrec.config import ConfigError, load_config
+    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.rank.train import run_training
+
+    values = {
+        "data.store_dir": store,
+        "data.vectors_dir": vectors,
+        "run.out_dir": out,
+        "model.name": model,
+        "optim.epochs": epochs,
+        "run.device": device,
+        "run.seed": seed,
+    }
+    try:
+        cfg = load_config(config, overrides or [], values)
+        result = run_training(cfg, resume=resume)
+    except (ConfigError, CheckpointError) as err:
+        fail(str(err))
+    if result.is_main:
+        typer.echo(result.summary())
 
 
 # ---------------------------------------------------------------------------- evaluate
