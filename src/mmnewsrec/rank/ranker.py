@@ -1,0 +1,168 @@
+"""A trained run loaded for scoring: evaluation of whole splits and serving of single users."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmnewsrec.config import TrainConfig, validate_config
+from mmnewsrec.rank.batches import Batch, BehaviorArrays, gather_history, iter_eval_batches
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, malformed, or made with other news vectors."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU (tensors and plain data only)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an mmnewsrec checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def check_vectors_hash(path: Path, expected: str, actual: str) -> None:
+    """Refuse news vectors other than those the checkpoint was trained on."""
+    if expected != actual:
+        raise CheckpointError(
+            f"{path} was trained on news vectors with hash {expected[:12]}..., but the vectors "
+            f"given have hash {actual[:12]}...; use the vectors of that run (or retrain)"
+        )
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on CUDA when `dtype` is set; a no-op context otherwise."""
+    if dtype is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@torch.inference_mode()
+def score_behaviors(
+    model: nn.Module,
+    behaviors: BehaviorArrays,
+    history_len: int,
+    device: torch.device,
+    batch_candidates: int = 2048,
+    num_impressions: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Scores of every candidate (or of the first `num_impressions` impressions), float32,
+    aligned with `candidate_items`. The model is put in eval mode and its mode restored."""
+    was_training = model.training
+    model.eval()
+    out = []
+    batches = iter_eval_batches(
+        behaviors, history_len, batch_candidates, num_impressions=num_impressions
+    )
+    for batch, mask in tqdm(batches, desc="score", disable=not progress, leave=False):
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            scores = model(batch.history, batch.candidates)  # (R, W)
+        out.append(scores.float()[mask.to(device)].cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+@dataclass
+class TrainedRanker:
+    """A model from a run directory, ready to score on `device`."""
+
+    model: nn.Module
+    config: TrainConfig
+    device: torch.device
+    vectors_hash: str
+    checkpoint: dict[str, Any]  # the checkpoint's metadata (no tensors)
+
+    @property
+    def history_len(self) -> int:
+        return self.config.data.history_len
+
+    def score(
+        self,
+        behaviors: BehaviorArrays,
+        vectors: Any = None,
+        batch_candidates: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Scores aligned with `behaviors.candidate_items` (float32). `vectors`, when given, must
+        be the NewsVectors the model was trained on."""
+        if vectors is not None:
+            check_vectors_hash(Path("run"), self.vectors_hash, vectors.hash)
+        size = batch_candidates or self.config.run.eval_batch_size
+        return score_behaviors(
+            self.model, behaviors, self.history_len, self.device, size, progress=progress
+        )
+
+    @torch.inference_mode()
+    def score_batch(self, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Raw forward on index tensors: history (B, L), candidates (B, C) -> scores (B, C)."""
+        return self.model(history.to(self.device), candidates.to(self.device)).float()
+
+    def score_items(
+        self, history: Sequence[int], candidates: Sequence[int], width: int = 256
+    ) -> np.ndarray:
+        """Scores of `candidates` (news indices) for one user who clicked `history` (oldest
+        first); any number of candidates, scored in rows of `width`."""
+        cand = np.asarray(candidates, dtype=np.int64)
+        hist = np.asarray(history, dtype=np.int64)
+        if cand.size == 0:
+            return np.zeros(0, dtype=np.float32)
+        rows = -(-len(cand) // width)
+        grid = np.zeros(rows * width, dtype=np.int64)
+        grid[: len(cand)] = cand
+        h = gather_history(
+            np.array([0, len(hist)]), hist, np.zeros(rows, dtype=np.int64), self.history_len
+        )
+        batch = Batch(
+            torch.from_numpy(h), torch.from_numpy(grid.reshape(rows, width)), torch.zeros(0)
+        )
+        scores = self.score_batch(batch.history, batch.candidates)
+        return scores.flatten()[: len(cand)].cpu().numpy()
+
+
+def load_ranker(
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    vectors: Any = None,
+    checkpoint: str = "checkpoint.pt",
+) -> TrainedRanker:
+    """Load RUN_DIR/checkpoint.pt (the best model) with the news vectors it was trained on.
+
+    `vectors` (a NewsVectors) replaces reading them from the run's `vectors_dir`; either way
+    their hash must match the checkpoint's.
+    """
+    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.rank.model import build_model
+
+    run_dir = Path(run_dir)
+    path = run_dir / checkpoint
+    state = read_checkpoint(path)
+    config = validate_config(state["config"], str(path))
+    if vectors is None:
+        vectors = NewsVectors.load(config.data.vectors_dir)
+    check_vectors_hash(path, state["vectors_hash"], vectors.hash)
+    has_image = np.array(vectors.has_image)  # a writable copy of the memory-mapped flags
+    model = build_model(state["model_name"], state["model_args"], vectors.vectors, has_image)
+    model.load_state_dict(state["model"])
+    device = torch.device(device)
+    model.to(device).eval()
+    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng")}
+    logger.info("loaded %s (step %s) from %s", state["model_name"], state.get("step"), path)
+    return TrainedRanker(model, config, device, state["vectors_hash"], meta)

@@ -1,0 +1,670 @@
+"""The training recipe: setup / train / save_checkpoint / cleanup.
+
+One process, or one per device under `torchrun` (DistributedDataParallel; gloo on CPU, nccl on
+CUDA). The device is resolved once and passed in. Rank 0 alone logs, evaluates and writes
+RUN_DIR/{config.json, log.csv, checkpoint.pt (best), last.pt (resumable)}.
+
+A run is reproducible from (config, seed): negatives come from (seed, epoch), the order from the
+sampler's (seed, epoch), dropout from the saved RNG states, so a run stopped after step s and
+resumed ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmnewsrec.config import ConfigError, TrainConfig
+from mmnewsrec.encode.base import effective_precision, resolve_device
+from mmnewsrec.rank.batches import Batch, ListwiseDataset, ResumableSampler, collate
+from mmnewsrec.rank.ranker import (
+    CHECKPOINT_FORMAT,
+    autocast,
+    check_vectors_hash,
+    read_checkpoint,
+    score_behaviors,
+)
+
+logger = logging.getLogger(__name__)
+
+LOG_FIELDS = ["step", "epoch", "loss", "lr", "samples_per_s", "auc", "mrr", "ndcg5", "ndcg10"]
+# Settings a resumed run must share with the checkpoint (the rest may change, e.g. epochs).
+RESUME_FREE = {"data.store_dir", "data.vectors_dir", "data.dev_impressions", "optim.epochs"}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a distributed run (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        """Read RANK / WORLD_SIZE / LOCAL_RANK as set by torchrun."""
+        env = os.environ
+        return cls(
+            int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+        )
+
+
+def resolve_train_device(spec: str, local_rank: int = 0) -> torch.device:
+    """The config's device; plain 'cuda' (or 'auto' on a GPU machine) means cuda:LOCAL_RANK."""
+    try:
+        device = resolve_device(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for `precision` on `device`: None (fp32) on CPU."""
+    resolved = effective_precision(device, precision)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine / linear decay to `min_ratio`, or flat."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def ranking_loss(scores: torch.Tensor, batch: Batch, kind: str) -> torch.Tensor:
+    """Listwise: softmax cross-entropy of the clicked candidate over its row. Pointwise: BCE per
+    candidate. Padding candidates (index 0) never count."""
+    scores = scores.float()
+    real = batch.candidates > 0
+    if kind == "listwise":
+        logits = scores.masked_fill(~real, -torch.inf)
+        return F.cross_entropy(logits, batch.labels.argmax(dim=1))
+    loss = F.binary_cross_entropy_with_logits(scores, batch.labels, reduction="none")
+    return (loss * real).sum() / real.sum()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA generator states, in checkpoint-safe types."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write text to a temporary file beside `path`, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """Refuse to resume under settings that change what the run computes."""
+    old, new = flatten(saved), flatten(config.to_dict())
+    keys = sorted(
+        k for k in old.keys() | new.keys() if not k.startswith("run.") and k not in RESUME_FREE
+    )
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    if diff:
+        raise ConfigError(
+            f"cannot resume {path} with a different configuration:\n  " + "\n  ".join(diff)
+        )
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in last.pt."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already done
+    best_auc: float = -math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    last_eval_step: int = -1
+    finished: bool = False
+    best_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What a call of `TrainRecipe.train` achieved."""
+
+    out_dir: Path
+    step: int
+    epoch: int
+    finished: (
+        bool  # ran to the end (all epochs, max_steps or early stop), not stopped by stop_after
+    )
+    stopped_early: bool
+    best_metrics: dict[str, float]
+    is_main: bool = True  # rank 0 (the process that logs and saves)
+
+    def summary(self) -> str:
+        """One line for the command line."""
+        best = self.best_metrics
+        dev = " ".join(f"{k} {best[k]:.4f}" for k in ("auc", "mrr", "ndcg5", "ndcg10") if k in best)
+        state = "finished" if self.finished else "stopped (continue with --resume)"
+        return f"{state} at step {self.step}; best dev: {dev or '-'}; run in {self.out_dir}"
+
+
+class TrainRecipe:
+    """Train one ranker from a config on a given device (see module docstring)."""
+
+    def __init__(
+        self, config: TrainConfig, device: torch.device, dist_info: DistInfo | None = None
+    ):
+        self.config = config.resolved()
+        self.device = device
+        self.dist = dist_info or DistInfo()
+        self.out_dir = self.config.run.out_dir
+        self.progress = Progress()
+        self.stopped_early = False
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, resume: bool = False) -> None:
+        """Load the data and vectors, build the model, optimiser and schedule; resume if asked."""
+        cfg = self.config
+        last = self.out_dir / "last.pt"
+        if last.exists() and not resume:
+            raise ConfigError(f"{self.out_dir} already holds a run; pass --resume or another --out")
+        seed_everything(cfg.run.seed)
+        self._load_data()
+        self._build_model()
+        self.amp_dtype = amp_dtype(cfg.optim.precision, self.device)
+        if self.trainable:
+            self._build_loader()
+            self._build_optimizer()
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                json.dumps(cfg.to_dict(), indent=2) + "\n", self.out_dir / "config.json"
+            )
+        if resume and last.exists():
+            self._resume(last)
+        else:
+            if resume:
+                logger.info("no %s to resume; starting a new run", last)
+            if self.dist.is_main:
+                self._reset_log()
+            torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank dropout streams
+
+    def _load_data(self) -> None:
+        from mmnewsrec.data.store import Store
+        from mmnewsrec.encode.pipeline import NewsVectors
+
+        cfg = self.config.data
+        store = Store.load(cfg.store_dir)
+        self.vectors = NewsVectors.load(cfg.vectors_dir)
+        if self.vectors.vectors.shape[0] != store.num_news + 1:
+            raise ConfigError(
+                f"{cfg.vectors_dir}: {self.vectors.vectors.shape[0]} vector rows, but the store "
+                f"{cfg.store_dir} has {store.num_news} news (+1 padding row); encode this store"
+            )
+        encoded_from = self.vectors.manifest.get("store", {}).get("content_hash")
+        if encoded_from not in (None, store.content_hash):
+            raise ConfigError(
+                f"{cfg.vectors_dir} was encoded from another store than {cfg.store_dir}"
+            )
+        for split in (cfg.train_split, cfg.dev_split):
+            if split and split not in store.splits:
+                raise ConfigError(f"{cfg.store_dir}: no split {split!r} (has {store.splits})")
+        self.num_news = store.num_news
+        self.train_behaviors = store.behaviors(cfg.train_split)
+        self.dev_behaviors = store.behaviors(cfg.dev_split) if cfg.dev_split else None
+        if self.dev_behaviors is not None and not self.dev_behaviors.labelled:
+            raise ConfigError(f"dev split {cfg.dev_split!r} has no labels; choose a labelled split")
+
+    def _build_model(self) -> None:
+        from mmnewsrec.rank.model import MODELS, build_model, canonical_name, click_counts
+
+        cfg = self.config
+        self.model_name = canonical_name(cfg.model.name)
+        args = dict(cfg.model.args)
+        if cfg.model.preset is not None:
+            args["preset"] = cfg.model.preset
+        if "max_history" in {f.name for f in fields(MODELS[self.model_name].config_class)}:
+            args.setdefault("max_history", cfg.data.history_len)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(
+            self.model_name, args, self.vectors.vectors, np.array(self.vectors.has_image)
+        )
+        history_cap = getattr(model.config, "max_history", cfg.data.history_len)
+        if history_cap != cfg.data.history_len:
+            raise ConfigError(
+                f"model.args.max_history ({history_cap}) differs from data.history_len "
+                f"({cfg.data.history_len}); set data.history_len only"
+            )
+        if hasattr(model, "fit_counts"):
+            model.fit_counts(click_counts(self.train_behaviors, self.num_news))
+        self.model = model.to(self.device)
+        self.model_args = model.model_args
+        self.trainable = any(p.requires_grad for p in model.parameters())
+        self.ddp = self.model
+        if self.trainable and self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # buffers (news vectors, counts) are frozen and equal on every rank: never broadcast
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, forward_sync_buffers=False
+            )
+
+    def _build_loader(self) -> None:
+        cfg = self.config
+        world = self.dist.world_size
+        if cfg.optim.batch_size % world:
+            raise ConfigError(
+                f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} processes"
+            )
+        self.batch_size = cfg.optim.batch_size // world
+        self.dataset = ListwiseDataset(
+            self.train_behaviors,
+            negatives=cfg.data.negatives,
+            history_len=cfg.data.history_len,
+            seed=cfg.run.seed,
+            require_negative=cfg.data.loss == "listwise",
+        )
+        if len(self.dataset) == 0:
+            raise ConfigError(f"split {cfg.data.train_split!r} yields no training samples")
+        self.sampler = ResumableSampler(
+            self.dataset, num_replicas=world, rank=self.dist.rank, shuffle=True, seed=cfg.run.seed
+        )
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=cfg.run.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.run.seed),  # keeps the global RNG untouched
+        )
+        self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        if cfg.run.max_steps:
+            self.total_steps = min(self.total_steps, cfg.run.max_steps)
+
+    def _build_optimizer(self) -> None:
+        opt = self.config.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=opt.lr, betas=opt.betas, fused=self.device.type == "cuda" or None
+        )
+        warmup = round(opt.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, warmup, self.total_steps, opt.schedule, opt.min_lr_ratio),
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _resume(self, path: Path) -> None:
+        state = read_checkpoint(path)
+        check_vectors_hash(path, state["vectors_hash"], self.vectors.hash)
+        check_resumable(state["config"], self.config, path)
+        if state["world_size"] != self.dist.world_size:
+            raise ConfigError(
+                f"{path} was written by {state['world_size']} processes; resume with as many"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.trainable:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        set_rng_state(state["rng"][self.dist.rank])
+        if self.dist.is_main:
+            self._truncate_log(self.progress.step)
+        logger.info(
+            "resumed %s at step %d (epoch %d)", path, self.progress.step, self.progress.epoch
+        )
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> TrainResult:
+        """Run to the end of the schedule (or early stop, or `run.stop_after`)."""
+        p = self.progress
+        if not self.trainable:
+            return self._finish()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=p.step,
+            desc=f"train {self.model_name}",
+            disable=not (self.dist.is_main and self.config.run.progress),
+            dynamic_ncols=True,
+        )
+        window = Window()
+        stop_after = self.config.run.stop_after
+        while not p.finished and p.step < self.total_steps:
+            self.dataset.set_epoch(p.epoch)
+            self.sampler.set_epoch(p.epoch)
+            self.sampler.set_start(p.batch_in_epoch * self.batch_size)
+            for batch in self.loader:
+                window.add(self._train_step(batch), len(batch) * self.dist.world_size)
+                p.step += 1
+                p.batch_in_epoch += 1
+                bar.update(1)
+                if p.step % self.config.run.log_every == 0:
+                    self._log_window(window, bar)
+                if self.config.run.eval_every and p.step % self.config.run.eval_every == 0:
+                    self._evaluate_and_track()
+                if p.finished or p.step >= self.total_steps or p.step == stop_after:
+                    break
+            if p.batch_in_epoch >= self.steps_per_epoch:
+                p.epoch += 1
+                p.batch_in_epoch = 0
+                if self.config.run.eval_each_epoch and not p.finished:
+                    self._evaluate_and_track()
+            if p.step == stop_after and not p.finished:
+                self.save_last()
+                bar.close()
+                logger.info("stopped after step %d as asked; resume with --resume", p.step)
+                return self._result(finished=False)
+        bar.close()
+        return self._finish()
+
+    def _train_step(self, batch: Batch) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        self.ddp.train()
+        with autocast(self.device, self.amp_dtype):
+            scores = self.ddp(batch.history, batch.candidates)  # (B, 1+K)
+        loss = ranking_loss(scores, batch, self.config.data.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def _finish(self) -> TrainResult:
+        """Final evaluation unless the current weights were just evaluated; save and report."""
+        p = self.progress
+        if p.last_eval_step != p.step:
+            self._evaluate_and_track()
+        p.finished = True
+        if self.dist.is_main and self.dev_behaviors is None:
+            self.save_checkpoint(self.out_dir / "checkpoint.pt", {})
+        self.save_last()
+        return self._result(finished=True)
+
+    def _result(self, finished: bool) -> TrainResult:
+        p = self.progress
+        return TrainResult(
+            self.out_dir,
+            p.step,
+            p.epoch,
+            finished,
+            self.stopped_early,
+            p.best_metrics,
+            self.dist.is_main,
+        )
+
+    # ------------------------------------------------------------------ evaluate
+
+    def evaluate(self) -> dict[str, float]:
+        """Dev metrics of the current weights (rank 0)."""
+        from mmnewsrec.evaluate.metrics import evaluate_scores
+
+        dev = self.dev_behaviors
+        n = self.config.data.dev_impressions or dev.num_impressions
+        n = min(n, dev.num_impressions)
+        scores = score_behaviors(
+            self.model,
+            dev,
+            self.config.data.history_len,
+            self.device,
+            self.config.run.eval_batch_size,
+            num_impressions=n,
+            amp_dtype=self.amp_dtype,
+            progress=self.config.run.progress,
+        )
+        offsets = np.asarray(dev.candidate_offsets[: n + 1])
+        labels = np.asarray(dev.candidate_labels[: offsets[-1]])
+        return evaluate_scores(scores, labels, offsets)
+
+    def _evaluate_and_track(self) -> None:
+        """Evaluate on rank 0, keep the best checkpoint, decide early stopping on every rank."""
+        p = self.progress
+        p.last_eval_step = p.step
+        if self.dev_behaviors is None:
+            return
+        stop = torch.zeros(1)
+        if self.dist.is_main:
+            metrics = self.evaluate()
+            self._write_log(loss=None, samples_per_s=None, metrics=metrics)
+            logger.info(
+                "step %d: dev auc %.4f mrr %.4f ndcg5 %.4f ndcg10 %.4f",
+                p.step, metrics["auc"], metrics["mrr"], metrics["ndcg5"], metrics["ndcg10"],
+            )  # fmt: skip
+            if metrics["auc"] > p.best_auc:
+                p.best_auc, p.best_step, p.bad_evals = metrics["auc"], p.step, 0
+                p.best_metrics = {k: float(v) for k, v in metrics.items()}
+                self.save_checkpoint(self.out_dir / "checkpoint.pt", p.best_metrics)
+            else:
+                p.bad_evals += 1
+            stop[0] = float(
+                bool(self.config.run.patience) and p.bad_evals >= self.config.run.patience
+            )
+        if self.dist.distributed:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            logger.info("early stop: no better dev AUC in %d evaluations", self.config.run.patience)
+            p.finished = True
+            self.stopped_early = True
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_name": self.model_name,
+            "model_args": self.model_args,
+            "model": self.model.state_dict(),
+            "vectors_hash": self.vectors.hash,
+            "config": self.config.to_dict(),
+            "step": self.progress.step,
+            "epoch": self.progress.epoch,
+        }
+
+    def save_checkpoint(self, path: Path, metrics: dict[str, float]) -> None:
+        """The model alone (what evaluation and serving load), atomically (rank 0)."""
+        atomic_save(self._meta() | {"metrics": metrics}, path)
+
+    def save_last(self) -> None:
+        """Everything a resume needs to continue exactly (RNG states of every rank)."""
+        rngs = [rng_state()]
+        if self.dist.distributed:
+            rngs = [None] * self.dist.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if not self.dist.is_main:
+            return
+        state = self._meta() | {
+            "progress": vars(self.progress).copy(),
+            "rng": rngs,
+            "world_size": self.dist.world_size,
+        }
+        if self.trainable:
+            state |= {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            }
+        atomic_save(state, self.out_dir / "last.pt")
+
+    # ------------------------------------------------------------------ log
+
+    def _reset_log(self) -> None:
+        with (self.out_dir / "log.csv").open("w", newline="") as f:
+            csv.writer(f).writerow(LOG_FIELDS)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log rows written after the checkpoint a run resumes from."""
+        path = self.out_dir / "log.csv"
+        if not path.exists():
+            return self._reset_log()
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _write_log(
+        self, loss: float | None, samples_per_s: float | None, metrics: dict[str, float] | None
+    ) -> None:
+        p = self.progress
+        lr = self.scheduler.get_last_lr()[0] if self.trainable else None
+        row = {
+            "step": p.step,
+            "epoch": p.epoch,
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": samples_per_s,
+        }
+        row |= {k: (metrics or {}).get(k) for k in ("auc", "mrr", "ndcg5", "ndcg10")}
+        with (self.out_dir / "log.csv").open("a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS).writerow({k: fmt(v) for k, v in row.items()})
+
+    def _log_window(self, window: Window, bar: tqdm) -> None:
+        loss = window.mean_loss()
+        if self.dist.distributed:
+            t = torch.tensor([loss], device=self.device)
+            dist.all_reduce(t)
+            loss = t.item() / self.dist.world_size
+        rate = window.rate()
+        window.reset()
+        if self.dist.is_main:
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
+            self._write_log(loss, rate, None)
+
+    def cleanup(self) -> None:
+        """Release the process group if this recipe's run created one."""
+        if self.dist.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Window:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+
+    def mean_loss(self) -> float:
+        return torch.stack(self.losses).mean().item() if self.losses else float("nan")
+
+    def rate(self) -> float:
+        return self.samples / max(time.perf_counter() - self.start, 1e-9)
+
+
+def fmt(value: Any) -> Any:
+    """CSV cell: floats to 6 significant digits, None to empty."""
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def init_distributed(device: torch.device, dist_info: DistInfo) -> None:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU) when there are several."""
+    if not dist_info.distributed or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train with the device and process group taken from the config and the environment."""
+    dist_info = DistInfo.from_env()
+    device = resolve_train_device(config.run.device, dist_info.local_rank)
+    init_distributed(device, dist_info)
+    recipe = TrainRecipe(config, device, dist_info)
+    try:
+        recipe.setup(resume=resume)
+        return recipe.train()
+    finally:
+        recipe.cleanup()

@@ -1,0 +1,283 @@
+import csv
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from typer.testing import CliRunner
+
+from mmnewsrec.cli import app
+from mmnewsrec.config import ConfigError, TrainConfig, load_config
+from mmnewsrec.data.store import build_store
+from mmnewsrec.encode.pipeline import NewsVectors
+from mmnewsrec.evaluate.metrics import evaluate_scores
+from mmnewsrec.rank import CheckpointError, load_ranker
+from mmnewsrec.rank.batches import Batch
+from mmnewsrec.rank.train import (
+    DistInfo,
+    TrainRecipe,
+    init_distributed,
+    lr_factor,
+    ranking_loss,
+    run_training,
+)
+
+TOPICS, NEWS, DIM = 6, 240, 12
+TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
+
+
+def write_mind(folder: Path, impressions: int, rng: np.random.Generator, clicks: int) -> None:
+    """Behaviors where each user clicks news of one topic (news n has topic n % TOPICS)."""
+    folder.mkdir(parents=True)
+    news = [f"N{n}\tcat{n % TOPICS}\tsub\ttitle {n}\t\t\t[]\t[]" for n in range(1, NEWS + 1)]
+    (folder / "news.tsv").write_text("\n".join(news) + "\n")
+    ids = np.arange(1, NEWS + 1)
+    lines = []
+    for i in range(impressions):
+        topic = rng.integers(TOPICS)
+        liked, other = ids[ids % TOPICS == topic], ids[ids % TOPICS != topic]
+        history = rng.choice(liked, rng.integers(0, 8), replace=False)
+        pos = rng.choice(liked, clicks, replace=False)
+        neg = rng.choice(other, rng.integers(2, 9), replace=False)
+        cands = [f"N{n}-1" for n in pos] + [f"N{n}-0" for n in neg]
+        rng.shuffle(cands)
+        hist = " ".join(f"N{n}" for n in history)
+        lines.append(f"{i + 1}\tU{topic}{i}\t11/15/2019 8:55:22 AM\t{hist}\t{' '.join(cands)}")
+    (folder / "behaviors.tsv").write_text("\n".join(lines) + "\n")
+
+
+def write_vectors(folder: Path, store_hash: str, seed: int, tag: str) -> None:
+    """Topic direction + noise per news; row 0 zeros."""
+    rng = np.random.default_rng(seed)
+    topics = rng.normal(size=(TOPICS, DIM))
+    idx = np.arange(1, NEWS + 1)
+    vectors = np.zeros((NEWS + 1, DIM), dtype=np.float32)
+    vectors[1:] = topics[idx % TOPICS] + 0.5 * rng.normal(size=(NEWS, DIM))
+    has_image = np.zeros(NEWS + 1, dtype=bool)
+    manifest = {"hash": tag, "store": {"content_hash": store_hash}}
+    NewsVectors(vectors.astype(np.float16), has_image, manifest).save(folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small store (train: 2 clicks per impression, dev) and two sets of vectors."""
+    root = tmp_path_factory.mktemp("mind")
+    rng = np.random.default_rng(0)
+    write_mind(root / "raw" / "train", 160, rng, clicks=2)
+    write_mind(root / "raw" / "dev", 60, rng, clicks=1)
+    store = build_store(root / "raw", root / "store")
+    write_vectors(root / "emb", store.content_hash, seed=1, tag="vectors-a")
+    write_vectors(root / "emb_other", store.content_hash, seed=2, tag="vectors-b")
+    return root
+
+
+def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_transformer"):
+    base = [
+        f"model.name={model}",
+        "optim.batch_size=32",
+        "optim.epochs=2",
+        "optim.lr=3e-3",
+        "run.progress=false",
+        "run.log_every=5",
+        "run.device=cpu",
+    ]
+    if model.endswith("transformer"):
+        base += [f"model.args.{k}={v}" for k, v in TINY.items()]
+    values = {
+        "data.store_dir": data / "store",
+        "data.vectors_dir": data / "emb",
+        "run.out_dir": out,
+    }
+    return load_config(None, [*base, *overrides], values)
+
+
+def read_log(run: Path) -> list[dict]:
+    with (run / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def final_weights(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+def test_loss_decreases_and_the_best_checkpoint_scores_dev(data, tmp_path):
+    cfg = make_config(data, tmp_path / "run", "optim.epochs=4", "run.patience=0")
+    result = run_training(cfg)
+    assert result.finished and result.step == 4 * 10  # 320 samples / 32
+    losses = [float(r["loss"]) for r in read_log(tmp_path / "run") if r["loss"]]
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
+    assert result.best_metrics["auc"] > 0.85
+
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert Path(saved["data"]["store_dir"]).is_absolute()
+    assert Path(saved["data"]["vectors_dir"]) == (data / "emb").resolve()
+    evals = [r for r in read_log(tmp_path / "run") if r["auc"]]
+    assert [int(r["step"]) for r in evals] == [10, 20, 30, 40]
+
+    from mmnewsrec.data.store import Store
+
+    dev = Store.load(data / "store").behaviors("dev")
+    ranker = load_ranker(tmp_path / "run", vectors=NewsVectors.load(data / "emb"))
+    scores = ranker.score(dev)
+    assert scores.dtype == np.float32 and scores.shape == dev.candidate_items.shape
+    metrics = evaluate_scores(scores, dev.candidate_labels, dev.candidate_offsets)
+    assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
+    one = ranker.score_items(dev.history(3), dev.candidates(3)[0], width=2)
+    start, end = dev.candidate_offsets[3], dev.candidate_offsets[4]
+    np.testing.assert_allclose(one, scores[start:end], rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_run_ends_with_the_same_weights(data, tmp_path):
+    common = ("model.args.dropout=0.2", "run.eval_every=7", "run.patience=0")
+    run_training(make_config(data, tmp_path / "full", *common))
+    # mid-epoch (10 steps per epoch), between evaluations; at a log row (log_every 5), as a loss
+    # row spanning a resume averages only the steps after it
+    stopped = run_training(make_config(data, tmp_path / "cut", *common, "run.stop_after=15"))
+    assert not stopped.finished and stopped.step == 15
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["progress"]["step"] == 15
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(make_config(data, tmp_path / "cut", *common))
+    resumed = run_training(make_config(data, tmp_path / "cut", *common), resume=True)
+    assert resumed.finished and resumed.step == 20
+
+    full, cut = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    assert full.keys() == cut.keys()
+    for key in full:
+        assert torch.equal(full[key], cut[key]), key
+    drop = ("samples_per_s",)
+    rows = [[v for k, v in r.items() if k not in drop] for r in read_log(tmp_path / "full")]
+    assert rows == [[v for k, v in r.items() if k not in drop] for r in read_log(tmp_path / "cut")]
+
+
+def test_other_vectors_are_refused(data, tmp_path):
+    run = tmp_path / "run"
+    run_training(make_config(data, run, "optim.epochs=1", "run.stop_after=3"))
+    other = make_config(data, run, "optim.epochs=1")
+    other = other.model_copy(
+        update={"data": other.data.model_copy(update={"vectors_dir": data / "emb_other"})}
+    )
+    with pytest.raises(CheckpointError, match="other|hash"):
+        run_training(other, resume=True)
+    run_training(make_config(data, run, "optim.epochs=1"), resume=True)
+    with pytest.raises(CheckpointError, match="hash"):
+        load_ranker(run, vectors=NewsVectors.load(data / "emb_other"))
+    with pytest.raises(ConfigError, match="optim.lr"):
+        run_training(make_config(data, run, "optim.lr=0.1"), resume=True)
+
+
+@pytest.mark.parametrize("model", ["popularity", "random", "mean_cosine"])
+def test_baselines_go_through_training(data, tmp_path, model):
+    result = run_training(make_config(data, tmp_path / model, model=model))
+    assert result.finished and result.step == 0
+    assert set(result.best_metrics) >= {"auc", "mrr", "ndcg5", "ndcg10"}
+    ranker = load_ranker(tmp_path / model)
+    if model == "popularity":
+        assert ranker.model.counts.sum() == 2 * 160  # train clicks, saved in the checkpoint
+    if model == "mean_cosine":
+        assert result.best_metrics["auc"] > 0.8
+
+
+def test_pointwise_loss_trains(data, tmp_path):
+    result = run_training(make_config(data, tmp_path / "pw", "data.loss=pointwise"))
+    assert result.best_metrics["auc"] > 0.7
+
+
+def test_cli_train(data, tmp_path):
+    out = tmp_path / "cli"
+    args = ["train", "--store", str(data / "store"), "--vectors", str(data / "emb")]
+    args += ["--out", str(out), "--model", "popularity", "--set", "run.progress=false"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "finished" in result.output and (out / "checkpoint.pt").is_file()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_ranking_loss_ignores_padding():
+    scores = torch.tensor([[2.0, 1.0, 0.0], [0.5, 3.0, 9.0]])
+    cands = torch.tensor([[5, 6, 7], [5, 6, 0]])
+    labels = torch.tensor([[1.0, 0, 0], [1.0, 0, 0]])
+    batch = Batch(torch.zeros(2, 1, dtype=torch.long), cands, labels)
+    expected = -(torch.log_softmax(scores[0], 0)[0] + torch.log_softmax(scores[1, :2], 0)[0]) / 2
+    assert ranking_loss(scores, batch, "listwise").item() == pytest.approx(expected.item())
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(scores[cands > 0], labels[cands > 0])
+    assert ranking_loss(scores, batch, "pointwise").item() == pytest.approx(bce.item())
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, 10, 100, "cosine", 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False)) and f[99] > 0.1
+    assert lr_factor(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(90, 0, 100, "constant", 0.0) == 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank: int, world: int, port: int, config: dict, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    info = DistInfo.from_env()
+    device = torch.device("cpu")
+    init_distributed(device, info)
+    recipe = TrainRecipe(TrainConfig.model_validate(config), device, info)
+    try:
+        recipe.setup()
+        recipe.train()
+        torch.save(recipe.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        recipe.cleanup()
+
+
+def exclude_zero_gradient(key: str, value: torch.Tensor) -> torch.Tensor:
+    """Drop the weights whose true gradient is exactly 0 under softmax cross-entropy: the final
+    score bias (a shift of every score) and attention key biases (a shift of every logit). Adam
+    turns rounding noise in their gradients into full steps, so they differ between any two
+    summation orders."""
+    if key == "head.3.bias":
+        return value[:0]
+    if key.endswith("in_proj_bias"):
+        q, _, v = value.chunk(3)
+        return torch.cat([q, v])
+    return value
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
+    common = ("optim.epochs=1", "run.eval_every=4", "run.patience=0")
+    torch.set_num_threads(1)
+    try:
+        run_training(make_config(data, tmp_path / "single", *common))
+    finally:
+        torch.set_num_threads(2)
+    cfg = make_config(data, tmp_path / "ddp", *common).to_dict()
+    mp.spawn(ddp_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = final_weights(tmp_path / "single")
+    saved = final_weights(tmp_path / "ddp")
+    for key in single:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        assert torch.equal(ranks[0][key], saved[key]), key
+        ddp, one = (
+            exclude_zero_gradient(key, ranks[0][key]),
+            exclude_zero_gradient(key, single[key]),
+        )
+        torch.testing.assert_close(ddp, one, rtol=1e-4, atol=1e-6, msg=key)
+    assert [float(r["auc"]) for r in read_log(tmp_path / "ddp") if r["auc"]] == pytest.approx(
+        [float(r["auc"]) for r in read_log(tmp_path / "single") if r["auc"]], abs=1e-3
+    )
