@@ -114,13 +114,15 @@ def _fetch(client: httpx.Client, archive: Archive, path: Path) -> None:
             logger.warning("%s interrupted at %d bytes (%s)", archive.filename, have, err)
             if attempt == ATTEMPTS:
                 raise DownloadError(
-                    f"download of {archive.url} interrupted at {have:,} bytes ({err}); "
+                    f"download of {archive.url} failed at {have:,} bytes ({err}); "
                     "run again to resume"
                 ) from err
     have = part.stat().st_size
     if expected is not None and have != expected:
+        if have > expected:
+            part.unlink()  # not a prefix of this archive: start over next time
         raise DownloadError(
-            f"{archive.url}: got {have:,} bytes of {expected:,} announced; run again to resume"
+            f"{archive.url}: got {have:,} bytes of {expected:,} announced; run again"
         )
     part.rename(path)
 
