@@ -75,6 +75,8 @@ ARCHIVE_DAYS = 21  # history news are published up to this long before the windo
 ARCHIVE_SHARE = 0.3
 TIERS = np.array([-1, 0, 1])
 TIER_SHARES = (0.25, 0.5, 0.25)
+CHUNK_USERS = 8192  # bounds memory; part of the random stream, so fixed
+CHUNK_IMPRESSIONS = 16384
 
 # (category, subcategory): subjects | predicates | detail sentences (any subject fits any predicate)
 VOCABULARY: dict[tuple[str, str], tuple[str, str, str]] = {
@@ -619,10 +621,16 @@ def _first_occurrences(group: np.ndarray, item: np.ndarray) -> np.ndarray:
     return np.sort(first)
 
 
-def _group_sort(group: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Order by group, then key, then position (np.lexsort((key, group)), faster)."""
-    order = np.argsort(key, kind="stable")
-    return order[np.argsort(group[order], kind="stable")]
+def _draw_rows(rng: np.random.Generator, weight: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """draws[r] column indices from row r of weight (R, C), with probability proportional to it."""
+    rows, cols = weight.shape
+    cdf = np.cumsum(weight, axis=1)
+    cdf /= cdf[:, -1:]
+    row = np.repeat(np.arange(rows), draws)
+    target = row + rng.random(len(row)) * (1 - 1e-9)  # stays inside the row's [r, r + 1)
+    return (
+        np.searchsorted((cdf + np.arange(rows)[:, None]).ravel(), target, side="right") - row * cols
+    )
 
 
 def _histories(
@@ -643,20 +651,21 @@ def _histories(
     counts = np.bincount(cell_of, minlength=n_cells)
     starts = np.cumsum(counts) - counts
     cells = np.arange(n_cells)
-    z = _utility(
-        model, users, topics, np.arange(n_users)[:, None], cells // 9, cells // 3 % 3 - 1,
-        cells % 3 - 1,
-    )  # fmt: skip
-    cdf = np.cumsum(counts * np.exp(z - z.max(axis=1, keepdims=True)), axis=1)
-    cdf /= cdf[:, -1:]
-    owner = np.repeat(np.arange(n_users), length)
-    draw = owner + rng.random(len(owner)) * (1 - 1e-9)
-    cell = np.searchsorted((cdf + np.arange(n_users)[:, None]).ravel(), draw, side="right")
-    cell -= owner * n_cells
+    owner, cell = [], []
+    for a in range(0, n_users, CHUNK_USERS):
+        user = np.arange(a, min(a + CHUNK_USERS, n_users))
+        z = _utility(
+            model, users, topics, user[:, None], cells // 9, cells // 3 % 3 - 1, cells % 3 - 1
+        )
+        owner.append(np.repeat(user, length[user]))
+        cell.append(
+            _draw_rows(rng, counts * np.exp(z - z.max(axis=1, keepdims=True)), length[user])
+        )
+    owner, cell = np.concatenate(owner), np.concatenate(cell)
     item = members[starts[cell] + (rng.random(len(owner)) * counts[cell]).astype(np.int64)]
     keep = _first_occurrences(owner, item)
     owner, item = owner[keep], item[keep]
-    order = _group_sort(owner, news.published[item] * len(news.sub) + item)
+    order = np.lexsort((item, news.published[item], owner))
     return _csr_offsets(owner, n_users), item[order]
 
 
@@ -712,7 +721,14 @@ def _make_impressions(
             np.sort(rng.integers(dev_start, dev_start + DEV_DAYS * DAY, n_dev)),
         ]
     )
-    imp, items = _draw_candidates(rng, model, users, news, user, when, rng.integers(5, 51, n))
+    size = rng.integers(5, 51, n)
+    imp, items = [], []
+    for a in range(0, n, CHUNK_IMPRESSIONS):
+        part = slice(a, a + CHUNK_IMPRESSIONS)
+        drawn = _draw_candidates(rng, model, users, news, user[part], when[part], size[part])
+        imp.append(drawn[0] + a)
+        items.append(drawn[1])
+    imp, items = np.concatenate(imp), np.concatenate(items)
     offsets = _csr_offsets(imp, n)
     if np.diff(offsets).min() < 5:
         raise ValueError("too few news for 5 candidates per impression; increase the news")
@@ -721,16 +737,16 @@ def _make_impressions(
         model, users, topics, user[imp], news.sub[items], news.tier[items], news.style[items], age
     )
     clicks = rng.choice([1, 2, 3], n, p=model.clicks)
-    order = _group_sort(imp, -(z + rng.gumbel(size=len(z))))  # Gumbel top-m = Plackett-Luce
-    rank = np.empty(len(z), np.int64)
-    rank[order] = np.arange(len(z)) - offsets[imp[order]]
+    key = z + rng.gumbel(size=len(z))  # the m largest keys: m Plackett-Luce draws
+    dense, _ = _pad(key, offsets, -np.inf)
+    kth = -np.sort(-dense, axis=1)[np.arange(n), clicks - 1]  # (I,) m-th largest key
     return _Impressions(
         user=user,
         time=when,
         n_train=n - n_dev,
         offsets=offsets,
         items=items,
-        labels=rank < clicks[imp],
+        labels=key >= kth[imp],
         utility=z,
         age=age,
     )
