@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated
 
+from anyio import CapacityLimiter
+from anyio.to_thread import run_sync
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -32,6 +35,9 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     search_limit: int = Field(20, ge=1, description="Most titles one search returns.")
+    parallel: int = Field(
+        1, ge=1, description="Recommendations computed at once; more requests wait their turn."
+    )
 
 
 # ---------------------------------------------------------------------------- schemas
@@ -78,6 +84,7 @@ class Health(BaseModel):
     device: str
     max_history: int
     recall_k: int
+    recall_backend: str
     vectors: dict[str, object]
     counts: dict[str, int]
 
@@ -93,8 +100,13 @@ def get_settings(request: Request) -> ServeSettings:
     return request.app.state.settings
 
 
+def get_limiter(request: Request) -> CapacityLimiter:
+    return request.app.state.limiter
+
+
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 SettingsDep = Annotated[ServeSettings, Depends(get_settings)]
+LimiterDep = Annotated[CapacityLimiter, Depends(get_limiter)]
 
 
 def news_or_404(recommender: Recommender, news_id: str) -> int:
@@ -113,9 +125,12 @@ health_router = APIRouter(tags=["health"])
 
 
 @recommend_router.post("/recommend", response_model=RecommendResponse)
-def recommend(body: RecommendRequest, recommender: RecommenderDep):
+async def recommend(body: RecommendRequest, recommender: RecommenderDep, limiter: LimiterDep):
     """Top-k news for a click history; an empty history gets the most clicked news."""
-    result = recommender.recommend(body.history, k=body.k, exclude_history=body.exclude_history)
+    # Compute in a worker thread, a bounded number at once: on a few cores, requests that
+    # compete for them (and for the GIL) all finish later than requests that queue.
+    job = partial(recommender.recommend, body.history, body.k, body.exclude_history)
+    result = await run_sync(job, limiter=limiter)
     return asdict(result)
 
 
@@ -159,7 +174,8 @@ def create_app(recommender: Recommender, settings: ServeSettings | None = None) 
     """The service over an already-loaded recommender."""
     app = FastAPI(title="mmnewsrec", summary="News recommendations for a click history.")
     app.state.recommender = recommender
-    app.state.settings = settings or ServeSettings()
+    app.state.settings = settings = settings or ServeSettings()
+    app.state.limiter = CapacityLimiter(settings.parallel)
     for router in (recommend_router, news_router, health_router):
         app.include_router(router)
     static = Path(str(files("mmnewsrec.serve") / "static"))

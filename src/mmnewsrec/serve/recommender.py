@@ -51,14 +51,21 @@ class Recommender:
     trained ranker, return the top k. Everything is loaded once; a request costs one search
     over the corpus and one forward pass over `recall_k` candidates."""
 
-    def __init__(self, store: Any, vectors: Any, ranker: Any, recall_k: int = 200) -> None:
+    def __init__(
+        self,
+        store: Any,
+        vectors: Any,
+        ranker: Any,
+        recall_k: int = 200,
+        recall_backend: str = "auto",
+    ) -> None:
         from mmnewsrec.recall import Recaller
 
         if recall_k < 1:
             raise ValueError(f"recall_k must be >= 1, got {recall_k}")
         check_same_news(store, vectors)
         self.store, self.vectors, self.ranker, self.recall_k = store, vectors, ranker, recall_k
-        self.recaller = Recaller(k=recall_k).fit(vectors.vectors)
+        self.recaller = Recaller(k=recall_k, backend=recall_backend).fit(vectors.vectors)
         news = store.news
         # A dict answers one request's lookups in microseconds (Store.news_index builds a
         # mapping over the whole corpus per call, meant for batch work).
@@ -74,8 +81,17 @@ class Recommender:
         self.recommend([self._columns["news_id"][1]], k=1)  # warm-up: first forward is slow
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "cpu", recall_k: int = 200) -> Recommender:
-        """Load RUN_DIR's model with the store and news vectors it was trained on."""
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        device: str = "cpu",
+        recall_k: int = 200,
+        recall_backend: str = "auto",
+    ) -> Recommender:
+        """Load RUN_DIR's model with the store and news vectors it was trained on.
+
+        recall_backend: "exact", "faiss_flat", "faiss_hnsw" (approximate, fast at large N)
+        or "auto" (see `Recaller`)."""
         from mmnewsrec.config import validate_config
         from mmnewsrec.data.store import Store
         from mmnewsrec.encode.pipeline import NewsVectors
@@ -88,7 +104,7 @@ class Recommender:
         store = Store.load(config.data.store_dir)
         vectors = NewsVectors.load(config.data.vectors_dir)
         ranker = load_ranker(run_dir, device, vectors=vectors)
-        return cls(store, vectors, ranker, recall_k=recall_k)
+        return cls(store, vectors, ranker, recall_k, recall_backend)
 
     def _train_clicks(self) -> np.ndarray:
         """Clicks per news index in the run's train split (zeros when the store lacks it)."""
@@ -141,6 +157,7 @@ class Recommender:
             "device": str(self.ranker.device),
             "max_history": self.ranker.history_len,
             "recall_k": self.recall_k,
+            "recall_backend": self.recaller.backend_,
             "vectors": {"dim": int(self.vectors.dim), "hash": self.vectors.hash},
             "counts": {
                 "news": self.store.num_news,

@@ -50,9 +50,17 @@ function onSearch() {
   }, 150);
 }
 
-function addTypedIds() {
-  for (const id of $("ids").value.split(/[\s,]+/)) addToHistory(id.trim());
+async function addTypedIds() {
+  const typed = $("ids").value.split(/[\s,]+/).filter(Boolean);
   $("ids").value = "";
+  for (const id of typed) {
+    try {
+      addToHistory(id, (await api(`/news/${encodeURIComponent(id)}`)).title);
+    } catch {
+      state.unknown.add(id);
+      addToHistory(id);
+    }
+  }
 }
 
 function card(item) {

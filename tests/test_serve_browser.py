@@ -1,0 +1,111 @@
+"""The web page in headless Chromium against a live server: search, history, cards."""
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from test_recommender import tiny_run
+
+from mmnewsrec.serve import Recommender, create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.is_file(),
+    reason=f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)",
+)
+pytest.importorskip("playwright", reason="the Python package playwright is not installed")
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on a free port of 127.0.0.1; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory) -> Recommender:
+    return Recommender.from_run(tiny_run(tmp_path_factory.getbasetemp() / "serve-run"))
+
+
+@pytest.fixture(scope="module")
+def page(rec):
+    from playwright.sync_api import sync_playwright
+
+    with live_server(create_app(rec)) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.set_default_timeout(15_000)
+        tab.goto(url)
+        yield tab
+        browser.close()
+
+
+def test_page_recommends_cards_with_images(page, rec, tmp_path):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#health")).to_contain_text(f"{rec.store.num_news} news")
+    page.fill("#search", "golf")
+    first = page.locator("#search-results li").first
+    expect(first).to_contain_text("olf")
+    first.click()
+    other = rec.store.news_ids[2]
+    page.fill("#ids", f"{other}, N-missing")
+    page.click("#add-ids")
+    expect(page.locator("#history li")).to_have_count(3)
+    expect(page.locator("#history li").nth(1)).to_contain_text(rec.summary(2).title)
+    expect(page.locator("#history li.unknown")).to_have_count(1)
+    page.fill("#k", "6")
+    page.click("#submit")
+
+    cards = page.locator(".card")
+    expect(cards).to_have_count(6)
+    expect(page.locator("#message")).to_contain_text("N-missing")
+    expect(page.locator("#history li.unknown")).to_have_count(1)
+    expected = rec.recommend([first.get_attribute("title").split(" ")[0], other], k=6)
+    shown = [cards.nth(i).get_attribute("data-news-id") for i in range(6)]
+    assert shown == [item.news_id for item in expected.items]
+    for i, item in enumerate(expected.items):
+        card = cards.nth(i)
+        expect(card.locator(".badge")).to_contain_text("rerank")
+        expect(card.locator(".title")).to_have_text(item.title)
+        assert card.locator("img").count() == int(item.has_image)
+    page.wait_for_function(
+        "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+    page.click("#clear")
+    page.click("#submit")
+    expect(page.locator(".card .badge").first).to_contain_text("popularity")
+    expect(page.locator("#history-empty")).to_be_visible()
