@@ -269,14 +269,14 @@ def truth(
 # ---------------------------------------------------------------------------- serve
 
 
-def load_recommender(run_dir: Path, device: str, recall_k: int):
+def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str):
     """A Recommender over RUN_DIR, or a user-facing error."""
     from mmnewsrec.data.store import StoreError
     from mmnewsrec.rank.ranker import CheckpointError
     from mmnewsrec.serve import Recommender
 
     try:  # ValueError covers ConfigError, EncodeError and mismatched vectors
-        return Recommender.from_run(run_dir, device=device, recall_k=recall_k)
+        return Recommender.from_run(run_dir, device, recall_k, backend)
     except (OSError, ValueError, StoreError, CheckpointError) as err:
         fail(str(err))
 
@@ -284,6 +284,9 @@ def load_recommender(run_dir: Path, device: str, recall_k: int):
 RunDir = Annotated[Path, typer.Argument(help="Run directory written by `train`.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 RecallK = Annotated[int, typer.Option(min=1, help="Candidates recalled, then reranked.")]
+RecallBackend = Annotated[
+    str, typer.Option(help="auto, exact, faiss_flat or faiss_hnsw (approximate, fast).")
+]
 
 
 @app.command()
@@ -293,6 +296,7 @@ def recommend(
     k: Annotated[int, typer.Option(min=1, max=100, help="How many news to return.")] = 10,
     exclude_history: Annotated[bool, typer.Option(help="Leave clicked news out.")] = True,
     recall_k: RecallK = 200,
+    recall_backend: RecallBackend = "auto",
     device: Device = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -300,7 +304,7 @@ def recommend(
     import json
     from dataclasses import asdict
 
-    recommender = load_recommender(run_dir, device, recall_k)
+    recommender = load_recommender(run_dir, device, recall_k, recall_backend)
     ids = [news_id.strip() for news_id in history.split(",") if news_id.strip()]
     result = recommender.recommend(ids, k=k, exclude_history=exclude_history)
     if as_json:
@@ -322,16 +326,23 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     recall_k: RecallK = 200,
+    recall_backend: RecallBackend = "auto",
     device: Device = "cpu",
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads per request.")] = 1,
+    parallel: Annotated[int, typer.Option(min=1, help="Requests computed at once.")] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Serve recommendations over HTTP (POST /recommend) with a web page at /."""
+    import faiss
+    import torch
     import uvicorn
 
     from mmnewsrec.serve import ServeSettings, create_app
 
-    settings = ServeSettings(host=host, port=port)
-    recommender = load_recommender(run_dir, device, recall_k)
+    settings = ServeSettings(host=host, port=port, parallel=parallel)
+    recommender = load_recommender(run_dir, device, recall_k, recall_backend)
+    torch.set_num_threads(threads)  # requests run in parallel threads: keep each one narrow
+    faiss.omp_set_num_threads(threads)
     typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/")
     uvicorn.run(
         create_app(recommender, settings),
