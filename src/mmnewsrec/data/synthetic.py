@@ -61,7 +61,7 @@ import polars as pl
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmnewsrec.data.store import atomic_dir
+from mmnewsrec.data.store import atomic_dir, csr_offsets
 from mmnewsrec.evaluate.metrics import evaluate_scores
 
 logger = logging.getLogger(__name__)
@@ -609,12 +609,6 @@ def _utility(
     )
 
 
-def _csr_offsets(group: np.ndarray, n: int) -> np.ndarray:
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(group, minlength=n), out=offsets[1:])
-    return offsets
-
-
 def _first_occurrences(group: np.ndarray, item: np.ndarray) -> np.ndarray:
     """Positions of the first occurrence of each (group, item) pair, in ascending order."""
     _, first = np.unique(group * (int(item.max()) + 1) + item, return_index=True)
@@ -666,7 +660,7 @@ def _histories(
     keep = _first_occurrences(owner, item)
     owner, item = owner[keep], item[keep]
     order = np.lexsort((item, news.published[item], owner))
-    return _csr_offsets(owner, n_users), item[order]
+    return csr_offsets(np.bincount(owner, minlength=n_users)), item[order]
 
 
 def _draw_candidates(
@@ -702,7 +696,7 @@ def _draw_candidates(
     pick = np.where(wanted, by_sub[offset], pick)
     keep = _first_occurrences(imp, pick)
     imp, pick = imp[keep], pick[keep]
-    rank = np.arange(len(imp)) - _csr_offsets(imp, len(size))[imp]
+    rank = np.arange(len(imp)) - csr_offsets(np.bincount(imp, minlength=len(size)))[imp]
     keep = rank < size[imp]
     return imp[keep], pick[keep]
 
@@ -729,7 +723,7 @@ def _make_impressions(
         imp.append(drawn[0] + a)
         items.append(drawn[1])
     imp, items = np.concatenate(imp), np.concatenate(items)
-    offsets = _csr_offsets(imp, n)
+    offsets = csr_offsets(np.bincount(imp, minlength=n))
     if np.diff(offsets).min() < 5:
         raise ValueError("too few news for 5 candidates per impression; increase the news")
     age = (when[imp] - news.published[items]) / DAY
