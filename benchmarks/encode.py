@@ -1,0 +1,140 @@
+"""Encoding speed: titles/s of `encode_store` against a bare `SentenceTransformer.encode` over
+the same texts in the same run, and images/s of EfficientNet-Lite0 (reading included).
+
+Both text paths include loading the model; each is run --repeat times, alternating, and the
+best run counts. The pipeline sees the default text fields (category, subcategory, title) and
+the bare encoder gets exactly those strings, once as they are and once deduplicated (the work
+the pipeline does after its dedupe: the difference is the pipeline's overhead). On a GPU all
+run under the same autocast, and the agreement of half-precision vectors with fp32 ones is
+printed.
+
+    python benchmarks/encode.py                          # synthetic news (generated)
+    python benchmarks/encode.py --data ../shared/data/mind-samples/small_train_5k
+    python benchmarks/encode.py --device cuda --batch-size 256 --news 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmnewsrec.data.store import Store, build_store
+from mmnewsrec.data.synthetic import SynthConfig, generate
+from mmnewsrec.encode.base import effective_precision, inference, resolve_device
+from mmnewsrec.encode.image import EfficientNetLiteEncoder
+from mmnewsrec.encode.pipeline import DEFAULT_FIELDS, EncodeConfig, encode_store, news_texts
+from mmnewsrec.encode.text import DEFAULT_TEXT_ENCODER, text_model_path
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, help="MIND folder (default: synthetic news)")
+    parser.add_argument("--news", type=int, default=3000, help="synthetic news items")
+    parser.add_argument("--images", type=int, default=192, help="images to encode")
+    parser.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER)
+    parser.add_argument("--efficientnet-weights", help="state dict (default: the shipped one)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", type=int, help="default: 64 on CPU, 256 on GPU")
+    parser.add_argument("--repeat", type=int, default=2)
+    return parser.parse_args()
+
+
+def make_store(args: argparse.Namespace, tmp: Path) -> Store:
+    data = args.data
+    if data is None:
+        data = tmp / "synth"
+        generate(data, SynthConfig(news=args.news, users=200, impressions=200, image_share=0.5))
+    return build_store(data, tmp / "store")
+
+
+def bare_encode(texts: list[str], args: argparse.Namespace, device: torch.device) -> float:
+    """Seconds to load the model and encode `texts` with sentence-transformers alone."""
+    from sentence_transformers import SentenceTransformer
+
+    precision = effective_precision(device, args.precision)
+    start = time.perf_counter()
+    model = SentenceTransformer(text_model_path(args.text_encoder), device=str(device))
+    with inference(device, precision):
+        model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)
+    return time.perf_counter() - start
+
+
+def pipeline_encode(store: Store, out: Path, args: argparse.Namespace) -> float:
+    """Seconds for encode_store (text only), forced to re-encode."""
+    config = EncodeConfig(
+        text_encoder=args.text_encoder,
+        image_encoder="none",
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+    )
+    start = time.perf_counter()
+    encode_store(store.path, out, config, force=True)
+    return time.perf_counter() - start
+
+
+def half_precision_agreement(texts: list[str], args: argparse.Namespace) -> str:
+    """Min and mean cosine between GPU autocast vectors and fp32 vectors of the same texts."""
+    from mmnewsrec.encode.text import SentenceEncoder
+
+    encoder = SentenceEncoder(args.text_encoder)
+    half = encoder.encode(texts, args.batch_size, "cuda", args.precision)
+    full = encoder.encode(texts, args.batch_size, "cuda", "fp32")
+    cosine = (half * full).sum(axis=1)
+    return f"min {cosine.min():.5f}, mean {cosine.mean():.5f}"
+
+
+def image_rate(store: Store, args: argparse.Namespace) -> tuple[int, float]:
+    """(images, images/s) of EfficientNet-Lite0 over the store's first image files."""
+    paths = store.news["image_path"].drop_nulls().head(args.images).to_list()
+    encoder = EfficientNetLiteEncoder(weights=args.efficientnet_weights)
+    encoder.encode(paths[:8], args.batch_size, args.device, args.precision)  # warm-up
+    start = time.perf_counter()
+    _, has_image = encoder.encode(paths, args.batch_size, args.device, args.precision)
+    seconds = time.perf_counter() - start
+    assert has_image.all()
+    return len(paths), len(paths) / seconds
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = resolve_device(args.device)
+    args.batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(args, Path(tmp))
+        texts = news_texts(store.news, DEFAULT_FIELDS).to_list()
+        unique = len(set(texts))
+        bare_encode(texts[:64], args, device)  # warm-up: imports, page cache, CUDA context
+        runs: dict[str, list[float]] = {"bare": [], "bare, unique texts": [], "encode_store": []}
+        for _ in range(args.repeat):
+            runs["bare"].append(bare_encode(texts, args, device))
+            runs["bare, unique texts"].append(bare_encode(list(dict.fromkeys(texts)), args, device))
+            runs["encode_store"].append(pipeline_encode(store, Path(tmp) / "emb", args))
+        best = {name: min(seconds) for name, seconds in runs.items()}
+        n = len(texts)
+        precision = effective_precision(device, args.precision)
+        print(f"device {device} ({precision}), batch {args.batch_size}")
+        print(f"texts: {n:,} ({unique:,} unique), model {args.text_encoder}")
+        for name, seconds in best.items():
+            print(f"  {name:32} {n / seconds:8.1f} texts/s  ({seconds:.2f} s)")
+        print(f"  encode_store / bare time         {best['encode_store'] / best['bare']:8.3f}")
+        overhead = best["encode_store"] / best["bare, unique texts"] - 1
+        print(f"  overhead over the same work      {overhead:8.1%}")
+        if device.type == "cuda":
+            agreement = half_precision_agreement(texts[:2048], args)
+            print(f"  autocast vs fp32 cosine          {agreement}")
+        count, rate = image_rate(store, args)
+        print(f"images: EfficientNet-Lite0, {count} files  {rate:8.1f} images/s")
+    print("runs (s):", {name: np.round(seconds, 2).tolist() for name, seconds in runs.items()})
+
+
+if __name__ == "__main__":
+    main()
