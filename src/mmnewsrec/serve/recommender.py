@@ -9,9 +9,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mmnewsrec.data.store import Store
+    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.rank.ranker import TrainedRanker
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +52,16 @@ class Recommendation:
 
 
 class Recommender:
-    """Recall top-`recall_k` news by the mean vector of the history, rerank them with the
-    trained ranker, return the top k. Everything is loaded once; a request costs one search
-    over the corpus and one forward pass over `recall_k` candidates."""
+    """Recall top-`recall_k` news by the mean vector of the last L known clicks (L: the
+    ranker's history length), rerank them with the trained ranker, return the top k.
+    Everything is loaded once; a request costs one search over the corpus and one forward
+    pass over `recall_k` candidates."""
 
     def __init__(
         self,
-        store: Any,
-        vectors: Any,
-        ranker: Any,
+        store: Store,
+        vectors: NewsVectors,
+        ranker: TrainedRanker,
         recall_k: int = 200,
         recall_backend: str = "auto",
     ) -> None:
@@ -222,7 +228,7 @@ class Recommender:
         return RecommendedNews(*self._fields(int(index)), float(score), stage, rank)
 
 
-def check_same_news(store: Any, vectors: Any) -> None:
+def check_same_news(store: Store, vectors: NewsVectors) -> None:
     """Refuse vectors whose rows are not this store's news indices."""
     encoded = vectors.manifest.get("store", {}).get("content_hash", store.content_hash)
     if len(vectors.vectors) != store.num_news + 1 or encoded != store.content_hash:
