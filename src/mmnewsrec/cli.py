@@ -335,7 +335,6 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Serve recommendations over HTTP (POST /recommend) with a web page at /."""
-    import faiss
     import torch
     import uvicorn
 
@@ -343,8 +342,11 @@ def serve(
 
     settings = ServeSettings(host=host, port=port, parallel=parallel)
     recommender = load_recommender(run_dir, device, recall_k, recall_backend)
-    torch.set_num_threads(threads)  # requests run in parallel threads: keep each one narrow
-    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)  # after loading, which may use every core
+    if recommender.recaller.index_ is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
     typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/")
     uvicorn.run(
         create_app(recommender, settings),
