@@ -35,17 +35,17 @@ DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
 PREFETCH = 2  # batches read ahead of the model
 SHOWN_UNREADABLE = 20  # unreadable files named in the warning
 
-Preprocess = Callable[["Image.Image"], np.ndarray]
+Preprocess = Callable[["Image.Image"], np.ndarray]  # an opened image file -> model input
 Embed = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 def read_image(path: str, preprocess: Preprocess) -> np.ndarray | None:
-    """Decode an image file to RGB and preprocess it; None if it cannot be read."""
+    """Open an image file and preprocess it (which decodes it); None if it cannot be read."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return preprocess(image.convert("RGB"))
+            return preprocess(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         logger.debug("cannot read image %s: %s", path, err)
         return None
@@ -149,6 +149,8 @@ class EfficientNetLiteEncoder:
         """(s, s, 3) uint8: centre crop and resize."""
         from PIL import Image
 
+        image.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at reduced scale
+        image = image.convert("RGB")
         size, (w, h) = self.image_size, image.size
         side = min(w, h) * size / (size + 32)
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
@@ -176,7 +178,7 @@ def hf_preprocess(processor: Any) -> Preprocess:
     """One image through a Hugging Face image processor -> (C, H, W) float32."""
 
     def preprocess(image: Image.Image) -> np.ndarray:
-        return processor(images=image, return_tensors="np")["pixel_values"][0]
+        return processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
 
     return preprocess
 

@@ -161,8 +161,12 @@ class NewsVectors:
             has_image = np.load(path / "has_image.npy", mmap_mode="r")
         except (OSError, ValueError) as err:
             raise EncodeError(f"{path}: no complete news vectors ({err}); run `encode`") from None
-        if vectors.shape != (manifest["num_news"] + 1, manifest["dim"]):
-            raise EncodeError(f"{path}: vectors.npy {vectors.shape} does not match manifest.json")
+        expected = (manifest.get("num_news", -2) + 1, manifest.get("dim"))
+        if vectors.shape != expected:
+            raise EncodeError(
+                f"{path}: vectors.npy {vectors.shape} does not match manifest.json "
+                f"(num_news + 1, dim) = {expected}"
+            )
         return cls(vectors, has_image, manifest)
 
     def save(self, path: Path | str) -> None:
@@ -260,10 +264,14 @@ class Encoders:
 
         return load_image_encoder(self.image_name, self.config.image_size)
 
+    @cached_property
+    def joint_identity(self) -> dict:
+        return {**model_identity(self.config.joint_encoder), "joint": True}
+
     def identity(self, side: str) -> dict:
         """The model identity recorded for a side (the joint model for both sides)."""
         if self.config.joint_encoder:
-            return {**model_identity(self.config.joint_encoder), "joint": True}
+            return self.joint_identity
         if side == "text":
             return model_identity(self.text_name, text_model_path(self.text_name))
         if self.image_name == DEFAULT_IMAGE_ENCODER:
@@ -411,7 +419,7 @@ class Plan:
     def is_current(self, out: Path) -> bool:
         try:
             return NewsVectors.load(out).hash == self.hash
-        except (EncodeError, KeyError):
+        except EncodeError:
             return False
 
     def text_part(self, parts: Path, device: str, timings: dict) -> np.ndarray | None:
