@@ -23,10 +23,13 @@ ARGS = [
     "--no-first-run",
 ]
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.is_file(),
-    reason=f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)",
-)
+pytestmark = [
+    pytest.mark.slow,  # a browser and a server: about 10 s
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(),
+        reason=f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)",
+    ),
+]
 pytest.importorskip("playwright", reason="the Python package playwright is not installed")
 
 
