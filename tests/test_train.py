@@ -167,6 +167,7 @@ def test_other_vectors_are_refused(data, tmp_path):
         load_ranker(run, vectors=NewsVectors.load(data / "emb_other"))
     with pytest.raises(ConfigError, match="optim.lr"):
         run_training(make_config(data, run, "optim.lr=0.1"), resume=True)
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 3e-3
 
 
 @pytest.mark.parametrize("model", ["popularity", "random", "mean_cosine"])

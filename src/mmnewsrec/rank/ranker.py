@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmnewsrec.config import TrainConfig, validate_config
-from mmnewsrec.rank.batches import Batch, BehaviorArrays, gather_history, iter_eval_batches
+from mmnewsrec.rank.batches import BehaviorArrays, gather_history, iter_eval_batches
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def score_behaviors(
 class TrainedRanker:
     """A model from a run directory, ready to score on `device`."""
 
+    path: Path  # the checkpoint file
     model: nn.Module
     config: TrainConfig
     device: torch.device
@@ -104,7 +105,7 @@ class TrainedRanker:
         """Scores aligned with `behaviors.candidate_items` (float32). `vectors`, when given, must
         be the NewsVectors the model was trained on."""
         if vectors is not None:
-            check_vectors_hash(Path("run"), self.vectors_hash, vectors.hash)
+            check_vectors_hash(self.path, self.vectors_hash, vectors.hash)
         size = batch_candidates or self.config.run.eval_batch_size
         return score_behaviors(
             self.model, behaviors, self.history_len, self.device, size, progress=progress
@@ -130,10 +131,7 @@ class TrainedRanker:
         h = gather_history(
             np.array([0, len(hist)]), hist, np.zeros(rows, dtype=np.int64), self.history_len
         )
-        batch = Batch(
-            torch.from_numpy(h), torch.from_numpy(grid.reshape(rows, width)), torch.zeros(0)
-        )
-        scores = self.score_batch(batch.history, batch.candidates)
+        scores = self.score_batch(torch.from_numpy(h), torch.from_numpy(grid.reshape(rows, width)))
         return scores.flatten()[: len(cand)].cpu().numpy()
 
 
@@ -165,4 +163,4 @@ def load_ranker(
     model.to(device).eval()
     meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng")}
     logger.info("loaded %s (step %s) from %s", state["model_name"], state.get("step"), path)
-    return TrainedRanker(model, config, device, state["vectors_hash"], meta)
+    return TrainedRanker(path, model, config, device, state["vectors_hash"], meta)

@@ -247,19 +247,18 @@ class TrainRecipe:
         if self.trainable:
             self._build_loader()
             self._build_optimizer()
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(
-                json.dumps(cfg.to_dict(), indent=2) + "\n", self.out_dir / "config.json"
-            )
         if resume and last.exists():
             self._resume(last)
         else:
             if resume:
                 logger.info("no %s to resume; starting a new run", last)
             if self.dist.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
                 self._reset_log()
             torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank dropout streams
+        if self.dist.is_main:
+            config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+            atomic_write_text(config_text, self.out_dir / "config.json")
 
     def _load_data(self) -> None:
         from mmnewsrec.data.store import Store
@@ -458,8 +457,9 @@ class TrainRecipe:
         if p.last_eval_step != p.step:
             self._evaluate_and_track()
         p.finished = True
-        if self.dist.is_main and self.dev_behaviors is None:
-            self.save_checkpoint(self.out_dir / "checkpoint.pt", {})
+        best = self.out_dir / "checkpoint.pt"
+        if self.dist.is_main and not best.exists():  # no dev split, or no AUC on it
+            self.save_checkpoint(best, {})
         self.save_last()
         return self._result(finished=True)
 
