@@ -200,6 +200,8 @@ def train(
     Several processes: torchrun --nproc-per-node N --no-python mmnewsrec train ...
     """
     from mmnewsrec.config import ConfigError, load_config
+    from mmnewsrec.data.store import StoreError
+    from mmnewsrec.encode.pipeline import EncodeError
     from mmnewsrec.rank.ranker import CheckpointError
     from mmnewsrec.rank.train import run_training
 
@@ -215,7 +217,7 @@ def train(
     try:
         cfg = load_config(config, overrides or [], values)
         result = run_training(cfg, resume=resume)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, StoreError, EncodeError) as err:
         fail(str(err))
     if result.is_main:
         typer.echo(result.summary())

@@ -204,9 +204,8 @@ class TrainResult:
     out_dir: Path
     step: int
     epoch: int
-    finished: (
-        bool  # ran to the end (all epochs, max_steps or early stop), not stopped by stop_after
-    )
+    # ran to the end (all epochs, max_steps or early stop), not stopped by stop_after
+    finished: bool
     stopped_early: bool
     best_metrics: dict[str, float]
     is_main: bool = True  # rank 0 (the process that logs and saves)
@@ -290,16 +289,19 @@ class TrainRecipe:
         from mmnewsrec.rank.model import MODELS, build_model, canonical_name, click_counts
 
         cfg = self.config
-        self.model_name = canonical_name(cfg.model.name)
         args = dict(cfg.model.args)
         if cfg.model.preset is not None:
             args["preset"] = cfg.model.preset
-        if "max_history" in {f.name for f in fields(MODELS[self.model_name].config_class)}:
-            args.setdefault("max_history", cfg.data.history_len)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model = build_model(
-            self.model_name, args, self.vectors.vectors, np.array(self.vectors.has_image)
-        )
+        try:
+            self.model_name = canonical_name(cfg.model.name)
+            if "max_history" in {f.name for f in fields(MODELS[self.model_name].config_class)}:
+                args.setdefault("max_history", cfg.data.history_len)
+            model = build_model(
+                self.model_name, args, self.vectors.vectors, np.array(self.vectors.has_image)
+            )
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from None
         history_cap = getattr(model.config, "max_history", cfg.data.history_len)
         if history_cap != cfg.data.history_len:
             raise ConfigError(
