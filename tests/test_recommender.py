@@ -1,74 +1,21 @@
-"""Recommender: recall by the mean user vector, rerank, popularity fallback; the CLI commands.
+"""Recommender: recall by the mean user vector, rerank, popularity fallback; the CLI commands."""
 
-`tiny_run` (also used by the API and browser tests) builds a real run once per test session:
-synthetic data -> store -> topic-shaped random news vectors -> a ranker trained a few steps.
-"""
-
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_HISTORY_LEN as HISTORY_LEN
+from conftest import topic_vectors
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
 from mmnewsrec.serve import Recommender
 
-HISTORY_LEN = 8
-
-
-def topic_vectors(store, dim: int = 32, seed: int = 0):
-    """Random vectors around one centre per subcategory, so recall finds the same topic."""
-    from mmnewsrec.encode.pipeline import NewsVectors
-
-    rng = np.random.default_rng(seed)
-    news = store.news
-    _, topic = np.unique(news["subcategory"].to_numpy(), return_inverse=True)
-    centres = rng.normal(size=(topic.max() + 1, dim))
-    vectors = centres[topic] + 0.3 * rng.normal(size=(len(news), dim))
-    vectors = np.vstack([np.zeros((1, dim)), vectors]).astype(np.float16)
-    has_image = np.concatenate([[False], news["image_path"].is_not_null().to_numpy()])
-    manifest = {
-        "hash": hashlib.sha256(vectors.tobytes()).hexdigest(),
-        "store": {"content_hash": store.content_hash},
-        "fusion": {"method": "random topic centres (tests)"},
-    }
-    return NewsVectors(vectors, has_image, manifest)
-
-
-def tiny_run(root: Path) -> Path:
-    """A trained run under root (built once, reused while its checkpoint exists)."""
-    from mmnewsrec.config import load_config
-    from mmnewsrec.data.store import build_store
-    from mmnewsrec.data.synthetic import SynthConfig, generate
-    from mmnewsrec.rank.train import run_training
-
-    run = root / "run"
-    if (run / "checkpoint.pt").is_file():
-        return run
-    generate(root / "data", SynthConfig.quick())
-    store = build_store(root / "data", root / "store")
-    topic_vectors(store).save(root / "emb")
-    values = {
-        "data.store_dir": root / "store",
-        "data.vectors_dir": root / "emb",
-        "data.history_len": HISTORY_LEN,
-        "data.dev_impressions": 50,
-        "run.out_dir": run,
-        "run.max_steps": 3,
-        "run.progress": False,
-        "optim.epochs": 1,
-        "optim.batch_size": 32,
-        "model.args": {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 1},
-    }
-    run_training(load_config("train_cpu", values=values))
-    return run
-
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp() / "serve-run")
+def run_dir(tiny_run) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

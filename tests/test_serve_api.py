@@ -3,15 +3,15 @@
 from pathlib import Path
 
 import pytest
+from conftest import TINY_HISTORY_LEN as HISTORY_LEN
 from fastapi.testclient import TestClient
-from test_recommender import HISTORY_LEN, tiny_run
 
 from mmnewsrec.serve import Recommender, ServeSettings, create_app
 
 
 @pytest.fixture(scope="module")
-def rec(tmp_path_factory) -> Recommender:
-    return Recommender.from_run(tiny_run(tmp_path_factory.getbasetemp() / "serve-run"))
+def rec(tiny_run) -> Recommender:
+    return Recommender.from_run(tiny_run)
 
 
 @pytest.fixture(scope="module")

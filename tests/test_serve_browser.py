@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_recommender import tiny_run
 
 from mmnewsrec.serve import Recommender, create_app
 
@@ -57,8 +56,8 @@ def live_server(app) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def rec(tmp_path_factory) -> Recommender:
-    return Recommender.from_run(tiny_run(tmp_path_factory.getbasetemp() / "serve-run"))
+def rec(tiny_run) -> Recommender:
+    return Recommender.from_run(tiny_run)
 
 
 @pytest.fixture(scope="module")

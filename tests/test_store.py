@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -118,6 +119,23 @@ def test_content_hash_follows_the_sources(data, tmp_path):
     with open(data / "dev/news.tsv", "a") as f:
         f.write(news_rows(("N5", "five")))
     assert build_store(data, tmp_path / "c").content_hash != first
+
+
+def test_unchanged_sources_keep_the_store(data, tmp_path, caplog):
+    out = tmp_path / "store"
+    build_store(data, out)
+    marker = out / "users.parquet"
+    written = marker.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="mmnewsrec.data.store"):
+        build_store(data, out)
+    assert "store up to date" in caplog.text
+    assert marker.stat().st_mtime_ns == written
+    build_store(data, out, strict=False, force=True)
+    assert marker.stat().st_mtime_ns != written
+    written = marker.stat().st_mtime_ns
+    (data / "images/N4.jpg").write_text("new image")
+    assert build_store(data, out).news.filter(pl.col("news_id") == "N4")["image_path"][0]
+    assert marker.stat().st_mtime_ns != written
 
 
 def test_unknown_ids_are_dropped_with_a_warning(data, tmp_path, caplog):

@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 
 Dir = Annotated[Path, typer.Argument(help="A directory.")]
+RunDir = Annotated[Path, typer.Argument(help="Run directory written by `train`.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 
 
 @app.callback()
@@ -88,13 +90,14 @@ def prepare(
     split: Annotated[
         str | None, typer.Option(help="Split name of a single-split DATA_DIR (default train).")
     ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the store is up to date.")] = False,
 ) -> None:
     """Parse and validate MIND tsv files into a compact, memory-mapped store."""
     from mmnewsrec.data.mind import MindFormatError
     from mmnewsrec.data.store import StoreError, build_store
 
     try:
-        store = build_store(data_dir, out, images=images, strict=strict, split=split)
+        store = build_store(data_dir, out, images=images, strict=strict, split=split, force=force)
     except (MindFormatError, StoreError) as err:
         fail(str(err))
     typer.echo(store.summary())
@@ -270,6 +273,87 @@ def truth(
     typer.echo(f"truth of split {split!r} written to {path}")
 
 
+StoreOpt = Annotated[
+    Path | None, typer.Argument(help="Store to score (default: the run's own store).")
+]
+
+
+@app.command()
+def evaluate(
+    run_dir: RunDir,
+    store_dir: StoreOpt = None,
+    split: Annotated[str, typer.Option(help="A labelled split of the store.")] = "dev",
+    device: Device = "cpu",
+) -> None:
+    """Score a split with a trained run; write RUN_DIR/metrics.json (AUC, MRR, nDCG@5/10)."""
+    import json
+
+    from mmnewsrec.evaluate.experiment import evaluate_run
+    from mmnewsrec.rank.ranker import CheckpointError
+
+    try:
+        metrics = evaluate_run(run_dir, store_dir, split, device)
+    except (OSError, ValueError, KeyError, CheckpointError) as err:
+        fail(str(err))
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def predict(
+    run_dir: RunDir,
+    store_dir: StoreOpt = None,
+    out: Annotated[Path, typer.Option(help="Prediction file to write.")] = Path("prediction.txt"),
+    split: Annotated[
+        str | None, typer.Option(help="Split to rank (default: test, else dev).")
+    ] = None,
+    zip: Annotated[bool, typer.Option("--zip", help="Also write prediction.zip.")] = False,
+    device: Device = "cpu",
+) -> None:
+    """Write `impression_id [r1,r2,...]` lines (leaderboard format) for a split."""
+    from mmnewsrec.data.store import Store
+    from mmnewsrec.evaluate.experiment import predict_run
+    from mmnewsrec.rank.ranker import CheckpointError, load_ranker
+
+    try:
+        if split is None:
+            store = Store.load(store_dir or load_ranker(run_dir).config.data.store_dir)
+            split = "test" if "test" in store.splits else "dev"
+        path = predict_run(run_dir, store_dir, out, split, zip=zip, device=device)
+    except (OSError, ValueError, KeyError, CheckpointError) as err:
+        fail(str(err))
+    typer.echo(f"ranks of split {split!r} written to {path}")
+
+
+@app.command()
+def experiment(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML (encoders x rankers x seeds).")],
+) -> None:
+    """Run an experiment grid with cached vectors and runs; write report.md with plots."""
+    from mmnewsrec.evaluate.experiment import ExperimentError, load_experiment, run_experiment
+
+    try:
+        report = run_experiment(load_experiment(config), config)
+    except ExperimentError as err:
+        fail(str(err))
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option(help="Folder for data, store, vectors, runs, report.")
+    ] = Path("demo_out"),
+    quick: Annotated[bool, typer.Option(help="A small data set: about two minutes.")] = False,
+) -> None:
+    """Run everything offline on synthetic data: synth, prepare, encode, train, evaluate, report."""
+    from mmnewsrec.demo import run_demo
+
+    report = run_demo(out, quick=quick)
+    table = report.read_text().split("## Results (dev)", 1)[1].split("![", 1)[0]
+    typer.echo(table.strip())
+    typer.echo(f"\nreport: {report}")
+
+
 # ---------------------------------------------------------------------------- serve
 
 
@@ -285,8 +369,6 @@ def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str):
         fail(str(err))
 
 
-RunDir = Annotated[Path, typer.Argument(help="Run directory written by `train`.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 RecallK = Annotated[int, typer.Option(min=1, help="Candidates recalled, then reranked.")]
 RecallBackend = Annotated[
     str, typer.Option(help="auto, exact, faiss_flat or faiss_hnsw (approximate, fast).")

@@ -229,17 +229,23 @@ def build_store(
     images: Path | str | None = None,
     strict: bool = False,
     split: str | None = None,
+    force: bool = False,
 ) -> Store:
     """Read MIND tsv files under `data_dir` and write a store to `out` (atomically).
 
+    A store already in `out` that was built from the same files and options is kept
+    (`force` rebuilds it).
     `images` defaults to data_dir/images when present. `strict` makes ids in behaviors
     that are missing from every news.tsv an error; otherwise they are dropped and counted.
     `split` names a single-split folder (default "train").
     """
     data_dir, out = Path(data_dir), Path(out)
     folders = find_splits(data_dir, split)
-    news, sources = union_news(folders)
     image_dir = resolve_images(data_dir, images)
+    if not force and is_current(out, folders, image_dir, strict):
+        logger.info("store up to date: %s", out)
+        return Store.load(out)
+    news, sources = union_news(folders)
     news, image_digest = attach_images(news, image_dir)
     news_map = news.select("news_id", "index")
     manifest = {
@@ -247,6 +253,7 @@ def build_store(
         "data_dir": str(data_dir.resolve()),
         "images_dir": str(image_dir) if image_dir else None,
         "images": image_digest,
+        "strict": strict,
         "num_news": news.height,
         "num_news_with_image": news.height - news["image_path"].null_count(),
         "sources": sources,
@@ -298,13 +305,11 @@ def resolve_images(data_dir: Path, images: Path | str | None) -> Path | None:
     return default.resolve() if default.is_dir() else None
 
 
-def attach_images(news: pl.DataFrame, image_dir: Path | None) -> tuple[pl.DataFrame, dict]:
-    """Add `image_path` (absolute path of <news_id>.jpg/.jpeg/.png, or null) to the news table.
-
-    The images are not opened here. The returned digest hashes the image file names and sizes.
-    """
+def scan_images(image_dir: Path | None) -> tuple[pl.DataFrame, dict]:
+    """(news_id, image_path) of the <news_id>.jpg/.jpeg/.png files in `image_dir`, and a digest
+    of the folder's file names and sizes. The images are not opened here."""
     if image_dir is None:
-        return news.with_columns(pl.lit(None, dtype=pl.String).alias("image_path")), {}
+        return pl.DataFrame(schema={"news_id": pl.String, "image_path": pl.String}), {}
     with os.scandir(image_dir) as entries:
         files = sorted((e.name, e.stat().st_size) for e in entries if e.is_file())
     names = pl.Series("name", [name for name, _ in files], dtype=pl.String)
@@ -317,11 +322,36 @@ def attach_images(news: pl.DataFrame, image_dir: Path | None) -> tuple[pl.DataFr
         .unique("news_id", keep="first", maintain_order=True)
     )
     path = (pl.lit(f"{image_dir}{os.sep}") + pl.col("name")).alias("image_path")
-    news = news.join(found.select("news_id", path), on="news_id", how="left", maintain_order="left")
     listing = "".join(f"{name}\t{size}\n" for name, size in files)
     digest = {"files": found.height, "sha256": hashlib.sha256(listing.encode()).hexdigest()}
-    logger.info("images: %d files in %s", found.height, image_dir)
+    return found.select("news_id", path), digest
+
+
+def attach_images(news: pl.DataFrame, image_dir: Path | None) -> tuple[pl.DataFrame, dict]:
+    """Add `image_path` (absolute path of the news image, or null) to the news table."""
+    found, digest = scan_images(image_dir)
+    news = news.join(found, on="news_id", how="left", maintain_order="left")
+    if image_dir is not None:
+        logger.info("images: %d files in %s", found.height, image_dir)
     return news, digest
+
+
+def is_current(out: Path, folders: dict[str, Path], image_dir: Path | None, strict: bool) -> bool:
+    """Whether `out` already holds a store of exactly these source files, images and options."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text())
+    sources = {
+        name: {
+            kind: file_digest(folder / f"{kind}.tsv")
+            for kind in ("news", "behaviors")
+            if (folder / f"{kind}.tsv").is_file()
+        }
+        for name, folder in folders.items()
+    }
+    key = {"sources": sources, "images": scan_images(image_dir)[1]}
+    return manifest.get("strict") == strict and manifest["content_hash"] == content_hash(key)
 
 
 def build_split(

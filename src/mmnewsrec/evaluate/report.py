@@ -133,9 +133,9 @@ def read_dev_curve(log_csv: Path) -> tuple[list[int], list[float]]:
     steps, aucs = [], []
     with open(log_csv, newline="") as file:
         for row in csv.DictReader(file):
-            if row.get("dev_auc"):
+            if row.get("auc"):
                 steps.append(int(row["step"]))
-                aucs.append(float(row["dev_auc"]))
+                aucs.append(float(row["auc"]))
     return steps, aucs
 
 

@@ -1,0 +1,134 @@
+"""Evaluation of trained runs, leaderboard predictions, oracle AUC, the report and the demo."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmnewsrec.cli import app
+from mmnewsrec.data.store import Store
+from mmnewsrec.evaluate.experiment import (
+    ExperimentError,
+    evaluate_run,
+    load_experiment,
+    oracle_auc,
+    predict_run,
+)
+from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_truth
+from mmnewsrec.evaluate.metrics import evaluate_scores
+from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
+from mmnewsrec.rank.ranker import load_ranker
+
+
+def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
+    metrics = evaluate_run(tiny_run)
+    ranker = load_ranker(tiny_run)
+    dev = Store.load(ranker.config.data.store_dir).behaviors("dev")
+    expected = evaluate_scores(ranker.score(dev), dev.candidate_labels, dev.candidate_offsets)
+    assert metrics == {**expected, "split": "dev"}
+    assert json.loads((tiny_run / "metrics.json").read_text()) == metrics
+    assert metrics["impressions"] + metrics["skipped"] == dev.num_impressions
+
+
+def test_prediction_file_scores_like_the_run(tiny_run, tmp_path):
+    store = Store.load(load_ranker(tiny_run).config.data.store_dir)
+    dev = store.behaviors("dev")
+    path = predict_run(tiny_run, None, tmp_path / "prediction.txt", "dev", zip=True)
+    prediction = read_prediction(path)
+    assert len(prediction) == dev.num_impressions
+    assert np.array_equal(prediction.sizes, np.diff(dev.candidate_offsets))
+    assert (tmp_path / "prediction.zip").is_file()
+    truth = write_truth(tmp_path / "truth.txt", dev)
+    from_files = score_files(truth, path)
+    direct = evaluate_run(tiny_run)
+    for key in ("auc", "mrr", "ndcg5", "ndcg10"):
+        assert from_files[key] == pytest.approx(direct[key], abs=1e-9)
+
+
+def test_a_run_refuses_another_store(tiny_run, tmp_path, mind_samples):
+    from mmnewsrec.data.store import build_store
+
+    other = build_store(mind_samples / "small_train_5k", tmp_path / "other")
+    with pytest.raises(ExperimentError, match="not the store the vectors"):
+        evaluate_run(tiny_run, other.path, split="train")
+
+
+def test_evaluate_and_predict_commands(tiny_run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", str(tiny_run)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["split"] == "dev"
+    out = tmp_path / "p.txt"
+    result = runner.invoke(app, ["predict", str(tiny_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "'dev'" in result.output and out.is_file()
+    bad = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert bad.exit_code == 2
+
+
+def test_oracle_auc_equals_the_generator_figure(tiny_run):
+    store_dir = load_ranker(tiny_run).config.data.store_dir
+    data = store_dir.parent / "data"
+    summary = json.loads((data / "manifest.json").read_text())["summary"]
+    auc = oracle_auc(data / "dev" / "oracle.tsv", store_dir, "dev")
+    assert auc == pytest.approx(summary["oracle_auc"], abs=1e-6)  # stored rounded
+    assert 0.6 < auc < 1
+
+
+def test_report_summarises_seeds_and_writes_plots(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("step,epoch,loss,auc\n10,1,0.5,0.6\n20,1,0.4,\n30,2,0.3,0.7\n")
+    results = [
+        RunResult("text", "model", 0, {"auc": 0.6, "mrr": 0.3, "ndcg5": 0.3, "ndcg10": 0.4}, log),
+        RunResult("text", "model", 1, {"auc": 0.7, "mrr": 0.4, "ndcg5": 0.4, "ndcg10": 0.5}),
+        RunResult("-", "random", 0, {"auc": 0.5, "mrr": 0.2, "ndcg5": 0.2, "ndcg10": 0.3}),
+    ]
+    rows = summarise(results)
+    assert [row["ranker"] for row in rows] == ["model", "random"]
+    assert rows[0]["auc"] == pytest.approx(0.65)
+    assert rows[0]["auc_std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    inputs = ReportInputs("t", "data", ["mmnewsrec demo"], 0.9, {"text": {10: 0.25}})
+    report = write_report(tmp_path / "report", results, inputs).read_text()
+    assert "0.6500 ± 0.0707" in report and "| (oracle) |" in report and "0.2500" in report
+    for plot in ("auc.png", "curves.png"):
+        assert (tmp_path / "report" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_file_errors_name_the_problem(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text('out_dir = "o"\n[encoders.a]\n[rankers.r]\nmodel = "random"\n')
+    with pytest.raises(ExperimentError, match="exactly one of data_dir"):
+        load_experiment(path)
+    path.write_text(
+        'data_dir = "d"\nout_dir = "o"\n[encoders.a]\nbogus = 1\n[rankers.r]\nmodel="x"'
+    )
+    with pytest.raises(ExperimentError, match="bogus"):
+        load_experiment(path)
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    assert "| (oracle) |" in report and (out / "auc.png").is_file()
+    rows = {(r["encoder"], r["ranker"]): r for r in json.loads((out / "results.json").read_text())}
+    random_auc = rows[("-", "random")]["auc"]
+    assert abs(random_auc - 0.5) < 0.05
+    for encoder in ("minilm", "minilm+effnet"):
+        assert rows[(encoder, "fast_rec_transformer")]["auc"] > random_auc + 0.05
+        metrics = out / "runs" / "fast_rec_transformer" / encoder / "seed0" / "metrics.json"
+        assert (
+            json.loads(metrics.read_text())["auc"] == rows[(encoder, "fast_rec_transformer")]["auc"]
+        )
+    # a second run reuses every stage: nothing is trained again
+    checkpoint = out / "runs" / "fast_rec_transformer" / "minilm" / "seed0" / "checkpoint.pt"
+    written = checkpoint.stat().st_mtime_ns
+    shutil.rmtree(out / "runs" / "random")
+    again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert checkpoint.stat().st_mtime_ns == written
+    assert (out / "runs" / "random" / "any" / "seed0" / "metrics.json").is_file()
