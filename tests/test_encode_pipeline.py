@@ -271,7 +271,7 @@ def test_same_category_news_are_closer_with_minilm(tmp_path):
     same = category[:, None] == category[None, :]
     off_diagonal = ~np.eye(len(vectors), dtype=bool)
     within, across = cosine[same & off_diagonal].mean(), cosine[~same].mean()
-    assert within > across + 0.15, (within, across)
+    assert within > across + 0.1 and within > 2 * across, (within, across)  # 0.24 vs 0.08
 
 
 def test_public_api_is_sorted_and_imports_no_model_library():
