@@ -13,6 +13,7 @@ MIND-small (236,344 clicks) at that rate, and dev scoring speed (candidates/s).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 
@@ -134,6 +135,7 @@ def main() -> None:
     dataset = ListwiseDataset(behaviors, args.negatives, args.history, seed=0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
+        f"load average {os.getloadavg()[0]:.1f} (other work on the machine slows CPU figures); "
         f"device {device} ({name}), {torch.get_num_threads()} threads, precision "
         f"{effective_precision(device)}; {args.news} news x {args.dim}-d, L={args.history}, "
         f"K={args.negatives}"
