@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
+from mmnewsrec.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def evaluate_run(
         raise ExperimentError(f"split {split!r} has no labels: use `predict` for it")
     metrics = evaluate_scores(scores, behaviors.candidate_labels, behaviors.candidate_offsets)
     metrics["split"] = split
-    write_json(metrics, Path(run_dir) / "metrics.json")
+    write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics
 
 
@@ -209,13 +210,6 @@ def oracle_auc(oracle: Path, store_dir: Path, split: str) -> float:
     )["auc"]
 
 
-def write_json(value: Any, path: Path) -> None:
-    """Write JSON atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------ the grid
 
 
@@ -247,7 +241,7 @@ def run_experiment(config: ExperimentConfig, config_path: Path | None = None) ->
         recall_at_k=recall,
         notes=[f"Grid run in {minutes:.1f} min (cached stages are not re-run)."],
     )
-    write_json([_row(r) for r in summarise(results)], out / "results.json")
+    write_json(out / "results.json", [_row(r) for r in summarise(results)])
     return write_report(out, results, inputs)
 
 

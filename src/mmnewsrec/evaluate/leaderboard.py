@@ -12,9 +12,7 @@ Lines are parsed and written with vectorised string operations (polars), never l
 from __future__ import annotations
 
 import logging
-import os
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +25,7 @@ from mmnewsrec.evaluate.metrics import (
     impression_chunks,
     ranks_from_scores,
 )
+from mmnewsrec.files import atomic_file, write_text
 
 if TYPE_CHECKING:
     import polars as pl
@@ -121,10 +120,11 @@ def write_prediction(
     text = _format_lines(impression_ids, ranks, offsets)
     path = Path(path)
     if not zip:
-        _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text(path, text)
         return path
     path = path.with_suffix(".zip")
-    _atomic_write(path, lambda tmp: _write_zip(tmp, text))
+    with atomic_file(path) as tmp:
+        _write_zip(tmp, text)
     return path
 
 
@@ -138,7 +138,7 @@ def write_truth(path: Path | str, behaviors: Behaviors) -> Path:
         )
     path = Path(path)
     text = _format_lines(behaviors.impression_ids, labels, behaviors.candidate_offsets)
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(path, text)
     logger.info("truth of %d impressions written to %s", behaviors.num_impressions, path)
     return path
 
@@ -278,14 +278,3 @@ def _excerpt(line: str, limit: int = 80) -> str:
 def _write_zip(path: Path, text: str) -> None:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(PREDICTION_MEMBER, text)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through `write` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmnewsrec.files import write_text
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
@@ -158,9 +160,7 @@ def write_report(out_dir: Path, results: Sequence[RunResult], inputs: ReportInpu
         parts += ["", "## Notes", "", *[f"- {note}" for note in inputs.notes]]
     parts += ["", "## Reproduce", "", "```", *inputs.commands, "```", ""]
     path = out_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(path)
+    write_text(path, "\n".join(parts))
     logger.info("report written to %s", path)
     return path
 

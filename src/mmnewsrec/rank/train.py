@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mmnewsrec.config import ConfigError, TrainConfig
 from mmnewsrec.encode.base import effective_precision, resolve_device
+from mmnewsrec.files import atomic_file, write_text
 from mmnewsrec.rank.batches import Batch, ListwiseDataset, ResumableSampler, collate
 from mmnewsrec.rank.ranker import (
     CHECKPOINT_FORMAT,
@@ -143,21 +143,8 @@ def seed_everything(seed: int) -> None:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write text to a temporary file beside `path`, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -257,7 +244,7 @@ class TrainRecipe:
             torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank dropout streams
         if self.dist.is_main:
             config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-            atomic_write_text(config_text, self.out_dir / "config.json")
+            write_text(self.out_dir / "config.json", config_text)
 
     def _load_data(self) -> None:
         from mmnewsrec.data.store import Store
