@@ -128,11 +128,10 @@ def load_experiment(path: Path) -> ExperimentConfig:
 def score_run(run_dir: Path, store_dir: Path | None, split: str, device: str = "cpu"):
     """(behaviors, scores) of a trained run on one split of a store (default: the run's store)."""
     from mmnewsrec.data.store import Store
-    from mmnewsrec.encode.base import resolve_device
     from mmnewsrec.encode.pipeline import NewsVectors
     from mmnewsrec.rank.ranker import load_ranker
 
-    ranker = load_ranker(run_dir, resolve_device(device))
+    ranker = load_ranker(run_dir, device)
     store = Store.load(store_dir or ranker.config.data.store_dir)
     vectors = NewsVectors.load(ranker.config.data.vectors_dir)
     trained_on = vectors.manifest["store"]["content_hash"]

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmnewsrec.config import TrainConfig, validate_config
+from mmnewsrec.encode.base import resolve_device
 from mmnewsrec.rank.batches import BehaviorArrays, gather_history, iter_eval_batches
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def load_ranker(
     has_image = np.array(vectors.has_image)  # a writable copy of the memory-mapped flags
     model = build_model(state["model_name"], state["model_args"], vectors.vectors, has_image)
     model.load_state_dict(state["model"])
-    device = torch.device(device)
+    device = resolve_device(device)
     model.to(device).eval()
     meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng")}
     logger.info("loaded %s (step %s) from %s", state["model_name"], state.get("step"), path)
