@@ -26,5 +26,6 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_cli_help_lists_every_stage():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("synth", "download", "prepare"):
+    commands = "synth download prepare encode train evaluate predict score truth experiment demo"
+    for command in (*commands.split(), "recommend", "serve"):
         assert command in result.output
