@@ -187,6 +187,19 @@ def test_news_vectors_are_a_frozen_buffer(vectors, has_image):
         build_model("random", None, vectors, has_image[:-1])
 
 
+@pytest.mark.parametrize("name", NEURAL)
+def test_scale_of_each_input_dimension_does_not_matter(name, vectors, has_image):
+    """Inputs are standardised per dimension, so rescaling one part of a concatenated vector
+    (e.g. image features on another scale than text) leaves the scores unchanged."""
+    scaled = vectors.clone()
+    scaled[:, 8:] = scaled[:, 8:] * 25.0 + 3.0
+    history, candidates = torch.tensor([[0, 5, 9, 2]]), torch.tensor([[1, 7, 0, 40]])
+    with torch.no_grad():
+        expected = make(name, vectors, has_image)(history, candidates)
+        got = make(name, scaled, has_image)(history, candidates)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def topic_problem(n_rows: int, seed: int = 0):
     """News of 4 topics; the clicked candidate (column 0 of 5) shares the history's topic."""
     g = torch.Generator().manual_seed(seed)

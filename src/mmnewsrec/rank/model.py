@@ -98,6 +98,9 @@ class Ranker(nn.Module):
         self.config = config
         self.register_buffer("news_vectors", vectors, persistent=False)  # (N+1, D)
         self.register_buffer("has_image", flags, persistent=False)  # (N+1,)
+        mean, std = vectors[1:].mean(dim=0), vectors[1:].std(dim=0, correction=0)
+        self.register_buffer("vector_mean", mean, persistent=False)  # (D,)
+        self.register_buffer("vector_scale", 1.0 / std.clamp_min(1e-6), persistent=False)  # (D,)
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -110,7 +113,10 @@ class Ranker(nn.Module):
 
 
 class NewsEncoder(nn.Module):
-    """Frozen news vector -> d_model token: projection, "no image" vector, LayerNorm."""
+    """News indices -> d_model tokens: the frozen vector standardised per dimension (mean and
+    scale of the news table, so neither part of a text+image concatenation dominates by its
+    scale), a projection, a "no image" vector and a LayerNorm. Each distinct news item of a
+    batch is projected once."""
 
     def __init__(self, news_dim: int, d_model: int, image_flag: bool) -> None:
         super().__init__()
@@ -118,11 +124,14 @@ class NewsEncoder(nn.Module):
         self.no_image = nn.Parameter(torch.zeros(d_model)) if image_flag else None
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, vectors: Tensor, has_image: Tensor) -> Tensor:
-        x = self.proj(vectors)  # (..., d)
+    def forward(self, ranker: Ranker, indices: Tensor) -> Tensor:
+        """(...) news indices -> (..., d) tokens."""
+        unique, inverse = torch.unique(indices, return_inverse=True)
+        vectors = (ranker.news_vectors[unique] - ranker.vector_mean) * ranker.vector_scale
+        x = self.proj(vectors)  # (U, d)
         if self.no_image is not None:
-            x = x + (~has_image).unsqueeze(-1).to(x.dtype) * self.no_image
-        return self.norm(x)
+            x = x + (~ranker.has_image[unique]).unsqueeze(-1).to(x.dtype) * self.no_image
+        return self.norm(x)[inverse]
 
 
 def with_no_history(tokens: Tensor, history: Tensor, no_history: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,15 +159,13 @@ class SequenceEmbedding(nn.Module):
         """(B, L) -> tokens (B, 1+L, d) and key padding mask (B, 1+L)."""
         length = history.shape[1]
         recency = torch.arange(length - 1, -1, -1, device=history.device)  # 0 = latest click
-        x = self.news(ranker.news_vectors[history], ranker.has_image[history])
-        x = x + self.type_emb[0] + self.recency[recency]
+        x = self.news(ranker, history) + self.type_emb[0] + self.recency[recency]
         tokens, mask = with_no_history(x, history, self.no_history)
         return self.dropout(tokens), mask
 
     def candidates(self, ranker: Ranker, candidates: Tensor) -> Tensor:
         """(...) candidate indices -> (..., d) tokens."""
-        x = self.news(ranker.news_vectors[candidates], ranker.has_image[candidates])
-        return self.dropout(x + self.type_emb[1])
+        return self.dropout(self.news(ranker, candidates) + self.type_emb[1])
 
 
 def transformer_encoder(cfg: RecTransformerConfig) -> nn.TransformerEncoder:
@@ -224,8 +231,10 @@ class CrossAttentionBlock(nn.Module):
 
 
 class FastRecTransformer(Ranker):
-    """Encodes the history once per row; each candidate cross-attends to it and an MLP scores
-    [user, candidate, user * candidate]."""
+    """Encodes the history once per row; each candidate cross-attends to it; the score is an MLP
+    over [user, candidate, user * candidate] (user: the history as seen from the candidate) plus
+    the scaled dot product of the candidate and an additive-attention pooling of the encoded
+    history (a direct matching path, as in the additive-attention model)."""
 
     name = "fast_rec_transformer"
     config_class = FastRecTransformerConfig
@@ -240,6 +249,7 @@ class FastRecTransformer(Ranker):
             for _ in range(config.n_cross_layers)
         )
         self.norm = nn.LayerNorm(d)
+        self.pool = AdditivePooling(d, d)
         self.head = nn.Sequential(
             nn.Linear(3 * d, d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(d, 1)
         )
@@ -254,6 +264,8 @@ class FastRecTransformer(Ranker):
             q = block(q, memory, mask)
         user = self.norm(q)  # (B, C, d): the history as seen from each candidate
         scores = self.head(torch.cat([user, cand, user * cand], dim=-1)).squeeze(-1)
+        pooled = self.pool(memory, mask)  # (B, d)
+        scores = scores + torch.einsum("bd,bcd->bc", pooled, cand) / math.sqrt(cand.shape[-1])
         return scores.masked_fill(candidates == 0, 0.0)
 
 
@@ -290,14 +302,14 @@ class AdditiveAttentionUser(Ranker):
     def user(self, history: Tensor) -> Tensor:
         """(B, L) history -> (B, d) user vector."""
         history = history[:, -self.config.max_history :]
-        x = self.news(self.news_vectors[history], self.has_image[history])
+        x = self.news(self, history)
         tokens, mask = with_no_history(self.dropout(x), history, self.no_history)
         h, _ = self.attn(tokens, tokens, tokens, key_padding_mask=mask, need_weights=False)
         return self.pool(self.dropout(h), mask)
 
     def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
         user = self.user(history)  # (B, d)
-        cand = self.news(self.news_vectors[candidates], self.has_image[candidates])  # (B, C, d)
+        cand = self.news(self, candidates)  # (B, C, d)
         scores = torch.einsum("bd,bcd->bc", user, cand) / math.sqrt(cand.shape[-1])
         return scores.masked_fill(candidates == 0, 0.0)
 
