@@ -6,14 +6,11 @@ from mmnewsrec.config import (
     ConfigError,
     TrainConfig,
     apply_overrides,
-    find_config,
     load_config,
     parse_value,
     shipped_configs,
 )
 from mmnewsrec.rank.model import MODELS, model_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_parse_and_name_real_models():
@@ -23,15 +20,6 @@ def test_shipped_configs_parse_and_name_real_models():
         cfg = load_config(path)
         assert cfg.model.name in MODELS, path
         model_config(cfg.model.name, {"preset": cfg.model.preset, **cfg.model.args})
-
-
-def test_repo_configs_are_the_shipped_ones():
-    repo = sorted((REPO / "configs").glob("train_*.toml"))
-    assert [p.name for p in repo] == [
-        p.name for p in shipped_configs() if p.stem.startswith("train_")
-    ]
-    for path in repo:
-        assert path.read_text() == find_config(path.name).read_text(), path
 
 
 def test_file_then_values_then_overrides(tmp_path):
