@@ -306,17 +306,22 @@ def predict(
     split: Annotated[
         str | None, typer.Option(help="Split to rank (default: test, else dev).")
     ] = None,
-    zip: Annotated[bool, typer.Option("--zip", help="Also write prediction.zip.")] = False,
+    zip: Annotated[
+        bool, typer.Option("--zip", help="Write prediction.zip (holding prediction.txt) instead.")
+    ] = False,
     device: Device = "cpu",
 ) -> None:
     """Write `impression_id [r1,r2,...]` lines (leaderboard format) for a split."""
+    import json
+
     from mmnewsrec.data.store import Store
     from mmnewsrec.evaluate.experiment import predict_run
-    from mmnewsrec.rank.ranker import CheckpointError, load_ranker
+    from mmnewsrec.rank.ranker import CheckpointError
 
     try:
-        if split is None:
-            store = Store.load(store_dir or load_ranker(run_dir).config.data.store_dir)
+        if split is None:  # the run's own store unless another is given; the model loads once
+            run_config = json.loads((run_dir / "config.json").read_text())
+            store = Store.load(store_dir or run_config["data"]["store_dir"])
             split = "test" if "test" in store.splits else "dev"
         path = predict_run(run_dir, store_dir, out, split, zip=zip, device=device)
     except (OSError, ValueError, KeyError, CheckpointError) as err:
