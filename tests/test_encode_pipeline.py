@@ -141,6 +141,7 @@ def test_new_fusion_and_new_fields_recompute_only_what_changed(store, tiny, tmp_
 def test_forced_reencoding_redoes_everything_and_is_deterministic(store, tiny, tmp_path):
     first = encode_store(store, tmp_path / "emb", EncodeConfig(**tiny))
     data = (tmp_path / "emb/vectors.npy").read_bytes()
+    # Same models, inputs, batches and threads: the same kernels on the same shapes, so bit-equal.
     second = encode_store(store, tmp_path / "emb", EncodeConfig(**tiny), force=True)
     assert not second.manifest["text"]["cached"] and not second.manifest["image"]["cached"]
     assert first.hash == second.hash
@@ -154,7 +155,9 @@ def test_changed_store_is_a_cache_miss(tmp_path, tiny):
     a = encode_store(tmp_path / "store_a", tmp_path / "emb", EncodeConfig(**tiny))
     b = encode_store(tmp_path / "store_b", tmp_path / "emb", EncodeConfig(**tiny))
     assert a.hash != b.hash
-    np.testing.assert_array_equal(a.vectors[:6], b.vectors[:6])
+    # The unchanged news are embedded again in batches padded to other lengths, so their float32
+    # vectors may differ in the last bits and round to the neighbouring float16 (2**-11 below 1).
+    np.testing.assert_allclose(a.vectors[:6], b.vectors[:6], rtol=0, atol=2**-11)
     assert not np.array_equal(a.vectors[6], b.vectors[6])
 
 

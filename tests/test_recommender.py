@@ -71,8 +71,12 @@ def test_recall_ranks_by_cosine_of_the_mean_user_vector(run_dir, golf):
     )
     cosine = unit(vectors[1:]) @ user
     cosine[[small.index_of(i) - 1 for i in golf[:3]]] = -np.inf
-    best = set(np.argsort(-cosine)[:12] + 1)
-    assert {small.index_of(item.news_id) for item in result.items} == best
+    # The recall top-12 by cosine, up to near-ties that another matmul kernel may order otherwise
+    returned = [small.index_of(item.news_id) - 1 for item in result.items]
+    assert len(set(returned)) == 12
+    np.testing.assert_allclose(
+        np.sort(cosine[returned])[::-1], np.sort(cosine)[::-1][:12], rtol=0, atol=1e-4
+    )
     assert sum(item.subcategory == "golf" for item in result.items) >= 8
 
 

@@ -133,8 +133,9 @@ def test_loss_decreases_and_the_best_checkpoint_scores_dev(data, tmp_path):
 
 @pytest.fixture
 def one_thread():
-    """Serial kernels: with several threads, the order of parallel sums can change from run to
-    run on a busy machine, and Adam turns such last-bit differences into visible ones."""
+    """Serial kernels, so that runs compared bit for bit run the same kernels on the same shapes:
+    with several threads, the order of parallel sums can change from run to run on a busy
+    machine, and Adam turns such last-bit differences into visible ones."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -282,6 +283,8 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
     single = final_weights(tmp_path / "single")
     saved = final_weights(tmp_path / "ddp")
     for key in single:
+        # The ranks step with one all-reduced gradient, so their weights are bit-equal; the
+        # single process sums the same gradient in another order, so it matches to a tolerance.
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         assert torch.equal(ranks[0][key], saved[key]), key
         ddp, one = (

@@ -157,7 +157,6 @@ class Recaller:
         """
         if not behaviors.labelled:
             raise ValueError(f"split {behaviors.split!r} is unlabelled: recall@k needs clicks")
-        labels = torch.as_tensor(np.asarray(behaviors.candidate_labels))
         h_offsets, h_items = as_csr((behaviors.history_offsets, behaviors.history_items))
         c_offsets, c_items = as_csr((behaviors.candidate_offsets, behaviors.candidate_items))
         hits = clicks = 0
@@ -167,7 +166,8 @@ class Recaller:
             exclude = history if exclude_history else (history[0] * 0, history[1][:0])
             _, top = self._search(self._users(*history), k or self.k, *exclude)
             c_off, c_it = slice_csr(c_offsets, c_items, s, stop)
-            clicked = labels[int(c_offsets[s]) : int(c_offsets[stop])] == 1
+            labels = behaviors.candidate_labels[int(c_offsets[s]) : int(c_offsets[stop])]
+            clicked = torch.from_numpy(np.asarray(labels) == 1)  # a new, writable array
             keys = pair_keys(c_off, c_it, self.num_news_ + 1)[clicked]
             top_keys = torch.arange(len(top))[:, None] * (self.num_news_ + 1) + top
             hits += int(torch.isin(keys, top_keys[top > 0]).sum())
