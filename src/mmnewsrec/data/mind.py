@@ -36,6 +36,7 @@ BEHAVIORS_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # e.g. 11/15/2019 8:55:22 AM (naive, read as UTC)
 SPLIT_NAMES = ("train", "dev", "test")
 CHUNK_ROWS = 20_000  # behaviors lines parsed at once; bounds the memory of exploded tokens
+IMPRESSION_ID = pl.col("impression_id").str.strip_chars().cast(pl.Int64, strict=False)
 
 
 class MindFormatError(ValueError):
@@ -211,8 +212,10 @@ def iter_behaviors(path: Path, chunk_rows: int | None = CHUNK_ROWS) -> Iterator[
     """Read and validate one behaviors.tsv in chunks of lines (None: one chunk), to bound memory.
 
     All chunks agree on `labelled`; at least one chunk is yielded, even for an empty file.
+    Impression ids are unique over the whole file.
     """
     frame = read_table(path, BEHAVIORS_COLUMNS)
+    reject_repeated_impressions(path, frame)
     step = chunk_rows or max(frame.height, 1)
     labelled = None
     for start in range(0, max(frame.height, 1), step):
@@ -223,10 +226,29 @@ def iter_behaviors(path: Path, chunk_rows: int | None = CHUNK_ROWS) -> Iterator[
         yield RawBehaviors(path, labelled, rows, history, candidates)
 
 
+def reject_repeated_impressions(path: Path, frame: pl.DataFrame) -> None:
+    """Raise for the first line whose impression id an earlier line already has.
+
+    A prediction file names impressions by id, so two impressions with one id cannot both be
+    scored. Ids that are not integers are left to `parse_rows`.
+    """
+    ids = frame.select(IMPRESSION_ID.alias("id"), "line").filter(pl.col("id").is_not_null())
+    repeat = ids.filter(~pl.col("id").is_first_distinct()).head(1)
+    if repeat.height:
+        impression_id = repeat["id"][0]
+        first = ids.filter(pl.col("id") == impression_id)["line"][0]
+        raise MindFormatError(
+            path,
+            int(repeat["line"][0]),
+            "impression_id",
+            f"impression id {impression_id} repeats the one on line {first}",
+        )
+
+
 def parse_rows(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
     """Impression id, user id and time per row, each checked."""
     rows = frame.select(
-        pl.col("impression_id").str.strip_chars().cast(pl.Int64, strict=False).alias("id"),
+        IMPRESSION_ID.alias("id"),
         pl.col("time").str.strptime(pl.Datetime("us"), TIME_FORMAT, strict=False).alias("t"),
         "impression_id",
         "user_id",
@@ -263,6 +285,7 @@ def parse_impressions(
     """Candidates with labels; tokens are all `<id>-<0|1>` (labelled) or all `<id>` (not).
 
     `labelled` is what earlier lines of the file were (None: decided by the first token).
+    A news id may appear once per impression (it may repeat in a history).
     """
     tokens = explode_ids(frame, "impressions")
     tok = pl.col("news_id")
@@ -293,8 +316,19 @@ def parse_impressions(
     )
     if labelled:
         label = tok.str.ends_with("-1").cast(pl.Int8)
-        return tokens.select("row", tok.str.head(-2), label.alias("label")), True
-    return tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label")), False
+        candidates = tokens.select("row", tok.str.head(-2), label.alias("label"))
+    else:
+        candidates = tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label"))
+    first_bad(
+        path,
+        candidates,
+        ~pl.struct("row", "news_id").is_first_distinct(),
+        "impressions",
+        "news id repeated among the candidates of one impression (a click would also be "
+        "its own negative)",
+        show="news_id",
+    )
+    return candidates, labelled
 
 
 def find_splits(data_dir: Path, split: str | None = None) -> dict[str, Path]:
