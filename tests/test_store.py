@@ -153,6 +153,45 @@ def test_strict_rejects_unknown_ids(data, tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_unknown_candidate_of_a_test_split_is_an_error(data, tmp_path):
+    with open(data / "test/behaviors.tsv", "a") as f:
+        f.write(f"21\tU4\t{TIME}\tN9\tN1 N9 N2\n")
+    with pytest.raises(MindFormatError) as info:
+        build_store(data, tmp_path / "store")
+    err = info.value
+    assert (err.path, err.line, err.field) == (data / "test/behaviors.tsv", 2, "impressions")
+    assert "'N9'" in str(err) and "--allow-drops" in str(err)
+    assert not (tmp_path / "store").exists()
+
+    test = build_store(data, tmp_path / "store", allow_drops=True).manifest["splits"]["test"]
+    assert test["candidates"] == 5
+    assert test["dropped"] == {"history": 1, "candidates": 1, "impressions": 0, "unknown_ids": 1}
+
+
+def test_an_option_change_rebuilds_the_store(data, tmp_path, caplog):
+    out = tmp_path / "store"
+    build_store(data, out)
+    with caplog.at_level(logging.INFO, logger="mmnewsrec.data.store"):
+        assert build_store(data, out, allow_drops=True).manifest["allow_drops"]
+    assert "store up to date" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="mmnewsrec.data.store"):
+        assert build_store(data, out, allow_drops=True).manifest["allow_drops"]
+    assert "store up to date" in caplog.text
+
+
+def test_cli_prepare_allow_drops(data, tmp_path):
+    with open(data / "test/behaviors.tsv", "a") as f:
+        f.write(f"21\tU4\t{TIME}\t\tN9\n")
+    args = ["prepare", str(data), "--out", str(tmp_path / "store")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "test/behaviors.tsv, line 2, field impressions: news id 'N9'" in result.output
+    result = CliRunner().invoke(app, [*args, "--allow-drops"])
+    assert result.exit_code == 0, result.output
+    assert "test: impressions 1, candidates 3" in result.output
+    assert "1 empty impressions" in result.output
+
+
 def test_failed_build_keeps_the_old_store(data, tmp_path):
     out = tmp_path / "store"
     old = build_store(data, out).content_hash

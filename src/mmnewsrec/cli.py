@@ -91,13 +91,28 @@ def prepare(
         str | None, typer.Option(help="Split name of a single-split DATA_DIR (default train).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the store is up to date.")] = False,
+    allow_drops: Annotated[
+        bool,
+        typer.Option(
+            help="Drop unknown candidate ids of an unlabelled (test) split instead of failing; "
+            "`predict` then refuses that split unless also given --allow-drops."
+        ),
+    ] = False,
 ) -> None:
     """Parse and validate MIND tsv files into a compact, memory-mapped store."""
     from mmnewsrec.data.mind import MindFormatError
     from mmnewsrec.data.store import StoreError, build_store
 
     try:
-        store = build_store(data_dir, out, images=images, strict=strict, split=split, force=force)
+        store = build_store(
+            data_dir,
+            out,
+            images=images,
+            strict=strict,
+            split=split,
+            force=force,
+            allow_drops=allow_drops,
+        )
     except (MindFormatError, StoreError) as err:
         fail(str(err))
     typer.echo(store.summary())
