@@ -3,6 +3,8 @@
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 
 from mmnewsrec.data.mind import (
@@ -171,6 +173,18 @@ def test_repeated_candidate_of_an_unlabelled_impression(tmp_path):
     err = raises(write(tmp_path / "behaviors.tsv", rows))
     assert (err.line, err.field) == (2, "impressions")
     assert "own negative): 'N2'" in str(err)
+
+
+def test_hash_collisions_are_not_reported_as_repeats(tmp_path, monkeypatch):
+    def one_bucket(series, *args, **kwargs):
+        return pl.Series(np.zeros(len(series), np.uint64))
+
+    monkeypatch.setattr(pl.Series, "hash", one_bucket)
+    rows = [behaviors_row("1", "", "N1-0 N2-1 N3-0"), behaviors_row("2", "", "N4-1 N5-0")]
+    assert read_behaviors(write(tmp_path / "good.tsv", rows)).candidates.height == 5
+    rows.append(behaviors_row("3", "", "N4-1 N6-0 N4-0"))
+    err = raises(write(tmp_path / "bad.tsv", rows))
+    assert (err.line, err.field) == (3, "impressions")
 
 
 def test_a_history_may_repeat_a_news_id(tmp_path):

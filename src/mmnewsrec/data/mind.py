@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 logger = logging.getLogger(__name__)
@@ -319,16 +320,30 @@ def parse_impressions(
         candidates = tokens.select("row", tok.str.head(-2), label.alias("label"))
     else:
         candidates = tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label"))
-    first_bad(
-        path,
-        candidates,
-        ~pl.struct("row", "news_id").is_first_distinct(),
-        "impressions",
-        "news id repeated among the candidates of one impression (a click would also be "
-        "its own negative)",
-        show="news_id",
-    )
+    reject_repeated_candidates(path, candidates)
     return candidates, labelled
+
+
+def reject_repeated_candidates(path: Path, candidates: pl.DataFrame) -> None:
+    """Raise for the first news id listed twice among one impression's candidates.
+
+    One sort of (row, 32 bits of the id's hash) keys finds the impressions that may repeat an
+    id; only those are compared exactly (an exact check of every token is several times slower).
+    """
+    rows = candidates["row"].to_numpy().astype(np.uint64)
+    hashed = candidates["news_id"].hash().to_numpy() >> np.uint64(32)
+    keys = np.sort((rows << np.uint64(32)) | hashed)
+    suspect_rows = np.unique(keys[1:][keys[1:] == keys[:-1]] >> np.uint64(32))
+    if suspect_rows.size:
+        first_bad(
+            path,
+            candidates.filter(pl.col("row").is_in(suspect_rows.astype(np.uint32))),
+            ~pl.struct("row", "news_id").is_first_distinct(),
+            "impressions",
+            "news id repeated among the candidates of one impression (a click would also be "
+            "its own negative)",
+            show="news_id",
+        )
 
 
 def find_splits(data_dir: Path, split: str | None = None) -> dict[str, Path]:
