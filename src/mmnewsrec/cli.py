@@ -324,23 +324,28 @@ def predict(
     zip: Annotated[
         bool, typer.Option("--zip", help="Write prediction.zip (holding prediction.txt) instead.")
     ] = False,
+    allow_drops: Annotated[
+        bool,
+        typer.Option(
+            help="Write the file even if prepare dropped impressions or candidates of the split "
+            "(the leaderboard rejects such a file)."
+        ),
+    ] = False,
     device: Device = "cpu",
 ) -> None:
     """Write `impression_id [r1,r2,...]` lines (leaderboard format) for a split."""
-    import json
-
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.evaluate.experiment import predict_run
+    from mmnewsrec.data.store import StoreError
+    from mmnewsrec.evaluate.experiment import predict_run, run_store
     from mmnewsrec.rank.ranker import CheckpointError
 
     try:
         if split is None:  # the run's own store unless another is given; the model loads once
-            run_config = json.loads((run_dir / "config.json").read_text())
-            store = Store.load(store_dir or run_config["data"]["store_dir"])
-            split = "test" if "test" in store.splits else "dev"
-        path = predict_run(run_dir, store_dir, out, split, zip=zip, device=device)
-    except (OSError, ValueError, KeyError, CheckpointError) as err:
-        fail(str(err))
+            split = "test" if "test" in run_store(run_dir, store_dir).splits else "dev"
+        path = predict_run(
+            run_dir, store_dir, out, split, zip=zip, device=device, allow_drops=allow_drops
+        )
+    except (OSError, ValueError, KeyError, CheckpointError, StoreError) as err:
+        fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     typer.echo(f"ranks of split {split!r} written to {path}")
 
 
