@@ -289,3 +289,21 @@ def test_prepare_command(data, mind_samples, tmp_path):
     assert result.exit_code == 2
     assert "news.tsv, line 1, field title_entities" in result.output
     assert "CSV-quoted" in result.output
+
+
+def test_real_test_rows_keep_every_candidate(mind_samples, tmp_path):
+    lines = (mind_samples / "large_test_10/behaviors.tsv").read_text().splitlines()
+    fields = [line.split("\t") for line in lines]
+    ids = {i for f in fields for i in f[3].split() + f[4].split()}
+    missing = fields[3][4].split()[5]  # a candidate of line 4
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test/behaviors.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test/news.tsv").write_text(news_rows(*((i, i) for i in sorted(ids - {missing}))))
+    with pytest.raises(MindFormatError, match=f"'{missing}' is in no news.tsv") as info:
+        build_store(tmp_path, tmp_path / "store")
+    assert (info.value.line, info.value.field) == (4, "impressions")
+    with open(tmp_path / "test/news.tsv", "a") as f:
+        f.write(news_rows((missing, missing)))
+    test = build_store(tmp_path, tmp_path / "store").behaviors("test")
+    assert not test.labelled and test.num_impressions == 10
+    assert np.diff(test.candidate_offsets).tolist() == [len(f[4].split()) for f in fields]
