@@ -25,12 +25,12 @@ import polars as pl
 CHILD = """
 import sys, time
 from mmnewsrec.data.store import build_store
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 store = build_store(sys.argv[1], sys.argv[2])
-seconds = time.perf_counter() - start
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 status = open("/proc/self/status").read()
 hwm_kib = int(status.split("VmHWM:")[1].split()[0])
-print(seconds, hwm_kib)
+print(seconds, cpu, hwm_kib)
 print(store.summary(), file=sys.stderr)
 """
 
@@ -137,11 +137,11 @@ def main() -> None:
             text=True,
         )
         wall = time.perf_counter() - start
-        seconds, hwm_kib = done.stdout.split()
+        seconds, cpu, hwm_kib = done.stdout.split()
         print(done.stderr.strip())
         print(
-            f"build_store: {float(seconds):.2f} s (process incl. imports {wall:.2f} s); "
-            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+            f"build_store: {float(seconds):.2f} s wall, {float(cpu):.2f} s CPU (process incl. "
+            f"imports {wall:.2f} s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
         print(f"peak RSS: {int(hwm_kib) / 2**10:.0f} MiB (whole process, incl. imports)")
         print(f"store size: {folder_size(root / 'store') / 2**20:.0f} MiB")
