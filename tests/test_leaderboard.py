@@ -137,6 +137,21 @@ def test_write_prediction_refuses_ranks_that_are_not_a_permutation(tmp_path):
     assert not (tmp_path / "p.txt").exists()
 
 
+def test_write_prediction_checks_every_chunk_of_lines(tmp_path, monkeypatch):
+    chunks = leaderboard.impression_chunks
+    monkeypatch.setattr(leaderboard, "impression_chunks", lambda offsets: chunks(offsets, 3))
+    ids, offsets = np.array(["1", "2", "3", " 4"]), np.array([0, 2, 4, 6, 8])
+    with pytest.raises(ValueError, match=r"p\.txt:4: impression id '4', expected ' 4'"):
+        write_prediction(tmp_path / "p.txt", ids, [1, 2] * 4, offsets)
+    with pytest.raises(ValueError, match="impression 3 are invalid: rank 1 appears 2 times"):
+        write_prediction(tmp_path / "p.txt", [1, 2, 3, 4], [1, 2, 2, 1, 1, 1, 2, 1], offsets)
+    with pytest.raises(ScoreFileError, match=r"p\.txt:3: expected 'IMPRESSION_ID"):
+        write_prediction(tmp_path / "p.txt", ["1", "2", "3 3", "4"], [1, 2] * 4, offsets)
+    assert list(tmp_path.iterdir()) == []
+    path = write_prediction(tmp_path / "p.txt", [1, 2, 3, 4], [1, 2, 2, 1, 1, 2, 2, 1], offsets)
+    assert path.read_text() == "1 [1,2]\n2 [2,1]\n3 [1,2]\n4 [2,1]\n"
+
+
 def test_truth_round_trip(tmp_path):
     behaviors = make_behaviors([[1, 0, 0], [0, 1]], ids=[7, 9])
     path = write_truth(tmp_path / "truth.txt", behaviors)

@@ -154,31 +154,33 @@ def write_prediction(
 
 def _check_text(path: Path, text: str, impression_ids: np.ndarray, offsets: np.ndarray) -> None:
     """Raise ValueError unless `text` parses to `impression_ids` in order, with the list
-    lengths of `offsets`, each list a permutation of 1..n."""
+    lengths of `offsets`, each list a permutation of 1..n (parsed in chunks of lines)."""
     import polars as pl
 
-    pred = _parse_lists(path, _split_lines(text))
+    lines = _split_lines(text)
     expected = pl.Series(np.asarray(impression_ids)).cast(pl.String).to_numpy()
-    if len(pred) != len(expected):
-        raise ValueError(f"{path}: {len(pred)} lines written for {len(expected)} impressions")
-    differ = np.flatnonzero(pred.impression_ids != expected)
-    if differ.size:
-        i = int(differ[0])
-        raise ValueError(
-            f"{path}:{i + 1}: impression id {pred.impression_ids[i]!r}, expected {expected[i]!r}"
-        )
-    differ = np.flatnonzero(pred.sizes != np.diff(offsets))
-    if differ.size:
-        i = int(differ[0])
-        raise ValueError(
-            f"{path}:{i + 1}: {pred.sizes[i]} ranks for the {offsets[i + 1] - offsets[i]} "
-            f"candidates of impression {expected[i]}"
-        )
-    bad = _non_permutations(pred.values, pred.offsets)
-    if bad.size:
-        i = int(bad[0])
-        problem = _permutation_problem(pred.row(i))
-        raise ValueError(f"ranks of impression {expected[i]} are invalid: {problem}")
+    if len(lines) != len(expected):
+        raise ValueError(f"{path}: {len(lines)} lines written for {len(expected)} impressions")
+    for a, b in impression_chunks(offsets):
+        pred = _parse_lists(path, lines.slice(a, b - a), first_line=a + 1)
+        differ = np.flatnonzero(pred.impression_ids != expected[a:b])
+        if differ.size:
+            i = a + int(differ[0])
+            raise ValueError(
+                f"{path}:{i + 1}: impression id {pred.impression_ids[i - a]!r}, "
+                f"expected {expected[i]!r}"
+            )
+        differ = np.flatnonzero(pred.sizes != np.diff(offsets[a : b + 1]))
+        if differ.size:
+            i = a + int(differ[0])
+            raise ValueError(
+                f"{path}:{i + 1}: {pred.sizes[i - a]} ranks for the {offsets[i + 1] - offsets[i]} "
+                f"candidates of impression {expected[i]}"
+            )
+        bad = _non_permutations(pred.values, pred.offsets)
+        if bad.size:
+            problem = _permutation_problem(pred.row(int(bad[0])))
+            raise ValueError(f"ranks of impression {expected[a + bad[0]]} are invalid: {problem}")
 
 
 def write_truth(path: Path | str, behaviors: Behaviors) -> Path:
@@ -241,8 +243,9 @@ def _read_lists(path: Path) -> ImpressionLists:
     return _parse_lists(path, _read_lines(path))
 
 
-def _parse_lists(path: Path, lines: pl.Series) -> ImpressionLists:
-    """Parse ``id [n1,n2,...]`` lines into CSR arrays, naming the first bad line of `path`."""
+def _parse_lists(path: Path, lines: pl.Series, first_line: int = 1) -> ImpressionLists:
+    """Parse ``id [n1,n2,...]`` lines (`first_line` and on of `path`) into CSR arrays, naming
+    the first bad line."""
     import polars as pl
 
     parts = lines.str.extract_groups(_LINE)
@@ -250,7 +253,7 @@ def _parse_lists(path: Path, lines: pl.Series) -> ImpressionLists:
     if ids.null_count():
         i = int(ids.is_null().arg_max())
         raise ScoreFileError(
-            f"{path}:{i + 1}: expected 'IMPRESSION_ID [n1,n2,...]' (no spaces inside the "
+            f"{path}:{first_line + i}: expected 'IMPRESSION_ID [n1,n2,...]' (no spaces inside the "
             f"brackets), got {_excerpt(lines[i])}"
         )
     filled = body != ""
@@ -260,7 +263,7 @@ def _parse_lists(path: Path, lines: pl.Series) -> ImpressionLists:
     values = body.filter(filled).str.split(",").explode().cast(pl.Int64, strict=False)
     if values.null_count():
         row = int(values.is_null().arg_max())
-        line = int(np.searchsorted(offsets, row, side="right"))
+        line = first_line - 1 + int(np.searchsorted(offsets, row, side="right"))
         raise ScoreFileError(f"{path}:{line}: number out of range")
     return ImpressionLists(path, ids.to_numpy(), values.to_numpy().astype(np.int64), offsets)
 
