@@ -36,6 +36,7 @@ BEHAVIORS_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # e.g. 11/15/2019 8:55:22 AM (naive, read as UTC)
 SPLIT_NAMES = ("train", "dev", "test")
 CHUNK_ROWS = 20_000  # behaviors lines parsed at once; bounds the memory of exploded tokens
+BLOCK_BYTES = 1 << 26  # bytes of lines split at once when polars' reader cannot be used
 
 
 class MindFormatError(ValueError):
@@ -83,8 +84,18 @@ def read_table(path: Path, names: list[str]) -> pl.DataFrame:
     """Read a raw MIND tsv into named string columns plus `line` (1-based).
 
     The fast path is polars' reader; when its result does not have exactly one row per line and
-    len(names) columns per row, the file is split line by line to name the first bad line.
+    len(names) columns per row, the file is split line by line, block by block, to name the
+    first bad line.
     """
+    frame = read_whole(path, names)
+    if frame is None:
+        frame = split_file(path, names)
+    return frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.UInt32).alias("line"))
+
+
+def read_whole(path: Path, names: list[str]) -> pl.DataFrame | None:
+    """polars' reader over the whole file; None unless it gives one row of len(names) columns
+    per line."""
     data = path.read_bytes()
     lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
     try:
@@ -98,37 +109,66 @@ def read_table(path: Path, names: list[str]) -> pl.DataFrame:
             empty_string_is_null=False,
             raise_if_empty=False,
         )
-        tabs_ok = data.count(b"\t") == lines * (len(names) - 1)
-        ok = frame.height == lines and tabs_ok
     except pl.exceptions.PolarsError:
-        ok = False
-    if not ok:
-        frame = split_columns(path, read_lines(path, data), names)
-    return frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.UInt32).alias("line"))
+        return None
+    tabs_ok = data.count(b"\t") == lines * (len(names) - 1)
+    return frame if frame.height == lines and tabs_ok else None
 
 
-def read_lines(path: Path, data: bytes) -> pl.Series:
-    """The lines of a UTF-8 text file as a string Series (no trailing empty line, no CR)."""
+def split_file(path: Path, names: list[str], block_bytes: int = BLOCK_BYTES) -> pl.DataFrame:
+    """Split a file into named columns block by block of whole lines, so that memory holds the
+    result and one block; the first line with a wrong column count is an error."""
+    frames, done = [], 0  # lines in the blocks before this one
+    for block in iter_blocks(path, block_bytes):
+        lines = decode_lines(path, block, done)
+        frames.append(split_columns(path, lines, names, first_line=done + 1))
+        done += len(lines)
+    if not frames:
+        return pl.DataFrame(schema=dict.fromkeys(names, pl.String))
+    return pl.concat(frames)
+
+
+def iter_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
+    """The file in blocks of about `block_bytes`, each ending at a newline (but the last)."""
+    rest = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(block_bytes):
+            cut = chunk.rfind(b"\n") + 1
+            if cut:
+                yield rest + chunk[:cut]
+                rest = chunk[cut:]
+            else:
+                rest += chunk
+    if rest:
+        yield rest
+
+
+def decode_lines(path: Path, block: bytes, before: int) -> pl.Series:
+    """The lines of a UTF-8 block (the file's lines `before + 1`, ...) as a string Series,
+    without line ends; the BOM of the file's first line is dropped."""
     try:
-        text = data.decode("utf-8")
+        text = block.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
+        line = before + block.count(b"\n", 0, err.start) + 1
         raise MindFormatError(path, line, None, f"not valid UTF-8 ({err.reason})") from None
-    lines = text.removeprefix("\ufeff").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return pl.Series("line", lines, dtype=pl.String).str.strip_suffix("\r")
+    if before == 0:
+        text = text.removeprefix("\ufeff")
+    lines = pl.Series("line", [text.removesuffix("\n")]).str.split("\n").explode()
+    return lines.str.strip_suffix("\r")
 
 
-def split_columns(path: Path, lines: pl.Series, names: list[str]) -> pl.DataFrame:
-    """Split tab-separated lines into named string columns; wrong column counts are errors."""
+def split_columns(
+    path: Path, lines: pl.Series, names: list[str], first_line: int = 1
+) -> pl.DataFrame:
+    """Split tab-separated lines (the first is file line `first_line`) into named string
+    columns; wrong column counts are errors."""
     counts = lines.str.count_matches("\t", literal=True) + 1
     bad = (counts != len(names)).arg_true()
     if len(bad):
         i = int(bad[0])
         raise MindFormatError(
             path,
-            i + 1,
+            first_line + i,
             None,
             f"expected {len(names)} tab-separated columns, found {counts[i]}" + csv_hint(lines[i]),
         )
