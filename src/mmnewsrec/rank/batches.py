@@ -252,17 +252,20 @@ def iter_eval_batches(
     batch_candidates: int = 2048,
     width: int = 32,
     num_impressions: int | None = None,
+    first_impression: int = 0,
 ) -> Iterator[tuple[Batch, torch.Tensor]]:
-    """Batches covering every candidate in flat order, with the (B, C) mask of real candidates.
+    """Batches covering every candidate of impressions `first_impression` .. `num_impressions`
+    - 1 (default: all) in flat order, with the (B, C) mask of real candidates.
 
-    Concatenating `scores[mask]` over the batches gives scores aligned with `candidate_items`.
+    Concatenating `scores[mask]` over the batches gives scores aligned with `candidate_items`
+    (from the first impression's first candidate on).
     """
     offsets = np.asarray(behaviors.candidate_offsets)
-    if num_impressions is not None:
-        offsets = offsets[: num_impressions + 1]
+    stop = len(offsets) - 1 if num_impressions is None else num_impressions
     items = np.asarray(behaviors.candidate_items)
     labels = np.asarray(behaviors.candidate_labels)
-    rows = EvalRows.build(offsets, width)
+    rows = EvalRows.build(offsets[first_impression : stop + 1], width)
+    rows.impression += first_impression
     per_batch = max(1, batch_candidates // width)
     col = np.arange(width)[None, :]
     for lo in range(0, len(rows), per_batch):
