@@ -359,13 +359,16 @@ def build_split(
 ) -> tuple[Behaviors, dict, pl.DataFrame]:
     """Parse one behaviors.tsv chunk by chunk into Behaviors; returns dropped counts and users.
 
-    `users` (one user_id column, row = user index) is extended with the split's new users.
+    `users` (one user_id column, row = user index) is extended with the split's new users, in
+    order of first appearance, once the whole file is read.
     """
     parts, unknown, dropped = [], [], dict.fromkeys(["history", "candidates", "impressions"], 0)
+    seen, kept = [users], []  # user ids of every impression, of the impressions kept
     for raw in iter_behaviors(path):
-        users = pl.concat([users, raw.rows.select("user_id")]).unique(maintain_order=True)
-        part, ids, counts = index_behaviors(raw, split, news_map, users, strict)
+        part, kept_users, ids, counts = index_behaviors(raw, split, news_map, strict)
         parts.append(part)
+        seen.append(raw.rows.select("user_id"))
+        kept.append(kept_users)
         unknown.append(ids)
         dropped = {key: dropped[key] + counts[key] for key in dropped}
     dropped["unknown_ids"] = pl.concat(unknown).n_unique()
@@ -380,15 +383,25 @@ def build_split(
             dropped["impressions"],
         )
     logger.info("read %s: %d impressions", path, sum(p.num_impressions for p in parts))
-    return Behaviors.concat(parts), dropped, users
+    users = pl.concat(seen).unique(maintain_order=True)
+    behaviors = Behaviors.concat(parts)
+    behaviors.user_index = (
+        pl.DataFrame({"user_id": pl.concat(kept)})
+        .join(users.with_row_index("u"), on="user_id", how="left", maintain_order="left")["u"]
+        .to_numpy()
+        .astype(np.int32)
+    )
+    return behaviors, dropped, users
 
 
 def index_behaviors(
-    raw: RawBehaviors, split: str, news_map: pl.DataFrame, users: pl.DataFrame, strict: bool
-) -> tuple[Behaviors, pl.Series, dict]:
-    """Map ids to indices, drop (or, if strict, reject) unknown news ids.
+    raw: RawBehaviors, split: str, news_map: pl.DataFrame, strict: bool
+) -> tuple[Behaviors, pl.Series, pl.Series, dict]:
+    """Map news ids to indices, drop (or, if strict, reject) unknown news ids.
 
-    Returns the Behaviors, the unknown ids (with repeats) and counts of what was dropped.
+    Returns the Behaviors (user_index 0: users are indexed per split by `build_split`), the user
+    ids of the impressions kept, the unknown news ids (with repeats) and counts of what was
+    dropped.
     """
     history, candidates = lookup(raw.history, news_map), lookup(raw.candidates, news_map)
     if strict:
@@ -400,14 +413,11 @@ def index_behaviors(
     known = candidates > 0
     keep = np.bincount(candidate_rows[known], minlength=n) > 0  # impressions left with candidates
     history_kept = (history > 0) & keep[history_rows]
-    user_index = raw.rows.join(
-        users.with_row_index("u"), on="user_id", how="left", maintain_order="left"
-    )["u"].to_numpy()
     behaviors = Behaviors(
         split=split,
         labelled=raw.labelled,
         impression_ids=raw.rows["impression_id"].to_numpy()[keep],
-        user_index=user_index[keep],
+        user_index=np.zeros(int(keep.sum())),
         times=raw.rows["time"].to_numpy()[keep],
         history_offsets=csr_offsets(np.bincount(history_rows[history_kept], minlength=n)[keep]),
         history_items=history[history_kept],
@@ -426,16 +436,13 @@ def index_behaviors(
         "candidates": int((~known).sum()),
         "impressions": int(n - keep.sum()),
     }
-    return behaviors, unknown, counts
+    return behaviors, raw.rows["user_id"].filter(pl.Series(keep)), unknown, counts
 
 
 def lookup(tokens: pl.DataFrame, news_map: pl.DataFrame) -> np.ndarray:
     """News index (int32) of each token's news_id; 0 where the id is in no news.tsv."""
-    ids = tokens["news_id"]
-    index = ids.replace_strict(
-        news_map["news_id"], news_map["index"], default=0, return_dtype=pl.Int32
-    )
-    return index.to_numpy()
+    found = tokens.select("news_id").join(news_map, on="news_id", how="left", maintain_order="left")
+    return found["index"].fill_null(0).to_numpy()
 
 
 def reject_unknown(raw: RawBehaviors, tokens: pl.DataFrame, index: np.ndarray, field: str) -> None:
