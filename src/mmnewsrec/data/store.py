@@ -247,7 +247,7 @@ def build_store(
         return Store.load(out)
     news, sources = union_news(folders)
     news, image_digest = attach_images(news, image_dir)
-    news_map = news.select("news_id", "index")
+    news_map = NewsMap.build(news)
     manifest = {
         "format_version": FORMAT_VERSION,
         "data_dir": str(data_dir.resolve()),
@@ -355,7 +355,7 @@ def is_current(out: Path, folders: dict[str, Path], image_dir: Path | None, stri
 
 
 def build_split(
-    split: str, path: Path, news_map: pl.DataFrame, users: pl.DataFrame, strict: bool
+    split: str, path: Path, news_map: NewsMap, users: pl.DataFrame, strict: bool
 ) -> tuple[Behaviors, dict, pl.DataFrame]:
     """Parse one behaviors.tsv chunk by chunk into Behaviors; returns dropped counts and users.
 
@@ -395,7 +395,7 @@ def build_split(
 
 
 def index_behaviors(
-    raw: RawBehaviors, split: str, news_map: pl.DataFrame, strict: bool
+    raw: RawBehaviors, split: str, news_map: NewsMap, strict: bool
 ) -> tuple[Behaviors, pl.Series, pl.Series, dict]:
     """Map news ids to indices, drop (or, if strict, reject) unknown news ids.
 
@@ -403,7 +403,8 @@ def index_behaviors(
     ids of the impressions kept, the unknown news ids (with repeats) and counts of what was
     dropped.
     """
-    history, candidates = lookup(raw.history, news_map), lookup(raw.candidates, news_map)
+    history = news_map.lookup(raw.history["news_id"])
+    candidates = news_map.lookup(raw.candidates["news_id"])
     if strict:
         reject_unknown(raw, raw.history, history, "history")
         reject_unknown(raw, raw.candidates, candidates, "impressions")
@@ -439,10 +440,50 @@ def index_behaviors(
     return behaviors, raw.rows["user_id"].filter(pl.Series(keep)), unknown, counts
 
 
-def lookup(tokens: pl.DataFrame, news_map: pl.DataFrame) -> np.ndarray:
-    """News index (int32) of each token's news_id; 0 where the id is in no news.tsv."""
-    found = tokens.select("news_id").join(news_map, on="news_id", how="left", maintain_order="left")
-    return found["index"].fill_null(0).to_numpy()
+@dataclass
+class NewsMap:
+    """News id -> news index. MIND ids (N and a number without leading zeros, as N55528) are
+    looked up by number in a table, which is faster than hashing strings; other ids by a join."""
+
+    ids: pl.DataFrame  # news_id, index
+    by_number: np.ndarray | None  # (max number + 1,) int32 index, 0 = none; None: not MIND ids
+
+    @classmethod
+    def build(cls, news: pl.DataFrame) -> NewsMap:
+        """The map of a news table with `news_id` and `index` columns (ids unique)."""
+        ids = news.select("news_id", "index")
+        numbers = mind_numbers(ids["news_id"])
+        if len(numbers) == 0 or numbers.min() < 0 or numbers.max() >= MAX_ID_NUMBER:
+            return cls(ids, None)
+        by_number = np.zeros(numbers.max() + 1, dtype=np.int32)
+        by_number[numbers] = ids["index"].to_numpy()
+        return cls(ids, by_number)
+
+    def lookup(self, news_ids: pl.Series) -> np.ndarray:
+        """News index (int32) of each id; 0 where the id is in no news.tsv."""
+        if self.by_number is None:
+            found = news_ids.to_frame("news_id").join(
+                self.ids, on="news_id", how="left", maintain_order="left"
+            )
+            return found["index"].fill_null(0).cast(pl.Int32).to_numpy()
+        numbers = mind_numbers(news_ids)
+        known = (numbers >= 0) & (numbers < len(self.by_number))
+        return np.where(known, self.by_number[np.where(known, numbers, 0)], 0).astype(np.int32)
+
+
+MAX_ID_NUMBER = 1 << 24  # largest number of a MIND id looked up by table (64 MiB)
+POWERS_OF_10 = 10 ** np.arange(1, 10)
+
+
+def mind_numbers(ids: pl.Series) -> np.ndarray:
+    """The number of each MIND-style id ("N123" -> 123) as int64; -1 where the id is not N and
+    a number without leading zeros or sign."""
+    number = ids.str.slice(1).cast(pl.UInt32, strict=False)
+    values = number.fill_null(0).to_numpy().astype(np.int64)
+    digits = 1 + np.searchsorted(POWERS_OF_10, values, side="right")
+    shaped = (ids.str.starts_with("N") & number.is_not_null()).to_numpy()
+    canonical = shaped & (ids.str.len_bytes().to_numpy() == 1 + digits)
+    return np.where(canonical, values, -1)
 
 
 def reject_unknown(raw: RawBehaviors, tokens: pl.DataFrame, index: np.ndarray, field: str) -> None:
