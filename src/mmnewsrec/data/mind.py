@@ -306,21 +306,31 @@ def parse_impressions(
     """
     tokens = explode_ids(frame, "impressions")
     tok = pl.col("news_id")
-    dash = tok.str.contains("-", literal=True)
     is_label = (tok.str.ends_with("-0") | tok.str.ends_with("-1")) & (tok.str.len_bytes() > 2)
-    tokens = tokens.with_columns(is_label.alias("labelled"), dash.alias("dash"))
+    tokens = tokens.with_columns(is_label.alias("labelled"))
+    if labelled is None:
+        labelled = bool(tokens["labelled"][0]) if tokens.height else True
+    if not (labelled and tokens["labelled"].all()):  # all labelled: none of the errors can occur
+        check_tokens(path, tokens, labelled)
+    if labelled:
+        label = tok.str.ends_with("-1").cast(pl.Int8)
+        return tokens.select("row", tok.str.head(-2), label.alias("label")), True
+    return tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label")), False
+
+
+def check_tokens(path: Path, tokens: pl.DataFrame, labelled: bool) -> None:
+    """Raise for the first empty, malformed, or (not `labelled`) mislabelled candidate token."""
+    tok = pl.col("news_id")
     empty = tok.str.len_bytes() == 0
     first_bad(path, tokens, empty, "impressions", "empty candidate token", show="news_id")
     first_bad(
         path,
         tokens,
-        pl.col("dash") & ~pl.col("labelled"),
+        tok.str.contains("-", literal=True) & ~pl.col("labelled"),
         "impressions",
         "bad candidate token, expected <news id>-0, <news id>-1 or <news id>",
         show="news_id",
     )
-    if labelled is None:
-        labelled = bool(tokens["labelled"][0]) if tokens.height else True
     kinds = ("unlabelled", "labelled")
     first_bad(
         path,
@@ -331,10 +341,6 @@ def parse_impressions(
         f"{kinds[labelled]}, this token is {kinds[not labelled]}",
         show="news_id",
     )
-    if labelled:
-        label = tok.str.ends_with("-1").cast(pl.Int8)
-        return tokens.select("row", tok.str.head(-2), label.alias("label")), True
-    return tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label")), False
 
 
 def find_splits(data_dir: Path, split: str | None = None) -> dict[str, Path]:
