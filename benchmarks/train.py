@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mmnewsrec.encode.base import effective_precision, resolve_device
-from mmnewsrec.rank.batches import ListwiseDataset, collate
+from mmnewsrec.devices import autocast, effective_precision, resolve_device
+from mmnewsrec.rank.batches import ClickDataset, collate
 from mmnewsrec.rank.model import build_model
-from mmnewsrec.rank.ranker import autocast, score_behaviors
+from mmnewsrec.rank.ranker import score_behaviors
 from mmnewsrec.rank.train import ranking_loss
 
 MIND_SMALL_CLICKS = 236_344
@@ -132,7 +132,7 @@ def main() -> None:
     vectors = torch.nn.functional.normalize(torch.randn(args.news + 1, args.dim), dim=1)
     vectors[0] = 0
     behaviors = RandomBehaviors.make(args.impressions, args.news, rng)
-    dataset = ListwiseDataset(behaviors, args.negatives, args.history, seed=0)
+    dataset = ClickDataset(behaviors, args.negatives, args.history, seed=0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"load average {os.getloadavg()[0]:.1f} (other work on the machine slows CPU figures); "

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmnewsrec.encode.base import NewsEncoder, dedupe, effective_precision, resolve_device
+from mmnewsrec.devices import effective_precision, resolve_device
+from mmnewsrec.encode.base import NewsEncoder, dedupe
 from mmnewsrec.encode.image import EfficientNetLiteEncoder, HFVisionEncoder, load_image_encoder
 from mmnewsrec.encode.joint import BlipEncoder, ClipEncoder, load_joint_encoder
 from mmnewsrec.encode.text import SentenceEncoder

@@ -8,7 +8,6 @@ import pytest
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
-from mmnewsrec.data.store import Store
 from mmnewsrec.evaluate.experiment import (
     ExperimentError,
     evaluate_run,
@@ -17,8 +16,9 @@ from mmnewsrec.evaluate.experiment import (
     predict_run,
 )
 from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_truth
-from mmnewsrec.evaluate.metrics import evaluate_scores
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
+from mmnewsrec.formats.store import Store
+from mmnewsrec.metrics import evaluate_scores
 from mmnewsrec.rank.ranker import load_ranker
 
 

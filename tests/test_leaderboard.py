@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
-from mmnewsrec.data.store import Behaviors, build_store
+from mmnewsrec.data.store import build_store
 from mmnewsrec.evaluate.leaderboard import (
     ScoreFileError,
     ranks_from_scores,
@@ -18,7 +18,8 @@ from mmnewsrec.evaluate.leaderboard import (
     write_prediction,
     write_truth,
 )
-from mmnewsrec.evaluate.metrics import evaluate_scores
+from mmnewsrec.formats.store import Behaviors
+from mmnewsrec.metrics import evaluate_scores
 
 SAMPLE_PREDICTIONS = [
     "official_sample_prediction/prediction.txt",

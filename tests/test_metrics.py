@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mmnewsrec.evaluate.metrics import (
+from mmnewsrec.metrics import (
     METRICS,
     evaluate_scores,
     impression_metrics,

@@ -155,8 +155,9 @@ def encode(
     force: Annotated[bool, typer.Option(help="Encode even if the vectors are up to date.")] = False,
 ) -> None:
     """Embed every news item of a store with frozen encoders (no work if up to date)."""
-    from mmnewsrec.data.store import StoreError
     from mmnewsrec.encode.pipeline import EncodeConfig, EncodeError, encode_store
+    from mmnewsrec.formats.store import StoreError
+    from mmnewsrec.formats.vectors import VectorsError
 
     try:
         config = EncodeConfig(
@@ -173,7 +174,7 @@ def encode(
             precision=precision,
         )
         vectors = encode_store(store_dir, out, config, force=force)
-    except (EncodeError, StoreError, OSError) as err:
+    except (EncodeError, VectorsError, StoreError, OSError) as err:
         fail(str(err))
     typer.echo(f"news vectors in {out}: {vectors.summary()}")
 
@@ -203,9 +204,9 @@ def train(
     Several processes: torchrun --nproc-per-node N --no-python mmnewsrec train ...
     """
     from mmnewsrec.config import ConfigError, load_config
-    from mmnewsrec.data.store import StoreError
-    from mmnewsrec.encode.pipeline import EncodeError
-    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.formats.runs import CheckpointError
+    from mmnewsrec.formats.store import StoreError
+    from mmnewsrec.formats.vectors import VectorsError
     from mmnewsrec.rank.train import run_training
 
     values = {
@@ -220,7 +221,7 @@ def train(
     try:
         cfg = load_config(config, overrides or [], values)
         result = run_training(cfg, resume=resume)
-    except (ConfigError, CheckpointError, StoreError, EncodeError) as err:
+    except (ConfigError, CheckpointError, StoreError, VectorsError) as err:
         fail(str(err))
     if result.is_main:
         typer.echo(result.summary())
@@ -261,8 +262,8 @@ def truth(
     split: Annotated[str, typer.Option(help="A labelled split of the store.")] = "dev",
 ) -> None:
     """Write the truth file (`impression_id [0,1,...]` lines) of a labelled split."""
-    from mmnewsrec.data.store import Store, StoreError
     from mmnewsrec.evaluate.leaderboard import ScoreFileError, write_truth
+    from mmnewsrec.formats.store import Store, StoreError
 
     try:
         path = write_truth(out, Store.load(store_dir).behaviors(split))
@@ -289,7 +290,7 @@ def evaluate(
     import json
 
     from mmnewsrec.evaluate.experiment import evaluate_run
-    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.formats.runs import CheckpointError
 
     try:
         metrics = evaluate_run(run_dir, store_dir, split, device)
@@ -312,16 +313,13 @@ def predict(
     device: Device = "cpu",
 ) -> None:
     """Write `impression_id [r1,r2,...]` lines (leaderboard format) for a split."""
-    import json
-
-    from mmnewsrec.data.store import Store
     from mmnewsrec.evaluate.experiment import predict_run
-    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.formats.runs import CheckpointError, read_run_config
+    from mmnewsrec.formats.store import Store
 
     try:
         if split is None:  # the run's own store unless another is given; the model loads once
-            run_config = json.loads((run_dir / "config.json").read_text())
-            store = Store.load(store_dir or run_config["data"]["store_dir"])
+            store = Store.load(store_dir or read_run_config(run_dir).data.store_dir)
             split = "test" if "test" in store.splits else "dev"
         path = predict_run(run_dir, store_dir, out, split, zip=zip, device=device)
     except (OSError, ValueError, KeyError, CheckpointError) as err:
@@ -364,8 +362,8 @@ def demo(
 
 def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str):
     """A Recommender over RUN_DIR, or a user-facing error."""
-    from mmnewsrec.data.store import StoreError
-    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.formats.runs import CheckpointError
+    from mmnewsrec.formats.store import StoreError
     from mmnewsrec.serve import Recommender
 
     try:  # ValueError covers ConfigError, EncodeError and mismatched vectors

@@ -13,14 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmnewsrec.encode.base import (
-    dedupe,
-    effective_precision,
-    encode_sorted,
-    inference,
-    resolve_device,
-)
-from mmnewsrec.encode.image import encode_image_files, hf_preprocess
+from mmnewsrec.devices import effective_precision, inference, resolve_device
+from mmnewsrec.encode.base import dedupe, encode_sorted
+from mmnewsrec.encode.image_files import encode_image_files, hf_preprocess
 
 if TYPE_CHECKING:
     import torch

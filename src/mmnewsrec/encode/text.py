@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmnewsrec.encode.base import dedupe, effective_precision, inference, resolve_device
+from mmnewsrec.devices import effective_precision, inference, resolve_device
+from mmnewsrec.encode.base import dedupe
 
 logger = logging.getLogger(__name__)
 

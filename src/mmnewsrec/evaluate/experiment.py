@@ -127,8 +127,8 @@ def load_experiment(path: Path) -> ExperimentConfig:
 
 def score_run(run_dir: Path, store_dir: Path | None, split: str, device: str = "cpu"):
     """(behaviors, scores) of a trained run on one split of a store (default: the run's store)."""
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.formats.store import Store
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import load_ranker
 
     ranker = load_ranker(run_dir, device)
@@ -149,7 +149,7 @@ def evaluate_run(
     run_dir: Path, store_dir: Path | None = None, split: str = "dev", device: str = "cpu"
 ) -> dict[str, Any]:
     """Metrics of a run on a labelled split, also written to RUN_DIR/metrics.json."""
-    from mmnewsrec.evaluate.metrics import evaluate_scores
+    from mmnewsrec.metrics import evaluate_scores
 
     behaviors, scores = score_run(run_dir, store_dir, split, device)
     if not behaviors.labelled:
@@ -170,7 +170,7 @@ def predict_run(
 ) -> Path:
     """Write a leaderboard prediction file (ranks per impression) for a split."""
     from mmnewsrec.evaluate.leaderboard import write_prediction
-    from mmnewsrec.evaluate.metrics import ranks_from_scores
+    from mmnewsrec.metrics import ranks_from_scores
 
     behaviors, scores = score_run(run_dir, store_dir, split, device)
     ranks = ranks_from_scores(scores, behaviors.candidate_offsets)
@@ -183,8 +183,8 @@ def oracle_auc(oracle: Path, store_dir: Path, split: str) -> float:
     """Dev AUC of the true click probabilities of a synthetic data set (oracle.tsv)."""
     import polars as pl
 
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.evaluate.metrics import evaluate_scores
+    from mmnewsrec.formats.store import Store
+    from mmnewsrec.metrics import evaluate_scores
 
     store = Store.load(store_dir)
     behaviors = store.behaviors(split)
@@ -265,8 +265,8 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
 
 
 def _recall(store_dir: Path, vectors_dir: Path, config: ExperimentConfig) -> dict[int, float]:
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.formats.store import Store
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.recall import Recaller
 
     behaviors = Store.load(store_dir).behaviors(config.dev_split)

@@ -10,39 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmnewsrec.csr import (
+    mean_user_vectors,
+    padded_to_csr,
+    pair_keys,
+    slice_csr,
+    tensor_segment_ids,
+)
+
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "exact", "faiss_flat", "faiss_hnsw"]
 BACKENDS = ("auto", "exact", "faiss_flat", "faiss_hnsw")
 SCORE_BLOCK = 1 << 25  # floats in one (users x news) block of exact scores
-
-
-def mean_user_vectors(
-    clicked: Tensor, offsets: Tensor, recency_weighting: float | None = None
-) -> Tensor:
-    """L2-normalised (optionally recency-weighted) mean of clicked-news vectors: (U, D).
-
-    clicked: (nnz, D) unit vectors of the clicks, user u owning rows offsets[u]:offsets[u+1],
-    oldest first. With recency_weighting = g in (0, 1], the r-th most recent click (r = 0 the
-    latest) weighs g**r. A user without clicks gets a zero vector.
-    """
-    device, counts = clicked.device, offsets.diff()
-    rows = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # (nnz,)
-    weights = torch.ones(len(rows), dtype=clicked.dtype, device=device)
-    if recency_weighting is not None:
-        recency = offsets[rows + 1] - 1 - torch.arange(len(rows), device=device)
-        weights = float(recency_weighting) ** recency.to(clicked.dtype)
-    summed = torch.zeros(len(counts), clicked.shape[1], dtype=clicked.dtype, device=device)
-    summed.index_add_(0, rows, clicked * weights[:, None])
-    return F.normalize(summed, dim=1)
-
-
-def padded_to_csr(padded: Tensor) -> tuple[Tensor, Tensor]:
-    """(U, L) news indices, 0 = padding -> CSR (offsets (U+1,), items (nnz,)), order kept."""
-    mask = padded > 0
-    offsets = torch.zeros(len(padded) + 1, dtype=torch.int64, device=padded.device)
-    offsets[1:] = mask.sum(1).cumsum(0)
-    return offsets, padded[mask].long()
 
 
 def as_csr(histories: Any) -> tuple[Tensor, Tensor]:
@@ -56,18 +36,6 @@ def as_csr(histories: Any) -> tuple[Tensor, Tensor]:
     if padded.ndim != 2:
         raise ValueError(f"histories: expected (users, L) or (offsets, items), got {padded.shape}")
     return padded_to_csr(padded)
-
-
-def slice_csr(offsets: Tensor, items: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
-    """Rows start:stop of a CSR pair, offsets rebased to 0."""
-    lo, hi = int(offsets[start]), int(offsets[stop])
-    return offsets[start : stop + 1] - lo, items[lo:hi]
-
-
-def pair_keys(offsets: Tensor, items: Tensor, width: int) -> Tensor:
-    """One int64 key per (row, item) of a CSR pair: row * width + item."""
-    rows = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
-    return rows * width + items
 
 
 class Recaller:
@@ -216,7 +184,7 @@ class Recaller:
         self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
     ) -> tuple[Tensor, Tensor]:
         step = max(1, SCORE_BLOCK // (self.num_news_ + 1))
-        rows = torch.repeat_interleave(torch.arange(len(users)), ex_offsets.diff())
+        rows = tensor_segment_ids(ex_offsets)
         out = []
         for s in range(0, len(users), step):
             scores = users[s : s + step] @ self.vectors_.T  # (b, N+1)

@@ -60,7 +60,7 @@ class NewsOut(BaseModel):
     has_image: bool
 
 
-class NewsDetail(NewsOut):
+class NewsDetailOut(NewsOut):
     abstract: str
     url: str
 
@@ -146,7 +146,7 @@ def search_news(
     return [asdict(recommender.summary(i)) for i in indices]
 
 
-@news_router.get("/{news_id}", response_model=NewsDetail)
+@news_router.get("/{news_id}", response_model=NewsDetailOut)
 def get_news(news_id: str, recommender: RecommenderDep):
     """One news item's metadata."""
     return asdict(recommender.detail(news_or_404(recommender, news_id)))
