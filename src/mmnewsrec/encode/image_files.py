@@ -108,10 +108,42 @@ def warn_unreadable(paths: list[str]) -> None:
     )
 
 
-def hf_preprocess(processor: Any) -> Preprocess:
-    """One image through a Hugging Face image processor -> (C, H, W) float32."""
+class ImageFileEncoder:
+    """Base of the image encoders: `encode` reads image files and embeds them batch by batch.
 
-    def preprocess(image: Image.Image) -> np.ndarray:
-        return processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
+    Subclasses set `name`, `dim` and `model` (a torch module) and define `preprocess` (an opened
+    image -> model input) and `embed` (a batch of inputs -> (B, dim) vectors).
+    """
 
-    return preprocess
+    name: str
+    dim: int
+    model: Any
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(
+        self,
+        items: Sequence[str | None],
+        batch_size: int = 64,
+        device: str = "cpu",
+        precision: str = "auto",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(n, dim) float32 rows and (n,) has_image; each distinct file is embedded once."""
+        self.model.to(resolve_device(device))
+        return encode_image_files(
+            items, self.preprocess, self.embed, self.dim, batch_size, device, precision
+        )
+
+
+class ProcessorImageEncoder(ImageFileEncoder):
+    """An image encoder whose inputs come from a Hugging Face image processor (`processor`)."""
+
+    processor: Any
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """One image -> (C, H, W) float32."""
+        return self.processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]

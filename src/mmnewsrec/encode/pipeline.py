@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     import polars as pl
     import torch
 
-    from mmnewsrec.data.store import Store
     from mmnewsrec.encode.joint import JointEncoder
+    from mmnewsrec.formats.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def encode_store(
     Unchanged inputs and options: no model work, the existing vectors are returned.
     `force`: encode everything again, cached parts included.
     """
-    from mmnewsrec.data.store import Store
+    from mmnewsrec.formats.store import Store
 
     started = time.perf_counter()
     config = config or EncodeConfig()
