@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from mmnewsrec.devices import effective_precision, resolve_device
 from mmnewsrec.encode.base import NewsEncoder, dedupe
 from mmnewsrec.encode.image import EfficientNetLiteEncoder, HFVisionEncoder, load_image_encoder
 from mmnewsrec.encode.joint import BlipEncoder, ClipEncoder, load_joint_encoder
@@ -166,16 +165,6 @@ def test_dedupe_keeps_first_seen_order_and_maps_back():
     unique, inverse = dedupe(["b", "a", None, "b", None])
     assert unique == ["b", "a", None]
     np.testing.assert_array_equal(inverse, [0, 1, 2, 0, 2])
-
-
-def test_device_and_precision():
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert effective_precision(torch.device("cpu"), "bf16") == "fp32"  # half is slow on CPU
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda")
-    with pytest.raises(ValueError, match="precision"):
-        effective_precision(torch.device("cpu"), "fp8")
 
 
 # -------------------------------------------------------------------------------------- text
