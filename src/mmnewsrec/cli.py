@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from mmnewsrec.serve import Recommender
 
 app = typer.Typer(
     help="Multimodal news recommendation on MIND-format data.",
@@ -32,7 +35,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     )
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print a user-facing error and exit with status 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -94,7 +97,8 @@ def prepare(
 ) -> None:
     """Parse and validate MIND tsv files into a compact, memory-mapped store."""
     from mmnewsrec.data.mind import MindFormatError
-    from mmnewsrec.data.store import StoreError, build_store
+    from mmnewsrec.data.store import build_store
+    from mmnewsrec.formats.store import StoreError
 
     try:
         store = build_store(data_dir, out, images=images, strict=strict, split=split, force=force)
@@ -360,7 +364,7 @@ def demo(
 # ---------------------------------------------------------------------------- serve
 
 
-def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str):
+def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str) -> Recommender:
     """A Recommender over RUN_DIR, or a user-facing error."""
     from mmnewsrec.formats.runs import CheckpointError
     from mmnewsrec.formats.store import StoreError

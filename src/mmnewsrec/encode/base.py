@@ -11,7 +11,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -60,7 +60,10 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
 
 
-def dedupe(items: Sequence[str | None]) -> tuple[list[str | None], np.ndarray]:
+Item = TypeVar("Item", str, str | None)
+
+
+def dedupe(items: Sequence[Item]) -> tuple[list[Item], np.ndarray]:
     """Unique items in first-seen order and, per input, its position among them."""
     import polars as pl
 

@@ -77,10 +77,11 @@ def encode_image_files(
 
     unique, inverse = dedupe(paths)
     todo = [i for i, path in enumerate(unique) if path]
+    files = [path for path in unique if path]
     vectors = np.zeros((len(unique), dim), dtype=np.float32)
     ok = np.zeros(len(unique), dtype=bool)
     resolved = resolve_device(device)
-    batches = read_batches([unique[i] for i in todo], preprocess, batch_size)
+    batches = read_batches(files, preprocess, batch_size)
     bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False, disable=len(todo) < 256)
     with bar, inference(resolved, effective_precision(resolved, precision)):
         for start, arrays in zip(range(0, len(todo), batch_size), batches, strict=True):
@@ -93,7 +94,7 @@ def encode_image_files(
                 vectors[rows] = to_numpy(embed(batch))[: len(rows)]
                 ok[rows] = True
             bar.update(len(arrays))
-    warn_unreadable([unique[i] for i in todo if not ok[i]])
+    warn_unreadable([path for i, path in zip(todo, files, strict=True) if not ok[i]])
     return vectors[inverse], ok[inverse]
 
 

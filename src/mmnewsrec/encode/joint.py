@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Side:
     """One modality of a joint encoder, seen as a `NewsEncoder`."""
 

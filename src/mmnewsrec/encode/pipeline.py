@@ -143,6 +143,7 @@ class Encoders:
     def joint(self) -> JointEncoder:
         from mmnewsrec.encode.joint import load_joint_encoder
 
+        assert self.config.joint_encoder is not None
         return load_joint_encoder(self.config.joint_encoder)
 
     @cached_property
@@ -151,6 +152,7 @@ class Encoders:
             return self.joint.text_side()
         from mmnewsrec.encode.text import SentenceEncoder
 
+        assert self.text_name is not None
         return SentenceEncoder(self.text_name)
 
     @cached_property
@@ -159,23 +161,27 @@ class Encoders:
             return self.joint.image_side()
         from mmnewsrec.encode.image import load_image_encoder
 
+        assert self.image_name is not None
         return load_image_encoder(self.image_name, self.config.image_size)
 
     @cached_property
     def joint_identity(self) -> dict:
+        assert self.config.joint_encoder is not None
         return {**model_identity(self.config.joint_encoder), "joint": True}
 
     def identity(self, side: str) -> dict:
         """The model identity recorded for a side (the joint model for both sides)."""
         if self.config.joint_encoder:
             return self.joint_identity
+        name = self.text_name if side == "text" else self.image_name
+        assert name is not None
         if side == "text":
-            return model_identity(self.text_name, text_model_path(self.text_name))
-        if self.image_name == DEFAULT_IMAGE_ENCODER:
+            return model_identity(name, text_model_path(name))
+        if name == DEFAULT_IMAGE_ENCODER:
             weights = efficientnet_weights()
             image_size = self.config.image_size or 224
-            return {**model_identity(self.image_name, weights), "image_size": image_size}
-        return model_identity(self.image_name)
+            return {**model_identity(name, weights), "image_size": image_size}
+        return model_identity(name)
 
 
 def choose_encoders(config: EncodeConfig, store: Store) -> tuple[str | None, str | None]:
@@ -290,9 +296,11 @@ class Plan:
         """Encoder identity, inputs and the part key of one side."""
         info: dict[str, Any] = {"encoder": self.encoders.identity(side)}
         if side == "text":
+            assert self.texts is not None
             info["fields"] = list(self.config.text_fields)
             inputs = hashlib.sha256("\0".join(self.texts.to_list()).encode()).hexdigest()
         else:
+            assert self.paths is not None
             inputs = image_listing(self.paths)
         key = {**info, "precision": self.precision, "inputs": inputs}
         info["key"] = f"{side}-{sha256_json(key)[:20]}"
@@ -300,11 +308,11 @@ class Plan:
 
     @property
     def text_key(self) -> str | None:
-        return self.text_info and self.text_info["key"]
+        return self.text_info["key"] if self.text_info else None
 
     @property
     def image_key(self) -> str | None:
-        return self.image_info and self.image_info["key"]
+        return self.image_info["key"] if self.image_info else None
 
     def fusion_method(self) -> str:
         if self.config.fusion:
@@ -321,18 +329,20 @@ class Plan:
 
     def text_part(self, parts: Path, device: str, timings: dict) -> np.ndarray | None:
         """(N, dt) float16 (memory-mapped), from the cache or the text encoder."""
-        if self.text_info is None:
+        if self.text_info is None or self.texts is None:
             return None
+        series = self.texts
 
         def compute() -> tuple[dict[str, np.ndarray], dict]:
             encoder = self.encoders.text
-            texts = self.texts.to_list()
+            texts = series.to_list()
             logger.info("encoding %d texts with %s on %s", len(texts), encoder.name, device)
             vectors = encoder.encode(texts, self.batch_size, device, self.precision)
             return {"vectors": vectors}, {"dim": encoder.dim}
 
         reuse = self.reuse_parts
-        arrays, meta = cached_part(parts, self.text_key, compute, reuse, timings, "text_s")
+        key = self.text_info["key"]
+        arrays, meta = cached_part(parts, key, compute, reuse, timings, "text_s")
         self.text_info.update(meta)
         return arrays["vectors"]
 
@@ -340,24 +350,26 @@ class Plan:
         self, parts: Path, device: str, timings: dict
     ) -> tuple[np.ndarray | None, np.ndarray]:
         """(N, di) float16 (memory-mapped) and (N,) has_image, from the cache or the encoder."""
-        if self.image_info is None:
+        if self.image_info is None or self.paths is None:
             return None, np.zeros(self.store.num_news, dtype=bool)
+        paths = self.paths
 
         def compute() -> tuple[dict[str, np.ndarray], dict]:
             import polars as pl
 
             encoder = self.encoders.image
-            paths = self.paths.to_list()
-            todo = len(paths) - self.paths.null_count()
+            todo = len(paths) - paths.null_count()
             logger.info("encoding %d images with %s on %s", todo, encoder.name, device)
-            vectors, has_image = encoder.encode(paths, self.batch_size, device, self.precision)
-            missed = self.paths.is_not_null() & ~pl.Series(has_image)
-            unreadable = self.paths.filter(missed).unique()
+            vectors, has_image = encoder.encode(
+                paths.to_list(), self.batch_size, device, self.precision
+            )
+            missed = paths.is_not_null() & ~pl.Series(has_image)
+            unreadable = paths.filter(missed).unique()
             meta = {"dim": encoder.dim, "unreadable": unreadable.sort().to_list()}
             return {"vectors": vectors, "has_image": has_image}, meta
 
         arrays, meta = cached_part(
-            parts, self.image_key, compute, self.reuse_parts, timings, "image_s"
+            parts, self.image_info["key"], compute, self.reuse_parts, timings, "image_s"
         )
         self.image_info.update(meta)
         return arrays["vectors"], np.asarray(arrays["has_image"])

@@ -35,13 +35,16 @@ import shutil
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
 from mmnewsrec.files import write_json
+
+if TYPE_CHECKING:
+    from mmnewsrec.formats.store import Behaviors
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +128,9 @@ def load_experiment(path: Path) -> ExperimentConfig:
 # ------------------------------------------------------------------ single runs
 
 
-def score_run(run_dir: Path, store_dir: Path | None, split: str, device: str = "cpu"):
+def score_run(
+    run_dir: Path, store_dir: Path | None, split: str, device: str = "cpu"
+) -> tuple[Behaviors, np.ndarray]:
     """(behaviors, scores) of a trained run on one split of a store (default: the run's store)."""
     from mmnewsrec.formats.store import Store
     from mmnewsrec.formats.vectors import NewsVectors
@@ -154,8 +159,8 @@ def evaluate_run(
     behaviors, scores = score_run(run_dir, store_dir, split, device)
     if not behaviors.labelled:
         raise ExperimentError(f"split {split!r} has no labels: use `predict` for it")
-    metrics = evaluate_scores(scores, behaviors.candidate_labels, behaviors.candidate_offsets)
-    metrics["split"] = split
+    labels, offsets = behaviors.candidate_labels, behaviors.candidate_offsets
+    metrics = {**evaluate_scores(scores, labels, offsets), "split": split}
     write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics
 
@@ -245,10 +250,12 @@ def run_experiment(config: ExperimentConfig, config_path: Path | None = None) ->
 
 
 def _prepare(config: ExperimentConfig) -> tuple[Path, str]:
-    from mmnewsrec.data.store import Store, build_store
+    from mmnewsrec.data.store import build_store
+    from mmnewsrec.formats.store import Store
 
     if config.store_dir is not None:
         return config.store_dir, Store.load(config.store_dir).summary()
+    assert config.data_dir is not None  # the config holds exactly one of the two
     store_dir = config.out_dir / "store"
     store = build_store(config.data_dir, store_dir, images=config.images)
     return store_dir, store.summary()

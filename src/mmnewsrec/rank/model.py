@@ -84,6 +84,10 @@ class Ranker(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type]
     trainable: ClassVar[bool] = True
+    news_vectors: Tensor  # buffers, registered in __init__
+    has_image: Tensor
+    vector_mean: Tensor
+    vector_scale: Tensor
 
     def __init__(self, config: Any, news_vectors: Any, has_image: Any = None) -> None:
         super().__init__()
@@ -345,6 +349,7 @@ class PopularityRanker(Ranker):
     name = "popularity"
     config_class = PopularityConfig
     trainable = False
+    counts: Tensor  # buffer
 
     def __init__(
         self, config: PopularityConfig, news_vectors: Any, has_image: Any = None, counts: Any = None

@@ -86,7 +86,10 @@ class TrainedRanker:
         return self.model(history.to(self.device), candidates.to(self.device)).float()
 
     def score_items(
-        self, history: Sequence[int], candidates: Sequence[int], width: int = 256
+        self,
+        history: Sequence[int] | np.ndarray,
+        candidates: Sequence[int] | np.ndarray,
+        width: int = 256,
     ) -> np.ndarray:
         """Scores of `candidates` (news indices) for one user who clicked `history` (oldest
         first); any number of candidates, scored in rows of `width`."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +20,6 @@ from mmnewsrec.csr import (
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "exact", "faiss_flat", "faiss_hnsw"]
 BACKENDS = ("auto", "exact", "faiss_flat", "faiss_hnsw")
 SCORE_BLOCK = 1 << 25  # floats in one (users x news) block of exact scores
 
@@ -50,7 +49,7 @@ class Recaller:
     def __init__(
         self,
         k: int = 100,
-        backend: Backend = "auto",
+        backend: str = "auto",  # one of BACKENDS
         recency_weighting: float | None = None,
         exact_max_news: int = 100_000,
         hnsw_m: int = 32,
@@ -162,6 +161,7 @@ class Recaller:
 
         data = np.ascontiguousarray(self.vectors_[1:].numpy())
         dim = data.shape[1]
+        index: Any
         if self.backend_ == "faiss_flat":
             index = faiss.IndexFlatIP(dim)
         else:
@@ -200,9 +200,11 @@ class Recaller:
     ) -> tuple[Tensor, Tensor]:
         extra = int(ex_offsets.diff().max()) if len(ex_items) else 0
         fetch = min(k + extra, self.num_news_)
+        index = self.index_
+        assert index is not None
         if self.backend_ == "faiss_hnsw":
-            self.index_.hnsw.efSearch = max(self.hnsw_ef_search, fetch)
-        scores, ids = self.index_.search(np.ascontiguousarray(users.numpy()), fetch)
+            index.hnsw.efSearch = max(self.hnsw_ef_search, fetch)
+        scores, ids = index.search(np.ascontiguousarray(users.numpy()), fetch)
         scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long() + 1  # -1 -> 0
         width = self.num_news_ + 1
         keys = torch.arange(len(ids))[:, None] * width + ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 import numpy as np
 
@@ -192,16 +193,17 @@ def draw_histories(
     counts = np.bincount(cell_of, minlength=n_cells)
     starts = np.cumsum(counts) - counts
     cells = np.arange(n_cells)
-    owner, cell = [], []
+    owner_parts, cell_parts = [], []
     for a in range(0, n_users, CHUNK_USERS):
         user = np.arange(a, min(a + CHUNK_USERS, n_users))
         z = utility(
             model, users, topics, user[:, None], cells // 9, cells // 3 % 3 - 1, cells % 3 - 1
         )
         draws = np.where(length[user] > 0, 4 * length[user] + 20, 0)  # spares for repeats
-        owner.append(np.repeat(user, draws))
-        cell.append(_draw_rows(rng, counts * np.exp(z - z.max(axis=1, keepdims=True)), draws))
-    owner, cell = np.concatenate(owner), np.concatenate(cell)
+        owner_parts.append(np.repeat(user, draws))
+        weight = counts * np.exp(z - z.max(axis=1, keepdims=True))
+        cell_parts.append(_draw_rows(rng, weight, draws))
+    owner, cell = np.concatenate(owner_parts), np.concatenate(cell_parts)
     item = members[starts[cell] + (rng.random(len(owner)) * counts[cell]).astype(np.int64)]
     keep = _first_occurrences(owner, item)
     owner, item = owner[keep], item[keep]
@@ -264,13 +266,13 @@ def make_impressions(
         ]
     )
     size = rng.integers(5, 51, n)
-    imp, items = [], []
+    imp_parts, item_parts = [], []
     for a in range(0, n, CHUNK_IMPRESSIONS):
         part = slice(a, a + CHUNK_IMPRESSIONS)
         drawn = _draw_candidates(rng, model, users, news, user[part], when[part], size[part])
-        imp.append(drawn[0] + a)
-        items.append(drawn[1])
-    imp, items = np.concatenate(imp), np.concatenate(items)
+        imp_parts.append(drawn[0] + a)
+        item_parts.append(drawn[1])
+    imp, items = np.concatenate(imp_parts), np.concatenate(item_parts)
     offsets = csr_offsets(np.bincount(imp, minlength=n))
     if np.diff(offsets).min() < 5:
         raise ValueError("too few news for 5 candidates per impression; increase the news")
@@ -322,6 +324,8 @@ def click_probability(
         part = offsets[a : a + chunk + 1]
         z, (row, col) = pad_rows(utility[part[0] : part[-1]], part, -np.inf)
         w = np.exp(z - z.max(axis=1, keepdims=True))
-        probability = sum(p * m for p, m in zip(clicks, _inclusion(w), strict=True))
+        probability = cast(
+            np.ndarray, sum(p * m for p, m in zip(clicks, _inclusion(w), strict=True))
+        )
         out[part[0] : part[-1]] = probability[row, col]
     return out
