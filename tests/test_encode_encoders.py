@@ -189,8 +189,12 @@ def test_plain_hf_text_model_is_mean_pooled_and_normalised(tiny):
 def test_same_text_same_vector_and_deterministic(tiny):
     encoder = SentenceEncoder(str(tiny["bert"]))
     first = encoder.encode(TITLES, batch_size=2)
-    np.testing.assert_array_equal(first[0], first[3])  # "the news" twice
-    np.testing.assert_array_equal(first, SentenceEncoder(str(tiny["bert"])).encode(TITLES))
+    np.testing.assert_array_equal(first[0], first[3])  # "the news" twice: embedded once
+    # A fresh model on the same batches runs the same kernels on the same shapes: bit-equal.
+    again = SentenceEncoder(str(tiny["bert"])).encode(TITLES, batch_size=2)
+    np.testing.assert_array_equal(first, again)
+    # Another batch size pads and blocks the matmuls differently: equal to float32 rounding.
+    np.testing.assert_allclose(encoder.encode(TITLES), first, rtol=0, atol=1e-6)
     assert encoder.encode([]).shape == (0, 32)
 
 
