@@ -1,6 +1,8 @@
-"""Reading image files for an encoder: a thread pool reads and preprocesses them a few batches
-ahead of the model. A missing image (None) or an unreadable file gives a zero row and
-`has_image` False; unreadable files are counted and listed in a warning.
+"""Image files into vectors, for every image encoder (`ImageFileEncoder` is their base).
+
+A thread pool reads and preprocesses the files a few batches ahead of the model. A missing image
+(None) or an unreadable file gives a zero row and `has_image` False; unreadable files are
+counted and listed in a warning.
 """
 
 from __future__ import annotations
