@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmnewsrec.data.store import Store, build_store
+from mmnewsrec.data.store import build_store
 from mmnewsrec.data.synthetic import SynthConfig, generate
-from mmnewsrec.encode.base import effective_precision, inference, resolve_device
+from mmnewsrec.devices import effective_precision, inference, resolve_device
 from mmnewsrec.encode.image import EfficientNetLiteEncoder
 from mmnewsrec.encode.pipeline import DEFAULT_FIELDS, EncodeConfig, encode_store, news_texts
 from mmnewsrec.encode.text import DEFAULT_TEXT_ENCODER, text_model_path
+from mmnewsrec.formats.store import Store
 
 
 def parse_args() -> argparse.Namespace:

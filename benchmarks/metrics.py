@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from mmnewsrec.evaluate.leaderboard import read_prediction, write_prediction
-from mmnewsrec.evaluate.metrics import METRICS, evaluate_scores, ranks_from_scores
+from mmnewsrec.metrics import METRICS, evaluate_scores, ranks_from_scores
 
 
 def make_data(impressions: int, candidates: int, seed: int = 0):

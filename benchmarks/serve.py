@@ -33,7 +33,7 @@ def build_run(work: Path, news: int, dim: int) -> Path:
     from mmnewsrec.config import load_config
     from mmnewsrec.data.store import build_store
     from mmnewsrec.data.synthetic import SynthConfig, generate
-    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.train import run_training
 
     run = work / "run"
@@ -67,7 +67,7 @@ def build_run(work: Path, news: int, dim: int) -> Path:
 
 def request_bodies(work: Path, count: int, k: int) -> list[dict]:
     """`count` bodies cycling over the non-empty histories of the dev impressions."""
-    from mmnewsrec.data.store import Store
+    from mmnewsrec.formats.store import Store
 
     store = Store.load(work / "store")
     dev = store.behaviors("dev")

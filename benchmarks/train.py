@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmnewsrec.data.store import Behaviors
-from mmnewsrec.encode.base import effective_precision, resolve_device
-from mmnewsrec.rank.batches import ListwiseDataset, collate
+from mmnewsrec.devices import autocast, effective_precision, resolve_device
+from mmnewsrec.formats.store import Behaviors
+from mmnewsrec.rank.batches import ClickDataset, collate
 from mmnewsrec.rank.model import build_model
-from mmnewsrec.rank.ranker import autocast, score_behaviors
+from mmnewsrec.rank.ranker import score_behaviors
 from mmnewsrec.rank.train import ranking_loss
 
 MIND_SMALL_CLICKS = 236_344
@@ -50,19 +50,19 @@ MEMORY_CHILD = """
 import sys, time
 from pathlib import Path
 import numpy as np, torch
-from mmnewsrec.data.store import Behaviors
+from mmnewsrec.formats.store import Behaviors
 folder, phase = Path(sys.argv[1]), sys.argv[2]
 start = time.perf_counter()
 if phase == "train":
-    from mmnewsrec.rank.batches import ListwiseDataset, ResumableSampler, collate
-    dataset = ListwiseDataset(Behaviors.load(folder / "train", "train", True), 4, 50, seed=0)
+    from mmnewsrec.rank.batches import ClickDataset, ResumableSampler, collate
+    dataset = ClickDataset(Behaviors.load(folder / "train", "train", True), 4, 50, seed=0)
     dataset.set_epoch(1)
     sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     loader = torch.utils.data.DataLoader(dataset, 128, sampler=sampler, collate_fn=collate)
     batches = sum(1 for _, batch in zip(range(50), loader))
     done = f"{len(dataset):,} samples, negatives of 2 epochs, {batches} batches"
 else:
-    from mmnewsrec.evaluate.metrics import evaluate_scores
+    from mmnewsrec.metrics import evaluate_scores
     from mmnewsrec.rank.model import build_model
     from mmnewsrec.rank.ranker import score_behaviors
     dev = Behaviors.load(folder / "dev", "dev", True)
@@ -215,7 +215,7 @@ def main() -> None:
     vectors = torch.nn.functional.normalize(torch.randn(args.news + 1, args.dim), dim=1)
     vectors[0] = 0
     behaviors = RandomBehaviors.make(args.impressions, args.news, rng)
-    dataset = ListwiseDataset(behaviors, args.negatives, args.history, seed=0)
+    dataset = ClickDataset(behaviors, args.negatives, args.history, seed=0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"load average {os.getloadavg()[0]:.1f} (other work on the machine slows CPU figures); "

@@ -25,7 +25,7 @@ TINY_HISTORY_LEN = 8
 
 def topic_vectors(store, dim: int = 32, seed: int = 0):
     """Random vectors around one centre per subcategory, so recall finds the same topic."""
-    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.formats.vectors import NewsVectors
 
     rng = np.random.default_rng(seed)
     news = store.news

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmnewsrec.data.store import Behaviors
+from mmnewsrec.formats.store import Behaviors
 from mmnewsrec.rank.batches import (
     Batch,
-    ListwiseDataset,
+    ClickDataset,
     ResumableSampler,
     collate,
     gather_history,
@@ -56,7 +56,7 @@ def behaviors() -> Behaviors:
 
 
 def test_samples_one_per_click_with_negatives_from_the_same_impression(behaviors):
-    ds = ListwiseDataset(behaviors, negatives=4, history_len=3, seed=1)
+    ds = ClickDataset(behaviors, negatives=4, history_len=3, seed=1)
     assert len(ds) == 3
     batch = ds.__getitems__([0, 1, 2])
     assert batch.candidates.shape == (3, 5)
@@ -72,7 +72,7 @@ def test_samples_one_per_click_with_negatives_from_the_same_impression(behaviors
 
 
 def test_history_is_left_padded_last_clicks(behaviors):
-    ds = ListwiseDataset(behaviors, negatives=2, history_len=3)
+    ds = ClickDataset(behaviors, negatives=2, history_len=3)
     hist = ds.__getitems__([0, 2]).history
     assert hist.dtype == torch.int64
     assert hist.tolist() == [[4, 5, 6], [0, 0, 7]]
@@ -81,13 +81,13 @@ def test_history_is_left_padded_last_clicks(behaviors):
 
 
 def test_negatives_are_resampled_per_epoch_and_reproducible(behaviors):
-    ds = ListwiseDataset(behaviors, negatives=3, seed=5)
+    ds = ClickDataset(behaviors, negatives=3, seed=5)
     draws = []
     for epoch in range(6):
         ds.set_epoch(epoch)
         draws.append(ds.negative.copy())
     assert any(not np.array_equal(draws[0], d) for d in draws[1:])
-    again = ListwiseDataset(behaviors, negatives=3, seed=5)
+    again = ClickDataset(behaviors, negatives=3, seed=5)
     again.set_epoch(4)
     assert np.array_equal(again.negative, draws[4])
 
@@ -105,7 +105,7 @@ def test_sample_negatives_is_uniform_and_distinct():
 
 
 def test_padded_negatives_do_not_enter_the_listwise_softmax(behaviors):
-    ds = ListwiseDataset(behaviors, negatives=4, history_len=3, seed=1)
+    ds = ClickDataset(behaviors, negatives=4, history_len=3, seed=1)
     batch = ds.__getitems__([2])  # the impression with 2 negatives: 2 padding columns
     real = batch.candidates[0] > 0
     assert real.sum() == 3
@@ -117,7 +117,7 @@ def test_padded_negatives_do_not_enter_the_listwise_softmax(behaviors):
 
 
 def test_pointwise_keeps_clicks_without_negatives_as_padding(behaviors):
-    ds = ListwiseDataset(behaviors, negatives=2, require_negative=False)
+    ds = ClickDataset(behaviors, negatives=2, require_negative=False)
     assert len(ds) == 5
     batch = ds.__getitems__([3, 4])
     assert batch.candidates[:, 0].tolist() == [40, 41]
@@ -127,11 +127,11 @@ def test_pointwise_keeps_clicks_without_negatives_as_padding(behaviors):
 def test_unlabelled_behaviors_are_refused(behaviors):
     behaviors.candidate_labels[:] = -1
     with pytest.raises(ValueError, match="unlabelled"):
-        ListwiseDataset(behaviors)
+        ClickDataset(behaviors)
 
 
 def test_dataloader_and_distributed_sampler_cover_the_samples(behaviors):
-    ds = ListwiseDataset(behaviors, negatives=2)
+    ds = ClickDataset(behaviors, negatives=2)
     seen = []
     for rank in range(2):
         sampler = ResumableSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
@@ -146,7 +146,7 @@ def test_dataloader_and_distributed_sampler_cover_the_samples(behaviors):
 
 
 def test_resumable_sampler_skips_consumed_indices(behaviors):
-    ds = ListwiseDataset(behaviors)
+    ds = ClickDataset(behaviors)
     sampler = ResumableSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3)
     full = list(sampler)
     sampler.set_start(2)

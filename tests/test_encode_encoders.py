@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmnewsrec.encode.base import NewsEncoder, dedupe, effective_precision, resolve_device
+from mmnewsrec.encode.base import NewsEncoder, dedupe
 from mmnewsrec.encode.image import EfficientNetLiteEncoder, HFVisionEncoder, load_image_encoder
 from mmnewsrec.encode.joint import BlipEncoder, ClipEncoder, load_joint_encoder
 from mmnewsrec.encode.text import SentenceEncoder
@@ -167,16 +167,6 @@ def test_dedupe_keeps_first_seen_order_and_maps_back():
     np.testing.assert_array_equal(inverse, [0, 1, 2, 0, 2])
 
 
-def test_device_and_precision():
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert effective_precision(torch.device("cpu"), "bf16") == "fp32"  # half is slow on CPU
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda")
-    with pytest.raises(ValueError, match="precision"):
-        effective_precision(torch.device("cpu"), "fp8")
-
-
 # -------------------------------------------------------------------------------------- text
 
 
@@ -300,7 +290,7 @@ def test_clip_text_and_image_features(tiny, images):
     encoder = load_joint_encoder(str(tiny["clip"]))
     assert isinstance(encoder, ClipEncoder) and encoder.dim == 24
     texts = encoder.encode_texts(TITLES, batch_size=2)
-    vectors, has_image = encoder.encode_images([images["b.png"], None])
+    vectors, has_image = encoder.image_side().encode([images["b.png"], None])
     model = CLIPModel.from_pretrained(tiny["clip"]).eval()
     tokens = AutoTokenizer.from_pretrained(tiny["clip"])(TITLES, padding=True, return_tensors="pt")
     pixels = processed(AutoImageProcessor.from_pretrained(tiny["clip"]), [images["b.png"]])
@@ -322,7 +312,7 @@ def test_blip_retrieval_vectors_reproduce_its_contrastive_score(tiny, images):
     encoder = load_joint_encoder(str(tiny["blip-itm"]))
     assert isinstance(encoder, BlipEncoder) and encoder.retrieval and encoder.dim == 20
     texts = encoder.encode_texts(TITLES[:3])
-    vectors, _ = encoder.encode_images([images["a.jpg"], images["b.png"]])
+    vectors, _ = encoder.image_side().encode([images["a.jpg"], images["b.png"]])
     model = BlipForImageTextRetrieval.from_pretrained(tiny["blip-itm"]).eval()
     tokens = AutoTokenizer.from_pretrained(tiny["blip-itm"])(
         TITLES[:3], padding=True, return_tensors="pt"
@@ -351,7 +341,7 @@ def test_blip_model_projected_features(tiny, images):
             input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
         ).pooler_output
     np.testing.assert_allclose(texts, unit(expected), atol=1e-5)
-    vectors, has_image = encoder.encode_images([images["corrupt.jpg"], images["c.jpg"]])
+    vectors, has_image = encoder.image_side().encode([images["corrupt.jpg"], images["c.jpg"]])
     np.testing.assert_array_equal(has_image, [False, True])
     assert vectors.shape == (2, 24) and not vectors[0].any()
 

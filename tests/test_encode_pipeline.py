@@ -13,13 +13,8 @@ from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
 from mmnewsrec.data.store import build_store
-from mmnewsrec.encode.pipeline import (
-    EncodeConfig,
-    EncodeError,
-    NewsVectors,
-    encode_store,
-    news_texts,
-)
+from mmnewsrec.encode.pipeline import EncodeConfig, EncodeError, encode_store, news_texts
+from mmnewsrec.formats.vectors import NewsVectors, VectorsError
 
 NEWS = [  # id, category, subcategory, title, abstract, image
     ("N1", "sports", "football", "Chiefs win in overtime", "A late field goal.", None),
@@ -80,7 +75,7 @@ def refuse_models(monkeypatch, sides=("text", "image", "joint")) -> None:
 
 
 def test_default_encoders_align_vectors_with_the_store(store, tmp_path, caplog):
-    from mmnewsrec.data.store import Store
+    from mmnewsrec.formats.store import Store
 
     with caplog.at_level(logging.WARNING):
         nv = encode_store(store, tmp_path / "emb", EncodeConfig(device="cpu"))
@@ -174,7 +169,7 @@ def test_interrupted_run_leaves_no_vectors_and_resumes(store, tiny, tmp_path, mo
         with pytest.raises(RuntimeError, match="power cut"):
             encode_store(store, out, EncodeConfig(**tiny))
     assert not (out / "manifest.json").exists()
-    with pytest.raises(EncodeError, match="no complete news vectors"):
+    with pytest.raises(VectorsError, match="no complete news vectors"):
         NewsVectors.load(out)
     refuse_models(monkeypatch, ["text"])  # the text part was kept
     nv = encode_store(store, out, EncodeConfig(**tiny))
@@ -202,7 +197,7 @@ def test_store_without_images_encodes_text_only(tmp_path, tiny):
 
 def test_output_folder_of_something_else_is_refused(store, tmp_path, tiny):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(EncodeError, match="does not hold news vectors"):
+    with pytest.raises(VectorsError, match="does not hold news vectors"):
         encode_store(store, tmp_path, EncodeConfig(**tiny))
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -261,8 +256,8 @@ def test_cli_encode(store, tiny, tmp_path):
 
 def test_same_category_news_are_closer_with_minilm(tmp_path):
     """Semantic sanity on the synthetic data set: titles of one category are more alike."""
-    from mmnewsrec.data.store import Store
     from mmnewsrec.data.synthetic import SynthConfig, generate
+    from mmnewsrec.formats.store import Store
 
     generate(tmp_path / "synth", SynthConfig.quick(0))
     build_store(tmp_path / "synth", tmp_path / "store")

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
-from mmnewsrec.data.store import Behaviors, build_store
+from mmnewsrec.data.store import build_store
 from mmnewsrec.evaluate import leaderboard
 from mmnewsrec.evaluate.leaderboard import (
     ScoreFileError,
@@ -21,7 +21,8 @@ from mmnewsrec.evaluate.leaderboard import (
     write_prediction,
     write_truth,
 )
-from mmnewsrec.evaluate.metrics import evaluate_scores
+from mmnewsrec.formats.store import Behaviors
+from mmnewsrec.metrics import evaluate_scores
 
 SAMPLE_PREDICTIONS = [
     "official_sample_prediction/prediction.txt",

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmnewsrec.data.store import Behaviors
+from mmnewsrec.formats.store import Behaviors
 from mmnewsrec.rank.model import (
     MODELS,
     PRESETS,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mmnewsrec.data.store import Behaviors
+from mmnewsrec.formats.store import Behaviors
 from mmnewsrec.recall import Recaller
 
 

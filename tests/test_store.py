@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
 from mmnewsrec.data.mind import MindFormatError
-from mmnewsrec.data.store import Behaviors, NewsMap, Store, StoreError, build_store
+from mmnewsrec.data.store import NewsMap, build_store
+from mmnewsrec.formats.store import Behaviors, Store, StoreError
 
 TIME = "11/15/2019 8:55:22 AM"
 UNIX = int(datetime(2019, 11, 15, 8, 55, 22, tzinfo=UTC).timestamp())

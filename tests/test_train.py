@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from mmnewsrec.cli import app
 from mmnewsrec.config import ConfigError, TrainConfig, load_config
 from mmnewsrec.data.store import build_store
-from mmnewsrec.encode.pipeline import NewsVectors
-from mmnewsrec.evaluate.metrics import evaluate_scores
+from mmnewsrec.formats.vectors import NewsVectors
+from mmnewsrec.metrics import evaluate_scores
 from mmnewsrec.rank import CheckpointError, load_ranker
 from mmnewsrec.rank.batches import Batch
 from mmnewsrec.rank.train import (
@@ -119,7 +119,7 @@ def test_loss_decreases_and_the_best_checkpoint_scores_dev(data, tmp_path):
     evals = [r for r in read_log(tmp_path / "run") if r["auc"]]
     assert [int(r["step"]) for r in evals] == [10, 20, 30, 40]
 
-    from mmnewsrec.data.store import Store
+    from mmnewsrec.formats.store import Store
 
     dev = Store.load(data / "store").behaviors("dev")
     ranker = load_ranker(tmp_path / "run", vectors=NewsVectors.load(data / "emb"))

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from mmnewsrec.serve import Recommender
 
 app = typer.Typer(
     help="Multimodal news recommendation on MIND-format data.",
@@ -32,7 +35,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     )
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print a user-facing error and exit with status 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -101,7 +104,8 @@ def prepare(
 ) -> None:
     """Parse and validate MIND tsv files into a compact, memory-mapped store."""
     from mmnewsrec.data.mind import MindFormatError
-    from mmnewsrec.data.store import StoreError, build_store
+    from mmnewsrec.data.store import build_store
+    from mmnewsrec.formats.store import StoreError
 
     try:
         store = build_store(
@@ -170,8 +174,9 @@ def encode(
     force: Annotated[bool, typer.Option(help="Encode even if the vectors are up to date.")] = False,
 ) -> None:
     """Embed every news item of a store with frozen encoders (no work if up to date)."""
-    from mmnewsrec.data.store import StoreError
     from mmnewsrec.encode.pipeline import EncodeConfig, EncodeError, encode_store
+    from mmnewsrec.formats.store import StoreError
+    from mmnewsrec.formats.vectors import VectorsError
 
     try:
         config = EncodeConfig(
@@ -188,7 +193,7 @@ def encode(
             precision=precision,
         )
         vectors = encode_store(store_dir, out, config, force=force)
-    except (EncodeError, StoreError, OSError) as err:
+    except (EncodeError, VectorsError, StoreError, OSError) as err:
         fail(str(err))
     typer.echo(f"news vectors in {out}: {vectors.summary()}")
 
@@ -218,9 +223,9 @@ def train(
     Several processes: torchrun --nproc-per-node N --no-python mmnewsrec train ...
     """
     from mmnewsrec.config import ConfigError, load_config
-    from mmnewsrec.data.store import StoreError
-    from mmnewsrec.encode.pipeline import EncodeError
-    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.formats.runs import CheckpointError
+    from mmnewsrec.formats.store import StoreError
+    from mmnewsrec.formats.vectors import VectorsError
     from mmnewsrec.rank.train import run_training
 
     values = {
@@ -235,7 +240,7 @@ def train(
     try:
         cfg = load_config(config, overrides or [], values)
         result = run_training(cfg, resume=resume)
-    except (ConfigError, CheckpointError, StoreError, EncodeError) as err:
+    except (ConfigError, CheckpointError, StoreError, VectorsError) as err:
         fail(str(err))
     if result.is_main:
         typer.echo(result.summary())
@@ -276,8 +281,8 @@ def truth(
     split: Annotated[str, typer.Option(help="A labelled split of the store.")] = "dev",
 ) -> None:
     """Write the truth file (`impression_id [0,1,...]` lines) of a labelled split."""
-    from mmnewsrec.data.store import Store, StoreError
     from mmnewsrec.evaluate.leaderboard import ScoreFileError, write_truth
+    from mmnewsrec.formats.store import Store, StoreError
 
     try:
         path = write_truth(out, Store.load(store_dir).behaviors(split))
@@ -304,7 +309,7 @@ def evaluate(
     import json
 
     from mmnewsrec.evaluate.experiment import evaluate_run
-    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.formats.runs import CheckpointError
 
     try:
         metrics = evaluate_run(run_dir, store_dir, split, device)
@@ -334,9 +339,9 @@ def predict(
     device: Device = "cpu",
 ) -> None:
     """Write `impression_id [r1,r2,...]` lines (leaderboard format) for a split."""
-    from mmnewsrec.data.store import StoreError
     from mmnewsrec.evaluate.experiment import predict_run, run_store
-    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.formats.runs import CheckpointError
+    from mmnewsrec.formats.store import StoreError
 
     try:
         if split is None:  # the run's own store unless another is given; the model loads once
@@ -382,10 +387,10 @@ def demo(
 # ---------------------------------------------------------------------------- serve
 
 
-def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str):
+def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str) -> Recommender:
     """A Recommender over RUN_DIR, or a user-facing error."""
-    from mmnewsrec.data.store import StoreError
-    from mmnewsrec.rank.ranker import CheckpointError
+    from mmnewsrec.formats.runs import CheckpointError
+    from mmnewsrec.formats.store import StoreError
     from mmnewsrec.serve import Recommender
 
     try:  # ValueError covers ConfigError, EncodeError and mismatched vectors

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mmnewsrec.devices import check_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -95,9 +97,7 @@ class RunConfig(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return value
+        return check_device(value)
 
 
 class TrainConfig(Section):

@@ -8,8 +8,9 @@ from mmnewsrec.encode.base import ImageEncoder, NewsEncoder, TextEncoder
 from mmnewsrec.encode.fusion import FUSIONS, Fusion
 from mmnewsrec.encode.image import EfficientNetLiteEncoder, HFVisionEncoder, load_image_encoder
 from mmnewsrec.encode.joint import BlipEncoder, ClipEncoder, JointEncoder, load_joint_encoder
-from mmnewsrec.encode.pipeline import EncodeConfig, EncodeError, NewsVectors, encode_store
+from mmnewsrec.encode.pipeline import EncodeConfig, EncodeError, encode_store
 from mmnewsrec.encode.text import SentenceEncoder
+from mmnewsrec.formats.vectors import NewsVectors, VectorsError
 
 __all__ = [
     "BlipEncoder",
@@ -26,6 +27,7 @@ __all__ = [
     "NewsVectors",
     "SentenceEncoder",
     "TextEncoder",
+    "VectorsError",
     "encode_store",
     "load_image_encoder",
     "load_joint_encoder",

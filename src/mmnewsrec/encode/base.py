@@ -1,4 +1,4 @@
-"""What every encoder shares: the protocols, device and precision, dedupe, model identity.
+"""What every encoder shares: the protocols, dedupe, sorted batching, model identity.
 
 Every encoder returns float32 rows, L2-normalised, one per input. Text encoders take strings;
 image encoders take image file paths (None = no image) and also return a `has_image` flag:
@@ -7,12 +7,11 @@ a missing or unreadable image gives a zero row and False, never a blank picture.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -20,8 +19,6 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @runtime_checkable
@@ -56,48 +53,6 @@ class ImageEncoder(NewsEncoder, Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else as given (checked)."""
-    import torch
-
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
-    return resolved
-
-
-def effective_precision(device: torch.device, precision: str = "auto") -> str:
-    """fp32 on CPU (half precision is slow there); on GPU `auto` -> bf16 if supported, else fp16."""
-    import torch
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if device.type != "cuda":
-        if precision not in ("auto", "fp32"):
-            logger.warning("precision %s ignored on %s; using fp32", precision, device)
-        return "fp32"
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return precision
-
-
-@contextlib.contextmanager
-def inference(device: torch.device, precision: str) -> Iterator[None]:
-    """`torch.inference_mode`, plus autocast to fp16/bf16 on GPU when asked."""
-    import torch
-
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    autocast = (
-        torch.autocast(device.type, dtype=dtypes[precision])
-        if device.type == "cuda" and precision in dtypes
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), autocast:
-        yield
-
-
 def to_numpy(x: torch.Tensor) -> np.ndarray:
     """L2-normalise rows and return them as float32 numpy."""
     import torch
@@ -105,7 +60,10 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
 
 
-def dedupe(items: Sequence[str | None]) -> tuple[list[str | None], np.ndarray]:
+Item = TypeVar("Item", str, str | None)
+
+
+def dedupe(items: Sequence[Item]) -> tuple[list[Item], np.ndarray]:
     """Unique items in first-seen order and, per input, its position among them."""
     import polars as pl
 

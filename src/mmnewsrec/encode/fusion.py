@@ -115,9 +115,12 @@ class Fusion:
         """(n, out_dim) float32; `text` / `image` may be None when the method does not use them."""
         mask = has_image[:, None]  # (n, 1)
         if self.method == "text":
+            assert text is not None
             return text.astype(np.float32, copy=False)
+        assert image is not None
         if self.method == "image":
             return np.where(mask, image, 0).astype(np.float32)
+        assert text is not None
         if self.method == "concat":
             return np.concatenate([text, np.where(mask, image, 0)], axis=1).astype(np.float32)
         t, i = self.project(text), self.project(image)

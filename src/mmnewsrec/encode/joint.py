@@ -13,14 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmnewsrec.encode.base import (
-    dedupe,
-    effective_precision,
-    encode_sorted,
-    inference,
-    resolve_device,
-)
-from mmnewsrec.encode.image import encode_image_files, hf_preprocess
+from mmnewsrec.devices import effective_precision, inference, resolve_device
+from mmnewsrec.encode.base import dedupe, encode_sorted
+from mmnewsrec.encode.image_files import ProcessorImageEncoder
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Side:
     """One modality of a joint encoder, seen as a `NewsEncoder`."""
 
@@ -85,25 +80,24 @@ class JointEncoder:
             vectors = encode_sorted(unique, embed, self.dim, batch_size, desc=f"{self.name} text")
         return vectors[inverse]
 
-    def encode_images(
-        self,
-        items: Sequence[str | None],
-        batch_size: int = 64,
-        device: str = "cpu",
-        precision: str = "auto",
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dim) float32 image vectors in the same space as the text vectors, and has_image."""
-        self.model.to(resolve_device(device))
-        preprocess = hf_preprocess(self.processor)
-        return encode_image_files(
-            items, preprocess, self.image_features, self.dim, batch_size, device, precision
-        )
-
     def text_side(self) -> Side:
         return Side(self.name, self.dim, self.encode_texts)
 
-    def image_side(self) -> Side:
-        return Side(self.name, self.dim, self.encode_images)
+    def image_side(self) -> JointImages:
+        return JointImages(self)
+
+
+class JointImages(ProcessorImageEncoder):
+    """The image side of a joint encoder: image vectors in the same space as its text vectors,
+    from the same loaded model."""
+
+    def __init__(self, joint: JointEncoder):
+        self.joint = joint
+        self.name, self.dim, self.model = joint.name, joint.dim, joint.model
+        self.processor = joint.processor
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.joint.image_features(pixels)
 
 
 class ClipEncoder(JointEncoder):

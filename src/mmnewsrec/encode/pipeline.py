@@ -1,10 +1,7 @@
 """Embed every news item of a store once with frozen encoders and keep the vectors on disk.
 
-Layout of EMB_DIR:
-    vectors.npy     float16 (N+1, dim); row 0 (padding) zeros, row i = news index i of the store
-    has_image.npy   bool (N+1,)
-    manifest.json   encoders, fields, fusion, dims, store content hash, timings and "hash"
-    parts/          the text part and the image part, each keyed by its own model and inputs
+The layout of EMB_DIR is `mmnewsrec.formats.vectors`; parts/ holds the text part and the image
+part, each keyed by its own model and inputs.
 
 "hash" is a sha256 over what determines the vectors (store content, encoder identities, text
 fields, image files, fusion, precision), not over timings. A run whose hash matches the
@@ -19,10 +16,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -30,28 +26,30 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmnewsrec.encode.base import (
-    PRECISIONS,
-    ImageEncoder,
-    TextEncoder,
-    effective_precision,
-    model_identity,
-    resolve_device,
-)
+from mmnewsrec.devices import PRECISIONS, check_device, effective_precision, resolve_device
+from mmnewsrec.encode.base import ImageEncoder, TextEncoder, model_identity
 from mmnewsrec.encode.fusion import FUSIONS, Fusion
 from mmnewsrec.encode.image import DEFAULT_IMAGE_ENCODER, efficientnet_weights
 from mmnewsrec.encode.text import DEFAULT_TEXT_ENCODER, text_model_path
+from mmnewsrec.files import atomic_file, sha256_json, temp_path, write_text
+from mmnewsrec.formats.vectors import (
+    FORMAT_VERSION,
+    NewsVectors,
+    VectorsError,
+    commit,
+    prepare_out,
+    save_npy,
+)
 
 if TYPE_CHECKING:
     import polars as pl
     import torch
 
-    from mmnewsrec.data.store import Store
     from mmnewsrec.encode.joint import JointEncoder
+    from mmnewsrec.formats.store import Store
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 TEXT_FIELDS = ("title", "abstract", "category", "subcategory")
 DEFAULT_FIELDS = ("category", "subcategory", "title")
 FIELD_SEPARATOR = ". "
@@ -60,7 +58,7 @@ NONE = "none"
 
 
 class EncodeError(ValueError):
-    """Bad encode options or an output folder that cannot be used."""
+    """Bad encode options."""
 
 
 @dataclass(frozen=True)
@@ -103,117 +101,16 @@ class EncodeConfig:
             raise EncodeError(f"an image size applies to {DEFAULT_IMAGE_ENCODER} only")
         if self.fusion is not None and self.fusion not in FUSIONS:
             raise EncodeError(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise EncodeError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        try:
+            check_device(self.device)
+        except ValueError as err:
+            raise EncodeError(str(err)) from None
         if self.precision not in PRECISIONS:
             raise EncodeError(f"precision must be one of {', '.join(PRECISIONS)}")
         if (self.batch_size is not None and self.batch_size < 1) or (
             self.image_size is not None and self.image_size < 32
         ):
             raise EncodeError("batch size must be positive and an image size at least 32")
-
-
-@dataclass
-class NewsVectors:
-    """One frozen vector per news index (row 0 = padding, zeros) and its has_image flag."""
-
-    vectors: np.ndarray  # (N+1, dim) float16
-    has_image: np.ndarray  # (N+1,) bool
-    manifest: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.vectors.ndim != 2 or len(self.vectors) < 1:
-            raise ValueError(f"vectors must be (N+1, dim), got shape {self.vectors.shape}")
-        if self.has_image.shape != (len(self.vectors),) or self.has_image.dtype != bool:
-            raise ValueError(
-                f"has_image must be bool of shape ({len(self.vectors)},), "
-                f"got {self.has_image.dtype} {self.has_image.shape}"
-            )
-        if np.any(self.vectors[0]) or self.has_image[0]:
-            raise ValueError("row 0 is padding: its vector must be zeros and has_image False")
-
-    @property
-    def dim(self) -> int:
-        return int(self.vectors.shape[1])
-
-    @property
-    def num_news(self) -> int:
-        return len(self.vectors) - 1
-
-    @property
-    def hash(self) -> str:
-        return self.manifest.get("hash", "")
-
-    def summary(self) -> str:
-        fusion = self.manifest.get("fusion", {}).get("method", "?")
-        return (
-            f"{self.num_news:,} news x {self.dim} ({fusion}), "
-            f"{int(self.has_image.sum()):,} with an image, hash {self.hash[:12]}"
-        )
-
-    @classmethod
-    def load(cls, path: Path | str) -> NewsVectors:
-        """Open EMB_DIR (vectors memory-mapped)."""
-        path = Path(path)
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-            vectors = np.load(path / "vectors.npy", mmap_mode="r")
-            has_image = np.load(path / "has_image.npy", mmap_mode="r")
-        except (OSError, ValueError) as err:
-            raise EncodeError(f"{path}: no complete news vectors ({err}); run `encode`") from None
-        expected = (manifest.get("num_news", -2) + 1, manifest.get("dim"))
-        if vectors.shape != expected:
-            raise EncodeError(
-                f"{path}: vectors.npy {vectors.shape} does not match manifest.json "
-                f"(num_news + 1, dim) = {expected}"
-            )
-        return cls(vectors, has_image, manifest)
-
-    def save(self, path: Path | str) -> None:
-        """Write to EMB_DIR (atomically: manifest.json last)."""
-        path = prepare_out(Path(path))
-        temp = {name: temp_path(path / name) for name in ("vectors.npy", "has_image.npy")}
-        save_npy(temp["vectors.npy"], np.asarray(self.vectors, dtype=np.float16))
-        save_npy(temp["has_image.npy"], np.asarray(self.has_image, dtype=bool))
-        manifest = {**self.manifest, "num_news": self.num_news, "dim": self.dim}
-        commit(path, temp, manifest)
-
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to exactly `path` (np.save itself appends .npy to other names)."""
-    with path.open("wb") as handle:
-        np.save(handle, array)
-
-
-def prepare_out(out: Path) -> Path:
-    """Create EMB_DIR, clear temporary files of interrupted runs; refuse a foreign folder."""
-    if out.is_dir() and any(out.iterdir()):
-        ours = (out / "manifest.json").is_file() or (out / "parts").is_dir()
-        if not ours:
-            raise EncodeError(f"{out} exists and does not hold news vectors; refusing to write")
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(".*.tmp-*"), *(out / "parts").glob(".*.tmp-*")]:
-        logger.info("removing %s left by an interrupted run", stale)
-        stale.unlink()
-    return out
-
-
-def commit(out: Path, temp: dict[str, Path], manifest: dict) -> None:
-    """Rename the written files into place; the manifest disappears first and returns last."""
-    manifest_temp = temp_path(out / "manifest.json")
-    manifest_temp.write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / "manifest.json").unlink(missing_ok=True)
-    for name, path in temp.items():
-        os.replace(path, out / name)
-    os.replace(manifest_temp, out / "manifest.json")
-
-
-def sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def news_texts(news: pl.DataFrame, fields: Sequence[str]) -> pl.Series:
@@ -246,6 +143,7 @@ class Encoders:
     def joint(self) -> JointEncoder:
         from mmnewsrec.encode.joint import load_joint_encoder
 
+        assert self.config.joint_encoder is not None
         return load_joint_encoder(self.config.joint_encoder)
 
     @cached_property
@@ -254,6 +152,7 @@ class Encoders:
             return self.joint.text_side()
         from mmnewsrec.encode.text import SentenceEncoder
 
+        assert self.text_name is not None
         return SentenceEncoder(self.text_name)
 
     @cached_property
@@ -262,23 +161,27 @@ class Encoders:
             return self.joint.image_side()
         from mmnewsrec.encode.image import load_image_encoder
 
+        assert self.image_name is not None
         return load_image_encoder(self.image_name, self.config.image_size)
 
     @cached_property
     def joint_identity(self) -> dict:
+        assert self.config.joint_encoder is not None
         return {**model_identity(self.config.joint_encoder), "joint": True}
 
     def identity(self, side: str) -> dict:
         """The model identity recorded for a side (the joint model for both sides)."""
         if self.config.joint_encoder:
             return self.joint_identity
+        name = self.text_name if side == "text" else self.image_name
+        assert name is not None
         if side == "text":
-            return model_identity(self.text_name, text_model_path(self.text_name))
-        if self.image_name == DEFAULT_IMAGE_ENCODER:
+            return model_identity(name, text_model_path(name))
+        if name == DEFAULT_IMAGE_ENCODER:
             weights = efficientnet_weights()
             image_size = self.config.image_size or 224
-            return {**model_identity(self.image_name, weights), "image_size": image_size}
-        return model_identity(self.image_name)
+            return {**model_identity(name, weights), "image_size": image_size}
+        return model_identity(name)
 
 
 def choose_encoders(config: EncodeConfig, store: Store) -> tuple[str | None, str | None]:
@@ -317,7 +220,7 @@ def encode_store(
     Unchanged inputs and options: no model work, the existing vectors are returned.
     `force`: encode everything again, cached parts included.
     """
-    from mmnewsrec.data.store import Store
+    from mmnewsrec.formats.store import Store
 
     started = time.perf_counter()
     config = config or EncodeConfig()
@@ -393,9 +296,11 @@ class Plan:
         """Encoder identity, inputs and the part key of one side."""
         info: dict[str, Any] = {"encoder": self.encoders.identity(side)}
         if side == "text":
+            assert self.texts is not None
             info["fields"] = list(self.config.text_fields)
             inputs = hashlib.sha256("\0".join(self.texts.to_list()).encode()).hexdigest()
         else:
+            assert self.paths is not None
             inputs = image_listing(self.paths)
         key = {**info, "precision": self.precision, "inputs": inputs}
         info["key"] = f"{side}-{sha256_json(key)[:20]}"
@@ -403,11 +308,11 @@ class Plan:
 
     @property
     def text_key(self) -> str | None:
-        return self.text_info and self.text_info["key"]
+        return self.text_info["key"] if self.text_info else None
 
     @property
     def image_key(self) -> str | None:
-        return self.image_info and self.image_info["key"]
+        return self.image_info["key"] if self.image_info else None
 
     def fusion_method(self) -> str:
         if self.config.fusion:
@@ -419,23 +324,25 @@ class Plan:
     def is_current(self, out: Path) -> bool:
         try:
             return NewsVectors.load(out).hash == self.hash
-        except EncodeError:
+        except VectorsError:
             return False
 
     def text_part(self, parts: Path, device: str, timings: dict) -> np.ndarray | None:
         """(N, dt) float16 (memory-mapped), from the cache or the text encoder."""
-        if self.text_info is None:
+        if self.text_info is None or self.texts is None:
             return None
+        series = self.texts
 
         def compute() -> tuple[dict[str, np.ndarray], dict]:
             encoder = self.encoders.text
-            texts = self.texts.to_list()
+            texts = series.to_list()
             logger.info("encoding %d texts with %s on %s", len(texts), encoder.name, device)
             vectors = encoder.encode(texts, self.batch_size, device, self.precision)
             return {"vectors": vectors}, {"dim": encoder.dim}
 
         reuse = self.reuse_parts
-        arrays, meta = cached_part(parts, self.text_key, compute, reuse, timings, "text_s")
+        key = self.text_info["key"]
+        arrays, meta = cached_part(parts, key, compute, reuse, timings, "text_s")
         self.text_info.update(meta)
         return arrays["vectors"]
 
@@ -443,24 +350,26 @@ class Plan:
         self, parts: Path, device: str, timings: dict
     ) -> tuple[np.ndarray | None, np.ndarray]:
         """(N, di) float16 (memory-mapped) and (N,) has_image, from the cache or the encoder."""
-        if self.image_info is None:
+        if self.image_info is None or self.paths is None:
             return None, np.zeros(self.store.num_news, dtype=bool)
+        paths = self.paths
 
         def compute() -> tuple[dict[str, np.ndarray], dict]:
             import polars as pl
 
             encoder = self.encoders.image
-            paths = self.paths.to_list()
-            todo = len(paths) - self.paths.null_count()
+            todo = len(paths) - paths.null_count()
             logger.info("encoding %d images with %s on %s", todo, encoder.name, device)
-            vectors, has_image = encoder.encode(paths, self.batch_size, device, self.precision)
-            missed = self.paths.is_not_null() & ~pl.Series(has_image)
-            unreadable = self.paths.filter(missed).unique()
+            vectors, has_image = encoder.encode(
+                paths.to_list(), self.batch_size, device, self.precision
+            )
+            missed = paths.is_not_null() & ~pl.Series(has_image)
+            unreadable = paths.filter(missed).unique()
             meta = {"dim": encoder.dim, "unreadable": unreadable.sort().to_list()}
             return {"vectors": vectors, "has_image": has_image}, meta
 
         arrays, meta = cached_part(
-            parts, self.image_key, compute, self.reuse_parts, timings, "image_s"
+            parts, self.image_info["key"], compute, self.reuse_parts, timings, "image_s"
         )
         self.image_info.update(meta)
         return arrays["vectors"], np.asarray(arrays["has_image"])
@@ -510,13 +419,9 @@ def cached_part(
         arrays, info = compute()
         timings[timing] = time.perf_counter() - t0
         for name, array in arrays.items():
-            target = parts / f"{key}.{name}.npy"
-            save_npy(
-                temp_path(target), array.astype(np.float16) if array.dtype.kind == "f" else array
-            )
-            os.replace(temp_path(target), target)
-        temp_path(meta_path).write_text(json.dumps({"arrays": list(arrays), "info": info}))
-        os.replace(temp_path(meta_path), meta_path)
+            with atomic_file(parts / f"{key}.{name}.npy") as tmp:
+                save_npy(tmp, array.astype(np.float16) if array.dtype.kind == "f" else array)
+        write_text(meta_path, json.dumps({"arrays": list(arrays), "info": info}))
     meta = json.loads(meta_path.read_text())
     arrays = {name: np.load(parts / f"{key}.{name}.npy", mmap_mode="r") for name in meta["arrays"]}
     return arrays, {**meta["info"], "cached": cached}

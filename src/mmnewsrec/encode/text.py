@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmnewsrec.encode.base import dedupe, effective_precision, inference, resolve_device
+from mmnewsrec.devices import effective_precision, inference, resolve_device
+from mmnewsrec.encode.base import dedupe
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,10 @@ class SentenceEncoder:
         self.model = SentenceTransformer(text_model_path(name_or_path), device="cpu").eval()
         if max_length is not None:
             self.model.max_seq_length = max_length
-        self.dim = int(self.model.get_embedding_dimension())
+        dim = self.model.get_embedding_dimension()
+        if dim is None:
+            raise ValueError(f"{name_or_path}: the model does not say its embedding size")
+        self.dim = int(dim)
 
     def encode(
         self,

@@ -44,7 +44,7 @@ from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_
 from mmnewsrec.files import write_json
 
 if TYPE_CHECKING:
-    from mmnewsrec.data.store import Store
+    from mmnewsrec.formats.store import Behaviors, Store
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,12 @@ def load_experiment(path: Path) -> ExperimentConfig:
 # ------------------------------------------------------------------ single runs
 
 
-def score_run(run_dir: Path, store_dir: Path | None, split: str, device: str = "cpu"):
+def score_run(
+    run_dir: Path, store_dir: Path | None, split: str, device: str = "cpu"
+) -> tuple[Behaviors, np.ndarray]:
     """(behaviors, scores) of a trained run on one split of a store (default: the run's store)."""
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.formats.store import Store
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import load_ranker
 
     ranker = load_ranker(run_dir, device)
@@ -152,24 +154,23 @@ def evaluate_run(
     run_dir: Path, store_dir: Path | None = None, split: str = "dev", device: str = "cpu"
 ) -> dict[str, Any]:
     """Metrics of a run on a labelled split, also written to RUN_DIR/metrics.json."""
-    from mmnewsrec.evaluate.metrics import evaluate_scores
+    from mmnewsrec.metrics import evaluate_scores
 
     behaviors, scores = score_run(run_dir, store_dir, split, device)
     if not behaviors.labelled:
         raise ExperimentError(f"split {split!r} has no labels: use `predict` for it")
-    metrics = evaluate_scores(scores, behaviors.candidate_labels, behaviors.candidate_offsets)
-    metrics["split"] = split
+    labels, offsets = behaviors.candidate_labels, behaviors.candidate_offsets
+    metrics = {**evaluate_scores(scores, labels, offsets), "split": split}
     write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics
 
 
 def run_store(run_dir: Path, store_dir: Path | None = None) -> Store:
     """The store at `store_dir`, else the one the run was trained on (from its config.json)."""
-    from mmnewsrec.data.store import Store
+    from mmnewsrec.formats.runs import read_run_config
+    from mmnewsrec.formats.store import Store
 
-    if store_dir is None:
-        store_dir = json.loads((Path(run_dir) / "config.json").read_text())["data"]["store_dir"]
-    return Store.load(store_dir)
+    return Store.load(store_dir or read_run_config(run_dir).data.store_dir)
 
 
 def check_complete(store: Store, split: str, allow_drops: bool = False) -> None:
@@ -210,7 +211,7 @@ def predict_run(
     (see `check_complete`); the file is checked before it is written (see `write_prediction`).
     """
     from mmnewsrec.evaluate.leaderboard import write_prediction
-    from mmnewsrec.evaluate.metrics import ranks_from_scores
+    from mmnewsrec.metrics import ranks_from_scores
 
     check_complete(run_store(run_dir, store_dir), split, allow_drops)
     behaviors, scores = score_run(run_dir, store_dir, split, device)
@@ -224,8 +225,8 @@ def oracle_auc(oracle: Path, store_dir: Path, split: str) -> float:
     """Dev AUC of the true click probabilities of a synthetic data set (oracle.tsv)."""
     import polars as pl
 
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.evaluate.metrics import evaluate_scores
+    from mmnewsrec.formats.store import Store
+    from mmnewsrec.metrics import evaluate_scores
 
     store = Store.load(store_dir)
     behaviors = store.behaviors(split)
@@ -286,10 +287,12 @@ def run_experiment(config: ExperimentConfig, config_path: Path | None = None) ->
 
 
 def _prepare(config: ExperimentConfig) -> tuple[Path, str]:
-    from mmnewsrec.data.store import Store, build_store
+    from mmnewsrec.data.store import build_store
+    from mmnewsrec.formats.store import Store
 
     if config.store_dir is not None:
         return config.store_dir, Store.load(config.store_dir).summary()
+    assert config.data_dir is not None  # the config holds exactly one of the two
     store_dir = config.out_dir / "store"
     store = build_store(config.data_dir, store_dir, images=config.images)
     return store_dir, store.summary()
@@ -306,8 +309,8 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
 
 
 def _recall(store_dir: Path, vectors_dir: Path, config: ExperimentConfig) -> dict[int, float]:
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.formats.store import Store
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.recall import Recaller
 
     behaviors = Store.load(store_dir).behaviors(config.dev_split)

@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmnewsrec.evaluate.metrics import (
+from mmnewsrec.files import atomic_file, write_text
+from mmnewsrec.metrics import (
     check_offsets,
     evaluate_scores,
     impression_chunks,
     ranks_from_scores,
 )
-from mmnewsrec.files import atomic_file, write_text
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from mmnewsrec.data.store import Behaviors
+    from mmnewsrec.formats.store import Behaviors
 
 logger = logging.getLogger(__name__)
 

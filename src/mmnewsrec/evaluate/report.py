@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from mmnewsrec.files import write_text
+from mmnewsrec.formats.runs import read_dev_curve
+from mmnewsrec.metrics import METRICS
 
 logger = logging.getLogger(__name__)
-
-METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 
 
 @dataclass(frozen=True)
@@ -126,19 +125,6 @@ def plot_curves(results: Sequence[RunResult], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def read_dev_curve(log_csv: Path) -> tuple[list[int], list[float]]:
-    """(steps, dev AUCs) from a training log, skipping rows without an evaluation."""
-    if not log_csv.exists():
-        return [], []
-    steps, aucs = [], []
-    with open(log_csv, newline="") as file:
-        for row in csv.DictReader(file):
-            if row.get("auc"):
-                steps.append(int(row["step"]))
-                aucs.append(float(row["auc"]))
-    return steps, aucs
 
 
 def write_report(out_dir: Path, results: Sequence[RunResult], inputs: ReportInputs) -> Path:

@@ -1,14 +1,18 @@
 """Ranking: models on frozen news vectors, training batches, the training recipe, trained runs."""
 
-from mmnewsrec.rank.batches import Batch, ListwiseDataset
+from mmnewsrec.formats.runs import CheckpointError
+from mmnewsrec.rank.batches import Batch, ClickDataset
 from mmnewsrec.rank.model import MODELS, Ranker, build_model, model_config
-from mmnewsrec.rank.ranker import CheckpointError, TrainedRanker, load_ranker
+from mmnewsrec.rank.ranker import TrainedRanker, load_ranker
 from mmnewsrec.rank.train import TrainRecipe, TrainResult, run_training
+
+ListwiseDataset = ClickDataset  # its former name, still exported
 
 __all__ = [
     "MODELS",
     "Batch",
     "CheckpointError",
+    "ClickDataset",
     "ListwiseDataset",
     "Ranker",
     "TrainRecipe",

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from mmnewsrec.data.store import csr_offsets
+from mmnewsrec.csr import csr_offsets, segment_ids
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +74,6 @@ def gather_history(
     return np.where(valid, items[np.clip(pos, 0, None)], 0).astype(np.int64)
 
 
-def segment_ids(offsets: np.ndarray) -> np.ndarray:
-    """Row id of every element of a CSR array (int32 when the row count fits)."""
-    rows = len(offsets) - 1
-    dtype = np.int32 if rows < 2**31 else np.int64
-    return np.repeat(np.arange(rows, dtype=dtype), np.diff(offsets))
-
-
 def sample_negatives(
     base: np.ndarray, count: np.ndarray, k: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -101,8 +94,9 @@ def sample_negatives(
     return np.where(chosen >= 0, base[:, None] + chosen, -1)
 
 
-class ListwiseDataset(torch.utils.data.Dataset):
-    """Samples of one click + K negatives of its impression; works with any index sampler.
+class ClickDataset(torch.utils.data.Dataset):
+    """Samples of one click + K negatives of its impression, for listwise and pointwise training
+    (pointwise: `require_negative=False`); works with any index sampler.
 
     `set_epoch(e)` redraws the negatives from (seed, e), so every process of a distributed run
     holds the same table and a resumed run draws the same negatives as an uninterrupted one.
@@ -235,7 +229,7 @@ class EvalRows:
         """Rows for every impression in order; an impression with no candidate gets none."""
         counts = np.diff(candidate_offsets)
         nrows = -(-counts // width)
-        impression = np.repeat(np.arange(len(counts)), nrows)
+        impression = segment_ids(csr_offsets(nrows))
         first_row = np.cumsum(nrows) - nrows
         chunk = np.arange(len(impression)) - np.repeat(first_row, nrows)
         start = candidate_offsets[impression] + chunk * width

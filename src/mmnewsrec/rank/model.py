@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmnewsrec.recall.recaller import mean_user_vectors, padded_to_csr
+from mmnewsrec.csr import mean_user_vectors, padded_to_csr
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ class Ranker(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type]
     trainable: ClassVar[bool] = True
+    news_vectors: Tensor  # buffers, registered in __init__
+    has_image: Tensor
+    vector_mean: Tensor
+    vector_scale: Tensor
 
     def __init__(self, config: Any, news_vectors: Any, has_image: Any = None) -> None:
         super().__init__()
@@ -115,7 +119,7 @@ class Ranker(nn.Module):
         return self.news_vectors.shape[1]
 
 
-class NewsEncoder(nn.Module):
+class NewsProjection(nn.Module):
     """News indices -> d_model tokens: the frozen vector standardised per dimension (mean and
     scale of the news table, so neither part of a text+image concatenation dominates by its
     scale), a projection, a "no image" vector and a LayerNorm. Each distinct news item of a
@@ -157,7 +161,7 @@ class SequenceEmbedding(nn.Module):
 
     def __init__(self, news_dim: int, cfg: RecTransformerConfig) -> None:
         super().__init__()
-        self.news = NewsEncoder(news_dim, cfg.d_model, cfg.image_flag)
+        self.news = NewsProjection(news_dim, cfg.d_model, cfg.image_flag)
         self.type_emb = nn.Parameter(torch.randn(2, cfg.d_model) * 0.02)  # 0 history, 1 candidate
         self.recency = nn.Parameter(torch.randn(cfg.max_history, cfg.d_model) * 0.02)
         self.no_history = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
@@ -304,7 +308,7 @@ class AdditiveAttentionUser(Ranker):
     def __init__(self, config: AdditiveAttentionConfig, news_vectors: Any, has_image: Any = None):
         super().__init__(config, news_vectors, has_image)
         d = config.d_model
-        self.news = NewsEncoder(self.news_dim, d, config.image_flag)
+        self.news = NewsProjection(self.news_dim, d, config.image_flag)
         self.no_history = nn.Parameter(torch.randn(d) * 0.02)
         self.attn = nn.MultiheadAttention(d, config.n_heads, config.dropout, batch_first=True)
         self.pool = AdditivePooling(d, config.query_dim)
@@ -359,6 +363,7 @@ class PopularityRanker(Ranker):
     name = "popularity"
     config_class = PopularityConfig
     trainable = False
+    counts: Tensor  # buffer
 
     def __init__(
         self, config: PopularityConfig, news_vectors: Any, has_image: Any = None, counts: Any = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,42 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmnewsrec.config import TrainConfig, validate_config
-from mmnewsrec.encode.base import resolve_device
+from mmnewsrec.devices import autocast, resolve_device
+from mmnewsrec.formats.runs import check_vectors_hash, read_checkpoint
 from mmnewsrec.rank.batches import BehaviorArrays, gather_history, iter_eval_batches
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, malformed, or made with other news vectors."""
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU (tensors and plain data only)."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not an mmnewsrec checkpoint (format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def check_vectors_hash(path: Path, expected: str, actual: str) -> None:
-    """Refuse news vectors other than those the checkpoint was trained on."""
-    if expected != actual:
-        raise CheckpointError(
-            f"{path} was trained on news vectors with hash {expected[:12]}..., but the vectors "
-            f"given have hash {actual[:12]}...; use the vectors of that run (or retrain)"
-        )
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 autocast on CUDA when `dtype` is set; a no-op context otherwise."""
-    if dtype is None or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 @torch.inference_mode()
@@ -124,7 +92,10 @@ class TrainedRanker:
         return self.model(history.to(self.device), candidates.to(self.device)).float()
 
     def score_items(
-        self, history: Sequence[int], candidates: Sequence[int], width: int = 256
+        self,
+        history: Sequence[int] | np.ndarray,
+        candidates: Sequence[int] | np.ndarray,
+        width: int = 256,
     ) -> np.ndarray:
         """Scores of `candidates` (news indices) for one user who clicked `history` (oldest
         first); any number of candidates, scored in rows of `width`."""
@@ -153,7 +124,7 @@ def load_ranker(
     `vectors` (a NewsVectors) replaces reading them from the run's `vectors_dir`; either way
     their hash must match the checkpoint's.
     """
-    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.model import build_model
 
     run_dir = Path(run_dir)

@@ -33,20 +33,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmnewsrec.config import ConfigError, TrainConfig
-from mmnewsrec.encode.base import effective_precision, resolve_device
+from mmnewsrec.devices import amp_dtype, autocast, resolve_device
 from mmnewsrec.files import atomic_file, write_text
-from mmnewsrec.rank.batches import Batch, ListwiseDataset, ResumableSampler, collate
-from mmnewsrec.rank.ranker import (
+from mmnewsrec.formats.runs import (
     CHECKPOINT_FORMAT,
-    autocast,
+    LOG_FIELDS,
     check_vectors_hash,
     read_checkpoint,
-    score_behaviors,
 )
+from mmnewsrec.rank.batches import Batch, ClickDataset, ResumableSampler, collate
+from mmnewsrec.rank.ranker import score_behaviors
 
 logger = logging.getLogger(__name__)
 
-LOG_FIELDS = ["step", "epoch", "loss", "lr", "samples_per_s", "auc", "mrr", "ndcg5", "ndcg10"]
 # The settings a resumed run may change: where it writes, how it reports progress, where the
 # data lies (the store and vectors are compared by content hash instead) and, upwards only,
 # optim.epochs. Any other change would alter what the run computes.
@@ -93,23 +92,6 @@ class DistInfo:
 def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """The contiguous share [lo, hi) of n items that `rank` of `world_size` takes."""
     return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def resolve_train_device(spec: str, local_rank: int = 0) -> torch.device:
-    """The config's device; plain 'cuda' (or 'auto' on a GPU machine) means cuda:LOCAL_RANK."""
-    try:
-        device = resolve_device(spec)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for `precision` on `device`: None (fp32) on CPU."""
-    resolved = effective_precision(device, precision)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -283,8 +265,8 @@ class TrainRecipe:
             write_text(self.out_dir / "config.json", config_text)
 
     def _load_data(self) -> None:
-        from mmnewsrec.data.store import Store
-        from mmnewsrec.encode.pipeline import NewsVectors
+        from mmnewsrec.formats.store import Store
+        from mmnewsrec.formats.vectors import NewsVectors
 
         cfg = self.config.data
         store = Store.load(cfg.store_dir)
@@ -353,7 +335,7 @@ class TrainRecipe:
                 f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} processes"
             )
         self.batch_size = cfg.optim.batch_size // world
-        self.dataset = ListwiseDataset(
+        self.dataset = ClickDataset(
             self.train_behaviors,
             negatives=cfg.data.negatives,
             history_len=cfg.data.history_len,
@@ -507,7 +489,7 @@ class TrainRecipe:
     def evaluate(self) -> dict[str, float]:
         """Dev metrics of the current weights on rank 0 ({} on the other ranks). Each rank
         scores its share of the impressions; rank 0 gathers the scores."""
-        from mmnewsrec.evaluate.metrics import evaluate_scores
+        from mmnewsrec.metrics import evaluate_scores
 
         dev = self.dev_behaviors
         n = self.config.data.dev_impressions or dev.num_impressions
@@ -710,7 +692,10 @@ def init_distributed(device: torch.device, dist_info: DistInfo) -> None:
 def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
     """Train with the device and process group taken from the config and the environment."""
     dist_info = DistInfo.from_env()
-    device = resolve_train_device(config.run.device, dist_info.local_rank)
+    try:
+        device = resolve_device(config.run.device, dist_info.local_rank)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     init_distributed(device, dist_info)
     recipe = TrainRecipe(config, device, dist_info)
     try:

@@ -3,46 +3,25 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmnewsrec.csr import (
+    mean_user_vectors,
+    padded_to_csr,
+    pair_keys,
+    slice_csr,
+    tensor_segment_ids,
+)
+
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "exact", "faiss_flat", "faiss_hnsw"]
 BACKENDS = ("auto", "exact", "faiss_flat", "faiss_hnsw")
 SCORE_BLOCK = 1 << 25  # floats in one (users x news) block of exact scores
-
-
-def mean_user_vectors(
-    clicked: Tensor, offsets: Tensor, recency_weighting: float | None = None
-) -> Tensor:
-    """L2-normalised (optionally recency-weighted) mean of clicked-news vectors: (U, D).
-
-    clicked: (nnz, D) unit vectors of the clicks, user u owning rows offsets[u]:offsets[u+1],
-    oldest first. With recency_weighting = g in (0, 1], the r-th most recent click (r = 0 the
-    latest) weighs g**r. A user without clicks gets a zero vector.
-    """
-    device, counts = clicked.device, offsets.diff()
-    rows = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # (nnz,)
-    weights = torch.ones(len(rows), dtype=clicked.dtype, device=device)
-    if recency_weighting is not None:
-        recency = offsets[rows + 1] - 1 - torch.arange(len(rows), device=device)
-        weights = float(recency_weighting) ** recency.to(clicked.dtype)
-    summed = torch.zeros(len(counts), clicked.shape[1], dtype=clicked.dtype, device=device)
-    summed.index_add_(0, rows, clicked * weights[:, None])
-    return F.normalize(summed, dim=1)
-
-
-def padded_to_csr(padded: Tensor) -> tuple[Tensor, Tensor]:
-    """(U, L) news indices, 0 = padding -> CSR (offsets (U+1,), items (nnz,)), order kept."""
-    mask = padded > 0
-    offsets = torch.zeros(len(padded) + 1, dtype=torch.int64, device=padded.device)
-    offsets[1:] = mask.sum(1).cumsum(0)
-    return offsets, padded[mask].long()
 
 
 def as_csr(histories: Any) -> tuple[Tensor, Tensor]:
@@ -63,18 +42,6 @@ def int64_tensor(values: Any) -> Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def slice_csr(offsets: Tensor, items: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
-    """Rows start:stop of a CSR pair, offsets rebased to 0."""
-    lo, hi = int(offsets[start]), int(offsets[stop])
-    return offsets[start : stop + 1] - lo, items[lo:hi]
-
-
-def pair_keys(offsets: Tensor, items: Tensor, width: int) -> Tensor:
-    """One int64 key per (row, item) of a CSR pair: row * width + item."""
-    rows = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
-    return rows * width + items
-
-
 class Recaller:
     """Cosine top-K recall over all news from the mean vector of a user's clicks.
 
@@ -87,7 +54,7 @@ class Recaller:
     def __init__(
         self,
         k: int = 100,
-        backend: Backend = "auto",
+        backend: str = "auto",  # one of BACKENDS
         recency_weighting: float | None = None,
         exact_max_news: int = 100_000,
         hnsw_m: int = 32,
@@ -199,6 +166,7 @@ class Recaller:
 
         data = np.ascontiguousarray(self.vectors_[1:].numpy())
         dim = data.shape[1]
+        index: Any
         if self.backend_ == "faiss_flat":
             index = faiss.IndexFlatIP(dim)
         else:
@@ -221,7 +189,7 @@ class Recaller:
         self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
     ) -> tuple[Tensor, Tensor]:
         step = max(1, SCORE_BLOCK // (self.num_news_ + 1))
-        rows = torch.repeat_interleave(torch.arange(len(users)), ex_offsets.diff())
+        rows = tensor_segment_ids(ex_offsets)
         out = []
         for s in range(0, len(users), step):
             scores = users[s : s + step] @ self.vectors_.T  # (b, N+1)
@@ -237,9 +205,11 @@ class Recaller:
     ) -> tuple[Tensor, Tensor]:
         extra = int(ex_offsets.diff().max()) if len(ex_items) else 0
         fetch = min(k + extra, self.num_news_)
+        index = self.index_
+        assert index is not None
         if self.backend_ == "faiss_hnsw":
-            self.index_.hnsw.efSearch = max(self.hnsw_ef_search, fetch)
-        scores, ids = self.index_.search(np.ascontiguousarray(users.numpy()), fetch)
+            index.hnsw.efSearch = max(self.hnsw_ef_search, fetch)
+        scores, ids = index.search(np.ascontiguousarray(users.numpy()), fetch)
         scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long() + 1  # -1 -> 0
         width = self.num_news_ + 1
         keys = torch.arange(len(ids))[:, None] * width + ids

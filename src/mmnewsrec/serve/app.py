@@ -7,7 +7,7 @@ from dataclasses import asdict
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from anyio import CapacityLimiter
 from anyio.to_thread import run_sync
@@ -60,7 +60,7 @@ class NewsOut(BaseModel):
     has_image: bool
 
 
-class NewsDetail(NewsOut):
+class NewsDetailOut(NewsOut):
     abstract: str
     url: str
 
@@ -125,7 +125,9 @@ health_router = APIRouter(tags=["health"])
 
 
 @recommend_router.post("/recommend", response_model=RecommendResponse)
-async def recommend(body: RecommendRequest, recommender: RecommenderDep, limiter: LimiterDep):
+async def recommend(
+    body: RecommendRequest, recommender: RecommenderDep, limiter: LimiterDep
+) -> dict[str, Any]:
     """Top-k news for a click history; an empty history gets the most clicked news."""
     # Compute in a worker thread, a bounded number at once: on a few cores, requests that
     # compete for them (and for the GIL) all finish later than requests that queue.
@@ -140,20 +142,20 @@ def search_news(
     settings: SettingsDep,
     q: Annotated[str, Query(min_length=1, max_length=200)],
     limit: Annotated[int, Query(ge=1)] = 10,
-):
+) -> list[dict[str, Any]]:
     """News whose title contains `q` (case-insensitive)."""
     indices = recommender.search_titles(q, min(limit, settings.search_limit))
     return [asdict(recommender.summary(i)) for i in indices]
 
 
-@news_router.get("/{news_id}", response_model=NewsDetail)
-def get_news(news_id: str, recommender: RecommenderDep):
+@news_router.get("/{news_id}", response_model=NewsDetailOut)
+def get_news(news_id: str, recommender: RecommenderDep) -> dict[str, Any]:
     """One news item's metadata."""
     return asdict(recommender.detail(news_or_404(recommender, news_id)))
 
 
 @news_router.get("/{news_id}/image", response_class=FileResponse)
-def get_image(news_id: str, recommender: RecommenderDep):
+def get_image(news_id: str, recommender: RecommenderDep) -> FileResponse:
     """The news item's image file, as recorded in the store; 404 when it has none."""
     path = recommender.image_path(news_or_404(recommender, news_id))
     if path is None or path.suffix.lower() not in IMAGE_TYPES or not path.is_file():
@@ -162,7 +164,7 @@ def get_image(news_id: str, recommender: RecommenderDep):
 
 
 @health_router.get("/health", response_model=Health)
-def health(recommender: RecommenderDep):
+def health(recommender: RecommenderDep) -> dict[str, Any]:
     """Model, vectors and corpus counts of the loaded run."""
     return {"status": "ok", **recommender.info()}
 

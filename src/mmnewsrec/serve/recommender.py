@@ -3,7 +3,6 @@ trained model, fall back to the most clicked news when nothing in the history is
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -14,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.encode.pipeline import NewsVectors
+    from mmnewsrec.formats.store import Store
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import TrainedRanker
 
 logger = logging.getLogger(__name__)
@@ -98,15 +97,12 @@ class Recommender:
 
         recall_backend: "exact", "faiss_flat", "faiss_hnsw" (approximate, fast at large N)
         or "auto" (see `Recaller`)."""
-        from mmnewsrec.config import validate_config
-        from mmnewsrec.data.store import Store
-        from mmnewsrec.encode.pipeline import NewsVectors
+        from mmnewsrec.formats.runs import read_run_config
+        from mmnewsrec.formats.store import Store
+        from mmnewsrec.formats.vectors import NewsVectors
         from mmnewsrec.rank import load_ranker
 
-        config_path = Path(run_dir) / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: not a run directory of `train`")
-        config = validate_config(json.loads(config_path.read_text()), str(config_path))
+        config = read_run_config(run_dir)
         store = Store.load(config.data.store_dir)
         vectors = NewsVectors.load(config.data.vectors_dir)
         ranker = load_ranker(run_dir, device, vectors=vectors)
