@@ -137,6 +137,23 @@ def test_hnsw_rescores_exactly_and_leaves_the_index_unchanged():
     assert hnsw.index_.hnsw.efSearch == 16
 
 
+def test_hnsw_index_is_saved_and_read_back(tmp_path, monkeypatch):
+    vectors = random_vectors(500, 16, seed=7)
+    users = Recaller().fit(vectors).user_vectors(np.array([[1, 2, 3], [4, 5, 0]]))
+    built = Recaller(k=20, backend="faiss_hnsw").fit(vectors, tmp_path, "abc")
+    assert [p.name for p in tmp_path.iterdir()] == ["hnsw32-sq8-abc.faiss"]
+
+    def no_build(self):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(Recaller, "_build_index", no_build)
+    read = Recaller(k=20, backend="faiss_hnsw").fit(vectors, tmp_path, "abc")
+    for a, b in zip(built.search(users), read.search(users), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same graph and codes, the same kernels
+    with pytest.raises(AssertionError, match="built again"):
+        Recaller(backend="faiss_hnsw").fit(random_vectors(400, 16), tmp_path, "abc")
+
+
 def test_a_float32_matrix_is_shared_not_copied():
     vectors = torch.zeros(101, 8)
     vectors[1:] = torch.from_numpy(unit(random_vectors(100, 8)[1:]) * 3)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmnewsrec.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +106,14 @@ class Recaller:
         self.hnsw_ef_search = hnsw_ef_search
         self.batch_size = batch_size
 
-    def fit(self, vectors: Any) -> Recaller:
+    def fit(self, vectors: Any, cache_dir: Path | None = None, cache_key: str = "") -> Recaller:
         """Take the news vectors (N+1, D) (row 0 = padding): a float32 tensor or writable array
-        is kept as it is, anything else converted once; then build the index."""
+        is kept as it is, anything else converted once; then build the index.
+
+        cache_dir, cache_key: an HNSW index (slow to build at scale) is saved under `cache_dir`,
+        named by its parameters and `cache_key` (the vectors' content hash), and read back by
+        the next fit with the same key instead of being built again.
+        """
         self._check_params()
         if isinstance(vectors, Tensor):
             matrix = vectors.float()
@@ -119,7 +127,11 @@ class Recaller:
         self.inv_norms_[0] = 0.0  # padding scores 0 and is masked
         self.num_news_ = len(matrix) - 1
         self.backend_ = self._resolve_backend()
-        self.index_ = self._build_index() if self.backend_ != "exact" else None
+        self.index_ = None
+        if self.backend_ == "faiss_hnsw" and cache_dir is not None and cache_key:
+            self.index_ = self._cached_index(cache_dir / f"hnsw{self.hnsw_m}-sq8-{cache_key}.faiss")
+        elif self.backend_ != "exact":
+            self.index_ = self._build_index()
         logger.info("recaller: %d news, dim %d, %s", self.num_news_, matrix.shape[1], self.backend_)
         return self
 
@@ -200,6 +212,23 @@ class Recaller:
         if self.backend != "auto":
             return self.backend
         return "exact" if self.num_news_ <= self.exact_max_news else "faiss_hnsw"
+
+    def _cached_index(self, path: Path) -> Any:
+        import faiss
+
+        if path.is_file():
+            index = faiss.read_index(str(path))
+            if (index.ntotal, index.d) == (self.num_news_, self.vectors_.shape[1]):
+                logger.info("recall index read from %s", path)
+                return index
+            logger.warning("%s holds another corpus: building the index again", path)
+        index = self._build_index()
+        try:
+            with atomic_file(path) as tmp:
+                faiss.write_index(index, str(tmp))
+        except OSError as err:
+            logger.warning("recall index not saved (%s); the next start builds it again", err)
+        return index
 
     def _build_index(self) -> Any:
         """The FAISS index over the unit news vectors, added in blocks (bounded extra memory)."""

@@ -68,7 +68,9 @@ class Recommender:
         ranker: TrainedRanker,
         recall_k: int = 200,
         recall_backend: str = "auto",
+        index_dir: Path | None = None,
     ) -> None:
+        """index_dir: where the recall index is kept between starts (the vectors' folder)."""
         from mmnewsrec.recall import Recaller
 
         if recall_k < 1:
@@ -77,7 +79,7 @@ class Recommender:
         ranker.model.cache_news_tokens()  # per request: lookups instead of projections
         self.store, self.vectors, self.ranker, self.recall_k = store, vectors, ranker, recall_k
         self.recaller = Recaller(recall_k, recall_backend, exact_max_news=SERVE_EXACT_MAX_NEWS)
-        self.recaller.fit(shared_news_matrix(ranker, vectors))
+        self.recaller.fit(shared_news_matrix(ranker, vectors), index_dir, vectors.hash[:16])
         news = store.news
         # A dict answers one request's lookups in microseconds (Store.news_index builds a
         # mapping over the whole corpus per call, meant for batch work).
@@ -116,7 +118,8 @@ class Recommender:
         store = Store.load(config.data.store_dir)
         vectors = NewsVectors.load(config.data.vectors_dir)
         ranker = load_ranker(run_dir, device, vectors=vectors)
-        return cls(store, vectors, ranker, recall_k, recall_backend)
+        index_dir = Path(config.data.vectors_dir) / "recall"
+        return cls(store, vectors, ranker, recall_k, recall_backend, index_dir)
 
     def _train_clicks(self) -> np.ndarray:
         """Clicks per news index in the run's train split (zeros when the store lacks it)."""
