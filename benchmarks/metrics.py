@@ -12,6 +12,7 @@ on the subset. With --files, also times writing and reading the leaderboard pred
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import tracemalloc
@@ -88,9 +89,14 @@ def time_files(ranks: np.ndarray, offsets: np.ndarray) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path, clock, peak = timed(write_prediction, Path(tmp) / "p.txt", ids, ranks, offsets)
         size = path.stat().st_size / 2**20
-        print(f"write_prediction: {clock}, {size:.0f} MiB file, peak +{peak:.0f} MiB")
+        load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        print(
+            f"write_prediction (text read back and checked): {clock}, {size:.0f} MiB file, "
+            f"peak +{peak:.0f} MiB; {load}"
+        )
         _, clock, peak = timed(read_prediction, path)
-        print(f"read_prediction (with permutation check): {clock}, peak +{peak:.0f} MiB")
+        load = f"load average {os.getloadavg()[0]:.1f}"
+        print(f"read_prediction (with permutation check): {clock}, peak +{peak:.0f} MiB; {load}")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ child process so that its peak RSS is measured alone.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,12 +25,12 @@ import polars as pl
 CHILD = """
 import sys, time
 from mmnewsrec.data.store import build_store
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 store = build_store(sys.argv[1], sys.argv[2])
-seconds = time.perf_counter() - start
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 status = open("/proc/self/status").read()
 hwm_kib = int(status.split("VmHWM:")[1].split()[0])
-print(seconds, hwm_kib)
+print(seconds, cpu, hwm_kib)
 print(store.summary(), file=sys.stderr)
 """
 
@@ -70,13 +71,23 @@ def joined_tokens(counts: np.ndarray, tokens: pl.Expr, frame: pl.DataFrame) -> p
     return out.to_series(1).fill_null("")
 
 
+def distinct_candidates(counts: np.ndarray, n_news: int, rng: np.random.Generator) -> np.ndarray:
+    """News ids 1..n_news, distinct within each impression: start + j * step (mod n_news),
+    with a random start and a step small enough that no impression wraps onto itself."""
+    start = np.repeat(rng.integers(0, n_news, len(counts)), counts)
+    step = np.repeat(rng.integers(1, n_news // counts.max() + 1, len(counts)), counts)
+    position = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return (start + position * step) % n_news + 1
+
+
 def write_behaviors(path: Path, impressions: int, n_news: int, rng: np.random.Generator) -> int:
     """MIND-small-like behaviors; returns the number of candidate rows."""
     cand_counts = np.clip(rng.lognormal(3.31, 0.8, impressions), 2, 300).astype(np.int64)
     hist_counts = np.clip(rng.exponential(32.4, impressions), 0, 500).astype(np.int64)
     total = int(cand_counts.sum())
     labels = (rng.random(total) < 0.04).astype(np.int8)
-    cands = pl.DataFrame({"id": rng.integers(1, n_news + 1, total), "label": labels})
+    ids = distinct_candidates(cand_counts, n_news, rng)
+    cands = pl.DataFrame({"id": ids, "label": labels})
     hists = pl.DataFrame({"id": rng.integers(1, n_news + 1, int(hist_counts.sum()))})
     seconds = rng.integers(1573257600, 1573776000, impressions)  # 2019-11-09 .. 2019-11-15
     pl.DataFrame(
@@ -126,9 +137,12 @@ def main() -> None:
             text=True,
         )
         wall = time.perf_counter() - start
-        seconds, hwm_kib = done.stdout.split()
+        seconds, cpu, hwm_kib = done.stdout.split()
         print(done.stderr.strip())
-        print(f"build_store: {float(seconds):.2f} s (process incl. imports {wall:.2f} s)")
+        print(
+            f"build_store: {float(seconds):.2f} s wall, {float(cpu):.2f} s CPU (process incl. "
+            f"imports {wall:.2f} s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
         print(f"peak RSS: {int(hwm_kib) / 2**10:.0f} MiB (whole process, incl. imports)")
         print(f"store size: {folder_size(root / 'store') / 2**20:.0f} MiB")
 

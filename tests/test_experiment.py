@@ -5,10 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import topic_vectors
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
-from mmnewsrec.data.store import Store
+from mmnewsrec.config import load_config
+from mmnewsrec.data.store import Store, build_store
 from mmnewsrec.evaluate.experiment import (
     ExperimentError,
     evaluate_run,
@@ -20,6 +22,7 @@ from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_t
 from mmnewsrec.evaluate.metrics import evaluate_scores
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
 from mmnewsrec.rank.ranker import load_ranker
+from mmnewsrec.rank.train import run_training
 
 
 def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
@@ -131,3 +134,60 @@ def test_quick_demo_end_to_end(tmp_path):
     assert again.exit_code == 0, again.output
     assert checkpoint.stat().st_mtime_ns == written
     assert (out / "runs" / "random" / "any" / "seed0" / "metrics.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def run_with_drops(tmp_path_factory):
+    """A popularity run on a store whose test split lost candidates and an impression to news
+    ids in no news.tsv (prepared with allow_drops)."""
+    root = tmp_path_factory.mktemp("drops")
+    news = "".join(f"N{i}\tcat\tsub{i % 3}\tTitle {i}\t\t\t[]\t[]\n" for i in range(1, 9))
+    time = "11/15/2019 8:55:22 AM"
+    behaviors = {
+        "train": [("1", "N1", "N2-1 N3-0 N4-0"), ("2", "N2", "N5-1 N6-0")],
+        "dev": [("3", "N1", "N2-0 N7-1")],
+        "test": [("4", "N1", "N2 N9 N3"), ("5", "", "N9"), ("6", "N9", "N8 N1")],
+    }
+    for split, rows in behaviors.items():
+        (root / "raw" / split).mkdir(parents=True)
+        (root / "raw" / split / "news.tsv").write_text(news)
+        lines = "".join(f"{i}\tU1\t{time}\t{h}\t{c}\n" for i, h, c in rows)
+        (root / "raw" / split / "behaviors.tsv").write_text(lines)
+    store = build_store(root / "raw", root / "store", allow_drops=True)
+    topic_vectors(store).save(root / "emb")
+    values = {
+        "data.store_dir": root / "store",
+        "data.vectors_dir": root / "emb",
+        "run.out_dir": root / "run",
+        "run.progress": False,
+        "model.name": "popularity",
+    }
+    run_training(load_config("train_cpu", values=values))
+    return root / "run"
+
+
+def test_predict_refuses_a_split_with_drops(run_with_drops, tmp_path):
+    out = tmp_path / "prediction.txt"
+    with pytest.raises(ExperimentError, match="lost 1 impressions and 2 candidates") as info:
+        predict_run(run_with_drops, None, out, "test", zip=True)
+    assert "--allow-drops" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    path = predict_run(run_with_drops, None, out, "test", allow_drops=True)
+    prediction = read_prediction(path)
+    assert list(prediction.impression_ids) == ["4", "6"]
+    assert prediction.sizes.tolist() == [2, 2]
+
+
+def test_predict_command_allow_drops(run_with_drops, tmp_path):
+    out = tmp_path / "prediction.zip"
+    args = ["predict", str(run_with_drops), "--out", str(out), "--zip"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "split 'test' of" in result.output and "pass --allow-drops" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(app, [*args, "--allow-drops"])
+    assert result.exit_code == 0, result.output
+    assert "ranks of split 'test' written to" in result.output
+    assert len(read_prediction(out)) == 2
+    dev = CliRunner().invoke(app, [*args, "--split", "dev"])
+    assert dev.exit_code == 0, dev.output

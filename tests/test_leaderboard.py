@@ -1,14 +1,17 @@
 """Leaderboard files: real MIND predictions, round trips, scoring and clear errors."""
 
 import json
+import logging
 import zipfile
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
 from mmnewsrec.data.store import Behaviors, build_store
+from mmnewsrec.evaluate import leaderboard
 from mmnewsrec.evaluate.leaderboard import (
     ScoreFileError,
     ranks_from_scores,
@@ -134,6 +137,21 @@ def test_write_prediction_refuses_ranks_that_are_not_a_permutation(tmp_path):
     assert not (tmp_path / "p.txt").exists()
 
 
+def test_write_prediction_checks_every_chunk_of_lines(tmp_path, monkeypatch):
+    chunks = leaderboard.impression_chunks
+    monkeypatch.setattr(leaderboard, "impression_chunks", lambda offsets: chunks(offsets, 3))
+    ids, offsets = np.array(["1", "2", "3", " 4"]), np.array([0, 2, 4, 6, 8])
+    with pytest.raises(ValueError, match=r"p\.txt:4: impression id '4', expected ' 4'"):
+        write_prediction(tmp_path / "p.txt", ids, [1, 2] * 4, offsets)
+    with pytest.raises(ValueError, match="impression 3 are invalid: rank 1 appears 2 times"):
+        write_prediction(tmp_path / "p.txt", [1, 2, 3, 4], [1, 2, 2, 1, 1, 1, 2, 1], offsets)
+    with pytest.raises(ScoreFileError, match=r"p\.txt:3: expected 'IMPRESSION_ID"):
+        write_prediction(tmp_path / "p.txt", ["1", "2", "3 3", "4"], [1, 2] * 4, offsets)
+    assert list(tmp_path.iterdir()) == []
+    path = write_prediction(tmp_path / "p.txt", [1, 2, 3, 4], [1, 2, 2, 1, 1, 2, 2, 1], offsets)
+    assert path.read_text() == "1 [1,2]\n2 [2,1]\n3 [1,2]\n4 [2,1]\n"
+
+
 def test_truth_round_trip(tmp_path):
     behaviors = make_behaviors([[1, 0, 0], [0, 1]], ids=[7, 9])
     path = write_truth(tmp_path / "truth.txt", behaviors)
@@ -198,9 +216,10 @@ TRUTH = "1 [1,0,0]\n2 [0,1]\n3 [0,0,1,0]\n"
         ("1 [1,2,3]\n5 [1,2]\n3 [1,2,3,4]\n", r"p\.txt:2: impression id 5, but line 2 of"),
         ("2 [1,2]\n1 [1,2,3]\n3 [1,2,3,4]\n", r"p\.txt:1: impression id 2, .*must match"),
         ("1 [1,2,3]\n2 [1,2,3]\n3 [1,2,3,4]\n", r"p\.txt:2: 3 ranks for impression 2, .*lists 2"),
-        ("1 [1,2,3]\n2 [1,1]\n3 [1,2,3,4]\n", r"p\.txt:2: .*permutation of 1..2: rank 1 appears 2"),
-        ("1 [0,2,3]\n2 [1,2]\n3 [1,2,3,4]\n", r"p\.txt:1: .*rank 0 is outside 1..3"),
-        ("1 [1,2,3]\n2 [1,2]\n3 [1,2,3,5]\n", r"p\.txt:3: .*rank 5 is outside 1..4"),
+        (
+            "1 [1,2,3]\n2 [1,0]\n3 [1,2,3,4]\n",
+            r"p\.txt:2: rank 0 of impression 2; ranks start at 1",
+        ),
         ("1 [1,2,3]\n2 [1, 2]\n3 [1,2,3,4]\n", r"p\.txt:2: expected 'IMPRESSION_ID \[n1,n2,...\]'"),
         ("1 [1,2,3]\n2 1,2\n3 [1,2,3,4]\n", r"p\.txt:2: expected .*got '2 1,2'"),
         ("1 [1,2,3]\n\n2 [1,2]\n3 [1,2,3,4]\n", r"p\.txt:2: expected .*got ''"),
@@ -254,10 +273,60 @@ def test_cli_score_prints_metrics_and_json(tmp_path):
 
 def test_cli_score_bad_file_exits_2_with_the_message(tmp_path):
     truth = write(tmp_path / "t.txt", "1 [1,0]\n")
-    pred = write(tmp_path / "p.txt", "1 [1,1]\n")
+    pred = write(tmp_path / "p.txt", "1 [1,0]\n")
     result = CliRunner().invoke(app, ["score", str(truth), str(pred)])
     assert result.exit_code == 2
-    assert "p.txt:1: ranks of impression 1 are not a permutation" in result.output
+    assert "p.txt:1: rank 0 of impression 1; ranks start at 1" in result.output
+
+
+def test_tied_ranks_are_scored_as_the_official_scorer_does(tmp_path, caplog):
+    _, labels, offsets = random_lists(4)
+    sizes = np.diff(offsets)
+    rng = np.random.default_rng(3)
+    ranks = rng.integers(1, np.repeat(sizes + 2, sizes))  # ties, some above n
+    for i in range(0, len(sizes), 3):  # and some permutations
+        ranks[offsets[i] : offsets[i + 1]] = rng.permutation(sizes[i]) + 1
+    ids = np.arange(1, len(sizes) + 1)
+    rows = list(
+        zip(ids, np.split(labels, offsets[1:-1]), np.split(ranks, offsets[1:-1]), strict=True)
+    )
+    truth = write_truth(tmp_path / "t.txt", make_behaviors([y for _, y, _ in rows], ids))
+    pred = write(
+        tmp_path / "p.txt", "".join(f"{i} [{','.join(map(str, r))}]\n" for i, _, r in rows)
+    )
+    with caplog.at_level(logging.WARNING, logger="mmnewsrec.evaluate.leaderboard"):
+        got = score_files(truth, pred)
+    official = np.mean([roc_auc_score(y, 1 / r) for _, y, r in rows])
+    assert got["auc"] == pytest.approx(official, abs=1e-12)
+    assert got["impressions"] == len(ids)
+    tied = sum(not np.array_equal(np.sort(r), np.arange(1, len(r) + 1)) for _, _, r in rows)
+    assert 0 < tied < len(ids)
+    assert f"p.txt: {tied} of {len(ids)} lines are not permutations" in caplog.text
+
+
+def test_cli_score_warns_on_tied_ranks(tmp_path, caplog):
+    truth = write(tmp_path / "t.txt", "1 [1,0,0]\n2 [0,1]\n")
+    pred = write(tmp_path / "p.txt", "1 [1,1,2]\n2 [2,1]\n")
+    with caplog.at_level(logging.WARNING, logger="mmnewsrec.evaluate.leaderboard"):
+        result = CliRunner().invoke(app, ["score", str(truth), str(pred)])
+    assert result.exit_code == 0, result.output
+    assert "AUC: 0.8750" in result.output  # (0.75 + 1) / 2: the click ties with a non-click
+    assert "p.txt: 1 of 2 lines are not permutations of 1..n (first: line 1, rank 1 " in caplog.text
+
+
+def test_write_prediction_reads_its_text_back_before_writing(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"p\.txt:2: impression id '8', expected ' 8'"):
+        write_prediction(tmp_path / "p.txt", np.array(["7", " 8"]), [1, 1], [0, 1, 2])
+    with pytest.raises(ValueError, match=r"p\.txt:2: expected 'IMPRESSION_ID"):
+        write_prediction(tmp_path / "p.txt", np.array(["7", "8 9"]), [1, 1], [0, 1, 2])
+
+    def loses_a_rank(ids, ranks, offsets):
+        return "7 [1]\n8 [2]\n"
+
+    monkeypatch.setattr(leaderboard, "_format_lines", loses_a_rank)
+    with pytest.raises(ValueError, match=r"p\.txt:2: 1 ranks for the 2 candidates of impression 8"):
+        write_prediction(tmp_path / "p.txt", [7, 8], [1, 2, 1], [0, 1, 3], zip=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_truth_of_a_store(tmp_path):

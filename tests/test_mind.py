@@ -3,6 +3,8 @@
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 
 from mmnewsrec.data.mind import (
@@ -138,13 +140,15 @@ BAD_BEHAVIORS = [
     (behaviors_row("1", "N1", "N1-1  N2-0"), 2, "impressions", "empty candidate token"),
     (behaviors_row("1", "N1", ""), 2, "impressions", "empty candidate token"),
     (behaviors_row("1", "N1", "N2 N3-0"), 2, "impressions", "mixes labelled"),
+    (behaviors_row("1", "", "N2-1 N5-0 N2-0"), 2, "impressions", "own negative): 'N2'"),
+    (behaviors_row(" 7", "", "N1-1"), 2, "impression_id", "id 7 repeats the one on line 1"),
 ]
 
 
 @pytest.mark.parametrize(("row", "line", "field", "message"), BAD_BEHAVIORS)
 def test_bad_behaviors(tmp_path, row, line, field, message):
-    good = behaviors_row("7", "N1 N2", "N3-1 N4-0")
-    err = raises(write(tmp_path / "behaviors.tsv", [good, row, good]))
+    good = [behaviors_row(imp, "N1 N2", "N3-1 N4-0") for imp in ("7", "8")]
+    err = raises(write(tmp_path / "behaviors.tsv", [good[0], row, good[1]]))
     assert (err.line, err.field) == (line, field)
     assert message in str(err)
 
@@ -155,6 +159,37 @@ def test_labelled_then_unlabelled_across_chunks(tmp_path):
     with pytest.raises(MindFormatError, match="mixes labelled") as info:
         list(iter_behaviors(path, chunk_rows=2))
     assert info.value.line == 5
+
+
+def test_repeated_impression_id_is_found_across_chunks(tmp_path):
+    rows = [behaviors_row(str(i), "", "N1-1 N2-0") for i in (4, 5, 6, 5)]
+    with pytest.raises(MindFormatError, match="impression id 5 repeats the one on line 2") as info:
+        list(iter_behaviors(write(tmp_path / "behaviors.tsv", rows), chunk_rows=2))
+    assert (info.value.line, info.value.field) == (4, "impression_id")
+
+
+def test_repeated_candidate_of_an_unlabelled_impression(tmp_path):
+    rows = [behaviors_row("1", "", "N2 N5"), behaviors_row("2", "N2", "N5 N2 N6 N2")]
+    err = raises(write(tmp_path / "behaviors.tsv", rows))
+    assert (err.line, err.field) == (2, "impressions")
+    assert "own negative): 'N2'" in str(err)
+
+
+def test_hash_collisions_are_not_reported_as_repeats(tmp_path, monkeypatch):
+    def one_bucket(series, *args, **kwargs):
+        return pl.Series(np.zeros(len(series), np.uint64))
+
+    monkeypatch.setattr(pl.Series, "hash", one_bucket)
+    rows = [behaviors_row("1", "", "N1-0 N2-1 N3-0"), behaviors_row("2", "", "N4-1 N5-0")]
+    assert read_behaviors(write(tmp_path / "good.tsv", rows)).candidates.height == 5
+    rows.append(behaviors_row("3", "", "N4-1 N6-0 N4-0"))
+    err = raises(write(tmp_path / "bad.tsv", rows))
+    assert (err.line, err.field) == (3, "impressions")
+
+
+def test_a_history_may_repeat_a_news_id(tmp_path):
+    raw = read_behaviors(write(tmp_path / "b.tsv", [behaviors_row("1", "N1 N2 N1", "N1-0 N3-1")]))
+    assert raw.history["news_id"].to_list() == ["N1", "N2", "N1"]
 
 
 def test_invalid_utf8_names_the_line(tmp_path):

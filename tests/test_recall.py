@@ -172,6 +172,14 @@ def test_auto_backend_by_corpus_size():
         Recaller(recency_weighting=1.5).fit(vectors)
 
 
+@pytest.mark.filterwarnings("error")
+def test_recall_at_k_reads_read_only_arrays_without_warnings():
+    split = behaviors(histories=[[1], [2, 3]], candidates=[[(4, 1), (5, 0)], [(6, 1)]])
+    for name in ("history_offsets", "history_items", "candidate_offsets", "candidate_labels"):
+        getattr(split, name).flags.writeable = False  # as memory-mapped from a store
+    assert 0 <= Recaller(k=2).fit(random_vectors(8, 4)).recall_at_k(split) <= 1
+
+
 def test_recall_at_k_on_a_hand_built_case():
     # News 1..8 on four axes, {1, 2} axis 0 ... {7, 8} axis 3, tilted by 0.01 * index, so
     # the first off-axis news of every user is news 8 (largest tilt).

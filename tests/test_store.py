@@ -153,6 +153,45 @@ def test_strict_rejects_unknown_ids(data, tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_unknown_candidate_of_a_test_split_is_an_error(data, tmp_path):
+    with open(data / "test/behaviors.tsv", "a") as f:
+        f.write(f"21\tU4\t{TIME}\tN9\tN1 N9 N2\n")
+    with pytest.raises(MindFormatError) as info:
+        build_store(data, tmp_path / "store")
+    err = info.value
+    assert (err.path, err.line, err.field) == (data / "test/behaviors.tsv", 2, "impressions")
+    assert "'N9'" in str(err) and "--allow-drops" in str(err)
+    assert not (tmp_path / "store").exists()
+
+    test = build_store(data, tmp_path / "store", allow_drops=True).manifest["splits"]["test"]
+    assert test["candidates"] == 5
+    assert test["dropped"] == {"history": 1, "candidates": 1, "impressions": 0, "unknown_ids": 1}
+
+
+def test_an_option_change_rebuilds_the_store(data, tmp_path, caplog):
+    out = tmp_path / "store"
+    build_store(data, out)
+    with caplog.at_level(logging.INFO, logger="mmnewsrec.data.store"):
+        assert build_store(data, out, allow_drops=True).manifest["allow_drops"]
+    assert "store up to date" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="mmnewsrec.data.store"):
+        assert build_store(data, out, allow_drops=True).manifest["allow_drops"]
+    assert "store up to date" in caplog.text
+
+
+def test_cli_prepare_allow_drops(data, tmp_path):
+    with open(data / "test/behaviors.tsv", "a") as f:
+        f.write(f"21\tU4\t{TIME}\t\tN9\n")
+    args = ["prepare", str(data), "--out", str(tmp_path / "store")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "test/behaviors.tsv, line 2, field impressions: news id 'N9'" in result.output
+    result = CliRunner().invoke(app, [*args, "--allow-drops"])
+    assert result.exit_code == 0, result.output
+    assert "test: impressions 1, candidates 3" in result.output
+    assert "1 empty impressions" in result.output
+
+
 def test_failed_build_keeps_the_old_store(data, tmp_path):
     out = tmp_path / "store"
     old = build_store(data, out).content_hash
@@ -250,3 +289,21 @@ def test_prepare_command(data, mind_samples, tmp_path):
     assert result.exit_code == 2
     assert "news.tsv, line 1, field title_entities" in result.output
     assert "CSV-quoted" in result.output
+
+
+def test_real_test_rows_keep_every_candidate(mind_samples, tmp_path):
+    lines = (mind_samples / "large_test_10/behaviors.tsv").read_text().splitlines()
+    fields = [line.split("\t") for line in lines]
+    ids = {i for f in fields for i in f[3].split() + f[4].split()}
+    missing = fields[3][4].split()[5]  # a candidate of line 4
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test/behaviors.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test/news.tsv").write_text(news_rows(*((i, i) for i in sorted(ids - {missing}))))
+    with pytest.raises(MindFormatError, match=f"'{missing}' is in no news.tsv") as info:
+        build_store(tmp_path, tmp_path / "store")
+    assert (info.value.line, info.value.field) == (4, "impressions")
+    with open(tmp_path / "test/news.tsv", "a") as f:
+        f.write(news_rows((missing, missing)))
+    test = build_store(tmp_path, tmp_path / "store").behaviors("test")
+    assert not test.labelled and test.num_impressions == 10
+    assert np.diff(test.candidate_offsets).tolist() == [len(f[4].split()) for f in fields]

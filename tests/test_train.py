@@ -181,6 +181,61 @@ def test_other_vectors_are_refused(data, tmp_path):
     assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 3e-3
 
 
+@pytest.fixture(scope="module")
+def stopped_run(data, tmp_path_factory) -> Path:
+    """A run stopped after 3 of its 20 steps."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    run_training(make_config(data, run, "run.stop_after=3"))
+    return run
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "run.seed=1",
+        "run.max_steps=12",
+        "run.patience=1",
+        "run.eval_every=4",
+        "run.device=auto",
+        "data.dev_impressions=10",
+        "data.negatives=2",
+        "optim.epochs=1",
+        "optim.lr=0.1",
+    ],
+)
+def test_resume_refuses_a_change_that_alters_the_run(data, stopped_run, change):
+    before = (stopped_run / "last.pt").read_bytes(), (stopped_run / "config.json").read_text()
+    with pytest.raises(ConfigError, match=f"cannot resume .*\\n  {change.split('=')[0]}: "):
+        run_training(make_config(data, stopped_run, change), resume=True)
+    assert before == (
+        (stopped_run / "last.pt").read_bytes(),
+        (stopped_run / "config.json").read_text(),
+    )
+
+
+def test_resume_allows_output_keys_and_more_epochs(data, tmp_path, one_thread):
+    run = tmp_path / "run"
+    run_training(make_config(data, run, "run.stop_after=3"))
+    more = ("optim.epochs=3", "run.log_every=2", "run.progress=true")
+    resumed = run_training(make_config(data, run, *more), resume=True)
+    assert resumed.finished and resumed.step == 30
+    assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 3
+
+
+def test_resume_refuses_a_store_with_other_content(data, tmp_path):
+    run = tmp_path / "run"
+    run_training(make_config(data, run, "run.stop_after=3"))
+    write_mind(tmp_path / "raw" / "train", 160, np.random.default_rng(5), clicks=2)
+    write_mind(tmp_path / "raw" / "dev", 60, np.random.default_rng(6), clicks=1)
+    other = build_store(tmp_path / "raw", tmp_path / "store")
+    write_vectors(tmp_path / "emb", other.content_hash, seed=1, tag="vectors-a")  # same hash
+    config = make_config(data, run)
+    moved = {"store_dir": other.path, "vectors_dir": tmp_path / "emb"}
+    config = config.model_copy(update={"data": config.data.model_copy(update=moved)})
+    with pytest.raises(ConfigError, match="trained on a store with content hash"):
+        run_training(config, resume=True)
+
+
 @pytest.mark.parametrize("model", ["popularity", "random", "mean_cosine"])
 def test_baselines_go_through_training(data, tmp_path, model):
     result = run_training(make_config(data, tmp_path / model, model=model))

@@ -91,13 +91,28 @@ def prepare(
         str | None, typer.Option(help="Split name of a single-split DATA_DIR (default train).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the store is up to date.")] = False,
+    allow_drops: Annotated[
+        bool,
+        typer.Option(
+            help="Drop unknown candidate ids of an unlabelled (test) split instead of failing; "
+            "`predict` then refuses that split unless also given --allow-drops."
+        ),
+    ] = False,
 ) -> None:
     """Parse and validate MIND tsv files into a compact, memory-mapped store."""
     from mmnewsrec.data.mind import MindFormatError
     from mmnewsrec.data.store import StoreError, build_store
 
     try:
-        store = build_store(data_dir, out, images=images, strict=strict, split=split, force=force)
+        store = build_store(
+            data_dir,
+            out,
+            images=images,
+            strict=strict,
+            split=split,
+            force=force,
+            allow_drops=allow_drops,
+        )
     except (MindFormatError, StoreError) as err:
         fail(str(err))
     typer.echo(store.summary())
@@ -309,23 +324,28 @@ def predict(
     zip: Annotated[
         bool, typer.Option("--zip", help="Write prediction.zip (holding prediction.txt) instead.")
     ] = False,
+    allow_drops: Annotated[
+        bool,
+        typer.Option(
+            help="Write the file even if prepare dropped impressions or candidates of the split "
+            "(the leaderboard rejects such a file)."
+        ),
+    ] = False,
     device: Device = "cpu",
 ) -> None:
     """Write `impression_id [r1,r2,...]` lines (leaderboard format) for a split."""
-    import json
-
-    from mmnewsrec.data.store import Store
-    from mmnewsrec.evaluate.experiment import predict_run
+    from mmnewsrec.data.store import StoreError
+    from mmnewsrec.evaluate.experiment import predict_run, run_store
     from mmnewsrec.rank.ranker import CheckpointError
 
     try:
         if split is None:  # the run's own store unless another is given; the model loads once
-            run_config = json.loads((run_dir / "config.json").read_text())
-            store = Store.load(store_dir or run_config["data"]["store_dir"])
-            split = "test" if "test" in store.splits else "dev"
-        path = predict_run(run_dir, store_dir, out, split, zip=zip, device=device)
-    except (OSError, ValueError, KeyError, CheckpointError) as err:
-        fail(str(err))
+            split = "test" if "test" in run_store(run_dir, store_dir).splits else "dev"
+        path = predict_run(
+            run_dir, store_dir, out, split, zip=zip, device=device, allow_drops=allow_drops
+        )
+    except (OSError, ValueError, KeyError, CheckpointError, StoreError) as err:
+        fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     typer.echo(f"ranks of split {split!r} written to {path}")
 
 

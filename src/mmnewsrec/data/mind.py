@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ BEHAVIORS_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # e.g. 11/15/2019 8:55:22 AM (naive, read as UTC)
 SPLIT_NAMES = ("train", "dev", "test")
 CHUNK_ROWS = 20_000  # behaviors lines parsed at once; bounds the memory of exploded tokens
+IMPRESSION_ID = pl.col("impression_id").str.strip_chars().cast(pl.Int64, strict=False)
 
 
 class MindFormatError(ValueError):
@@ -211,8 +213,10 @@ def iter_behaviors(path: Path, chunk_rows: int | None = CHUNK_ROWS) -> Iterator[
     """Read and validate one behaviors.tsv in chunks of lines (None: one chunk), to bound memory.
 
     All chunks agree on `labelled`; at least one chunk is yielded, even for an empty file.
+    Impression ids are unique over the whole file.
     """
     frame = read_table(path, BEHAVIORS_COLUMNS)
+    reject_repeated_impressions(path, frame)
     step = chunk_rows or max(frame.height, 1)
     labelled = None
     for start in range(0, max(frame.height, 1), step):
@@ -223,10 +227,29 @@ def iter_behaviors(path: Path, chunk_rows: int | None = CHUNK_ROWS) -> Iterator[
         yield RawBehaviors(path, labelled, rows, history, candidates)
 
 
+def reject_repeated_impressions(path: Path, frame: pl.DataFrame) -> None:
+    """Raise for the first line whose impression id an earlier line already has.
+
+    A prediction file names impressions by id, so two impressions with one id cannot both be
+    scored. Ids that are not integers are left to `parse_rows`.
+    """
+    ids = frame.select(IMPRESSION_ID.alias("id"), "line").filter(pl.col("id").is_not_null())
+    repeat = ids.filter(~pl.col("id").is_first_distinct()).head(1)
+    if repeat.height:
+        impression_id = repeat["id"][0]
+        first = ids.filter(pl.col("id") == impression_id)["line"][0]
+        raise MindFormatError(
+            path,
+            int(repeat["line"][0]),
+            "impression_id",
+            f"impression id {impression_id} repeats the one on line {first}",
+        )
+
+
 def parse_rows(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
     """Impression id, user id and time per row, each checked."""
     rows = frame.select(
-        pl.col("impression_id").str.strip_chars().cast(pl.Int64, strict=False).alias("id"),
+        IMPRESSION_ID.alias("id"),
         pl.col("time").str.strptime(pl.Datetime("us"), TIME_FORMAT, strict=False).alias("t"),
         "impression_id",
         "user_id",
@@ -263,6 +286,7 @@ def parse_impressions(
     """Candidates with labels; tokens are all `<id>-<0|1>` (labelled) or all `<id>` (not).
 
     `labelled` is what earlier lines of the file were (None: decided by the first token).
+    A news id may appear once per impression (it may repeat in a history).
     """
     tokens = explode_ids(frame, "impressions")
     tok = pl.col("news_id")
@@ -293,8 +317,33 @@ def parse_impressions(
     )
     if labelled:
         label = tok.str.ends_with("-1").cast(pl.Int8)
-        return tokens.select("row", tok.str.head(-2), label.alias("label")), True
-    return tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label")), False
+        candidates = tokens.select("row", tok.str.head(-2), label.alias("label"))
+    else:
+        candidates = tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label"))
+    reject_repeated_candidates(path, candidates)
+    return candidates, labelled
+
+
+def reject_repeated_candidates(path: Path, candidates: pl.DataFrame) -> None:
+    """Raise for the first news id listed twice among one impression's candidates.
+
+    One sort of (row, 32 bits of the id's hash) keys finds the impressions that may repeat an
+    id; only those are compared exactly (an exact check of every token is several times slower).
+    """
+    rows = candidates["row"].to_numpy().astype(np.uint64)
+    hashed = candidates["news_id"].hash().to_numpy() >> np.uint64(32)
+    keys = np.sort((rows << np.uint64(32)) | hashed)
+    suspect_rows = np.unique(keys[1:][keys[1:] == keys[:-1]] >> np.uint64(32))
+    if suspect_rows.size:
+        first_bad(
+            path,
+            candidates.filter(pl.col("row").is_in(suspect_rows.astype(np.uint32))),
+            ~pl.struct("row", "news_id").is_first_distinct(),
+            "impressions",
+            "news id repeated among the candidates of one impression (a click would also be "
+            "its own negative)",
+            show="news_id",
+        )
 
 
 def find_splits(data_dir: Path, split: str | None = None) -> dict[str, Path]:

@@ -230,19 +230,23 @@ def build_store(
     strict: bool = False,
     split: str | None = None,
     force: bool = False,
+    allow_drops: bool = False,
 ) -> Store:
     """Read MIND tsv files under `data_dir` and write a store to `out` (atomically).
 
     A store already in `out` that was built from the same files and options is kept
     (`force` rebuilds it).
     `images` defaults to data_dir/images when present. `strict` makes ids in behaviors
-    that are missing from every news.tsv an error; otherwise they are dropped and counted.
+    that are missing from every news.tsv an error; otherwise they are dropped and counted,
+    except the candidates of an unlabelled (test) split: a leaderboard file must rank every
+    one, so an unknown one is an error unless `allow_drops`.
     `split` names a single-split folder (default "train").
     """
     data_dir, out = Path(data_dir), Path(out)
     folders = find_splits(data_dir, split)
     image_dir = resolve_images(data_dir, images)
-    if not force and is_current(out, folders, image_dir, strict):
+    options = {"strict": strict, "allow_drops": allow_drops}
+    if not force and is_current(out, folders, image_dir, options):
         logger.info("store up to date: %s", out)
         return Store.load(out)
     news, sources = union_news(folders)
@@ -253,7 +257,7 @@ def build_store(
         "data_dir": str(data_dir.resolve()),
         "images_dir": str(image_dir) if image_dir else None,
         "images": image_digest,
-        "strict": strict,
+        **options,
         "num_news": news.height,
         "num_news_with_image": news.height - news["image_path"].null_count(),
         "sources": sources,
@@ -264,7 +268,7 @@ def build_store(
         for name, folder in folders.items():
             path = folder / "behaviors.tsv"
             sources.setdefault(name, {})["behaviors"] = file_digest(path)
-            behaviors, dropped, users = build_split(name, path, news_map, users, strict)
+            behaviors, dropped, users = build_split(name, path, news_map, users, options)
             behaviors.save(tmp / "behaviors" / name)
             manifest["splits"][name] = split_counts(behaviors, dropped)
         news.drop("line").write_parquet(tmp / "news.parquet")
@@ -336,8 +340,11 @@ def attach_images(news: pl.DataFrame, image_dir: Path | None) -> tuple[pl.DataFr
     return news, digest
 
 
-def is_current(out: Path, folders: dict[str, Path], image_dir: Path | None, strict: bool) -> bool:
-    """Whether `out` already holds a store of exactly these source files, images and options."""
+def is_current(
+    out: Path, folders: dict[str, Path], image_dir: Path | None, options: dict[str, bool]
+) -> bool:
+    """Whether `out` already holds a store of exactly these source files, images and options
+    (`strict`, `allow_drops`; a store written before an option existed had it off)."""
     path = out / "manifest.json"
     if not path.is_file():
         return False
@@ -351,20 +358,22 @@ def is_current(out: Path, folders: dict[str, Path], image_dir: Path | None, stri
         for name, folder in folders.items()
     }
     key = {"sources": sources, "images": scan_images(image_dir)[1]}
-    return manifest.get("strict") == strict and manifest["content_hash"] == content_hash(key)
+    same_options = all(manifest.get(name, False) == value for name, value in options.items())
+    return same_options and manifest["content_hash"] == content_hash(key)
 
 
 def build_split(
-    split: str, path: Path, news_map: pl.DataFrame, users: pl.DataFrame, strict: bool
+    split: str, path: Path, news_map: pl.DataFrame, users: pl.DataFrame, options: dict[str, bool]
 ) -> tuple[Behaviors, dict, pl.DataFrame]:
     """Parse one behaviors.tsv chunk by chunk into Behaviors; returns dropped counts and users.
 
     `users` (one user_id column, row = user index) is extended with the split's new users.
+    `options` are build_store's `strict` and `allow_drops`.
     """
     parts, unknown, dropped = [], [], dict.fromkeys(["history", "candidates", "impressions"], 0)
     for raw in iter_behaviors(path):
         users = pl.concat([users, raw.rows.select("user_id")]).unique(maintain_order=True)
-        part, ids, counts = index_behaviors(raw, split, news_map, users, strict)
+        part, ids, counts = index_behaviors(raw, split, news_map, users, **options)
         parts.append(part)
         unknown.append(ids)
         dropped = {key: dropped[key] + counts[key] for key in dropped}
@@ -384,16 +393,24 @@ def build_split(
 
 
 def index_behaviors(
-    raw: RawBehaviors, split: str, news_map: pl.DataFrame, users: pl.DataFrame, strict: bool
+    raw: RawBehaviors,
+    split: str,
+    news_map: pl.DataFrame,
+    users: pl.DataFrame,
+    strict: bool = False,
+    allow_drops: bool = False,
 ) -> tuple[Behaviors, pl.Series, dict]:
     """Map ids to indices, drop (or, if strict, reject) unknown news ids.
 
+    Unknown candidates of unlabelled impressions are rejected unless `allow_drops`.
     Returns the Behaviors, the unknown ids (with repeats) and counts of what was dropped.
     """
     history, candidates = lookup(raw.history, news_map), lookup(raw.candidates, news_map)
     if strict:
-        reject_unknown(raw, raw.history, history, "history")
-        reject_unknown(raw, raw.candidates, candidates, "impressions")
+        reject_unknown(raw, raw.history, history, "history", STRICT_HINT)
+        reject_unknown(raw, raw.candidates, candidates, "impressions", STRICT_HINT)
+    elif not raw.labelled and not allow_drops:
+        reject_unknown(raw, raw.candidates, candidates, "impressions", UNLABELLED_HINT)
     history_rows = raw.history["row"].to_numpy() - raw.first_row
     candidate_rows = raw.candidates["row"].to_numpy() - raw.first_row
     n = raw.rows.height
@@ -438,8 +455,17 @@ def lookup(tokens: pl.DataFrame, news_map: pl.DataFrame) -> np.ndarray:
     return index.to_numpy()
 
 
-def reject_unknown(raw: RawBehaviors, tokens: pl.DataFrame, index: np.ndarray, field: str) -> None:
-    """Raise for the first token whose news id is in no news.tsv (strict mode)."""
+STRICT_HINT = "without --strict they are dropped"
+UNLABELLED_HINT = (
+    "an unlabelled (test) split keeps every candidate, as a leaderboard file ranks them all; "
+    "--allow-drops drops them"
+)
+
+
+def reject_unknown(
+    raw: RawBehaviors, tokens: pl.DataFrame, index: np.ndarray, field: str, hint: str
+) -> None:
+    """Raise for the first token whose news id is in no news.tsv; `hint` says what else to do."""
     unknown = index == 0
     if unknown.any():
         first = int(np.argmax(unknown))
@@ -449,7 +475,7 @@ def reject_unknown(raw: RawBehaviors, tokens: pl.DataFrame, index: np.ndarray, f
             int(tokens["row"][first]) + 1,
             field,
             f"news id {tokens['news_id'][first]!r} is in no news.tsv ({distinct} unknown ids "
-            f"in this field; without --strict they are dropped)",
+            f"in this field; {hint})",
         )
 
 

@@ -35,13 +35,16 @@ import shutil
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
 from mmnewsrec.files import write_json
+
+if TYPE_CHECKING:
+    from mmnewsrec.data.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +163,38 @@ def evaluate_run(
     return metrics
 
 
+def run_store(run_dir: Path, store_dir: Path | None = None) -> Store:
+    """The store at `store_dir`, else the one the run was trained on (from its config.json)."""
+    from mmnewsrec.data.store import Store
+
+    if store_dir is None:
+        store_dir = json.loads((Path(run_dir) / "config.json").read_text())["data"]["store_dir"]
+    return Store.load(store_dir)
+
+
+def check_complete(store: Store, split: str, allow_drops: bool = False) -> None:
+    """Refuse a split that lost impressions or candidates in `prepare` (news ids in no news.tsv):
+    its prediction file would not rank every candidate, and the leaderboard rejects it."""
+    store.behaviors(split)  # a KeyError naming the splits if there is no such split
+    dropped = store.manifest["splits"][split]["dropped"]
+    lost = f"{dropped['impressions']:,} impressions and {dropped['candidates']:,} candidates"
+    if dropped["impressions"] or dropped["candidates"]:
+        message = (
+            f"split {split!r} of {store.path} lost {lost} in prepare ({dropped['unknown_ids']:,} "
+            "news ids in no news.tsv), so a prediction file would not rank every candidate and "
+            "the leaderboard would reject it"
+        )
+        if not allow_drops:
+            raise ExperimentError(
+                f"{message}; add the missing news and prepare again, or pass --allow-drops"
+            )
+        logger.warning("%s; writing it anyway (--allow-drops)", message)
+    if dropped["history"]:
+        logger.warning(
+            "split %r: %d history clicks on unknown news were dropped", split, dropped["history"]
+        )
+
+
 def predict_run(
     run_dir: Path,
     store_dir: Path | None,
@@ -167,11 +202,17 @@ def predict_run(
     split: str,
     zip: bool = False,
     device: str = "cpu",
+    allow_drops: bool = False,
 ) -> Path:
-    """Write a leaderboard prediction file (ranks per impression) for a split."""
+    """Write a leaderboard prediction file (ranks per impression) for a split.
+
+    A split with dropped impressions or candidates is refused unless `allow_drops`
+    (see `check_complete`); the file is checked before it is written (see `write_prediction`).
+    """
     from mmnewsrec.evaluate.leaderboard import write_prediction
     from mmnewsrec.evaluate.metrics import ranks_from_scores
 
+    check_complete(run_store(run_dir, store_dir), split, allow_drops)
     behaviors, scores = score_run(run_dir, store_dir, split, device)
     ranks = ranks_from_scores(scores, behaviors.candidate_offsets)
     return write_prediction(

@@ -2,9 +2,11 @@
 
 A prediction lists the 1-based rank of every candidate, in candidate order; a truth file lists
 their 0/1 click labels. `score_files` scores a prediction as the official scorer does: the same
-impression ids in the same order, line for line, and each list of ranks a permutation of 1..n
-where n is the impression's number of candidates in the truth. A truth line with an empty list
-is a masked impression: its prediction line must still name it, and it is skipped.
+impression ids in the same order, line for line, one rank of 1 or more per candidate of the
+truth, scored as 1 / rank, so tied ranks are scored (half credit in AUC), with a warning. A truth
+line with an empty list is a masked impression: its prediction line must still name it, and it
+is skipped. `write_prediction` writes only what the leaderboard accepts: every list a permutation
+of 1..n, the text read back and checked before the file is written.
 
 Lines are parsed and written with vectorised string operations (polars), never line by line.
 """
@@ -75,15 +77,38 @@ class ImpressionLists:
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
 
-def read_prediction(path: Path | str) -> ImpressionLists:
-    """Read a prediction file (or a zip holding prediction.txt); every line a permutation."""
+def read_prediction(path: Path | str, ties: bool = False) -> ImpressionLists:
+    """Read a prediction file (or a zip holding prediction.txt); every line a permutation.
+
+    With `ties`, any ranks of 1 or more are read, as the official scorer does (it scores
+    1 / rank): tied or out-of-range ranks only raise a warning that counts such lines.
+    """
     pred = _read_lists(Path(path))
-    bad = _first_non_permutation(pred.values, pred.offsets)
-    if bad is not None:
+    bad = _non_permutations(pred.values, pred.offsets)
+    if not bad.size:
+        return pred
+    if not ties:
+        i = int(bad[0])
         raise ScoreFileError(
-            f"{pred.path}:{bad + 1}: ranks of impression {pred.impression_ids[bad]} are not a "
-            f"permutation of 1..{pred.sizes[bad]}: {_permutation_problem(pred.row(bad))}"
+            f"{pred.path}:{i + 1}: ranks of impression {pred.impression_ids[i]} are not a "
+            f"permutation of 1..{pred.sizes[i]}: {_permutation_problem(pred.row(i))}"
         )
+    below = np.flatnonzero(pred.values < 1)
+    if below.size:
+        line = int(np.searchsorted(pred.offsets, below[0], side="right"))
+        raise ScoreFileError(
+            f"{pred.path}:{line}: rank {pred.values[below[0]]} of impression "
+            f"{pred.impression_ids[line - 1]}; ranks start at 1"
+        )
+    logger.warning(
+        "%s: %d of %d lines are not permutations of 1..n (first: line %d, %s); scored as the "
+        "official scorer does, by 1 / rank: tied candidates get half credit in AUC",
+        pred.path,
+        bad.size,
+        len(pred),
+        bad[0] + 1,
+        _permutation_problem(pred.row(int(bad[0]))),
+    )
     return pred
 
 
@@ -108,17 +133,16 @@ def write_prediction(
 ) -> Path:
     """Write ``impression_id [r1,r2,...]`` lines in the given order; return the file written.
 
+    The text is read back and checked before anything is written: one line per impression,
+    the ids in order, one rank per candidate, every list a permutation of 1..n.
     With `zip`, writes `path` with suffix .zip holding one member, prediction.txt.
     """
     ranks, offsets = np.asarray(ranks), check_offsets(np.asarray(offsets), len(ranks))
     if len(impression_ids) != len(offsets) - 1:
         raise ValueError(f"{len(impression_ids)} impression ids for {len(offsets) - 1} rank lists")
-    bad = _first_non_permutation(ranks, offsets)
-    if bad is not None:
-        problem = _permutation_problem(ranks[offsets[bad] : offsets[bad + 1]])
-        raise ValueError(f"ranks of impression {impression_ids[bad]} are invalid: {problem}")
-    text = _format_lines(impression_ids, ranks, offsets)
     path = Path(path)
+    text = _format_lines(impression_ids, ranks, offsets)
+    _check_text(path, text, impression_ids, offsets)
     if not zip:
         write_text(path, text)
         return path
@@ -126,6 +150,37 @@ def write_prediction(
     with atomic_file(path) as tmp:
         _write_zip(tmp, text)
     return path
+
+
+def _check_text(path: Path, text: str, impression_ids: np.ndarray, offsets: np.ndarray) -> None:
+    """Raise ValueError unless `text` parses to `impression_ids` in order, with the list
+    lengths of `offsets`, each list a permutation of 1..n (parsed in chunks of lines)."""
+    import polars as pl
+
+    lines = _split_lines(text)
+    expected = pl.Series(np.asarray(impression_ids)).cast(pl.String).to_numpy()
+    if len(lines) != len(expected):
+        raise ValueError(f"{path}: {len(lines)} lines written for {len(expected)} impressions")
+    for a, b in impression_chunks(offsets):
+        pred = _parse_lists(path, lines.slice(a, b - a), first_line=a + 1)
+        differ = np.flatnonzero(pred.impression_ids != expected[a:b])
+        if differ.size:
+            i = a + int(differ[0])
+            raise ValueError(
+                f"{path}:{i + 1}: impression id {pred.impression_ids[i - a]!r}, "
+                f"expected {expected[i]!r}"
+            )
+        differ = np.flatnonzero(pred.sizes != np.diff(offsets[a : b + 1]))
+        if differ.size:
+            i = a + int(differ[0])
+            raise ValueError(
+                f"{path}:{i + 1}: {pred.sizes[i - a]} ranks for the {offsets[i + 1] - offsets[i]} "
+                f"candidates of impression {expected[i]}"
+            )
+        bad = _non_permutations(pred.values, pred.offsets)
+        if bad.size:
+            problem = _permutation_problem(pred.row(int(bad[0])))
+            raise ValueError(f"ranks of impression {expected[a + bad[0]]} are invalid: {problem}")
 
 
 def write_truth(path: Path | str, behaviors: Behaviors) -> Path:
@@ -144,8 +199,12 @@ def write_truth(path: Path | str, behaviors: Behaviors) -> Path:
 
 
 def score_files(truth_path: Path | str, prediction_path: Path | str) -> dict:
-    """AUC, MRR, nDCG@5, nDCG@10 (+ impressions, skipped) of a prediction file against the truth."""
-    truth, pred = read_truth(truth_path), read_prediction(prediction_path)
+    """AUC, MRR, nDCG@5, nDCG@10 (+ impressions, skipped) of a prediction file against the truth.
+
+    Tied ranks are scored, with a warning, as the official scorer does (see `read_prediction`);
+    MRR and nDCG order tied candidates as `mmnewsrec.evaluate.metrics` does.
+    """
+    truth, pred = read_truth(truth_path), read_prediction(prediction_path, ties=True)
     _check_alignment(truth, pred)
     keep = np.repeat(truth.sizes > 0, pred.sizes)  # masked truth lines are not scored
     ranks = pred.values if keep.all() else pred.values[keep]
@@ -180,16 +239,21 @@ def _check_alignment(truth: ImpressionLists, pred: ImpressionLists) -> None:
 
 
 def _read_lists(path: Path) -> ImpressionLists:
-    """Parse ``id [n1,n2,...]`` lines into CSR arrays, naming the first bad line."""
+    """Parse the ``id [n1,n2,...]`` lines of a file into CSR arrays."""
+    return _parse_lists(path, _read_lines(path))
+
+
+def _parse_lists(path: Path, lines: pl.Series, first_line: int = 1) -> ImpressionLists:
+    """Parse ``id [n1,n2,...]`` lines (`first_line` and on of `path`) into CSR arrays, naming
+    the first bad line."""
     import polars as pl
 
-    lines = _read_lines(path)
     parts = lines.str.extract_groups(_LINE)
     ids, body = parts.struct.field("1"), parts.struct.field("2")
     if ids.null_count():
         i = int(ids.is_null().arg_max())
         raise ScoreFileError(
-            f"{path}:{i + 1}: expected 'IMPRESSION_ID [n1,n2,...]' (no spaces inside the "
+            f"{path}:{first_line + i}: expected 'IMPRESSION_ID [n1,n2,...]' (no spaces inside the "
             f"brackets), got {_excerpt(lines[i])}"
         )
     filled = body != ""
@@ -199,15 +263,13 @@ def _read_lists(path: Path) -> ImpressionLists:
     values = body.filter(filled).str.split(",").explode().cast(pl.Int64, strict=False)
     if values.null_count():
         row = int(values.is_null().arg_max())
-        line = int(np.searchsorted(offsets, row, side="right"))
+        line = first_line - 1 + int(np.searchsorted(offsets, row, side="right"))
         raise ScoreFileError(f"{path}:{line}: number out of range")
     return ImpressionLists(path, ids.to_numpy(), values.to_numpy().astype(np.int64), offsets)
 
 
 def _read_lines(path: Path) -> pl.Series:
     """The lines of a text file (or of the prediction in a zip), without line ends."""
-    import polars as pl
-
     try:
         data = _read_bytes(path)
     except (OSError, zipfile.BadZipFile) as err:
@@ -217,6 +279,13 @@ def _read_lines(path: Path) -> pl.Series:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise ScoreFileError(f"{path}:{line}: not UTF-8 text") from None
+    return _split_lines(text)
+
+
+def _split_lines(text: str) -> pl.Series:
+    """The lines of `text`, without line ends (a final newline ends the last line)."""
+    import polars as pl
+
     if not text:
         return pl.Series("line", [], dtype=pl.String)
     lines = pl.Series("line", [text]).str.split("\n").explode()
@@ -247,8 +316,9 @@ def _format_lines(ids: np.ndarray, values: np.ndarray, offsets: np.ndarray) -> s
     return pl.DataFrame({"line": lines}).write_csv(include_header=False, quote_style="never")
 
 
-def _first_non_permutation(values: np.ndarray, offsets: np.ndarray) -> int | None:
-    """Index of the first list that is not a permutation of 1..len, or None."""
+def _non_permutations(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the lists that are not permutations of 1..len."""
+    bad = [np.zeros(0, dtype=np.int64)]
     for a, b in impression_chunks(offsets):
         lo, hi = offsets[a], offsets[b]
         sizes = np.diff(offsets[a : b + 1])
@@ -256,10 +326,9 @@ def _first_non_permutation(values: np.ndarray, offsets: np.ndarray) -> int | Non
         fits = (row >= 1) & (row <= np.repeat(sizes, sizes))
         slot = np.where(fits, np.repeat(offsets[a:b] - lo, sizes) + row - 1, hi - lo)
         taken = np.bincount(slot, minlength=hi - lo + 1)[: hi - lo]
-        bad = np.flatnonzero(taken != 1)  # a slot missed or hit twice: that list is wrong
-        if bad.size:
-            return a + int(np.searchsorted(offsets[a : b + 1], bad[0] + lo, side="right")) - 1
-    return None
+        missed = np.flatnonzero(taken != 1) + lo  # a slot missed or hit twice: its list is wrong
+        bad.append(np.unique(np.searchsorted(offsets, missed, side="right") - 1))
+    return np.concatenate(bad)
 
 
 def _permutation_problem(ranks: np.ndarray) -> str:

@@ -44,8 +44,17 @@ from mmnewsrec.rank.ranker import (
 logger = logging.getLogger(__name__)
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "samples_per_s", "auc", "mrr", "ndcg5", "ndcg10"]
-# Settings a resumed run must share with the checkpoint (the rest may change, e.g. epochs).
-RESUME_FREE = {"data.store_dir", "data.vectors_dir", "data.dev_impressions", "optim.epochs"}
+# The settings a resumed run may change: where it writes, how it reports progress, where the
+# data lies (the store and vectors are compared by content hash instead) and, upwards only,
+# optim.epochs. Any other change would alter what the run computes.
+RESUME_FREE = {
+    "run.out_dir",
+    "run.log_every",
+    "run.progress",
+    "run.stop_after",
+    "data.store_dir",
+    "data.vectors_dir",
+}
 
 
 @dataclass(frozen=True)
@@ -157,15 +166,29 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """Refuse to resume under settings that change what the run computes."""
+    """Refuse to resume under settings that change what the run computes (see RESUME_FREE)."""
     old, new = flatten(saved), flatten(config.to_dict())
-    keys = sorted(
-        k for k in old.keys() | new.keys() if not k.startswith("run.") and k not in RESUME_FREE
-    )
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    more_epochs = new["optim.epochs"] >= old.get("optim.epochs", math.inf)
+    keys = sorted(k for k in old.keys() | new.keys() if k not in RESUME_FREE)
+    diff = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in keys
+        if old.get(k) != new.get(k) and not (k == "optim.epochs" and more_epochs)
+    ]
     if diff:
+        free = ", ".join(sorted(RESUME_FREE))
         raise ConfigError(
-            f"cannot resume {path} with a different configuration:\n  " + "\n  ".join(diff)
+            f"cannot resume {path} with a different configuration (only {free} may change, "
+            "and optim.epochs may grow):\n  " + "\n  ".join(diff)
+        )
+
+
+def check_same_store(path: Path, saved: str | None, actual: str) -> None:
+    """Refuse a store with other content than the one the checkpoint was trained on."""
+    if saved is not None and saved != actual:
+        raise ConfigError(
+            f"{path} was trained on a store with content hash {saved[:12]}..., but the store "
+            f"given has {actual[:12]}...; resume with that store (or start a new run)"
         )
 
 
@@ -267,6 +290,7 @@ class TrainRecipe:
             if split and split not in store.splits:
                 raise ConfigError(f"{cfg.store_dir}: no split {split!r} (has {store.splits})")
         self.num_news = store.num_news
+        self.store_hash = store.content_hash
         self.train_behaviors = store.behaviors(cfg.train_split)
         self.dev_behaviors = store.behaviors(cfg.dev_split) if cfg.dev_split else None
         if self.dev_behaviors is not None and not self.dev_behaviors.labelled:
@@ -363,6 +387,7 @@ class TrainRecipe:
         state = read_checkpoint(path)
         check_vectors_hash(path, state["vectors_hash"], self.vectors.hash)
         check_resumable(state["config"], self.config, path)
+        check_same_store(path, state.get("store_hash"), self.store_hash)
         if state["world_size"] != self.dist.world_size:
             raise ConfigError(
                 f"{path} was written by {state['world_size']} processes; resume with as many"
@@ -526,6 +551,7 @@ class TrainRecipe:
             "model_args": self.model_args,
             "model": self.model.state_dict(),
             "vectors_hash": self.vectors.hash,
+            "store_hash": self.store_hash,
             "config": self.config.to_dict(),
             "step": self.progress.step,
             "epoch": self.progress.epoch,

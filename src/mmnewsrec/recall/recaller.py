@@ -54,13 +54,18 @@ def as_csr(histories: Any) -> tuple[Tensor, Tensor]:
     """Accept a padded 2-D array/list/tensor or an (offsets, items) tuple; return int64 CSR."""
     if isinstance(histories, tuple):
         offsets, items = histories
-        return torch.as_tensor(np.asarray(offsets), dtype=torch.int64), torch.as_tensor(
-            np.asarray(items), dtype=torch.int64
-        )
+        return int64_tensor(offsets), int64_tensor(items)
     padded = torch.as_tensor(np.asarray(histories))
     if padded.ndim != 2:
         raise ValueError(f"histories: expected (users, L) or (offsets, items), got {padded.shape}")
     return padded_to_csr(padded)
+
+
+def int64_tensor(values: Any) -> Tensor:
+    """An int64 tensor over `values`, sharing its memory where it can; a read-only array (a
+    memory-mapped store) is copied, since torch tensors need writable memory."""
+    array = np.asarray(values, dtype=np.int64)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def slice_csr(offsets: Tensor, items: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
