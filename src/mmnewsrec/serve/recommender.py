@@ -91,6 +91,12 @@ class Recommender:
         self._images = [None, *news["image_path"].to_list()]
         self._titles_lower = news["title"].str.to_lowercase()
         self.clicks = self._train_clicks()
+        self._counts = {  # /health answers from these, without a pass over the corpus
+            "news": store.num_news,
+            "news_with_image": sum(p is not None for p in self._images),
+            "users": store.num_users,
+            "clicked_news": int(np.count_nonzero(self.clicks)),
+        }
         self._popular = np.argsort(-self.clicks[1:], kind="stable") + 1  # most clicked first
         self.recommend([self._columns["news_id"][1]], k=1)  # warm-up: first forward is slow
 
@@ -174,12 +180,7 @@ class Recommender:
             "recall_k": self.recall_k,
             "recall_backend": self.recaller.backend_,
             "vectors": {"dim": int(self.vectors.dim), "hash": self.vectors.hash},
-            "counts": {
-                "news": self.store.num_news,
-                "news_with_image": sum(p is not None for p in self._images),
-                "users": self.store.num_users,
-                "clicked_news": int(np.count_nonzero(self.clicks)),
-            },
+            "counts": self._counts,
         }
 
     # ------------------------------------------------------------------ recommend
