@@ -12,6 +12,7 @@ from mmnewsrec.rank.batches import (
     iter_eval_batches,
     sample_negatives,
 )
+from mmnewsrec.rank.train import ranking_loss
 
 
 def make_behaviors(histories, candidates, labels) -> Behaviors:
@@ -46,7 +47,7 @@ def behaviors() -> Behaviors:
         histories=[[1, 2, 3, 4, 5, 6], [7], [], [8, 9]],
         candidates=[
             [10, 11, 12, 13, 14, 15, 16, 17],  # 2 clicks, 6 negatives (>= K: distinct)
-            [20, 21, 22],  # 1 click, 2 negatives (< K: with replacement)
+            [20, 21, 22],  # 1 click, 2 negatives (< K: both, then padding)
             [30, 31],  # no click: skipped
             [40, 41],  # only clicks: skipped for listwise
         ],
@@ -64,7 +65,9 @@ def test_samples_one_per_click_with_negatives_from_the_same_impression(behaviors
     for row in batch.candidates[:2, 1:].tolist():
         assert set(row) <= {11, 12, 14, 15, 16, 17}
         assert len(set(row)) == 4, "enough negatives: drawn without replacement"
-    assert set(batch.candidates[2, 1:].tolist()) <= {20, 22}, "few negatives: with replacement"
+    few = sorted(batch.candidates[2, 1:].tolist())
+    assert few == [0, 0, 20, 22], "few negatives: each once, the rest padding"
+    assert batch.candidates.dtype == torch.int64
     assert ds.skipped_impressions == 2
 
 
@@ -96,8 +99,21 @@ def test_sample_negatives_is_uniform_and_distinct():
     assert all(len(set(r)) == 4 for r in slots[:500].tolist())
     freq = np.bincount(slots.ravel(), minlength=6) / slots.size
     np.testing.assert_allclose(freq, 1 / 6, atol=0.01)
-    rare = sample_negatives(np.array([10, 0]), np.array([1, 0]), 3, rng)
-    assert rare.tolist() == [[10, 10, 10], [-1, -1, -1]]
+    rare = sample_negatives(np.array([10, 0, 20]), np.array([1, 0, 3]), 3, rng)
+    assert rare[:2].tolist() == [[-1, -1, 10], [-1, -1, -1]]
+    assert sorted(rare[2].tolist()) == [20, 21, 22]
+
+
+def test_padded_negatives_do_not_enter_the_listwise_softmax(behaviors):
+    ds = ListwiseDataset(behaviors, negatives=4, history_len=3, seed=1)
+    batch = ds.__getitems__([2])  # the impression with 2 negatives: 2 padding columns
+    real = batch.candidates[0] > 0
+    assert real.sum() == 3
+    scores = torch.tensor([[1.5, -0.3, 2.0, 0.7, 4.0]])
+    scores = scores.masked_fill(~real, 0.0)  # what every model gives a padding candidate
+    expected = -torch.log_softmax(scores[0, real], dim=0)[0]
+    loss = ranking_loss(scores, batch, "listwise")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_pointwise_keeps_clicks_without_negatives_as_padding(behaviors):

@@ -8,11 +8,14 @@ import polars as pl
 import pytest
 
 from mmnewsrec.data.mind import (
+    BEHAVIORS_COLUMNS,
     MindFormatError,
     find_splits,
     iter_behaviors,
     read_behaviors,
     read_news,
+    read_table,
+    split_file,
 )
 
 T1 = "11/15/2019 8:55:22 AM"
@@ -199,6 +202,27 @@ def test_invalid_utf8_names_the_line(tmp_path):
     )
     err = raises(path)
     assert err.line == 2 and "UTF-8" in str(err)
+
+
+def test_line_by_line_split_reads_block_by_block(tmp_path):
+    rows = [behaviors_row(str(i), f"N{i}", "N1-1 Né-0") for i in range(1, 40)]
+    path = write(tmp_path / "b.tsv", rows, end="\r\n")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a BOM
+    polars = read_table(path, BEHAVIORS_COLUMNS).drop("line")
+    for block_bytes in (7, 64, 1 << 20):  # a block smaller than a line, a few lines, the file
+        assert split_file(path, BEHAVIORS_COLUMNS, block_bytes).equals(polars)
+    rows[30] += "\textra"
+    err = raises(write(tmp_path / "bad.tsv", rows))
+    assert err.line == 31 and "found 6" in str(err)
+    with pytest.raises(MindFormatError) as info:
+        split_file(tmp_path / "bad.tsv", BEHAVIORS_COLUMNS, block_bytes=100)
+    assert info.value.line == 31
+    data = bytearray((tmp_path / "b.tsv").read_bytes())
+    data[data.index(b"N35\t")] = 0xFF  # in line 35
+    (tmp_path / "utf.tsv").write_bytes(bytes(data))
+    with pytest.raises(MindFormatError, match="UTF-8") as info:
+        split_file(tmp_path / "utf.tsv", BEHAVIORS_COLUMNS, block_bytes=100)
+    assert info.value.line == 35
 
 
 BAD_NEWS = [

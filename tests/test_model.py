@@ -301,3 +301,16 @@ def test_mean_cosine_equals_manual_cosine(gamma, vectors):
     user = (weights[:, None] * unit[1:4]).sum(0)
     expected = F.cosine_similarity(user[None], vectors[4:7])
     torch.testing.assert_close(model(history, candidates)[0], expected)
+
+
+@pytest.mark.parametrize("name", [*NEURAL, "mean_cosine"])
+def test_scores_stay_fp32_under_bf16_autocast(name, vectors, has_image):
+    model = make(name, vectors, has_image)
+    history = torch.arange(1, 9).repeat(2, 1)  # (2, 8)
+    candidates = torch.arange(1, 61).reshape(2, 30)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model(history, candidates)
+    exact = model(history, candidates).detach()
+    assert scores.dtype == torch.float32
+    assert all(len(set(row.tolist())) == 30 for row in scores), "bf16 rounding would tie some"
+    torch.testing.assert_close(scores, exact, rtol=0.1, atol=0.1)  # bf16 body, close to fp32

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
 from mmnewsrec.data.mind import MindFormatError
-from mmnewsrec.data.store import Behaviors, Store, StoreError, build_store
+from mmnewsrec.data.store import Behaviors, NewsMap, Store, StoreError, build_store
 
 TIME = "11/15/2019 8:55:22 AM"
 UNIX = int(datetime(2019, 11, 15, 8, 55, 22, tzinfo=UTC).timestamp())
@@ -252,6 +252,21 @@ def test_behaviors_from_plain_arrays():
     assert both.history(3).tolist() == [3, 4]
     with pytest.raises(ValueError, match="candidate_offsets"):
         Behaviors("dev", True, [7], [0], [0], [0, 0], [], [0, 2], [1], [1])
+
+
+def test_news_map_by_number_agrees_with_the_join():
+    news = pl.DataFrame({"news_id": ["N7", "N55528", "N0", "N130000"], "index": [1, 2, 3, 4]})
+    good = ["N55528", "N7", "N0", "N130000"]
+    bad = ["N07", "N+7", "n7", "N7\t", "N", "N8", "N99999999999", "X7"]
+    tokens = pl.Series(good + bad)
+    expected = [2, 1, 3, 4] + [0] * len(bad)
+    by_number = NewsMap.build(news)
+    assert by_number.by_number is not None
+    assert by_number.lookup(tokens).tolist() == expected
+    other = NewsMap.build(news.vstack(pl.DataFrame({"news_id": ["A1"], "index": [5]})))
+    assert other.by_number is None, "not MIND ids: looked up by a join"
+    assert other.lookup(tokens).tolist() == expected
+    assert other.lookup(pl.Series(["A1", "N7"])).dtype == np.int32
 
 
 def test_real_sample_matches_a_plain_parse(mind_samples, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
@@ -289,6 +290,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def on_device_only(collective, device: torch.device):
+    """`collective` refusing tensors off `device`, as NCCL refuses CPU tensors."""
+
+    def call(*args, **kwargs):
+        for arg in (*args, *kwargs.values()):
+            for t in arg if isinstance(arg, list) else [arg]:
+                if isinstance(t, torch.Tensor) and t.device != device:
+                    raise RuntimeError(
+                        f"{collective.__name__}: a tensor on {t.device}, not {device}"
+                    )
+        return collective(*args, **kwargs)
+
+    return call
+
+
+def default_device_meta(method):
+    """`method` run with 'meta' as the default device: a tensor made without the run's device
+    lands there instead of on the run's device."""
+
+    def call(*args, **kwargs):
+        with torch.device("meta"):
+            return method(*args, **kwargs)
+
+    return call
+
+
+def check_collective_devices(monkeypatch, device: torch.device) -> None:
+    """Make every collective of the recipe refuse tensors off `device`."""
+    for name in ("broadcast", "all_reduce", "all_gather"):
+        monkeypatch.setattr(dist, name, on_device_only(getattr(dist, name), device))
+    for name in ("_evaluate_and_track", "_log_window"):
+        monkeypatch.setattr(TrainRecipe, name, default_device_meta(getattr(TrainRecipe, name)))
+
+
+def test_one_process_under_torchrun_runs_a_process_group_with_collectives_on_its_device(
+    data, tmp_path, monkeypatch
+):
+    common = ("optim.epochs=2", "run.eval_every=4", "run.patience=2")
+    single = run_training(make_config(data, tmp_path / "single", *common))
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in (env | {"MASTER_PORT": str(free_port())}).items():
+        monkeypatch.setenv(key, value)
+    check_collective_devices(monkeypatch, torch.device("cpu"))
+    backends = []
+    make_group = dist.init_process_group
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda **kw: backends.append(kw["backend"]) or make_group(**kw)
+    )
+    grouped = run_training(make_config(data, tmp_path / "group", *common))
+    assert backends == ["gloo"] and not dist.is_initialized(), "made at world size 1, then freed"
+    evals = [float(r["auc"]) for r in read_log(tmp_path / "group") if r["auc"]]
+    assert len(evals) >= 3 and grouped.step == single.step
+    assert evals == pytest.approx(
+        [float(r["auc"]) for r in read_log(tmp_path / "single") if r["auc"]], abs=1e-6
+    )
+
+
 def ddp_worker(rank: int, world: int, port: int, config: dict, out: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -303,8 +361,10 @@ def ddp_worker(rank: int, world: int, port: int, config: dict, out: str) -> None
     init_distributed(device, info)
     recipe = TrainRecipe(TrainConfig.model_validate(config), device, info)
     try:
-        recipe.setup()
-        recipe.train()
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            check_collective_devices(monkeypatch, device)
+            recipe.setup()
+            recipe.train()
         torch.save(recipe.model.state_dict(), Path(out) / f"rank{rank}.pt")
     finally:
         recipe.cleanup()

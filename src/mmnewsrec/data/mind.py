@@ -38,6 +38,7 @@ TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # e.g. 11/15/2019 8:55:22 AM (naive, read 
 SPLIT_NAMES = ("train", "dev", "test")
 CHUNK_ROWS = 20_000  # behaviors lines parsed at once; bounds the memory of exploded tokens
 IMPRESSION_ID = pl.col("impression_id").str.strip_chars().cast(pl.Int64, strict=False)
+BLOCK_BYTES = 1 << 26  # bytes of lines split at once when polars' reader cannot be used
 
 
 class MindFormatError(ValueError):
@@ -85,8 +86,18 @@ def read_table(path: Path, names: list[str]) -> pl.DataFrame:
     """Read a raw MIND tsv into named string columns plus `line` (1-based).
 
     The fast path is polars' reader; when its result does not have exactly one row per line and
-    len(names) columns per row, the file is split line by line to name the first bad line.
+    len(names) columns per row, the file is split line by line, block by block, to name the
+    first bad line.
     """
+    frame = read_whole(path, names)
+    if frame is None:
+        frame = split_file(path, names)
+    return frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.UInt32).alias("line"))
+
+
+def read_whole(path: Path, names: list[str]) -> pl.DataFrame | None:
+    """polars' reader over the whole file; None unless it gives one row of len(names) columns
+    per line."""
     data = path.read_bytes()
     lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
     try:
@@ -100,37 +111,66 @@ def read_table(path: Path, names: list[str]) -> pl.DataFrame:
             empty_string_is_null=False,
             raise_if_empty=False,
         )
-        tabs_ok = data.count(b"\t") == lines * (len(names) - 1)
-        ok = frame.height == lines and tabs_ok
     except pl.exceptions.PolarsError:
-        ok = False
-    if not ok:
-        frame = split_columns(path, read_lines(path, data), names)
-    return frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.UInt32).alias("line"))
+        return None
+    tabs_ok = data.count(b"\t") == lines * (len(names) - 1)
+    return frame if frame.height == lines and tabs_ok else None
 
 
-def read_lines(path: Path, data: bytes) -> pl.Series:
-    """The lines of a UTF-8 text file as a string Series (no trailing empty line, no CR)."""
+def split_file(path: Path, names: list[str], block_bytes: int = BLOCK_BYTES) -> pl.DataFrame:
+    """Split a file into named columns block by block of whole lines, so that memory holds the
+    result and one block; the first line with a wrong column count is an error."""
+    frames, done = [], 0  # lines in the blocks before this one
+    for block in iter_blocks(path, block_bytes):
+        lines = decode_lines(path, block, done)
+        frames.append(split_columns(path, lines, names, first_line=done + 1))
+        done += len(lines)
+    if not frames:
+        return pl.DataFrame(schema=dict.fromkeys(names, pl.String))
+    return pl.concat(frames)
+
+
+def iter_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
+    """The file in blocks of about `block_bytes`, each ending at a newline (but the last)."""
+    rest = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(block_bytes):
+            cut = chunk.rfind(b"\n") + 1
+            if cut:
+                yield rest + chunk[:cut]
+                rest = chunk[cut:]
+            else:
+                rest += chunk
+    if rest:
+        yield rest
+
+
+def decode_lines(path: Path, block: bytes, before: int) -> pl.Series:
+    """The lines of a UTF-8 block (the file's lines `before + 1`, ...) as a string Series,
+    without line ends; the BOM of the file's first line is dropped."""
     try:
-        text = data.decode("utf-8")
+        text = block.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
+        line = before + block.count(b"\n", 0, err.start) + 1
         raise MindFormatError(path, line, None, f"not valid UTF-8 ({err.reason})") from None
-    lines = text.removeprefix("\ufeff").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return pl.Series("line", lines, dtype=pl.String).str.strip_suffix("\r")
+    if before == 0:
+        text = text.removeprefix("\ufeff")
+    lines = pl.Series("line", [text.removesuffix("\n")]).str.split("\n").explode()
+    return lines.str.strip_suffix("\r")
 
 
-def split_columns(path: Path, lines: pl.Series, names: list[str]) -> pl.DataFrame:
-    """Split tab-separated lines into named string columns; wrong column counts are errors."""
+def split_columns(
+    path: Path, lines: pl.Series, names: list[str], first_line: int = 1
+) -> pl.DataFrame:
+    """Split tab-separated lines (the first is file line `first_line`) into named string
+    columns; wrong column counts are errors."""
     counts = lines.str.count_matches("\t", literal=True) + 1
     bad = (counts != len(names)).arg_true()
     if len(bad):
         i = int(bad[0])
         raise MindFormatError(
             path,
-            i + 1,
+            first_line + i,
             None,
             f"expected {len(names)} tab-separated columns, found {counts[i]}" + csv_hint(lines[i]),
         )
@@ -290,21 +330,34 @@ def parse_impressions(
     """
     tokens = explode_ids(frame, "impressions")
     tok = pl.col("news_id")
-    dash = tok.str.contains("-", literal=True)
     is_label = (tok.str.ends_with("-0") | tok.str.ends_with("-1")) & (tok.str.len_bytes() > 2)
-    tokens = tokens.with_columns(is_label.alias("labelled"), dash.alias("dash"))
+    tokens = tokens.with_columns(is_label.alias("labelled"))
+    if labelled is None:
+        labelled = bool(tokens["labelled"][0]) if tokens.height else True
+    if not (labelled and tokens["labelled"].all()):  # all labelled: none of the errors can occur
+        check_tokens(path, tokens, labelled)
+    if labelled:
+        label = tok.str.ends_with("-1").cast(pl.Int8)
+        candidates = tokens.select("row", tok.str.head(-2), label.alias("label"))
+    else:
+        candidates = tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label"))
+    reject_repeated_candidates(path, candidates)
+    return candidates, labelled
+
+
+def check_tokens(path: Path, tokens: pl.DataFrame, labelled: bool) -> None:
+    """Raise for the first empty, malformed, or (not `labelled`) mislabelled candidate token."""
+    tok = pl.col("news_id")
     empty = tok.str.len_bytes() == 0
     first_bad(path, tokens, empty, "impressions", "empty candidate token", show="news_id")
     first_bad(
         path,
         tokens,
-        pl.col("dash") & ~pl.col("labelled"),
+        tok.str.contains("-", literal=True) & ~pl.col("labelled"),
         "impressions",
         "bad candidate token, expected <news id>-0, <news id>-1 or <news id>",
         show="news_id",
     )
-    if labelled is None:
-        labelled = bool(tokens["labelled"][0]) if tokens.height else True
     kinds = ("unlabelled", "labelled")
     first_bad(
         path,
@@ -315,13 +368,6 @@ def parse_impressions(
         f"{kinds[labelled]}, this token is {kinds[not labelled]}",
         show="news_id",
     )
-    if labelled:
-        label = tok.str.ends_with("-1").cast(pl.Int8)
-        candidates = tokens.select("row", tok.str.head(-2), label.alias("label"))
-    else:
-        candidates = tokens.select("row", "news_id", pl.lit(-1, dtype=pl.Int8).alias("label"))
-    reject_repeated_candidates(path, candidates)
-    return candidates, labelled
 
 
 def reject_repeated_candidates(path: Path, candidates: pl.DataFrame) -> None:

@@ -251,7 +251,7 @@ def build_store(
         return Store.load(out)
     news, sources = union_news(folders)
     news, image_digest = attach_images(news, image_dir)
-    news_map = news.select("news_id", "index")
+    news_map = NewsMap.build(news)
     manifest = {
         "format_version": FORMAT_VERSION,
         "data_dir": str(data_dir.resolve()),
@@ -363,18 +363,21 @@ def is_current(
 
 
 def build_split(
-    split: str, path: Path, news_map: pl.DataFrame, users: pl.DataFrame, options: dict[str, bool]
+    split: str, path: Path, news_map: NewsMap, users: pl.DataFrame, options: dict[str, bool]
 ) -> tuple[Behaviors, dict, pl.DataFrame]:
     """Parse one behaviors.tsv chunk by chunk into Behaviors; returns dropped counts and users.
 
-    `users` (one user_id column, row = user index) is extended with the split's new users.
-    `options` are build_store's `strict` and `allow_drops`.
+    `users` (one user_id column, row = user index) is extended with the split's new users, in
+    order of first appearance, once the whole file is read. `options` are build_store's
+    `strict` and `allow_drops`.
     """
     parts, unknown, dropped = [], [], dict.fromkeys(["history", "candidates", "impressions"], 0)
+    seen, kept = [users], []  # user ids of every impression, of the impressions kept
     for raw in iter_behaviors(path):
-        users = pl.concat([users, raw.rows.select("user_id")]).unique(maintain_order=True)
-        part, ids, counts = index_behaviors(raw, split, news_map, users, **options)
+        part, kept_users, ids, counts = index_behaviors(raw, split, news_map, **options)
         parts.append(part)
+        seen.append(raw.rows.select("user_id"))
+        kept.append(kept_users)
         unknown.append(ids)
         dropped = {key: dropped[key] + counts[key] for key in dropped}
     dropped["unknown_ids"] = pl.concat(unknown).n_unique()
@@ -389,23 +392,33 @@ def build_split(
             dropped["impressions"],
         )
     logger.info("read %s: %d impressions", path, sum(p.num_impressions for p in parts))
-    return Behaviors.concat(parts), dropped, users
+    users = pl.concat(seen).unique(maintain_order=True)
+    behaviors = Behaviors.concat(parts)
+    behaviors.user_index = (
+        pl.DataFrame({"user_id": pl.concat(kept)})
+        .join(users.with_row_index("u"), on="user_id", how="left", maintain_order="left")["u"]
+        .to_numpy()
+        .astype(np.int32)
+    )
+    return behaviors, dropped, users
 
 
 def index_behaviors(
     raw: RawBehaviors,
     split: str,
-    news_map: pl.DataFrame,
-    users: pl.DataFrame,
+    news_map: NewsMap,
     strict: bool = False,
     allow_drops: bool = False,
-) -> tuple[Behaviors, pl.Series, dict]:
-    """Map ids to indices, drop (or, if strict, reject) unknown news ids.
+) -> tuple[Behaviors, pl.Series, pl.Series, dict]:
+    """Map news ids to indices, drop (or, if strict, reject) unknown news ids.
 
     Unknown candidates of unlabelled impressions are rejected unless `allow_drops`.
-    Returns the Behaviors, the unknown ids (with repeats) and counts of what was dropped.
+    Returns the Behaviors (user_index 0: users are indexed per split by `build_split`), the user
+    ids of the impressions kept, the unknown news ids (with repeats) and counts of what was
+    dropped.
     """
-    history, candidates = lookup(raw.history, news_map), lookup(raw.candidates, news_map)
+    history = news_map.lookup(raw.history["news_id"])
+    candidates = news_map.lookup(raw.candidates["news_id"])
     if strict:
         reject_unknown(raw, raw.history, history, "history", STRICT_HINT)
         reject_unknown(raw, raw.candidates, candidates, "impressions", STRICT_HINT)
@@ -417,14 +430,11 @@ def index_behaviors(
     known = candidates > 0
     keep = np.bincount(candidate_rows[known], minlength=n) > 0  # impressions left with candidates
     history_kept = (history > 0) & keep[history_rows]
-    user_index = raw.rows.join(
-        users.with_row_index("u"), on="user_id", how="left", maintain_order="left"
-    )["u"].to_numpy()
     behaviors = Behaviors(
         split=split,
         labelled=raw.labelled,
         impression_ids=raw.rows["impression_id"].to_numpy()[keep],
-        user_index=user_index[keep],
+        user_index=np.zeros(int(keep.sum())),
         times=raw.rows["time"].to_numpy()[keep],
         history_offsets=csr_offsets(np.bincount(history_rows[history_kept], minlength=n)[keep]),
         history_items=history[history_kept],
@@ -443,16 +453,53 @@ def index_behaviors(
         "candidates": int((~known).sum()),
         "impressions": int(n - keep.sum()),
     }
-    return behaviors, unknown, counts
+    return behaviors, raw.rows["user_id"].filter(pl.Series(keep)), unknown, counts
 
 
-def lookup(tokens: pl.DataFrame, news_map: pl.DataFrame) -> np.ndarray:
-    """News index (int32) of each token's news_id; 0 where the id is in no news.tsv."""
-    ids = tokens["news_id"]
-    index = ids.replace_strict(
-        news_map["news_id"], news_map["index"], default=0, return_dtype=pl.Int32
-    )
-    return index.to_numpy()
+@dataclass
+class NewsMap:
+    """News id -> news index. MIND ids (N and a number without leading zeros, as N55528) are
+    looked up by number in a table, which is faster than hashing strings; other ids by a join."""
+
+    ids: pl.DataFrame  # news_id, index
+    by_number: np.ndarray | None  # (max number + 1,) int32 index, 0 = none; None: not MIND ids
+
+    @classmethod
+    def build(cls, news: pl.DataFrame) -> NewsMap:
+        """The map of a news table with `news_id` and `index` columns (ids unique)."""
+        ids = news.select("news_id", "index")
+        numbers = mind_numbers(ids["news_id"])
+        if len(numbers) == 0 or numbers.min() < 0 or numbers.max() >= MAX_ID_NUMBER:
+            return cls(ids, None)
+        by_number = np.zeros(numbers.max() + 1, dtype=np.int32)
+        by_number[numbers] = ids["index"].to_numpy()
+        return cls(ids, by_number)
+
+    def lookup(self, news_ids: pl.Series) -> np.ndarray:
+        """News index (int32) of each id; 0 where the id is in no news.tsv."""
+        if self.by_number is None:
+            found = news_ids.to_frame("news_id").join(
+                self.ids, on="news_id", how="left", maintain_order="left"
+            )
+            return found["index"].fill_null(0).cast(pl.Int32).to_numpy()
+        numbers = mind_numbers(news_ids)
+        known = (numbers >= 0) & (numbers < len(self.by_number))
+        return np.where(known, self.by_number[np.where(known, numbers, 0)], 0).astype(np.int32)
+
+
+MAX_ID_NUMBER = 1 << 24  # largest number of a MIND id looked up by table (64 MiB)
+POWERS_OF_10 = 10 ** np.arange(1, 10)
+
+
+def mind_numbers(ids: pl.Series) -> np.ndarray:
+    """The number of each MIND-style id ("N123" -> 123) as int64; -1 where the id is not N and
+    a number without leading zeros or sign."""
+    number = ids.str.slice(1).cast(pl.UInt32, strict=False)
+    values = number.fill_null(0).to_numpy().astype(np.int64)
+    digits = 1 + np.searchsorted(POWERS_OF_10, values, side="right")
+    shaped = (ids.str.starts_with("N") & number.is_not_null()).to_numpy()
+    canonical = shaped & (ids.str.len_bytes().to_numpy() == 1 + digits)
+    return np.where(canonical, values, -1)
 
 
 STRICT_HINT = "without --strict they are dropped"

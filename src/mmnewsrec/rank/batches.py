@@ -1,10 +1,11 @@
 """Training samples and batches as integer index tensors; models gather the news vectors.
 
 Listwise training turns every click of a labelled impression into one sample: the clicked news
-(column 0) and K negatives drawn from the same impression, fresh each epoch (without replacement
-when the impression has at least K negatives, with replacement otherwise). Pointwise training uses
-the same rows with a binary loss and also keeps clicks whose impression has no negative (their
-negative columns are padding, index 0). Evaluation rows cut each impression's candidates into
+(column 0) and K distinct negatives drawn from the same impression, fresh each epoch. An impression
+with fewer than K negatives gives all of them, in random order, and pads the rest with index 0,
+which the models score 0 and the losses mask out (no negative counts twice). Pointwise training
+uses the same rows with a binary loss and also keeps clicks whose impression has no negative
+(all their negative columns are padding). Evaluation rows cut each impression's candidates into
 fixed-width chunks so that any number of candidates scores in bounded memory.
 """
 
@@ -17,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+from mmnewsrec.data.store import csr_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -72,29 +75,30 @@ def gather_history(
 
 
 def segment_ids(offsets: np.ndarray) -> np.ndarray:
-    """Row id of every element of a CSR array."""
-    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    """Row id of every element of a CSR array (int32 when the row count fits)."""
+    rows = len(offsets) - 1
+    dtype = np.int32 if rows < 2**31 else np.int64
+    return np.repeat(np.arange(rows, dtype=dtype), np.diff(offsets))
 
 
 def sample_negatives(
     base: np.ndarray, count: np.ndarray, k: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """K positions into segments [base, base + count): distinct when count >= k, -1 when count == 0.
+    """K distinct positions into segments [base, base + count), or -1 (padding) in the columns
+    beyond `count` when count < k.
 
-    Distinct draws use Floyd's algorithm column by column, so the cost is O(S * k^2) for S rows.
+    Floyd's algorithm column by column, so the cost is O(S * k^2) for S rows. A row with
+    count < k fills its last `count` columns with the whole segment and its first ones with -1.
     """
     s = len(count)
     u = rng.random((s, k))
-    few = count < k
-    chosen = np.empty((s, k), dtype=np.int64)
+    chosen = np.full((s, k), -1, dtype=np.int64)
     for col in range(k):
         j = count - k + col  # Floyd: draw t in [0, j]; if taken, take j instead
         t = (u[:, col] * (j + 1)).astype(np.int64)
         taken = (chosen[:, :col] == t[:, None]).any(axis=1)
-        distinct = np.where(taken, j, t)
-        with_replacement = (u[:, col] * count).astype(np.int64)
-        chosen[:, col] = np.where(few, with_replacement, distinct)
-    return np.where(count[:, None] > 0, base[:, None] + chosen, -1)
+        chosen[:, col] = np.where(j >= 0, np.where(taken, j, t), -1)
+    return np.where(chosen >= 0, base[:, None] + chosen, -1)
 
 
 class ListwiseDataset(torch.utils.data.Dataset):
@@ -128,17 +132,22 @@ class ListwiseDataset(torch.utils.data.Dataset):
         labels = np.asarray(b.candidate_labels)
         if labels.size and (labels < 0).all():
             raise ValueError("behaviors are unlabelled (labels -1): cannot train on them")
-        imp = segment_ids(b.candidate_offsets)
+        imp = segment_ids(b.candidate_offsets)  # (C,) int32
         num = len(b.candidate_offsets) - 1
         pos, neg = labels == 1, labels == 0
         n_pos = np.bincount(imp[pos], minlength=num)
-        n_neg = np.bincount(imp[neg], minlength=num)
+        n_neg = np.diff(b.candidate_offsets) - np.bincount(imp[~neg], minlength=num)
         keep = (n_pos > 0) & ((n_neg > 0) | (not require_negative))
         take = pos & keep[imp]
-        self.impression = imp[take].astype(np.int64)  # (S,)
-        self.positive = np.asarray(b.candidate_items)[take].astype(np.int64)  # (S,)
-        self.neg_items = np.asarray(b.candidate_items)[neg].astype(np.int64)
-        self.neg_offsets = np.concatenate([[0], np.cumsum(n_neg)])
+        del imp
+        items = np.asarray(b.candidate_items)
+        at = np.flatnonzero(take)  # (S,) flat candidate position of each sample's click
+        self.positive = items[at].astype(np.int32)  # (S,)
+        self.impression = (np.searchsorted(b.candidate_offsets, at, side="right") - 1).astype(
+            np.int32
+        )  # (S,)
+        self.neg_items = items[neg].astype(np.int32)  # (negatives,) grouped by impression
+        self.neg_offsets = csr_offsets(n_neg)  # (I+1,)
         self.skipped_impressions = int(((n_pos > 0) & ~keep).sum() + (n_pos == 0).sum())
         logger.info(
             "%d samples from %d impressions (%d skipped: no click%s)",
@@ -172,6 +181,7 @@ class ListwiseDataset(torch.utils.data.Dataset):
             b.history_offsets, b.history_items, self.impression[idx], self.history_len
         )
         candidates = np.concatenate([self.positive[idx, None], self.negative[idx]], axis=1)
+        candidates = candidates.astype(np.int64)
         labels = np.zeros(candidates.shape, dtype=np.float32)
         labels[:, 0] = 1.0
         return Batch(
@@ -242,17 +252,20 @@ def iter_eval_batches(
     batch_candidates: int = 2048,
     width: int = 32,
     num_impressions: int | None = None,
+    first_impression: int = 0,
 ) -> Iterator[tuple[Batch, torch.Tensor]]:
-    """Batches covering every candidate in flat order, with the (B, C) mask of real candidates.
+    """Batches covering every candidate of impressions `first_impression` .. `num_impressions`
+    - 1 (default: all) in flat order, with the (B, C) mask of real candidates.
 
-    Concatenating `scores[mask]` over the batches gives scores aligned with `candidate_items`.
+    Concatenating `scores[mask]` over the batches gives scores aligned with `candidate_items`
+    (from the first impression's first candidate on).
     """
     offsets = np.asarray(behaviors.candidate_offsets)
-    if num_impressions is not None:
-        offsets = offsets[: num_impressions + 1]
+    stop = len(offsets) - 1 if num_impressions is None else num_impressions
     items = np.asarray(behaviors.candidate_items)
     labels = np.asarray(behaviors.candidate_labels)
-    rows = EvalRows.build(offsets, width)
+    rows = EvalRows.build(offsets[first_impression : stop + 1], width)
+    rows.impression += first_impression
     per_batch = max(1, batch_candidates // width)
     col = np.arange(width)[None, :]
     for lo in range(0, len(rows), per_batch):

@@ -6,6 +6,9 @@ and baselines, all with one forward contract:
     candidates: LongTensor (B, C) news indices, 0 = padding candidate (its score is 0, ignore it)
     scores:     FloatTensor (B, C); a candidate's score never depends on the other candidates
 
+Under autocast the final scores are still computed in fp32 (`fp32_scores`), so that bf16
+rounding does not tie candidates that the model tells apart.
+
 Models gather their inputs from a non-persistent buffer `news_vectors` (N+1, D) set at
 construction, so checkpoints hold weights only and `model_args` rebuilds the architecture.
 """
@@ -163,6 +166,11 @@ class NewsEncoder(nn.Module):
         return super().train(mode)
 
 
+def fp32_scores(x: Tensor) -> torch.autocast:
+    """Autocast off on x's device: the final scores are computed in fp32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def with_no_history(tokens: Tensor, history: Tensor, no_history: Tensor) -> tuple[Tensor, Tensor]:
     """Prepend the learned no-history token, which is never masked, so no row is all padding.
 
@@ -233,7 +241,8 @@ class RecTransformer(Ranker):
         x = torch.cat([hist[rows], cand.unsqueeze(1)], dim=1)  # (P, 2+L, d)
         pad = F.pad(mask[rows], (0, 1), value=False)  # (P, 2+L)
         out = self.encoder(x, src_key_padding_mask=pad)[:, -1]  # (P, d)
-        scores = self.head(out).squeeze(-1)  # (P,)
+        with fp32_scores(out):
+            scores = self.head(out.float()).squeeze(-1)  # (P,)
         return torch.zeros(candidates.shape, dtype=scores.dtype, device=scores.device).index_put(
             (rows, cols), scores
         )
@@ -292,9 +301,11 @@ class FastRecTransformer(Ranker):
         for block in self.cross:
             q = block(q, memory, mask)
         user = self.norm(q)  # (B, C, d): the history as seen from each candidate
-        scores = self.head(torch.cat([user, cand, user * cand], dim=-1)).squeeze(-1)
         pooled = self.pool(memory, mask)  # (B, d)
-        scores = scores + torch.einsum("bd,bcd->bc", pooled, cand) / math.sqrt(cand.shape[-1])
+        with fp32_scores(cand):
+            user, cand, pooled = user.float(), cand.float(), pooled.float()
+            scores = self.head(torch.cat([user, cand, user * cand], dim=-1)).squeeze(-1)
+            scores = scores + torch.einsum("bd,bcd->bc", pooled, cand) / math.sqrt(cand.shape[-1])
         return scores.masked_fill(candidates == 0, 0.0)
 
 
@@ -339,7 +350,10 @@ class AdditiveAttentionUser(Ranker):
     def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
         user = self.user(history)  # (B, d)
         cand = self.news(self, candidates)  # (B, C, d)
-        scores = torch.einsum("bd,bcd->bc", user, cand) / math.sqrt(cand.shape[-1])
+        with fp32_scores(cand):
+            scores = torch.einsum("bd,bcd->bc", user.float(), cand.float()) / math.sqrt(
+                cand.shape[-1]
+            )
         return scores.masked_fill(candidates == 0, 0.0)
 
 
@@ -414,7 +428,8 @@ class MeanCosineRanker(Ranker):
         clicked = F.normalize(self.news_vectors[items], dim=1)
         user = mean_user_vectors(clicked, offsets, self.config.recency_weighting)  # (B, D)
         cand = F.normalize(self.news_vectors[candidates], dim=-1)  # (B, C, D)
-        scores = torch.einsum("bd,bcd->bc", user, cand)
+        with fp32_scores(cand):
+            scores = torch.einsum("bd,bcd->bc", user.float(), cand)
         return scores.masked_fill(candidates == 0, 0.0)
 
 

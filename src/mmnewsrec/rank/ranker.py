@@ -63,14 +63,20 @@ def score_behaviors(
     num_impressions: int | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    first_impression: int = 0,
 ) -> np.ndarray:
-    """Scores of every candidate (or of the first `num_impressions` impressions), float32,
-    aligned with `candidate_items`. The model is put in eval mode and its mode restored."""
+    """Scores of every candidate (or of impressions `first_impression` .. `num_impressions` - 1),
+    float32, aligned with `candidate_items`. The model is put in eval mode and its mode
+    restored."""
     was_training = model.training
     model.eval()
     out = []
     batches = iter_eval_batches(
-        behaviors, history_len, batch_candidates, num_impressions=num_impressions
+        behaviors,
+        history_len,
+        batch_candidates,
+        num_impressions=num_impressions,
+        first_impression=first_impression,
     )
     for batch, mask in tqdm(batches, desc="score", disable=not progress, leave=False):
         batch = batch.to(device, non_blocking=True)

@@ -1,7 +1,10 @@
 """The training recipe: setup / train / save_checkpoint / cleanup.
 
 One process, or one per device under `torchrun` (DistributedDataParallel; gloo on CPU, nccl on
-CUDA). The device is resolved once and passed in. Rank 0 alone logs, evaluates and writes
+CUDA; the process group is made under torchrun even for one process). The device is resolved
+once and passed in; every collective carries tensors on it, as NCCL requires. Every rank scores
+its share of the dev impressions and the scores are gathered, so no rank waits for a whole dev
+pass. Rank 0 alone logs, computes the dev metrics and writes
 RUN_DIR/{config.json, log.csv, checkpoint.pt (best), last.pt (resumable)}.
 
 A run is reproducible from (config, seed): negatives come from (seed, epoch), the order from the
@@ -64,6 +67,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun: a process group even for one process
 
     @property
     def is_main(self) -> bool:
@@ -71,15 +75,24 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether the run has a process group (and wraps the model in DDP)."""
+        return self.launched or self.world_size > 1
 
     @classmethod
     def from_env(cls) -> DistInfo:
-        """Read RANK / WORLD_SIZE / LOCAL_RANK as set by torchrun."""
+        """Read RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR as set by torchrun."""
         env = os.environ
         return cls(
-            int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+            int(env.get("RANK", 0)),
+            int(env.get("WORLD_SIZE", 1)),
+            int(env.get("LOCAL_RANK", 0)),
+            launched="MASTER_ADDR" in env and "RANK" in env,
         )
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous share [lo, hi) of n items that `rank` of `world_size` takes."""
+    return n * rank // world_size, n * (rank + 1) // world_size
 
 
 def resolve_train_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -492,35 +505,57 @@ class TrainRecipe:
     # ------------------------------------------------------------------ evaluate
 
     def evaluate(self) -> dict[str, float]:
-        """Dev metrics of the current weights (rank 0)."""
+        """Dev metrics of the current weights on rank 0 ({} on the other ranks). Each rank
+        scores its share of the impressions; rank 0 gathers the scores."""
         from mmnewsrec.evaluate.metrics import evaluate_scores
 
         dev = self.dev_behaviors
         n = self.config.data.dev_impressions or dev.num_impressions
         n = min(n, dev.num_impressions)
+        lo, hi = shard(n, self.dist.rank, self.dist.world_size)
         scores = score_behaviors(
             self.model,
             dev,
             self.config.data.history_len,
             self.device,
             self.config.run.eval_batch_size,
-            num_impressions=n,
+            num_impressions=hi,
             amp_dtype=self.amp_dtype,
             progress=self.config.run.progress,
+            first_impression=lo,
         )
         offsets = np.asarray(dev.candidate_offsets[: n + 1])
+        if self.dist.distributed:
+            scores = self._gather_scores(scores, offsets)
+        if not self.dist.is_main:
+            return {}
         labels = np.asarray(dev.candidate_labels[: offsets[-1]])
         return evaluate_scores(scores, labels, offsets)
 
+    def _gather_scores(self, scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Every rank's share of the scores of impressions 0 .. len(offsets) - 2, in order (on
+        all ranks). Shares differ in length: each is padded to the longest, on the run's device."""
+        world, n = self.dist.world_size, len(offsets) - 1
+        sizes = []
+        for rank in range(world):
+            lo, hi = shard(n, rank, world)
+            sizes.append(int(offsets[hi] - offsets[lo]))
+        padded = torch.zeros(max(sizes), device=self.device)
+        padded[: len(scores)] = torch.from_numpy(scores).to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:size] for p, size in zip(parts, sizes, strict=True)]).cpu().numpy()
+
     def _evaluate_and_track(self) -> None:
-        """Evaluate on rank 0, keep the best checkpoint, decide early stopping on every rank."""
+        """Evaluate (all ranks), keep the best checkpoint (rank 0), decide early stopping on
+        rank 0 and tell every rank."""
         p = self.progress
         p.last_eval_step = p.step
         if self.dev_behaviors is None:
             return
-        stop = torch.zeros(1)
+        metrics = self.evaluate()
+        stop = torch.zeros(1, device=self.device)
         if self.dist.is_main:
-            metrics = self.evaluate()
             self._write_log(loss=None, samples_per_s=None, metrics=metrics)
             logger.info(
                 "step %d: dev auc %.4f mrr %.4f ndcg5 %.4f ndcg10 %.4f",
