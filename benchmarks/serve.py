@@ -6,10 +6,11 @@ a fast_rec_transformer at the "cpu" preset trained for a few steps (its weights 
 the cost of a request), starts `mmnewsrec serve` on 127.0.0.1 in a subprocess, then drives it
 with an asyncio + httpx client at each concurrency: a fixed number of requests, each with the
 click history of a real dev impression of the corpus. Prints p50/p99 latency, requests/s and
-errors (and exits 1 on any error).
+errors (and exits 1 on any error), the GET /health round trip (the floor under any request) and
+the server's resident memory.
 
     python benchmarks/serve.py [--news 100000] [--requests 1000] [--concurrency 1 16]
-        [--recall-backend exact|faiss_flat|faiss_hnsw] [--threads 1] [--parallel 1]
+        [--recall-backend auto|exact|faiss_flat|faiss_hnsw] [--threads 1] [--parallel 1]
 """
 
 from __future__ import annotations
@@ -110,6 +111,25 @@ def start_server(run: Path, port: int, options: list[str]) -> subprocess.Popen:
     raise RuntimeError("server did not answer /health in 300 s")
 
 
+def rss_mb(pid: int) -> tuple[float, float]:
+    """Resident and peak resident memory of a process, MB."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return tuple(int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM"))
+
+
+async def health_floor(url: str, requests: int) -> tuple[float, float]:
+    """p50 and p99 ms of GET /health: the HTTP round trip with no recommendation work."""
+    latencies = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(requests):
+            start = time.perf_counter()
+            (await client.get(url)).raise_for_status()
+            latencies.append((time.perf_counter() - start) * 1000)
+    return np.percentile(latencies, 50), np.percentile(latencies, 99)
+
+
 async def drive(url: str, bodies: list[dict], concurrency: int) -> dict:
     """POST every body with `concurrency` requests in flight; latency and error figures."""
     queue = iter(bodies)
@@ -157,7 +177,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--recall-k", type=int, default=200)
-    parser.add_argument("--recall-backend", default="exact")
+    parser.add_argument("--recall-backend", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="serve --threads")
     parser.add_argument("--parallel", type=int, default=1, help="serve --parallel")
     parser.add_argument("--device", default="cpu", help="serve --device (the model's)")
@@ -174,11 +194,13 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}/recommend"
     try:
         asyncio.run(drive(url, bodies[:50], 1))  # warm-up
+        floor = asyncio.run(health_floor(f"http://127.0.0.1:{port}/health", len(bodies)))
         results = []
         for concurrency in args.concurrency:
             cpu = cpu_seconds(server.pid)
             results.append(asyncio.run(drive(url, bodies, concurrency)))
             results[-1]["cpu_ms"] = (cpu_seconds(server.pid) - cpu) * 1000 / len(bodies)
+        rss, peak = rss_mb(server.pid)
     finally:
         server.terminate()
         server.wait(30)
@@ -198,6 +220,8 @@ def main() -> int:
             f"{r['concurrency']:>5} {r['requests']:>9} {r['errors']:>7} {r['p50_ms']:>8.2f} "
             f"{r['p99_ms']:>8.2f} {r['rps']:>8.1f} {r['cpu_ms']:>10.2f}  {server_part}"
         )
+    print(f"GET /health (the HTTP floor): p50 {floor[0]:.2f} ms, p99 {floor[1]:.2f} ms")
+    print(f"server memory: RSS {rss:,.0f} MB, peak {peak:,.0f} MB")
     return 1 if any(r["errors"] for r in results) else 0
 
 

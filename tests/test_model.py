@@ -8,6 +8,7 @@ from mmnewsrec.rank.model import (
     MODELS,
     PRESETS,
     FastRecTransformerConfig,
+    NewsProjection,
     PopularityRanker,
     RecTransformerConfig,
     build_model,
@@ -107,6 +108,21 @@ def test_empty_history_is_finite_in_training(name, vectors, has_image):
     assert grads and all(torch.isfinite(g).all() for g in grads)
     no_history = model.embed.no_history if hasattr(model, "embed") else model.no_history
     assert no_history.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cached_news_tokens_give_the_same_scores(name, vectors, has_image):
+    model = make(name, vectors, has_image).eval()
+    history = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    candidates = torch.tensor([[10, 11, 12, 0], [14, 15, 16, 17]])
+    with torch.no_grad():
+        expected = model(history, candidates)
+        cached = model.cache_news_tokens()(history, candidates)
+    torch.testing.assert_close(cached, expected)  # other batch shapes: float32 tolerance
+    encoders = [m for m in model.modules() if isinstance(m, NewsProjection)]
+    assert all(m.cached is not None and len(m.cached) == len(vectors) for m in encoders)
+    model.train()  # weights may change again: the cache is dropped
+    assert all(m.cached is None for m in encoders)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

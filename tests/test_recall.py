@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from mmnewsrec.formats.store import Behaviors
 from mmnewsrec.recall import Recaller
@@ -121,10 +122,50 @@ def test_hnsw_recall_is_high():
     assert overlap > 0.95
 
 
+def test_hnsw_rescores_exactly_and_leaves_the_index_unchanged():
+    vectors = random_vectors(3000, 32, seed=5)
+    hnsw = Recaller(k=50, backend="faiss_hnsw", hnsw_ef_search=16).fit(vectors)
+    history = np.random.default_rng(6).integers(1, 3001, size=(20, 40))
+    users = hnsw.user_vectors(history)
+    scores, found = hnsw.search(users, k=200, exclude=history)
+    cosine = users @ unit(vectors[1:]).T
+    exact = np.take_along_axis(cosine, found - 1, axis=1)
+    np.testing.assert_allclose(scores, exact, rtol=0, atol=1e-5)  # not the 8-bit codes' scores
+    assert (np.diff(scores, axis=1) <= 0).all()
+    assert not any(np.isin(f, h).any() for f, h in zip(found, history, strict=True))
+    # the search widened efSearch for itself only: concurrent requests share the index
+    assert hnsw.index_.hnsw.efSearch == 16
+
+
+def test_hnsw_index_is_saved_and_read_back(tmp_path, monkeypatch):
+    vectors = random_vectors(500, 16, seed=7)
+    users = Recaller().fit(vectors).user_vectors(np.array([[1, 2, 3], [4, 5, 0]]))
+    built = Recaller(k=20, backend="faiss_hnsw").fit(vectors, tmp_path, "abc")
+    assert [p.name for p in tmp_path.iterdir()] == ["hnsw32-sq8-abc.faiss"]
+
+    def no_build(self):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(Recaller, "_build_index", no_build)
+    read = Recaller(k=20, backend="faiss_hnsw").fit(vectors, tmp_path, "abc")
+    for a, b in zip(built.search(users), read.search(users), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same graph and codes, the same kernels
+    with pytest.raises(AssertionError, match="built again"):
+        Recaller(backend="faiss_hnsw").fit(random_vectors(400, 16), tmp_path, "abc")
+
+
+def test_a_float32_matrix_is_shared_not_copied():
+    vectors = torch.zeros(101, 8)
+    vectors[1:] = torch.from_numpy(unit(random_vectors(100, 8)[1:]) * 3)
+    recaller = Recaller(k=5).fit(vectors)
+    assert recaller.vectors_.data_ptr() == vectors.data_ptr()
+    np.testing.assert_allclose(recaller.user_vectors(np.array([[4]]))[0], unit(vectors[4].numpy()))
+
+
 def test_auto_backend_by_corpus_size():
     vectors = random_vectors(50, 4)
     assert Recaller().fit(vectors).backend_ == "exact"
-    assert Recaller(exact_max_news=10).fit(vectors).backend_ == "faiss_flat"
+    assert Recaller(exact_max_news=10).fit(vectors).backend_ == "faiss_hnsw"
     with pytest.raises(ValueError, match="backend"):
         Recaller(backend="annoy").fit(vectors)
     with pytest.raises(ValueError, match="recency_weighting"):

@@ -80,6 +80,12 @@ def test_recall_ranks_by_cosine_of_the_mean_user_vector(run_dir, golf):
     assert sum(item.subcategory == "golf" for item in result.items) >= 8
 
 
+def test_recall_and_rerank_share_one_news_matrix(rec):
+    matrix = rec.ranker.model.news_vectors
+    assert rec.recaller.vectors_.data_ptr() == matrix.data_ptr()
+    np.testing.assert_array_equal(matrix.numpy(), np.asarray(rec.vectors.vectors, np.float32))
+
+
 def test_exclude_history_false_can_return_clicked_news(run_dir, golf):
     small = Recommender.from_run(run_dir, recall_k=1)
     kept = small.recommend(golf[:1], k=3, exclude_history=False)

@@ -401,7 +401,11 @@ def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str) ->
 
 RecallK = Annotated[int, typer.Option(min=1, help="Candidates recalled, then reranked.")]
 RecallBackend = Annotated[
-    str, typer.Option(help="auto, exact, faiss_flat or faiss_hnsw (approximate, fast).")
+    str,
+    typer.Option(
+        help="auto (exact up to 20,000 news, faiss_hnsw beyond), exact, faiss_hnsw (approximate,"
+        " rescored exactly) or faiss_flat."
+    ),
 ]
 
 

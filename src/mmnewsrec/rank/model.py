@@ -118,6 +118,15 @@ class Ranker(nn.Module):
     def news_dim(self) -> int:
         return self.news_vectors.shape[1]
 
+    def cache_news_tokens(self) -> Ranker:
+        """Put the model in eval mode with every news token precomputed (see
+        `NewsProjection.cache_tokens`): (N+1) x d_model floats for less work per request."""
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, NewsProjection):
+                module.cache_tokens(self)
+        return self
+
 
 class NewsProjection(nn.Module):
     """News indices -> d_model tokens: the frozen vector standardised per dimension (mean and
@@ -131,14 +140,34 @@ class NewsProjection(nn.Module):
         self.no_image = nn.Parameter(torch.zeros(d_model)) if image_flag else None
         self.norm = nn.LayerNorm(d_model)
 
+        self.cached: Tensor | None = None  # every news item's token, see `cache_tokens`
+
     def forward(self, ranker: Ranker, indices: Tensor) -> Tensor:
         """(...) news indices -> (..., d) tokens."""
+        if self.cached is not None:
+            return self.cached[indices]
         unique, inverse = torch.unique(indices, return_inverse=True)
-        vectors = (ranker.news_vectors[unique] - ranker.vector_mean) * ranker.vector_scale
-        x = self.proj(vectors)  # (U, d)
+        return self.tokens(ranker, unique)[inverse]
+
+    def tokens(self, ranker: Ranker, indices: Tensor) -> Tensor:
+        """(n,) news indices -> (n, d) tokens, computed."""
+        vectors = (ranker.news_vectors[indices] - ranker.vector_mean) * ranker.vector_scale
+        x = self.proj(vectors)  # (n, d)
         if self.no_image is not None:
-            x = x + (~ranker.has_image[unique]).unsqueeze(-1).to(x.dtype) * self.no_image
-        return self.norm(x)[inverse]
+            x = x + (~ranker.has_image[indices]).unsqueeze(-1).to(x.dtype) * self.no_image
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def cache_tokens(self, ranker: Ranker, block: int = 65_536) -> None:
+        """Compute the token of every news item once, for a model whose weights no longer
+        change (serving): lookups then replace the projection. `train()` drops the cache."""
+        rows = torch.arange(len(ranker.news_vectors), device=ranker.news_vectors.device)
+        self.cached = torch.cat([self.tokens(ranker, part) for part in rows.split(block)])
+
+    def train(self, mode: bool = True) -> NewsProjection:
+        if mode:
+            self.cached = None
+        return super().train(mode)
 
 
 def fp32_scores(x: Tensor) -> torch.autocast:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmnewsrec.csr import (
@@ -17,11 +17,14 @@ from mmnewsrec.csr import (
     slice_csr,
     tensor_segment_ids,
 )
+from mmnewsrec.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "exact", "faiss_flat", "faiss_hnsw")
 SCORE_BLOCK = 1 << 25  # floats in one (users x news) block of exact scores
+TRAIN_SAMPLE = 100_000  # news that set the 8-bit code ranges of the HNSW index
+ADD_BLOCK = 65_536  # news normalised and added to a FAISS index at a time
 
 
 def as_csr(histories: Any) -> tuple[Tensor, Tensor]:
@@ -45,10 +48,14 @@ def int64_tensor(values: Any) -> Tensor:
 class Recaller:
     """Cosine top-K recall over all news from the mean vector of a user's clicks.
 
-    backend: "exact" (torch matmul), "faiss_flat" (exact, IndexFlatIP), "faiss_hnsw"
-    (approximate, IndexHNSWFlat) or "auto" (exact up to `exact_max_news` news, else faiss_flat).
-    Row 0 of the news vectors is padding and is never returned; index 0 in a result means
-    "no result" (fewer than k news left after exclusion).
+    backend: "exact" (torch matmul over the whole corpus), "faiss_hnsw" (an HNSW graph over
+    8-bit codes, approximate, with the found news rescored exactly), "faiss_flat" (exact,
+    IndexFlatIP, which keeps a float32 copy of its own) or "auto" (exact up to
+    `exact_max_news` news, else faiss_hnsw). Row 0 of the news vectors is padding and is never
+    returned; index 0 in a result means "no result" (fewer than k news left after exclusion).
+
+    The news matrix is held once: a float32 array given to `fit` is used as it is (not copied),
+    with one inverse norm per row, so a server can share it with the reranker.
     """
 
     def __init__(
@@ -69,17 +76,32 @@ class Recaller:
         self.hnsw_ef_search = hnsw_ef_search
         self.batch_size = batch_size
 
-    def fit(self, vectors: Any) -> Recaller:
-        """Normalise the news vectors (N+1, D) (row 0 = padding) and build the index."""
+    def fit(self, vectors: Any, cache_dir: Path | None = None, cache_key: str = "") -> Recaller:
+        """Take the news vectors (N+1, D) (row 0 = padding): a float32 tensor or writable array
+        is kept as it is, anything else converted once; then build the index.
+
+        cache_dir, cache_key: an HNSW index (slow to build at scale) is saved under `cache_dir`,
+        named by its parameters and `cache_key` (the vectors' content hash), and read back by
+        the next fit with the same key instead of being built again.
+        """
         self._check_params()
-        matrix = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        if isinstance(vectors, Tensor):
+            matrix = vectors.float()
+        else:
+            array = np.asarray(vectors, dtype=np.float32)
+            matrix = torch.from_numpy(array if array.flags.writeable else array.copy())
         if matrix.ndim != 2 or len(matrix) < 2:
             raise ValueError(f"vectors: expected (N+1, D) with N >= 1, got {tuple(matrix.shape)}")
-        self.vectors_ = F.normalize(matrix, dim=1)
-        self.vectors_[0] = 0.0
+        self.vectors_ = matrix
+        self.inv_norms_ = 1.0 / torch.linalg.vector_norm(matrix, dim=1).clamp_min(1e-12)
+        self.inv_norms_[0] = 0.0  # padding scores 0 and is masked
         self.num_news_ = len(matrix) - 1
         self.backend_ = self._resolve_backend()
-        self.index_ = self._build_index() if self.backend_ != "exact" else None
+        self.index_ = None
+        if self.backend_ == "faiss_hnsw" and cache_dir is not None and cache_key:
+            self.index_ = self._cached_index(cache_dir / f"hnsw{self.hnsw_m}-sq8-{cache_key}.faiss")
+        elif self.backend_ != "exact":
+            self.index_ = self._build_index()
         logger.info("recaller: %d news, dim %d, %s", self.num_news_, matrix.shape[1], self.backend_)
         return self
 
@@ -159,23 +181,48 @@ class Recaller:
     def _resolve_backend(self) -> str:
         if self.backend != "auto":
             return self.backend
-        return "exact" if self.num_news_ <= self.exact_max_news else "faiss_flat"
+        return "exact" if self.num_news_ <= self.exact_max_news else "faiss_hnsw"
 
-    def _build_index(self) -> Any:
+    def _cached_index(self, path: Path) -> Any:
         import faiss
 
-        data = np.ascontiguousarray(self.vectors_[1:].numpy())
-        dim = data.shape[1]
+        if path.is_file():
+            index = faiss.read_index(str(path))
+            if (index.ntotal, index.d) == (self.num_news_, self.vectors_.shape[1]):
+                logger.info("recall index read from %s", path)
+                return index
+            logger.warning("%s holds another corpus: building the index again", path)
+        index = self._build_index()
+        try:
+            with atomic_file(path) as tmp:
+                faiss.write_index(index, str(tmp))
+        except OSError as err:
+            logger.warning("recall index not saved (%s); the next start builds it again", err)
+        return index
+
+    def _build_index(self) -> Any:
+        """The FAISS index over the unit news vectors, added in blocks (bounded extra memory)."""
+        import faiss
+
+        dim = self.vectors_.shape[1]
         index: Any
         if self.backend_ == "faiss_flat":
             index = faiss.IndexFlatIP(dim)
         else:
-            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.add(data)
+            quantizer: Any = faiss.ScalarQuantizer.QT_8bit  # a quarter of a float32 copy
+            index = faiss.IndexHNSWSQ(dim, quantizer, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            sample = torch.randperm(self.num_news_, generator=torch.Generator().manual_seed(0))
+            index.train(self._unit_rows(1 + sample[:TRAIN_SAMPLE]))
+        for s in range(1, self.num_news_ + 1, ADD_BLOCK):
+            index.add(self._unit_rows(torch.arange(s, min(s + ADD_BLOCK, self.num_news_ + 1))))
         return index
 
+    def _unit_rows(self, rows: Tensor) -> np.ndarray:
+        return np.ascontiguousarray((self.vectors_[rows] * self.inv_norms_[rows, None]).numpy())
+
     def _users(self, offsets: Tensor, items: Tensor) -> Tensor:
-        return mean_user_vectors(self.vectors_[items], offsets, self.recency_weighting)
+        unit = self.vectors_[items] * self.inv_norms_[items, None]
+        return mean_user_vectors(unit, offsets, self.recency_weighting)
 
     def _search(
         self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
@@ -192,7 +239,7 @@ class Recaller:
         rows = tensor_segment_ids(ex_offsets)
         out = []
         for s in range(0, len(users), step):
-            scores = users[s : s + step] @ self.vectors_.T  # (b, N+1)
+            scores = (users[s : s + step] @ self.vectors_.T) * self.inv_norms_  # (b, N+1)
             scores[:, 0] = -torch.inf
             part = (rows >= s) & (rows < s + step)
             scores[rows[part] - s, ex_items[part]] = -torch.inf
@@ -203,18 +250,27 @@ class Recaller:
     def _search_faiss(
         self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
     ) -> tuple[Tensor, Tensor]:
+        """FAISS candidates (enough to survive the exclusions), rescored exactly on the news
+        matrix, excluded ones dropped, best k kept."""
         extra = int(ex_offsets.diff().max()) if len(ex_items) else 0
         fetch = min(k + extra, self.num_news_)
         index = self.index_
         assert index is not None
+        query = np.ascontiguousarray(users.numpy())
         if self.backend_ == "faiss_hnsw":
-            index.hnsw.efSearch = max(self.hnsw_ef_search, fetch)
-        scores, ids = index.search(np.ascontiguousarray(users.numpy()), fetch)
-        scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long() + 1  # -1 -> 0
+            import faiss
+
+            # per-call parameters: concurrent searches never share a mutated efSearch
+            ef_search = max(self.hnsw_ef_search, fetch)
+            params = faiss.SearchParametersHNSW(efSearch=ef_search)  # type: ignore[attr-defined]
+            _, found = index.search(query, fetch, params=params)
+        else:
+            _, found = index.search(query, fetch)
+        ids = torch.from_numpy(found).long() + 1  # FAISS -1 (none) -> 0
+        scores = torch.einsum("ud,ufd->uf", users, self.vectors_[ids]) * self.inv_norms_[ids]
         width = self.num_news_ + 1
         keys = torch.arange(len(ids))[:, None] * width + ids
         keep = (ids > 0) & ~torch.isin(keys, pair_keys(ex_offsets, ex_items, width))
-        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
-        kept = keep.gather(1, order)
-        scores = scores.gather(1, order).masked_fill(~kept, -torch.inf)
-        return scores, ids.gather(1, order).masked_fill(~kept, 0)
+        scores = scores.masked_fill(~keep, -torch.inf)
+        top, order = scores.topk(k, dim=1)
+        return top, ids.gather(1, order).masked_fill(top == -torch.inf, 0)

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Beyond this many news, "auto" recall searches an HNSW graph: an exact scan of 100k x 384
+# float32 reads 150 MB per request (about 15 ms on one core), over a 10 ms latency budget.
+SERVE_EXACT_MAX_NEWS = 20_000
+
 
 @dataclass(frozen=True)
 class NewsSummary:
@@ -63,14 +67,20 @@ class Recommender:
         ranker: TrainedRanker,
         recall_k: int = 200,
         recall_backend: str = "auto",
+        index_dir: Path | None = None,
     ) -> None:
+        """index_dir: where the recall index is kept between starts (the vectors' folder)."""
+        from mmnewsrec.rank.model import Ranker
         from mmnewsrec.recall import Recaller
 
         if recall_k < 1:
             raise ValueError(f"recall_k must be >= 1, got {recall_k}")
         check_same_news(store, vectors)
+        if isinstance(ranker.model, Ranker):
+            ranker.model.cache_news_tokens()  # per request: lookups instead of projections
         self.store, self.vectors, self.ranker, self.recall_k = store, vectors, ranker, recall_k
-        self.recaller = Recaller(k=recall_k, backend=recall_backend).fit(vectors.vectors)
+        self.recaller = Recaller(recall_k, recall_backend, exact_max_news=SERVE_EXACT_MAX_NEWS)
+        self.recaller.fit(shared_news_matrix(ranker, vectors), index_dir, vectors.hash[:16])
         news = store.news
         # A dict answers one request's lookups in microseconds (Store.news_index builds a
         # mapping over the whole corpus per call, meant for batch work).
@@ -82,6 +92,12 @@ class Recommender:
         self._images = [None, *news["image_path"].to_list()]
         self._titles_lower = news["title"].str.to_lowercase()
         self.clicks = self._train_clicks()
+        self._counts = {  # /health answers from these, without a pass over the corpus
+            "news": store.num_news,
+            "news_with_image": sum(p is not None for p in self._images),
+            "users": store.num_users,
+            "clicked_news": int(np.count_nonzero(self.clicks)),
+        }
         self._popular = np.argsort(-self.clicks[1:], kind="stable") + 1  # most clicked first
         self.recommend([self._columns["news_id"][1]], k=1)  # warm-up: first forward is slow
 
@@ -96,7 +112,7 @@ class Recommender:
         """Load RUN_DIR's model with the store and news vectors it was trained on.
 
         recall_backend: "exact", "faiss_flat", "faiss_hnsw" (approximate, fast at large N)
-        or "auto" (see `Recaller`)."""
+        or "auto" (exact up to SERVE_EXACT_MAX_NEWS news, faiss_hnsw beyond)."""
         from mmnewsrec.formats.runs import read_run_config
         from mmnewsrec.formats.store import Store
         from mmnewsrec.formats.vectors import NewsVectors
@@ -106,7 +122,8 @@ class Recommender:
         store = Store.load(config.data.store_dir)
         vectors = NewsVectors.load(config.data.vectors_dir)
         ranker = load_ranker(run_dir, device, vectors=vectors)
-        return cls(store, vectors, ranker, recall_k, recall_backend)
+        index_dir = Path(config.data.vectors_dir) / "recall"
+        return cls(store, vectors, ranker, recall_k, recall_backend, index_dir)
 
     def _train_clicks(self) -> np.ndarray:
         """Clicks per news index in the run's train split (zeros when the store lacks it)."""
@@ -161,12 +178,7 @@ class Recommender:
             "recall_k": self.recall_k,
             "recall_backend": self.recaller.backend_,
             "vectors": {"dim": int(self.vectors.dim), "hash": self.vectors.hash},
-            "counts": {
-                "news": self.store.num_news,
-                "news_with_image": sum(p is not None for p in self._images),
-                "users": self.store.num_users,
-                "clicked_news": int(np.count_nonzero(self.clicks)),
-            },
+            "counts": self._counts,
         }
 
     # ------------------------------------------------------------------ recommend
@@ -222,6 +234,15 @@ class Recommender:
 
     def _item(self, index: int, score: float, stage: str, rank: int | None) -> RecommendedNews:
         return RecommendedNews(*self._fields(int(index)), float(score), stage, rank)
+
+
+def shared_news_matrix(ranker: TrainedRanker, vectors: NewsVectors) -> Any:
+    """The reranker's float32 news matrix when it lives in CPU memory (recall then uses it, no
+    second copy); otherwise the stored vectors, which recall converts once."""
+    matrix = getattr(ranker.model, "news_vectors", None)
+    if matrix is not None and matrix.device.type == "cpu" and matrix.shape == vectors.vectors.shape:
+        return matrix
+    return vectors.vectors
 
 
 def check_same_news(store: Store, vectors: NewsVectors) -> None:
