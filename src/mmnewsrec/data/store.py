@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -63,7 +64,7 @@ def build_store(
     news, sources = union_news(folders)
     news, image_digest = attach_images(news, image_dir)
     news_map = NewsMap.build(news)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "data_dir": str(data_dir.resolve()),
         "images_dir": str(image_dir) if image_dir else None,

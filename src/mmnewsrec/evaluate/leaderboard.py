@@ -251,7 +251,7 @@ def _parse_lists(path: Path, lines: pl.Series, first_line: int = 1) -> Impressio
     parts = lines.str.extract_groups(_LINE)
     ids, body = parts.struct.field("1"), parts.struct.field("2")
     if ids.null_count():
-        i = int(ids.is_null().arg_max())
+        i = int(ids.is_null().arg_max() or 0)
         raise ScoreFileError(
             f"{path}:{first_line + i}: expected 'IMPRESSION_ID [n1,n2,...]' (no spaces inside the "
             f"brackets), got {_excerpt(lines[i])}"
@@ -262,7 +262,7 @@ def _parse_lists(path: Path, lines: pl.Series, first_line: int = 1) -> Impressio
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     values = body.filter(filled).str.split(",").explode().cast(pl.Int64, strict=False)
     if values.null_count():
-        row = int(values.is_null().arg_max())
+        row = int(values.is_null().arg_max() or 0)
         line = first_line - 1 + int(np.searchsorted(offsets, row, side="right"))
         raise ScoreFileError(f"{path}:{line}: number out of range")
     return ImpressionLists(path, ids.to_numpy(), values.to_numpy().astype(np.int64), offsets)
@@ -311,7 +311,7 @@ def _format_lines(ids: np.ndarray, values: np.ndarray, offsets: np.ndarray) -> s
     import pyarrow as pa
 
     lists = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
-    body = pl.from_arrow(lists).cast(pl.List(pl.String)).list.join(",")
+    body = pl.Series(lists).cast(pl.List(pl.String)).list.join(",")
     lines = pl.Series(np.asarray(ids)).cast(pl.String) + " [" + body + "]"
     return pl.DataFrame({"line": lines}).write_csv(include_header=False, quote_style="never")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -198,7 +198,7 @@ def collate(batch: Batch | list[Batch]) -> Batch:
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler that can start an epoch part-way, after `start` of its own indices."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, *args, **kwargs) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, *args: Any, **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
         self.start = 0
 

@@ -119,7 +119,8 @@ def ranking_loss(scores: torch.Tensor, batch: Batch, kind: str) -> torch.Tensor:
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch and CUDA generator states, in checkpoint-safe types."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: Any = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = state
     return {
         "python": random.getstate(),
         "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
@@ -292,7 +293,13 @@ class TrainRecipe:
             raise ConfigError(f"dev split {cfg.dev_split!r} has no labels; choose a labelled split")
 
     def _build_model(self) -> None:
-        from mmnewsrec.rank.model import MODELS, build_model, canonical_name, click_counts
+        from mmnewsrec.rank.model import (
+            MODELS,
+            PopularityRanker,
+            build_model,
+            canonical_name,
+            click_counts,
+        )
 
         cfg = self.config
         args = dict(cfg.model.args)
@@ -314,12 +321,12 @@ class TrainRecipe:
                 f"model.args.max_history ({history_cap}) differs from data.history_len "
                 f"({cfg.data.history_len}); set data.history_len only"
             )
-        if hasattr(model, "fit_counts"):
+        if isinstance(model, PopularityRanker):
             model.fit_counts(click_counts(self.train_behaviors, self.num_news))
         self.model = model.to(self.device)
         self.model_args = model.model_args
         self.trainable = any(p.requires_grad for p in model.parameters())
-        self.ddp = self.model
+        self.ddp: nn.Module = self.model
         if self.trainable and self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # buffers (news vectors, counts) are frozen and equal on every rank: never broadcast
@@ -492,6 +499,7 @@ class TrainRecipe:
         from mmnewsrec.metrics import evaluate_scores
 
         dev = self.dev_behaviors
+        assert dev is not None, "evaluate() needs a dev split"
         n = self.config.data.dev_impressions or dev.num_impressions
         n = min(n, dev.num_impressions)
         lo, hi = shard(n, self.dist.rank, self.dist.world_size)
@@ -580,7 +588,7 @@ class TrainRecipe:
 
     def save_last(self) -> None:
         """Everything a resume needs to continue exactly (RNG states of every rank)."""
-        rngs = [rng_state()]
+        rngs: list[Any] = [rng_state()]
         if self.dist.distributed:
             rngs = [None] * self.dist.world_size
             dist.all_gather_object(rngs, rng_state())
