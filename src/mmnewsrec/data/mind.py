@@ -230,17 +230,7 @@ def read_news(path: Path) -> pl.DataFrame:
         first_bad(path, news, not_json, field, "entities are not JSON-array text")
     quoted = pl.col("title").str.starts_with('"') & pl.col("title").str.contains('""', literal=True)
     first_bad(path, news, quoted, "title", "title is quoted", hint=CSV_QUOTED)
-    dup = pl.col("news_id").is_duplicated() & ~pl.col("news_id").is_first_distinct()
-    hit = news.filter(dup).head(1)
-    if hit.height:
-        news_id = hit["news_id"][0]
-        first = news.filter(pl.col("news_id") == news_id)["line"][0]
-        raise MindFormatError(
-            path,
-            int(hit["line"][0]),
-            "news_id",
-            f"duplicate news id {news_id!r} (first on line {first})",
-        )
+    reject_repeats(path, news, "news_id", "duplicate news id {value!r} (first on line {first})")
     return news
 
 
@@ -273,17 +263,22 @@ def reject_repeated_impressions(path: Path, frame: pl.DataFrame) -> None:
     A prediction file names impressions by id, so two impressions with one id cannot both be
     scored. Ids that are not integers are left to `parse_rows`.
     """
-    ids = frame.select(IMPRESSION_ID.alias("id"), "line").filter(pl.col("id").is_not_null())
-    repeat = ids.filter(~pl.col("id").is_first_distinct()).head(1)
+    ids = frame.select(IMPRESSION_ID.alias("impression_id"), "line")
+    ids = ids.filter(pl.col("impression_id").is_not_null())
+    reject_repeats(
+        path, ids, "impression_id", "impression id {value} repeats the one on line {first}"
+    )
+
+
+def reject_repeats(path: Path, frame: pl.DataFrame, field: str, message: str) -> None:
+    """Raise at the first line whose `field` an earlier line already has; `message` is formatted
+    with the repeated `value` and the `first` line that has it."""
+    repeat = frame.filter(~pl.col(field).is_first_distinct()).head(1)
     if repeat.height:
-        impression_id = repeat["id"][0]
-        first = ids.filter(pl.col("id") == impression_id)["line"][0]
-        raise MindFormatError(
-            path,
-            int(repeat["line"][0]),
-            "impression_id",
-            f"impression id {impression_id} repeats the one on line {first}",
-        )
+        value = repeat[field][0]
+        first = frame.filter(pl.col(field) == value)["line"][0]
+        line = int(repeat["line"][0])
+        raise MindFormatError(path, line, field, message.format(value=value, first=first))
 
 
 def parse_rows(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
