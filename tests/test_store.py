@@ -323,3 +323,98 @@ def test_real_test_rows_keep_every_candidate(mind_samples, tmp_path):
     test = build_store(tmp_path, tmp_path / "store").behaviors("test")
     assert not test.labelled and test.num_impressions == 10
     assert np.diff(test.candidate_offsets).tolist() == [len(f[4].split()) for f in fields]
+
+
+def im_mind_images(data: Path, rows: str) -> Path:
+    """An IM-MIND style folder (files named by index) and its projector.csv with `rows`."""
+    shutil.rmtree(data / "images")
+    folder = data / "IM-MIND"
+    folder.mkdir()
+    for stem in ("7", "3", "12"):
+        (folder / f"{stem}.jpg").write_text(f"image {stem}")
+    (data / "projector.csv").write_text("nid,IM-MIND-INDEX\n" + rows)
+    return folder
+
+
+def test_image_map_counts_duplicates_unmapped_and_missing(data, tmp_path, caplog):
+    rows = "N2,7\nN1,3\nN2,12\nN3,99\nN77,12\nN1,3.jpg\n"
+    folder = im_mind_images(data, rows)
+    with caplog.at_level(logging.WARNING):
+        store = build_store(data, tmp_path / "s", images=folder, image_map=data / "projector.csv")
+    assert store.news["image_path"].to_list() == [
+        str(folder / "3.jpg"),
+        str(folder / "7.jpg"),  # first row of N2 wins over N2,12
+        None,  # N3 -> 99, no such file
+        None,  # N4 has no row
+    ]
+    counts = store.manifest["image_map"]
+    assert {key: counts[key] for key in counts if key not in ("path", "columns")} == {
+        "rows": 6,
+        "duplicate_rows": 2,
+        "conflicting_ids": 1,
+        "unknown_news": 1,
+        "unmapped_news": 1,
+        "missing_files": 1,
+    }
+    assert store.manifest["num_news_with_image"] == 2
+    assert "2 duplicate rows" in caplog.text and "1 mapped files missing" in caplog.text
+    assert "2 duplicate rows" in store.summary()
+
+
+def test_image_map_columns_and_cache_key(data, tmp_path):
+    folder = im_mind_images(data, "")
+    (data / "map.csv").write_text("image,news\n12,N4\n")
+    out = tmp_path / "s"
+    store = build_store(
+        data, out, images=folder, image_map=data / "map.csv", image_map_columns=("news", "image")
+    )
+    assert store.news["image_path"].to_list() == [None, None, None, str(folder / "12.jpg")]
+    content = store.content_hash
+    (data / "map.csv").write_text("image,news\n12,N3\n")  # a changed map rebuilds the store
+    store = build_store(
+        data, out, images=folder, image_map=data / "map.csv", image_map_columns=("news", "image")
+    )
+    assert store.content_hash != content
+    assert store.news["image_path"].to_list() == [None, None, str(folder / "12.jpg"), None]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("news,IM-MIND-INDEX\nN1,3\n", r"projector.csv, line 1, field nid: column missing"),
+        ("nid,IM-MIND-INDEX\nN1,3\nN2,\n", r"projector.csv, line 3, field IM-MIND-INDEX: empty"),
+        ("nid,IM-MIND-INDEX\n ,3\n", r"projector.csv, line 2, field nid: empty"),
+    ],
+)
+def test_image_map_errors_leave_no_store(data, tmp_path, text, match):
+    folder = im_mind_images(data, "")
+    (data / "projector.csv").write_text(text)
+    out = tmp_path / "s"
+    with pytest.raises(MindFormatError, match=match):
+        build_store(data, out, images=folder, image_map=data / "projector.csv")
+    assert not out.exists()
+
+
+def test_image_map_needs_file_and_folder(data, tmp_path):
+    (data / "projector.csv").write_text("nid,IM-MIND-INDEX\n")
+    with pytest.raises(MindFormatError, match="image map not found"):
+        build_store(data, tmp_path / "s", image_map=data / "missing.csv")
+    shutil.rmtree(data / "images")
+    with pytest.raises(MindFormatError, match="needs an image folder"):
+        build_store(data, tmp_path / "s", image_map=data / "projector.csv")
+
+
+def test_prepare_cli_image_map(data, tmp_path):
+    folder = im_mind_images(data, "")
+    (data / "map.csv").write_text("id,file\nN1,7.jpg\n")
+    base = ["prepare", str(data), "--out", str(tmp_path / "s"), "--images", str(folder)]
+    result = CliRunner().invoke(
+        app, [*base, "--image-map", str(data / "map.csv"), "--image-map-columns", "id,file"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "news 4 (1 with image)" in result.output
+    assert "0 duplicate rows" in result.output and "3 news without a row" in result.output
+    bad = CliRunner().invoke(
+        app, [*base, "--image-map", str(data / "map.csv"), "--image-map-columns", "id"]
+    )
+    assert bad.exit_code != 0 and "expected NID,IMAGE" in bad.output

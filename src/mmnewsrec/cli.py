@@ -88,7 +88,17 @@ def download(
 def prepare(
     data_dir: Dir,
     out: Annotated[Path, typer.Option(help="Store directory to write.")],
-    images: Annotated[Path | None, typer.Option(help="Folder of <news_id>.jpg/png.")] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of <news_id>.jpg/png, or of the files --image-map names."),
+    ] = None,
+    image_map: Annotated[
+        Path | None,
+        typer.Option(help="CSV giving each news id its image file stem (IM-MIND's projector.csv)."),
+    ] = None,
+    image_map_columns: Annotated[
+        str, typer.Option(help="NID,IMAGE: the image map's news id and file stem columns.")
+    ] = "nid,IM-MIND-INDEX",
     strict: Annotated[bool, typer.Option(help="Unknown news ids in behaviors are errors.")] = False,
     split: Annotated[
         str | None, typer.Option(help="Split name of a single-split DATA_DIR (default train).")
@@ -107,6 +117,10 @@ def prepare(
     from mmnewsrec.data.store import build_store
     from mmnewsrec.formats.store import StoreError
 
+    columns = [column.strip() for column in image_map_columns.split(",")]
+    if len(columns) != 2 or not all(columns):
+        fail(f"--image-map-columns: expected NID,IMAGE, got {image_map_columns!r}")
+    map_columns = (columns[0], columns[1])
     try:
         store = build_store(
             data_dir,
@@ -116,6 +130,8 @@ def prepare(
             split=split,
             force=force,
             allow_drops=allow_drops,
+            image_map=image_map,
+            image_map_columns=map_columns,
         )
     except (MindFormatError, StoreError) as err:
         fail(str(err))

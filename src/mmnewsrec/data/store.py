@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from mmnewsrec.formats.store import FORMAT_VERSION, Behaviors, Store, StoreError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # in order of preference
+IMAGE_MAP_COLUMNS = ("nid", "IM-MIND-INDEX")  # news id and image file stem in IM-MIND's map
 
 
 def build_store(
@@ -43,6 +45,8 @@ def build_store(
     split: str | None = None,
     force: bool = False,
     allow_drops: bool = False,
+    image_map: Path | str | None = None,
+    image_map_columns: tuple[str, str] = IMAGE_MAP_COLUMNS,
 ) -> Store:
     """Read MIND tsv files under `data_dir` and write a store to `out` (atomically).
 
@@ -53,22 +57,28 @@ def build_store(
     except the candidates of an unlabelled (test) split: a leaderboard file must rank every
     one, so an unknown one is an error unless `allow_drops`.
     `split` names a single-split folder (default "train").
+    Images are named <news_id>.jpg|png, or, given `image_map` (a CSV such as IM-MIND's
+    projector.csv), by the image file stem that map gives each news id (`image_map_columns`:
+    news id and stem columns); its duplicate rows, unmapped news and missing files are counted.
     """
     data_dir, out = Path(data_dir), Path(out)
     folders = find_splits(data_dir, split)
     image_dir = resolve_images(data_dir, images)
+    check_image_map(image_dir, image_map)
+    sources_of_images = ImageSources(image_dir, image_map, image_map_columns)
     options = {"strict": strict, "allow_drops": allow_drops}
-    if not force and is_current(out, folders, image_dir, options):
+    if not force and is_current(out, folders, sources_of_images, options):
         logger.info("store up to date: %s", out)
         return Store.load(out)
     news, sources = union_news(folders)
-    news, image_digest = attach_images(news, image_dir)
+    news, image_digest, map_counts = attach_images(news, sources_of_images)
     news_map = NewsMap.build(news)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "data_dir": str(data_dir.resolve()),
         "images_dir": str(image_dir) if image_dir else None,
         "images": image_digest,
+        "image_map": map_counts,
         **options,
         "num_news": news.height,
         "num_news_with_image": news.height - news["image_path"].null_count(),
@@ -121,39 +131,132 @@ def resolve_images(data_dir: Path, images: Path | str | None) -> Path | None:
     return default.resolve() if default.is_dir() else None
 
 
-def scan_images(image_dir: Path | None) -> tuple[pl.DataFrame, dict]:
-    """(news_id, image_path) of the <news_id>.jpg/.jpeg/.png files in `image_dir`, and a digest
-    of the folder's file names and sizes. The images are not opened here."""
+def check_image_map(image_dir: Path | None, image_map: Path | str | None) -> None:
+    """An image map must be a file and come with an image folder."""
+    if image_map is None:
+        return
+    if not Path(image_map).is_file():
+        raise MindFormatError(image_map, None, None, "image map not found")
     if image_dir is None:
-        return pl.DataFrame(schema={"news_id": pl.String, "image_path": pl.String}), {}
+        raise MindFormatError(image_map, None, None, "an image map needs an image folder")
+
+
+@dataclass(frozen=True)
+class ImageSources:
+    """Where the news images are: a folder, and optionally a CSV mapping news id -> file stem."""
+
+    folder: Path | None
+    map_path: Path | str | None
+    map_columns: tuple[str, str]
+
+    def scan(self) -> tuple[pl.DataFrame, dict]:
+        """(stem, image_path) of the image files, and a digest of the folder and the map."""
+        found, digest = scan_images(self.folder)
+        if self.map_path is not None:
+            map_digest = file_digest(Path(self.map_path))["sha256"]
+            digest = {**digest, "map": {"sha256": map_digest, "columns": list(self.map_columns)}}
+        return found, digest
+
+
+def scan_images(image_dir: Path | None) -> tuple[pl.DataFrame, dict]:
+    """(stem, image_path) of the .jpg/.jpeg/.png files in `image_dir` (one per stem, in that
+    order of preference), and a digest of the folder's file names and sizes. The images are
+    not opened here."""
+    if image_dir is None:
+        return pl.DataFrame(schema={"stem": pl.String, "image_path": pl.String}), {}
     with os.scandir(image_dir) as entries:
         files = sorted((e.name, e.stat().st_size) for e in entries if e.is_file())
     names = pl.Series("name", [name for name, _ in files], dtype=pl.String)
     suffix = names.str.extract(r"(\.[^.]+)$").str.to_lowercase()
     rank = suffix.replace_strict(IMAGE_SUFFIXES, range(len(IMAGE_SUFFIXES)), default=None)
     found = (
-        pl.DataFrame({"news_id": names.str.replace(r"\.[^.]+$", ""), "name": names, "rank": rank})
+        pl.DataFrame({"stem": names.str.replace(r"\.[^.]+$", ""), "name": names, "rank": rank})
         .filter(pl.col("rank").is_not_null())
         .sort("rank", maintain_order=True)
-        .unique("news_id", keep="first", maintain_order=True)
+        .unique("stem", keep="first", maintain_order=True)
     )
     path = (pl.lit(f"{image_dir}{os.sep}") + pl.col("name")).alias("image_path")
     listing = "".join(f"{name}\t{size}\n" for name, size in files)
     digest = {"files": found.height, "sha256": hashlib.sha256(listing.encode()).hexdigest()}
-    return found.select("news_id", path), digest
+    return found.select("stem", path), digest
 
 
-def attach_images(news: pl.DataFrame, image_dir: Path | None) -> tuple[pl.DataFrame, dict]:
-    """Add `image_path` (absolute path of the news image, or null) to the news table."""
-    found, digest = scan_images(image_dir)
+def read_image_map(path: Path, columns: tuple[str, str]) -> pl.DataFrame:
+    """The image map CSV as (news_id, stem, line); an image value may carry its file suffix."""
+    try:
+        table = pl.read_csv(path, infer_schema=False)
+    except (OSError, pl.exceptions.PolarsError) as err:
+        raise MindFormatError(path, None, None, f"cannot read the image map: {err}") from err
+    for column in columns:
+        if column not in table.columns:
+            header = ", ".join(table.columns)
+            raise MindFormatError(path, 1, column, f"column missing (the header has {header})")
+    nid, image = columns
+    suffixes = "|".join(re.escape(suffix) for suffix in IMAGE_SUFFIXES)
+    table = table.select(
+        pl.col(nid).str.strip_chars().alias("news_id"),
+        pl.col(image).str.strip_chars().str.replace(f"(?i)({suffixes})$", "").alias("stem"),
+        pl.int_range(2, pl.len() + 2, dtype=pl.Int64).alias("line"),  # line 1 is the header
+    )
+    for column, field in (("news_id", nid), ("stem", image)):
+        empty = table.filter(pl.col(column).fill_null("") == "")
+        if empty.height:
+            raise MindFormatError(path, int(empty["line"][0]), field, "empty value")
+    return table
+
+
+def map_images(
+    news: pl.DataFrame, found: pl.DataFrame, path: Path, columns: tuple[str, str]
+) -> tuple[pl.DataFrame, dict]:
+    """(news_id, image_path) through the image map (first row of a news id wins), and counts
+    of what the map could not give: duplicate rows, unmapped news, missing files."""
+    table = read_image_map(path, columns)
+    first = table.unique("news_id", keep="first", maintain_order=True)
+    stems = table.unique(["news_id", "stem"]).group_by("news_id").len()
+    in_store = first.join(news.select("news_id"), on="news_id", how="semi")
+    mapped = in_store.join(found, on="stem", how="left")
+    counts = {
+        "path": str(Path(path).resolve()),
+        "columns": list(columns),
+        "rows": table.height,
+        "duplicate_rows": table.height - first.height,
+        "conflicting_ids": int((stems["len"] > 1).sum()),
+        "unknown_news": first.height - in_store.height,
+        "unmapped_news": news.height - in_store.height,
+        "missing_files": mapped["image_path"].null_count(),
+    }
+    if counts["duplicate_rows"] or counts["unmapped_news"] or counts["missing_files"]:
+        logger.warning(
+            "%s: %d duplicate rows (%d news ids with different images; first row kept), "
+            "%d news without a row, %d mapped files missing",
+            path,
+            counts["duplicate_rows"],
+            counts["conflicting_ids"],
+            counts["unmapped_news"],
+            counts["missing_files"],
+        )
+    return mapped.select("news_id", "image_path"), counts
+
+
+def attach_images(
+    news: pl.DataFrame, sources: ImageSources
+) -> tuple[pl.DataFrame, dict, dict | None]:
+    """Add `image_path` (absolute path of the news image, or null) to the news table; also
+    the image digest and the image map's counts (None without a map)."""
+    found, digest = sources.scan()
+    counts = None
+    if sources.map_path is not None:
+        found, counts = map_images(news, found, Path(sources.map_path), sources.map_columns)
+    else:
+        found = found.rename({"stem": "news_id"})
     news = news.join(found, on="news_id", how="left", maintain_order="left")
-    if image_dir is not None:
-        logger.info("images: %d files in %s", found.height, image_dir)
-    return news, digest
+    if sources.folder is not None:
+        logger.info("images: %d files in %s", digest["files"], sources.folder)
+    return news, digest, counts
 
 
 def is_current(
-    out: Path, folders: dict[str, Path], image_dir: Path | None, options: dict[str, bool]
+    out: Path, folders: dict[str, Path], images: ImageSources, options: dict[str, bool]
 ) -> bool:
     """Whether `out` already holds a store of exactly these source files, images and options
     (`strict`, `allow_drops`; a store written before an option existed had it off)."""
@@ -169,7 +272,7 @@ def is_current(
         }
         for name, folder in folders.items()
     }
-    key = {"sources": sources, "images": scan_images(image_dir)[1]}
+    key = {"sources": sources, "images": images.scan()[1]}
     same_options = all(manifest.get(name, False) == value for name, value in options.items())
     return same_options and manifest["content_hash"] == content_hash(key)
 

@@ -191,6 +191,14 @@ class Store:
             f"news {m['num_news']:,} ({m['num_news_with_image']:,} with image), "
             f"users {m['num_users']:,}",
         ]
+        if image_map := m.get("image_map"):
+            lines.append(
+                f"image map {image_map['path']}: {image_map['rows']:,} rows, "
+                f"{image_map['duplicate_rows']:,} duplicate rows "
+                f"({image_map['conflicting_ids']:,} ids with different images), "
+                f"{image_map['unmapped_news']:,} news without a row, "
+                f"{image_map['missing_files']:,} mapped files missing"
+            )
         for name, s in m["splits"].items():
             d = s["dropped"]
             clicks = f"{s['clicks']:,}" if s["labelled"] else "unlabelled"
