@@ -103,7 +103,7 @@ def image_rate(store: Store, args: argparse.Namespace) -> tuple[int, float]:
     encoder = EfficientNetLiteEncoder(weights=args.efficientnet_weights)
     encoder.encode(paths[:8], args.batch_size, args.device, args.precision)  # warm-up
     start = time.perf_counter()
-    _, has_image = encoder.encode(paths, args.batch_size, args.device, args.precision)
+    _, has_image, _ = encoder.encode(paths, args.batch_size, args.device, args.precision)
     seconds = time.perf_counter() - start
     assert has_image.all()
     return len(paths), len(paths) / seconds

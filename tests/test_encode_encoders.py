@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmnewsrec.encode.base import NewsEncoder, dedupe
 from mmnewsrec.encode.image import EfficientNetLiteEncoder, HFVisionEncoder, load_image_encoder
+from mmnewsrec.encode.image_files import ImageCrop
 from mmnewsrec.encode.joint import BlipEncoder, ClipEncoder, load_joint_encoder
 from mmnewsrec.encode.text import SentenceEncoder
 
@@ -219,7 +220,7 @@ def test_efficientnet_lite0_features_and_missing_images(efficientnet, images, ca
     paths = [images["a.jpg"], None, images["b.png"], images["corrupt.jpg"], images["a.jpg"]]
     paths += [images["truncated.jpg"], images["lost.jpg"], images["c.jpg"]]
     with caplog.at_level(logging.WARNING):
-        vectors, has_image = efficientnet.encode(paths, batch_size=2)
+        vectors, has_image, _ = efficientnet.encode(paths, batch_size=2)
     assert vectors.shape == (8, 1280) and vectors.dtype == np.float32
     np.testing.assert_array_equal(has_image, [1, 0, 1, 0, 1, 0, 0, 1])
     assert not vectors[~has_image].any()
@@ -228,7 +229,7 @@ def test_efficientnet_lite0_features_and_missing_images(efficientnet, images, ca
     warning = caplog.text
     assert "3 image file(s) could not be read" in warning
     assert all(name in warning for name in ("corrupt.jpg", "truncated.jpg", "lost.jpg"))
-    again, _ = efficientnet.encode(paths, batch_size=3)
+    again, *_ = efficientnet.encode(paths, batch_size=3)
     np.testing.assert_allclose(again, vectors, atol=1e-6)
 
 
@@ -238,7 +239,7 @@ def test_efficientnet_preprocessing_and_image_size(efficientnet, images):
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
     small = EfficientNetLiteEncoder(image_size=160)
     assert small.preprocess(image).shape == (160, 160, 3)
-    vectors, has_image = small.encode([images["a.jpg"]])
+    vectors, has_image, _ = small.encode([images["a.jpg"]])
     assert vectors.shape == (1, 1280) and has_image.all()
     with pytest.raises(ValueError, match="efficientnet-lite0 only"):
         load_image_encoder("facebook/dinov2-small", image_size=160)
@@ -250,7 +251,7 @@ def test_efficientnet_sees_colour(efficientnet, tmp_path):
     for name, rgb in [("red", (200, 30, 30)), ("red2", (180, 40, 50)), ("blue", (30, 40, 200))]:
         Image.new("RGB", (96, 96), rgb).save(tmp_path / f"{name}.png")
         paths.append(str(tmp_path / f"{name}.png"))
-    v, _ = efficientnet.encode(paths)
+    v, *_ = efficientnet.encode(paths)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.05
 
 
@@ -260,7 +261,7 @@ def test_dinov2_gives_the_final_cls_token(tiny, images):
     encoder = load_image_encoder(str(tiny["dinov2"]))
     assert isinstance(encoder, HFVisionEncoder) and encoder.dim == 32
     paths = [images["a.jpg"], None, images["corrupt.jpg"], images["b.png"]]
-    vectors, has_image = encoder.encode(paths, batch_size=1)
+    vectors, has_image, _ = encoder.encode(paths, batch_size=1)
     np.testing.assert_array_equal(has_image, [1, 0, 0, 1])
     model = Dinov2Model.from_pretrained(tiny["dinov2"]).eval()
     pixels = processed(AutoImageProcessor.from_pretrained(tiny["dinov2"]), paths[::3])
@@ -275,8 +276,8 @@ def test_clip_vision_tower_and_whole_clip_give_the_clip_image_vectors(tiny, imag
     tower = load_image_encoder(str(tiny["clip-vision"]))
     whole = load_image_encoder(str(tiny["clip"]))
     assert isinstance(tower, HFVisionEncoder) and tower.dim == whole.dim == 24
-    tower_vectors, has_image = tower.encode(paths)
-    whole_vectors, _ = whole.encode(paths)
+    tower_vectors, has_image, _ = tower.encode(paths)
+    whole_vectors, *_ = whole.encode(paths)
     np.testing.assert_allclose(tower_vectors, whole_vectors, atol=1e-5)
     np.testing.assert_array_equal(has_image, [1, 1, 0])
 
@@ -290,7 +291,7 @@ def test_clip_text_and_image_features(tiny, images):
     encoder = load_joint_encoder(str(tiny["clip"]))
     assert isinstance(encoder, ClipEncoder) and encoder.dim == 24
     texts = encoder.encode_texts(TITLES, batch_size=2)
-    vectors, has_image = encoder.image_side().encode([images["b.png"], None])
+    vectors, has_image, _ = encoder.image_side().encode([images["b.png"], None])
     model = CLIPModel.from_pretrained(tiny["clip"]).eval()
     tokens = AutoTokenizer.from_pretrained(tiny["clip"])(TITLES, padding=True, return_tensors="pt")
     pixels = processed(AutoImageProcessor.from_pretrained(tiny["clip"]), [images["b.png"]])
@@ -312,7 +313,7 @@ def test_blip_retrieval_vectors_reproduce_its_contrastive_score(tiny, images):
     encoder = load_joint_encoder(str(tiny["blip-itm"]))
     assert isinstance(encoder, BlipEncoder) and encoder.retrieval and encoder.dim == 20
     texts = encoder.encode_texts(TITLES[:3])
-    vectors, _ = encoder.image_side().encode([images["a.jpg"], images["b.png"]])
+    vectors, *_ = encoder.image_side().encode([images["a.jpg"], images["b.png"]])
     model = BlipForImageTextRetrieval.from_pretrained(tiny["blip-itm"]).eval()
     tokens = AutoTokenizer.from_pretrained(tiny["blip-itm"])(
         TITLES[:3], padding=True, return_tensors="pt"
@@ -341,7 +342,7 @@ def test_blip_model_projected_features(tiny, images):
             input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
         ).pooler_output
     np.testing.assert_allclose(texts, unit(expected), atol=1e-5)
-    vectors, has_image = encoder.image_side().encode([images["corrupt.jpg"], images["c.jpg"]])
+    vectors, has_image, _ = encoder.image_side().encode([images["corrupt.jpg"], images["c.jpg"]])
     np.testing.assert_array_equal(has_image, [False, True])
     assert vectors.shape == (2, 24) and not vectors[0].any()
 
@@ -349,3 +350,51 @@ def test_blip_model_projected_features(tiny, images):
 def test_a_vision_only_model_is_not_a_joint_encoder(tiny):
     with pytest.raises(ValueError, match="not a joint encoder"):
         load_joint_encoder(str(tiny["dinov2"]))
+
+
+def card(path: Path, photo: np.ndarray | None) -> str:
+    """A 610 x 195 IM-MIND style card: `photo` (165 x 200) in the box 15, 15, 215, 180 (white
+    if None) and dark 'text' from x = 228 on."""
+    pixels = np.full((195, 610, 3), 255, dtype=np.uint8)
+    if photo is not None:
+        pixels[15:180, 15:215] = photo
+    pixels[40:60, 228:560] = 30  # a line of title
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def test_crop_gives_the_photo_and_a_blank_crop_no_image(efficientnet, tmp_path, caplog):
+    photo = np.random.default_rng(1).integers(0, 256, (165, 200, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    paths = [card(tmp_path / "card.png", photo), card(tmp_path / "text.png", None)]
+    small = str(tmp_path / "small.png")
+    Image.new("RGB", (100, 100), "red").save(small)
+    crop = ImageCrop((15, 15, 215, 180))
+    with caplog.at_level(logging.WARNING):
+        vectors, has_image, blank = efficientnet.encode([*paths, small, None], crop=crop)
+    np.testing.assert_array_equal(has_image, [1, 0, 0, 0])
+    np.testing.assert_array_equal(blank, [0, 1, 0, 0])
+    assert not vectors[1:].any()
+    assert "1 image file(s) could not be read" in caplog.text and "small.png" in caplog.text
+    expected, *_ = efficientnet.encode([str(tmp_path / "photo.png")])
+    np.testing.assert_allclose(vectors[0], expected[0], atol=1e-5)  # the crop is the photo
+    whole, has_whole, blank_whole = efficientnet.encode(paths)  # no crop: the card itself
+    np.testing.assert_array_equal(has_whole, [1, 1])
+    assert not blank_whole.any()
+    assert whole[0] @ expected[0] < 0.99
+
+
+def test_blank_threshold_and_bad_boxes(efficientnet, tmp_path):
+    noisy = np.full((165, 200, 3), 250, dtype=np.uint8)
+    noisy[::2] = 253  # grey levels with a standard deviation of 1.5
+    path = card(tmp_path / "faint.png", noisy)
+    _, has_image, blank = efficientnet.encode([path], crop=ImageCrop((15, 15, 215, 180)))
+    assert blank.all() and not has_image.any()
+    strict = ImageCrop((15, 15, 215, 180), blank_std=1.0)
+    _, has_image, blank = efficientnet.encode([path], crop=strict)
+    assert has_image.all() and not blank.any()
+    for box in [(10, 10, 10, 20), (-1, 0, 5, 5), (0, 9, 5, 5)]:
+        with pytest.raises(ValueError, match="left < right"):
+            ImageCrop(box)
+    with pytest.raises(ValueError, match="blank threshold"):
+        ImageCrop((0, 0, 5, 5), blank_std=-1)

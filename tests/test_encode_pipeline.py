@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_encode_encoders import save_tiny_bert, save_tiny_clip, save_tiny_dinov2
+from test_encode_encoders import card, save_tiny_bert, save_tiny_clip, save_tiny_dinov2
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
@@ -283,3 +283,35 @@ def test_public_api_is_sorted_and_imports_no_model_library():
     code = "import sys, mmnewsrec.encode; print({'torch', 'transformers'} & set(sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "set()", result.stderr
+
+
+def test_image_crop_is_in_the_key_and_counts_blank_cards(tmp_path, tiny, monkeypatch):
+    mind = write_mind(tmp_path / "mind")
+    photo = np.random.default_rng(2).integers(0, 256, (165, 200, 3), dtype=np.uint8)
+    card(mind / "images/N3.jpg", photo)
+    card(mind / "images/N4.png", None)  # a text-only card
+    build_store(mind, tmp_path / "store")
+    out = tmp_path / "emb"
+    whole = encode_store(tmp_path / "store", out, EncodeConfig(**tiny))
+    np.testing.assert_array_equal(whole.has_image, [0, 0, 0, 1, 1, 0, 0])
+    refuse_models(monkeypatch, ["text"])
+    cropped = encode_store(
+        tmp_path / "store", out, EncodeConfig(**tiny, image_crop=(15, 15, 215, 180))
+    )
+    np.testing.assert_array_equal(cropped.has_image, [0, 0, 0, 1, 0, 0, 0])
+    assert not cropped.vectors[4, 32:].any()
+    image = cropped.manifest["image"]
+    assert image["crop"] == {"box": [15, 15, 215, 180], "blank_std": 2.0}
+    assert image["blank_crops"] == 1 and not image["cached"]
+    assert image["unreadable"] == [str(mind / "images/N5.jpg")]
+    assert cropped.hash != whole.hash and image["key"] != whole.manifest["image"]["key"]
+    assert "2 with an image" not in cropped.summary() and "1 blank" in cropped.summary()
+    args = ["encode", str(tmp_path / "store"), "--out", str(out)]
+    args += ["--text-encoder", tiny["text_encoder"], "--image-encoder", tiny["image_encoder"]]
+    result = CliRunner().invoke(app, [*args, "--image-crop", "15,15,215,180"])
+    assert result.exit_code == 0, result.output
+    assert "1 with an image (cropped [15, 15, 215, 180]; 1 blank)" in result.output
+    bad = CliRunner().invoke(app, [*args, "--image-crop", "15,15,215"])
+    assert bad.exit_code != 0 and "LEFT,TOP,RIGHT,BOTTOM" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--image-crop", "215,15,15,180"])
+    assert bad.exit_code != 0 and "image crop: need 0 <= left < right" in bad.output

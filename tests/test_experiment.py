@@ -130,6 +130,23 @@ def test_experiment_file_errors_name_the_problem(tmp_path):
     )
     with pytest.raises(ExperimentError, match="bogus"):
         load_experiment(path)
+    path.write_text('data_dir = "d"\nout_dir = "o"\n[encoders.a]\nimage_crop = [1, 2, 3]\n')
+    with pytest.raises(ExperimentError, match="image_crop"):
+        load_experiment(path)
+
+
+def test_experiment_file_image_map_and_crop(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text(
+        'data_dir = "d"\nout_dir = "o"\nimages = "IM-MIND"\nimage_map = "projector.csv"\n'
+        "[encoders.photo]\nimage_crop = [15, 15, 215, 180]\nimage_blank_std = 1.5\n"
+        '[rankers.r]\nmodel = "random"\n'
+    )
+    config = load_experiment(path)
+    assert config.image_map == tmp_path / "projector.csv"
+    assert config.image_map_columns == ("nid", "IM-MIND-INDEX")
+    spec = config.encoders["photo"].model_dump()
+    assert spec["image_crop"] == (15, 15, 215, 180) and spec["image_blank_std"] == 1.5
 
 
 @pytest.mark.slow

@@ -187,6 +187,17 @@ def encode(
     precision: Annotated[
         str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
     ] = "auto",
+    image_crop: Annotated[
+        str | None,
+        typer.Option(
+            help="LEFT,TOP,RIGHT,BOTTOM box cut from each image first (IM-MIND cover photo: "
+            "15,15,215,180); default: the whole image."
+        ),
+    ] = None,
+    image_blank_std: Annotated[
+        float,
+        typer.Option(help="A crop whose grey levels (0-255) vary by at most this std is no image."),
+    ] = 2.0,
     force: Annotated[bool, typer.Option(help="Encode even if the vectors are up to date.")] = False,
 ) -> None:
     """Embed every news item of a store with frozen encoders (no work if up to date)."""
@@ -207,11 +218,22 @@ def encode(
             batch_size=batch_size,
             device=device,
             precision=precision,
+            image_crop=parse_crop(image_crop) if image_crop else None,
+            image_blank_std=image_blank_std,
         )
         vectors = encode_store(store_dir, out, config, force=force)
     except (EncodeError, VectorsError, StoreError, OSError) as err:
         fail(str(err))
     typer.echo(f"news vectors in {out}: {vectors.summary()}")
+
+
+def parse_crop(text: str) -> tuple[int, int, int, int]:
+    """LEFT,TOP,RIGHT,BOTTOM as four integers."""
+    try:
+        left, top, right, bottom = (int(value) for value in text.split(","))
+    except ValueError:
+        fail(f"--image-crop: expected LEFT,TOP,RIGHT,BOTTOM (integers), got {text!r}")
+    return left, top, right, bottom
 
 
 # ---------------------------------------------------------------------------- train

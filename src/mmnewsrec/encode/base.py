@@ -1,8 +1,9 @@
 """What every encoder shares: the protocols, dedupe, sorted batching, model identity.
 
 Every encoder returns float32 rows, L2-normalised, one per input. Text encoders take strings;
-image encoders take image file paths (None = no image) and also return a `has_image` flag:
-a missing or unreadable image gives a zero row and False, never a blank picture.
+image encoders take image file paths (None = no image) and also return `has_image` and `blank`
+flags: a missing or unreadable image, or a blank crop, gives a zero row and False, never a
+blank picture.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from mmnewsrec.encode.image_files import ImageCrop
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,7 +33,7 @@ class NewsEncoder(Protocol):
 
     def encode(
         self, items: Sequence, batch_size: int = 64, device: str = "cpu", precision: str = "auto"
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 class TextEncoder(NewsEncoder, Protocol):
@@ -50,7 +53,8 @@ class ImageEncoder(NewsEncoder, Protocol):
         batch_size: int = 64,
         device: str = "cpu",
         precision: str = "auto",
-    ) -> tuple[np.ndarray, np.ndarray]: ...
+        crop: ImageCrop | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 def to_numpy(x: torch.Tensor) -> np.ndarray:

@@ -68,6 +68,8 @@ class EncoderSpec(_Strict):
     fusion: str | None = None
     fusion_dim: int | None = None
     batch_size: int | None = None
+    image_crop: tuple[int, int, int, int] | None = None  # left, top, right, bottom
+    image_blank_std: float = 2.0
 
 
 class RankerSpec(_Strict):
@@ -86,6 +88,8 @@ class ExperimentConfig(_Strict):
     data_dir: Path | None = None
     store_dir: Path | None = None
     images: Path | None = None
+    image_map: Path | None = None  # CSV news id -> image file stem (IM-MIND's projector.csv)
+    image_map_columns: tuple[str, str] = ("nid", "IM-MIND-INDEX")
     out_dir: Path
     train_config: str = "train_cpu"
     train_overrides: list[str] = []
@@ -119,7 +123,7 @@ def load_experiment(path: Path) -> ExperimentConfig:
     base = path.parent.resolve()
     updates = {
         key: base / value
-        for key in ("data_dir", "store_dir", "images", "out_dir", "oracle")
+        for key in ("data_dir", "store_dir", "images", "image_map", "out_dir", "oracle")
         if (value := getattr(config, key)) is not None
     }
     return config.model_copy(update=updates)
@@ -294,7 +298,13 @@ def _prepare(config: ExperimentConfig) -> tuple[Path, str]:
         return config.store_dir, Store.load(config.store_dir).summary()
     assert config.data_dir is not None  # the config holds exactly one of the two
     store_dir = config.out_dir / "store"
-    store = build_store(config.data_dir, store_dir, images=config.images)
+    store = build_store(
+        config.data_dir,
+        store_dir,
+        images=config.images,
+        image_map=config.image_map,
+        image_map_columns=config.image_map_columns,
+    )
     return store_dir, store.summary()
 
 

@@ -64,9 +64,12 @@ class NewsVectors:
 
     def summary(self) -> str:
         fusion = self.manifest.get("fusion", {}).get("method", "?")
+        image = self.manifest.get("image") or {}
+        crop = image.get("crop")
+        cropped = f" (cropped {crop['box']}; {image['blank_crops']:,} blank)" if crop else ""
         return (
             f"{self.num_news:,} news x {self.dim} ({fusion}), "
-            f"{int(self.has_image.sum()):,} with an image, hash {self.hash[:12]}"
+            f"{int(self.has_image.sum()):,} with an image{cropped}, hash {self.hash[:12]}"
         )
 
     @classmethod
