@@ -224,3 +224,49 @@ def test_cli_defaults_are_the_config_defaults():
     defaults = SynthConfig()
     for name in ("news", "users", "impressions", "seed"):
         assert params[name].default == getattr(defaults, name)
+
+
+def test_im_mind_layout_gives_the_plain_layouts_images(data, tmp_path):
+    """Cards named by a shuffled index; cropped, a card has a photo exactly where the plain
+    layout has an image, and the photo is the plain image resized."""
+    from mmnewsrec.data.synthetic.images import CARD_SIZE, PHOTO_BOX
+    from mmnewsrec.encode.image_files import ImageCrop
+
+    out = tmp_path / "im-mind"
+    summary = generate(out, SynthConfig.quick(seed=0), image_layout="im-mind")
+    assert generate(out, SynthConfig.quick(seed=0), image_layout="im-mind").seconds == 0.0
+    for split in ("train", "dev"):  # only the images differ
+        for name in ("news.tsv", "behaviors.tsv"):
+            assert (out / split / name).read_bytes() == (data / split / name).read_bytes()
+    projector = pl.read_csv(out / "projector.csv")
+    assert projector.columns == ["nid", "IM-MIND-INDEX"]
+    assert projector["nid"].to_list() == [f"N{i}" for i in range(1, 501)]
+    index = projector["IM-MIND-INDEX"].to_numpy()
+    assert sorted(index) == list(range(500)) and (index != np.arange(500)).mean() > 0.9
+    plain = build_store(data, tmp_path / "plain")
+    store = build_store(
+        out, tmp_path / "store", images=out / "images", image_map=out / "projector.csv"
+    )
+    assert store.news["image_path"].null_count() == 0  # every news has a card
+    counts = store.manifest["image_map"]
+    assert [counts[k] for k in ("duplicate_rows", "unmapped_news", "missing_files")] == [0, 0, 0]
+    crop = ImageCrop(PHOTO_BOX)
+    has_photo = []
+    for path in store.news["image_path"]:
+        with Image.open(path) as card:
+            assert card.size == CARD_SIZE
+            has_photo.append(crop.apply(card) is not None)
+    assert has_photo == plain.news["image_path"].is_not_null().to_list()
+    assert summary.images == sum(has_photo)
+    size = (PHOTO_BOX[2] - PHOTO_BOX[0], PHOTO_BOX[3] - PHOTO_BOX[1])
+    rows = np.flatnonzero(has_photo)[:2]
+    with Image.open(plain.news["image_path"][int(rows[0])]) as image:
+        expected = np.asarray(image.resize(size), dtype=np.float32)
+    photos = []
+    for row in rows:
+        with Image.open(store.news["image_path"][int(row)]) as card:
+            photos.append(np.asarray(card.crop(PHOTO_BOX), dtype=np.float32))
+    error = [float(np.abs(photo - expected).mean()) for photo in photos]
+    assert error[0] < 12 < error[1], error  # the same picture within JPEG artefacts
+    with pytest.raises(ValueError, match="image layout"):
+        generate(tmp_path / "x", SynthConfig.quick(), image_layout="cards")

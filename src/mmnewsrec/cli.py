@@ -52,6 +52,13 @@ def synth(
     impressions: Annotated[int, typer.Option(help="Impressions, train and dev together.")] = 15000,
     seed: Annotated[int, typer.Option(help="Random seed; output is byte-identical per seed.")] = 0,
     quick: Annotated[bool, typer.Option(help="Small set: 500 news, 300 users.")] = False,
+    image_layout: Annotated[
+        str,
+        typer.Option(
+            help="plain (images/<news_id>.jpg) or im-mind (610 x 195 cards named by index, "
+            "projector.csv)."
+        ),
+    ] = "plain",
 ) -> None:
     """Write a deterministic synthetic MIND-format data set with images and an oracle."""
     from mmnewsrec.data.synthetic import SynthConfig, generate
@@ -62,7 +69,7 @@ def synth(
             if quick
             else SynthConfig(news=news, users=users, impressions=impressions, seed=seed)
         )
-        summary = generate(out, config)
+        summary = generate(out, config, image_layout)
     except (ValueError, FileExistsError) as err:
         fail(str(err))
     typer.echo(summary)

@@ -2,7 +2,9 @@
 
 Written under OUT (byte-identical for a seed):
     train/news.tsv, train/behaviors.tsv, dev/news.tsv, dev/behaviors.tsv   raw MIND format
-    images/<news_id>.jpg   for about half of the news
+    images/<news_id>.jpg   for about half of the news; with image_layout "im-mind" instead
+                           images/<index>.jpg, a 610 x 195 card for every news (photo or blank
+                           box, then the title), and projector.csv (nid, IM-MIND-INDEX)
     dev/oracle.tsv         header + (impression_id, news_id, probability) per dev candidate
     truth/news.tsv         header + hidden news attributes (news_id, tier, style, published)
     truth/users.tsv        header + hidden user attributes (user_id, interests, style)

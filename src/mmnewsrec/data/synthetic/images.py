@@ -1,18 +1,31 @@
-"""The synthetic news images: the topic as hue and shape, the visual style as background."""
+"""The synthetic news images: the topic as hue and shape, the visual style as background.
+
+Two layouts: "plain" writes images/<news_id>.jpg for the news with an image; "im-mind" writes
+what IM-MIND distributes: for every news a 610 x 195 card images/<index>.jpg (the photo in
+PHOTO_BOX, or a blank box for news without one, then the title in dark text on white) and
+projector.csv mapping each news id to its shuffled index.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+import polars as pl
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from mmnewsrec.data.synthetic.vocabulary import all_topics
 
 if TYPE_CHECKING:
     from mmnewsrec.data.synthetic.click_model import News
+
+IMAGE_LAYOUTS = ("plain", "im-mind")
+CARD_SIZE = (610, 195)  # width, height of an IM-MIND card
+PHOTO_BOX = (15, 15, 215, 180)  # left, top, right, bottom of the card's cover photo
+TEXT_LEFT = 228  # where the card's title and source start
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray | float, v: np.ndarray | float) -> np.ndarray:
@@ -75,17 +88,71 @@ def _render(params: dict, size: int) -> np.ndarray:
     return np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
+def _photos(
+    rng: np.random.Generator, news: News, size: int, chunk: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(news rows, (B, size, size, 3) pixels) of the news with an image, chunk by chunk."""
+    rows = np.flatnonzero(news.style >= 0)
+    params = _image_params(rng, news.sub[rows], news.style[rows])
+    with tqdm(total=len(rows), desc="images", unit="img", disable=None) as bar:
+        for a in range(0, len(rows), chunk):
+            yield (
+                rows[a : a + chunk],
+                _render({k: v[a : a + chunk] for k, v in params.items()}, size),
+            )
+            bar.update(len(rows[a : a + chunk]))
+
+
 def write_images(
     folder: Path, rng: np.random.Generator, news: News, size: int, chunk: int = 128
 ) -> int:
     """Write images/<news_id>.jpg for the news with an image; return how many."""
-    rows = np.flatnonzero(news.style >= 0)
-    params = _image_params(rng, news.sub[rows], news.style[rows])
     folder.mkdir()
-    with tqdm(total=len(rows), desc="images", unit="img", disable=None) as bar:
-        for a in range(0, len(rows), chunk):
-            batch = _render({k: v[a : a + chunk] for k, v in params.items()}, size)
-            for row, pixels in zip(rows[a : a + chunk], batch, strict=True):
-                Image.fromarray(pixels).save(folder / f"N{row + 1}.jpg", "JPEG", quality=90)
-            bar.update(len(batch))
-    return len(rows)
+    count = 0
+    for rows, batch in _photos(rng, news, size, chunk):
+        for row, pixels in zip(rows, batch, strict=True):
+            Image.fromarray(pixels).save(folder / f"N{row + 1}.jpg", "JPEG", quality=90)
+        count += len(rows)
+    return count
+
+
+def card(photo: np.ndarray | None, title: str) -> Image.Image:
+    """An IM-MIND card: the photo resized into PHOTO_BOX (blank white if None), the title and
+    the source in dark text on white from TEXT_LEFT on."""
+    image = Image.new("RGB", CARD_SIZE, "white")
+    if photo is not None:
+        left, top, right, bottom = PHOTO_BOX
+        resized = Image.fromarray(photo).resize(
+            (right - left, bottom - top), Image.Resampling.BILINEAR
+        )
+        image.paste(resized, (left, top))
+    draw = ImageDraw.Draw(image)
+    draw.text((TEXT_LEFT, 30), title, fill=(20, 20, 20))
+    draw.text((TEXT_LEFT, 150), "mmnewsrec synthetic news", fill=(90, 90, 90))
+    return image
+
+
+def write_cards(
+    folder: Path,
+    map_path: Path,
+    rng: np.random.Generator,
+    news: News,
+    titles: list[str],
+    size: int,
+    chunk: int = 128,
+) -> int:
+    """Write an IM-MIND card images/<index>.jpg for every news and `map_path` (nid,
+    IM-MIND-INDEX, indices shuffled); return how many cards have a photo."""
+    folder.mkdir()
+    photos = list(_photos(rng, news, size, chunk))  # drawn first: the same photos as "plain"
+    index = rng.permutation(len(titles))
+    written = np.zeros(len(titles), dtype=bool)
+    for rows, batch in photos:
+        for row, pixels in zip(rows, batch, strict=True):
+            card(pixels, titles[row]).save(folder / f"{index[row]}.jpg", "JPEG", quality=90)
+        written[rows] = True
+    for row in np.flatnonzero(~written):
+        card(None, titles[row]).save(folder / f"{index[row]}.jpg", "JPEG", quality=90)
+    ids = [f"N{row + 1}" for row in range(len(titles))]
+    pl.DataFrame({"nid": ids, "IM-MIND-INDEX": index}).write_csv(map_path)
+    return int(written.sum())

@@ -26,7 +26,7 @@ from mmnewsrec.data.synthetic.click_model import (
     make_users,
     utility,
 )
-from mmnewsrec.data.synthetic.images import write_images
+from mmnewsrec.data.synthetic.images import IMAGE_LAYOUTS, write_cards, write_images
 from mmnewsrec.data.synthetic.vocabulary import Topics, all_topics, news_text
 from mmnewsrec.files import atomic_dir
 from mmnewsrec.metrics import evaluate_scores
@@ -190,7 +190,7 @@ def _truth(news: News, users: Users, topics: Topics) -> dict[str, pl.DataFrame]:
     }
 
 
-def _write(folder: Path, config: SynthConfig) -> dict:
+def _write(folder: Path, config: SynthConfig, image_layout: str) -> dict:
     """Simulate and write everything into folder; return the summary fields."""
     topics, model = all_topics(), config.model
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(6)]
@@ -210,7 +210,13 @@ def _write(folder: Path, config: SynthConfig) -> dict:
     for name, frame in _truth(news, users, topics).items():
         _write_tsv(frame, folder / "truth" / f"{name}.tsv", header=True)
     started = time.perf_counter()
-    images = write_images(folder / "images", rngs[5], news, config.image_size)
+    if image_layout == "im-mind":
+        titles = news_frame["title"].to_list()
+        images = write_cards(
+            folder / "images", folder / "projector.csv", rngs[5], news, titles, config.image_size
+        )
+    else:
+        images = write_images(folder / "images", rngs[5], news, config.image_size)
     logger.info("wrote %d images in %.1f s", images, time.perf_counter() - started)
     return {
         "news": config.news,
@@ -244,26 +250,39 @@ def _saved_manifest(out: Path) -> dict | None:
     return None
 
 
-def generate(out: Path | str, config: SynthConfig | None = None) -> SynthSummary:
+def generate(
+    out: Path | str, config: SynthConfig | None = None, image_layout: str = "plain"
+) -> SynthSummary:
     """Write a synthetic MIND-format data set to out (layout and model: see the module doc).
+
+    `image_layout`: "plain" (images/<news_id>.jpg) or "im-mind" (cards named by a shuffled
+    index, and projector.csv; see `mmnewsrec.data.synthetic.images`).
 
     A data set already in out made with the same configuration is reused; one made with another
     configuration is replaced; any other non-empty folder is an error. Written to a temporary
     folder and renamed, so an interrupted run leaves no half data set.
     """
     config = config or SynthConfig()
+    if image_layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"image layout must be one of {', '.join(IMAGE_LAYOUTS)}")
     out = Path(out)
     saved = _saved_manifest(out)
-    if saved and saved["version"] == FORMAT_VERSION and saved["config"] == _config_json(config):
+    if (
+        saved
+        and saved["version"] == FORMAT_VERSION
+        and saved["config"] == _config_json(config)
+        and saved.get("image_layout", "plain") == image_layout
+    ):
         logger.info("synthetic data in %s is up to date", out)
         return SynthSummary(path=str(out), **saved["summary"])
     started = time.perf_counter()
     with atomic_dir(out, "a synthetic data set") as tmp:
-        fields = _write(tmp, config)
+        fields = _write(tmp, config, image_layout)
         saved = {
             "kind": MANIFEST_KIND,
             "version": FORMAT_VERSION,
             "config": _config_json(config),
+            "image_layout": image_layout,
             "summary": fields,
         }
         (tmp / "manifest.json").write_text(json.dumps(saved, indent=2) + "\n")
