@@ -65,13 +65,13 @@ def build_store(
     folders = find_splits(data_dir, split)
     image_dir = resolve_images(data_dir, images)
     check_image_map(image_dir, image_map)
-    sources_of_images = ImageSources(image_dir, image_map, image_map_columns)
+    image_sources = ImageSources(image_dir, image_map, image_map_columns)
     options = {"strict": strict, "allow_drops": allow_drops}
-    if not force and is_current(out, folders, sources_of_images, options):
+    if not force and is_current(out, folders, image_sources, options):
         logger.info("store up to date: %s", out)
         return Store.load(out)
     news, sources = union_news(folders)
-    news, image_digest, map_counts = attach_images(news, sources_of_images)
+    news, image_digest, map_counts = attach_images(news, image_sources)
     news_map = NewsMap.build(news)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
