@@ -270,3 +270,17 @@ def test_im_mind_layout_gives_the_plain_layouts_images(data, tmp_path):
     assert error[0] < 12 < error[1], error  # the same picture within JPEG artefacts
     with pytest.raises(ValueError, match="image layout"):
         generate(tmp_path / "x", SynthConfig.quick(), image_layout="cards")
+
+
+def test_cli_image_layout(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmnewsrec.cli import app
+
+    args = ["synth", "--out", str(tmp_path / "s"), "--quick", "--image-layout"]
+    result = CliRunner().invoke(app, [*args, "cards"])
+    assert result.exit_code == 2 and "image layout must be one of plain, im-mind" in result.output
+    assert not (tmp_path / "s").exists()
+    result = CliRunner().invoke(app, [*args, "im-mind"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s" / "projector.csv").is_file()
