@@ -64,9 +64,8 @@ class ImageCrop:
         return {"box": list(self.box), "blank_std": self.blank_std}
 
 
-Read: TypeAlias = (
-    np.ndarray | Literal["unreadable", "blank"]
-)  # a preprocessed image, or why there is none
+# a preprocessed image, or why there is none
+Read: TypeAlias = np.ndarray | Literal["unreadable", "blank"]
 
 
 def read_image(path: str, preprocess: Preprocess, crop: ImageCrop | None = None) -> Read:
