@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mmnewsrec.csr import csr_offsets
+from mmnewsrec.csr import csr_offsets, segment_ids
 
 FORMAT_VERSION = 1
 
@@ -91,6 +91,21 @@ class Behaviors:
             counts = np.concatenate([np.diff(getattr(p, f"{kind}_offsets")) for p in parts])
             arrays[f"{kind}_offsets"] = csr_offsets(counts)
         return cls(split=parts[0].split, labelled=parts[0].labelled, **arrays)
+
+    def subset(self, keep: np.ndarray, split: str) -> Behaviors:
+        """The impressions where the (I,) bool mask `keep` is true, in order, named `split`."""
+        arrays = {
+            name: np.asarray(getattr(self, name))[keep]
+            for name in ("impression_ids", "user_index", "times")
+        }
+        for kind in ("history", "candidate"):
+            offsets = np.asarray(getattr(self, f"{kind}_offsets"))
+            in_kept = keep[segment_ids(offsets)]
+            arrays[f"{kind}_offsets"] = csr_offsets(np.diff(offsets)[keep])
+            arrays[f"{kind}_items"] = np.asarray(getattr(self, f"{kind}_items"))[in_kept]
+            if kind == "candidate":
+                arrays["candidate_labels"] = np.asarray(self.candidate_labels)[in_kept]
+        return Behaviors(split=split, labelled=self.labelled, **arrays)
 
     @classmethod
     def load(cls, folder: Path, split: str, labelled: bool) -> Behaviors:
