@@ -174,10 +174,15 @@ def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_
     }
 
 
-def test_selection_on_dev_is_labelled(data, tmp_path):
+def test_selection_on_dev_is_labelled(data, tmp_path, caplog):
+    from mmnewsrec.evaluate.experiment import evaluate_run
+
     run_training(make_config(data, tmp_path / "run", "optim.epochs=1"))
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert saved["selection"] == {"split": "dev", "rule": "dev", "impressions": 60}
+    metrics = evaluate_run(tmp_path / "run")
+    assert metrics["selected_on"] == "dev" and metrics["selected_on_reported_split"]
+    assert "optimistic" in caplog.text
 
 
 @pytest.mark.parametrize(

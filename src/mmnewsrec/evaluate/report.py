@@ -47,6 +47,10 @@ def summarise(results: Sequence[RunResult]) -> list[dict]:
     rows = []
     for (encoder, ranker), runs in groups.items():
         row: dict = {"encoder": encoder, "ranker": ranker, "seeds": len(runs)}
+        for key in ("split", "selected_on"):  # which split reported, which selected
+            splits = sorted({str(run.metrics[key]) for run in runs if key in run.metrics})
+            if splits:
+                row["reported_on" if key == "split" else key] = ",".join(splits)
         for metric in METRICS:
             values = np.array([run.metrics[metric] for run in runs], dtype=np.float64)
             row[metric] = float(values.mean())
@@ -134,7 +138,7 @@ def write_report(out_dir: Path, results: Sequence[RunResult], inputs: ReportInpu
     bars = plot_bars(rows, out_dir / "auc.png", inputs.oracle_auc)
     curves = plot_curves(results, out_dir / "curves.png")
     table = results_table(rows, inputs.oracle_auc)
-    parts = [f"# {inputs.title}", "", "## Results (dev)", "", table]
+    parts = [f"# {inputs.title}", "", "## Results (dev)", "", selection_line(rows), "", table]
     parts += ["", f"![dev AUC]({bars.name})"]
     if curves:
         parts += ["", "## Training curves", "", f"![dev AUC during training]({curves.name})"]
@@ -149,6 +153,22 @@ def write_report(out_dir: Path, results: Sequence[RunResult], inputs: ReportInpu
     write_text(path, "\n".join(parts))
     logger.info("report written to %s", path)
     return path
+
+
+def selection_line(rows: Sequence[dict]) -> str:
+    """Which split reported the rows and which selected their checkpoints (best step, early
+    stop), with a warning where they are the same."""
+    reported = sorted({row["reported_on"] for row in rows if "reported_on" in row})
+    selected = sorted({row["selected_on"] for row in rows if "selected_on" in row})
+    if not reported or not selected:
+        return "Selection split not recorded."
+    line = (
+        f"Reported on: **{', '.join(reported)}**. Checkpoints selected on: "
+        f"**{', '.join(selected)}** (`valid`: impressions held out of train by data.valid_split)."
+    )
+    if set(reported) & set(selected):
+        line += " Selected on the reported split: these figures are optimistic."
+    return line
 
 
 def _recall_table(inputs: ReportInputs) -> str:
