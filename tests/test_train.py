@@ -278,6 +278,7 @@ def stopped_run(data, tmp_path_factory) -> Path:
         "run.eval_every=4",
         "run.device=auto",
         "data.dev_impressions=10",
+        "data.valid_split=last-day",
         "data.negatives=2",
         "optim.epochs=1",
         "optim.lr=0.1",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mmnewsrec.files import write_text
-from mmnewsrec.formats.runs import read_dev_curve
+from mmnewsrec.formats.runs import read_selection_curve
 from mmnewsrec.metrics import METRICS
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def plot_curves(results: Sequence[RunResult], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plotted = 0
     for result in results:
-        steps, aucs = read_dev_curve(result.log_csv) if result.log_csv else ([], [])
+        steps, aucs = read_selection_curve(result.log_csv) if result.log_csv else ([], [])
         if len(steps) > 1:
             label = f"{result.ranker} | {result.encoder} | s{result.seed}"
             ax.plot(steps, aucs, marker=".", label=label)
@@ -123,7 +123,7 @@ def plot_curves(results: Sequence[RunResult], path: Path) -> Path | None:
         plt.close(fig)
         return None
     ax.set_xlabel("training step")
-    ax.set_ylabel("dev AUC")
+    ax.set_ylabel("AUC on the selection split")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -141,7 +141,8 @@ def write_report(out_dir: Path, results: Sequence[RunResult], inputs: ReportInpu
     parts = [f"# {inputs.title}", "", "## Results (dev)", "", selection_line(rows), "", table]
     parts += ["", f"![dev AUC]({bars.name})"]
     if curves:
-        parts += ["", "## Training curves", "", f"![dev AUC during training]({curves.name})"]
+        curve = f"![AUC on the selection split during training]({curves.name})"
+        parts += ["", "## Training curves (selection split)", "", curve]
     if inputs.recall_at_k:
         heading = "## Recall (mean user vector, cosine top-K over all news)"
         parts += ["", heading, "", _recall_table(inputs)]
