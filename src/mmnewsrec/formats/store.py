@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mmnewsrec.csr import csr_offsets, segment_ids
+from mmnewsrec.csr import csr_offsets
 
 FORMAT_VERSION = 1
 
@@ -99,9 +99,9 @@ class Behaviors:
             for name in ("impression_ids", "user_index", "times")
         }
         for kind in ("history", "candidate"):
-            offsets = np.asarray(getattr(self, f"{kind}_offsets"))
-            in_kept = keep[segment_ids(offsets)]
-            arrays[f"{kind}_offsets"] = csr_offsets(np.diff(offsets)[keep])
+            sizes = np.diff(getattr(self, f"{kind}_offsets"))
+            in_kept = np.repeat(keep, sizes)
+            arrays[f"{kind}_offsets"] = csr_offsets(sizes[keep])
             arrays[f"{kind}_items"] = np.asarray(getattr(self, f"{kind}_items"))[in_kept]
             if kind == "candidate":
                 arrays["candidate_labels"] = np.asarray(self.candidate_labels)[in_kept]
