@@ -135,7 +135,8 @@ def valid_mask(times: np.ndarray, rule: str) -> np.ndarray:
     cut = valid_cut(rule)
     times = np.asarray(times)
     if cut == "last-day":
-        return times >= times.max() // DAY * DAY
+        last_day = times.max() // DAY * DAY if len(times) else 0
+        return times >= last_day
     if isinstance(cut, float):
         n_valid = math.ceil(cut * len(times))
         latest = np.argsort(times, kind="stable")[len(times) - n_valid :]
