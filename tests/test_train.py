@@ -149,6 +149,7 @@ def test_valid_mask_cuts_by_day_or_fraction(data, rule, n_valid):
     mask = valid_mask(times, str(rule))
     assert mask.sum() == n_valid
     assert times[mask].min() >= times[~mask].max()  # validation is the latest part
+    assert valid_mask(times[:0], str(rule)).shape == (0,)  # an empty split holds nothing out
 
 
 def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_path):
