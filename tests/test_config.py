@@ -62,12 +62,30 @@ def test_parse_value():
 
 
 @pytest.mark.parametrize(
+    ("override", "rule"),
+    [
+        ([], "last-day"),
+        (["data.valid_split=0.1"], "0.1"),  # read as a TOML number
+        (["data.valid_split=2019-11-14"], "2019-11-14"),  # read as a TOML date
+        (["data.valid_split=dev"], "dev"),
+        (['data.valid_split=""'], ""),
+    ],
+)
+def test_valid_split_takes_a_day_a_fraction_dev_or_nothing(override, rule):
+    values = {"data.store_dir": "s", "data.vectors_dir": "v"}
+    assert load_config(None, override, values).data.valid_split == rule
+
+
+@pytest.mark.parametrize(
     ("override", "message"),
     [
         ("optim.lr=-1", "optim.lr"),
         ("optim.lrr=1", "optim.lrr"),
         ("run.device=tpu", "run.device"),
         ("data.loss=hinge", "data.loss"),
+        ("data.valid_split=1.5", "data.valid_split"),
+        ("data.valid_split=yesterday", "data.valid_split"),
+        ("data.valid_split=2019-13-01", "data.valid_split"),
     ],
 )
 def test_bad_values_name_the_field_and_file(tmp_path, override, message):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -38,6 +39,8 @@ def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
     expected = reference_means(scores, labels, offsets)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert metrics["split"] == "dev"
+    assert metrics["selected_on"] == "valid" and not metrics["selected_on_reported_split"]
+    assert metrics["selection"]["rule"] == "last-day"
     assert json.loads((tiny_run / "metrics.json").read_text()) == metrics
     clicks = np.add.reduceat(labels, offsets[:-1])
     scored = int(((clicks > 0) & (clicks < np.diff(offsets))).sum())
@@ -104,18 +107,26 @@ def test_oracle_auc_equals_the_auc_of_the_raw_files(tiny_run):
 def test_report_summarises_seeds_and_writes_plots(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text("step,epoch,loss,auc\n10,1,0.5,0.6\n20,1,0.4,\n30,2,0.3,0.7\n")
+    splits = {"split": "dev", "selected_on": "valid"}
     results = [
         RunResult("text", "model", 0, {"auc": 0.6, "mrr": 0.3, "ndcg5": 0.3, "ndcg10": 0.4}, log),
         RunResult("text", "model", 1, {"auc": 0.7, "mrr": 0.4, "ndcg5": 0.4, "ndcg10": 0.5}),
         RunResult("-", "random", 0, {"auc": 0.5, "mrr": 0.2, "ndcg5": 0.2, "ndcg10": 0.3}),
     ]
+    results = [replace(r, metrics=r.metrics | splits) for r in results]
     rows = summarise(results)
     assert [row["ranker"] for row in rows] == ["model", "random"]
+    assert (rows[0]["reported_on"], rows[0]["selected_on"]) == ("dev", "valid")
     assert rows[0]["auc"] == pytest.approx(0.65)
     assert rows[0]["auc_std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
     inputs = ReportInputs("t", "data", ["mmnewsrec demo"], 0.9, {"text": {10: 0.25}})
     report = write_report(tmp_path / "report", results, inputs).read_text()
     assert "0.6500 ± 0.0707" in report and "| (oracle) |" in report and "0.2500" in report
+    assert "Reported on: **dev**. Checkpoints selected on: **valid**" in report
+    assert "optimistic" not in report
+    peeked = [RunResult("-", "m", 0, {**r.metrics, "selected_on": "dev"}) for r in results[:1]]
+    report = write_report(tmp_path / "peeked", peeked, inputs).read_text()
+    assert "Selected on the reported split: these figures are optimistic." in report
     for plot in ("auc.png", "curves.png"):
         assert (tmp_path / "report" / plot).read_bytes()[:4] == b"\x89PNG"
 
@@ -199,6 +210,7 @@ def run_with_drops(tmp_path_factory):
         "run.out_dir": root / "run",
         "run.progress": False,
         "model.name": "popularity",
+        "data.valid_split": "",  # one train day: nothing to hold out
     }
     run_training(load_config("train_cpu", values=values))
     return root / "run"

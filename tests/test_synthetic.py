@@ -107,6 +107,10 @@ def test_impression_and_history_statistics(data, behaviors):
         s: b["time"].str.strptime(pl.Datetime, "%m/%d/%Y %I:%M:%S %p") for s, b in behaviors.items()
     }
     assert times["dev"].min() > times["train"].max()
+    # train spans 5 days, so data.valid_split = 'last-day' holds out about a fifth of it
+    train_days = times["train"].dt.date()
+    assert train_days.n_unique() == 5
+    assert 0.1 < (train_days == train_days.max()).mean() < 0.3
 
 
 def test_topics_and_images(data):

@@ -25,14 +25,18 @@ from mmnewsrec.rank.train import (
     lr_factor,
     ranking_loss,
     run_training,
+    valid_mask,
 )
 
 TOPICS, NEWS, DIM = 6, 240, 12
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
 
 
-def write_mind(folder: Path, impressions: int, rng: np.random.Generator, clicks: int) -> None:
-    """Behaviors where each user clicks news of one topic (news n has topic n % TOPICS)."""
+def write_mind(
+    folder: Path, impressions: int, rng: np.random.Generator, clicks: int, first_day: int
+) -> None:
+    """Behaviors where each user clicks news of one topic (news n has topic n % TOPICS), one
+    day of November 2019 per 40 impressions from `first_day` on."""
     folder.mkdir(parents=True)
     news = [f"N{n}\tcat{n % TOPICS}\tsub\ttitle {n}\t\t\t[]\t[]" for n in range(1, NEWS + 1)]
     (folder / "news.tsv").write_text("\n".join(news) + "\n")
@@ -47,7 +51,8 @@ def write_mind(folder: Path, impressions: int, rng: np.random.Generator, clicks:
         cands = [f"N{n}-1" for n in pos] + [f"N{n}-0" for n in neg]
         rng.shuffle(cands)
         hist = " ".join(f"N{n}" for n in history)
-        lines.append(f"{i + 1}\tU{topic}{i}\t11/15/2019 8:55:22 AM\t{hist}\t{' '.join(cands)}")
+        when = f"11/{first_day + i // 40}/2019 8:55:22 AM"
+        lines.append(f"{i + 1}\tU{topic}{i}\t{when}\t{hist}\t{' '.join(cands)}")
     (folder / "behaviors.tsv").write_text("\n".join(lines) + "\n")
 
 
@@ -68,8 +73,8 @@ def data(tmp_path_factory) -> Path:
     """A small store (train: 2 clicks per impression, dev) and two sets of vectors."""
     root = tmp_path_factory.mktemp("mind")
     rng = np.random.default_rng(0)
-    write_mind(root / "raw" / "train", 160, rng, clicks=2)
-    write_mind(root / "raw" / "dev", 60, rng, clicks=1)
+    write_mind(root / "raw" / "train", 160, rng, clicks=2, first_day=11)  # Nov 11-14
+    write_mind(root / "raw" / "dev", 60, rng, clicks=1, first_day=15)
     store = build_store(root / "raw", root / "store")
     write_vectors(root / "emb", store.content_hash, seed=1, tag="vectors-a")
     write_vectors(root / "emb_other", store.content_hash, seed=2, tag="vectors-b")
@@ -77,7 +82,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_transformer"):
+    """Selection on dev unless an override says otherwise: these tests compare with dev."""
     base = [
+        "data.valid_split=dev",
         f"model.name={model}",
         "optim.batch_size=32",
         "optim.epochs=2",
@@ -130,6 +137,79 @@ def test_loss_decreases_and_the_best_checkpoint_scores_dev(data, tmp_path):
     one = ranker.score_items(dev.history(3), dev.candidates(3)[0], width=2)
     start, end = dev.candidate_offsets[3], dev.candidate_offsets[4]
     np.testing.assert_allclose(one, scores[start:end], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rule", "n_valid"), [("last-day", 40), ("2019-11-13", 80), ("0.1", 16), (0.25, 40)]
+)
+def test_valid_mask_cuts_by_day_or_fraction(data, rule, n_valid):
+    from mmnewsrec.formats.store import Store
+
+    times = Store.load(data / "store").behaviors("train").times  # 40 per day, Nov 11-14
+    mask = valid_mask(times, str(rule))
+    assert mask.sum() == n_valid
+    assert times[mask].min() >= times[~mask].max()  # validation is the latest part
+    assert valid_mask(times[:0], str(rule)).shape == (0,)  # an empty split holds nothing out
+
+
+def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config(data, run, "data.valid_split=last-day", "run.patience=0")
+    result = run_training(cfg)
+    # 120 of the 160 train impressions (2 clicks each) train: 240 samples / 32 = 8 steps
+    assert result.finished and result.step == 2 * 8
+    assert result.selected_on == "valid" and "best valid: auc" in result.summary()
+
+    from mmnewsrec.formats.store import Store
+
+    train = Store.load(data / "store").behaviors("train")
+    is_valid = valid_mask(train.times, "last-day")
+    valid = train.subset(is_valid, "valid")
+    assert valid.num_impressions == 40
+    ranker = load_ranker(run, vectors=NewsVectors.load(data / "emb"))
+    metrics = evaluate_scores(ranker.score(valid), valid.candidate_labels, valid.candidate_offsets)
+    assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["selection"] == {
+        "split": "valid", "rule": "last-day", "held_out_of": "train", "impressions": 40
+    }
+
+
+def test_selection_on_dev_is_labelled(data, tmp_path, caplog):
+    from mmnewsrec.evaluate.experiment import evaluate_run
+
+    run_training(make_config(data, tmp_path / "run", "optim.epochs=1"))
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["selection"] == {"split": "dev", "rule": "dev", "impressions": 60}
+    metrics = evaluate_run(tmp_path / "run")
+    assert metrics["selected_on"] == "dev" and metrics["selected_on_reported_split"]
+    assert "optimistic" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [("2019-11-11", "160 of the 160"), ("2019-12-01", "0 of the 160"), ("soon", "valid_split")],
+)
+def test_a_cut_that_leaves_one_side_empty_is_refused(data, tmp_path, rule, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg = make_config(data, tmp_path / "run", f"data.valid_split={rule}")
+        TrainRecipe(cfg, torch.device("cpu")).setup()
+
+
+def test_subset_keeps_the_rows_of_the_kept_impressions(data):
+    from mmnewsrec.formats.store import Behaviors, Store
+
+    train = Store.load(data / "store").behaviors("train")
+    keep = np.arange(train.num_impressions) % 3 == 1
+    part = train.subset(keep, "part")
+    rows = np.flatnonzero(keep)
+    assert part.split == "part" and part.num_impressions == len(rows)
+    for j, i in enumerate(rows[:10]):
+        np.testing.assert_array_equal(part.history(j), train.history(i))
+        for got, want in zip(part.candidates(j), train.candidates(i), strict=True):
+            np.testing.assert_array_equal(got, want)
+    back = Behaviors.concat([part, train.subset(~keep, "rest")])
+    assert back.candidate_labels.sum() == train.candidate_labels.sum()
 
 
 @pytest.fixture
@@ -199,6 +279,7 @@ def stopped_run(data, tmp_path_factory) -> Path:
         "run.eval_every=4",
         "run.device=auto",
         "data.dev_impressions=10",
+        "data.valid_split=last-day",
         "data.negatives=2",
         "optim.epochs=1",
         "optim.lr=0.1",
@@ -226,8 +307,8 @@ def test_resume_allows_output_keys_and_more_epochs(data, tmp_path, one_thread):
 def test_resume_refuses_a_store_with_other_content(data, tmp_path):
     run = tmp_path / "run"
     run_training(make_config(data, run, "run.stop_after=3"))
-    write_mind(tmp_path / "raw" / "train", 160, np.random.default_rng(5), clicks=2)
-    write_mind(tmp_path / "raw" / "dev", 60, np.random.default_rng(6), clicks=1)
+    write_mind(tmp_path / "raw" / "train", 160, np.random.default_rng(5), clicks=2, first_day=11)
+    write_mind(tmp_path / "raw" / "dev", 60, np.random.default_rng(6), clicks=1, first_day=15)
     other = build_store(tmp_path / "raw", tmp_path / "store")
     write_vectors(tmp_path / "emb", other.content_hash, seed=1, tag="vectors-a")  # same hash
     config = make_config(data, run)

@@ -15,8 +15,10 @@ one (`3`, `1e-4`, `true`, `"x"`, `[1, 2]`) and as a plain string otherwise.
 from __future__ import annotations
 
 import logging
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
+from datetime import date
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -46,9 +48,48 @@ class DataConfig(Section):
     history_len: int = Field(50, ge=1, description="last L clicks fed to the model")
     negatives: int = Field(4, ge=1, description="K negatives per click (listwise)")
     loss: Literal["listwise", "pointwise"] = "listwise"
-    dev_impressions: int = Field(
-        0, ge=0, description="evaluate on the first n dev impressions; 0 = all"
+    valid_split: str = Field(
+        "last-day",
+        description="what selects the best checkpoint and stops early: impressions held out of "
+        "train_split ('last-day': its last UTC day, MIND's convention; 'YYYY-MM-DD': that day "
+        "on; a fraction such as '0.1': its latest tenth), 'dev' (dev_split, which is then also "
+        "the reported split) or '' (none: the last weights)",
     )
+    dev_impressions: int = Field(
+        0, ge=0, description="evaluate on the first n selection impressions; 0 = all"
+    )
+
+    @field_validator("valid_split", mode="before")
+    @classmethod
+    def _valid_split(cls, value: object) -> str:
+        """A fraction may come as a TOML number (`data.valid_split=0.1`)."""
+        text = str(value) if isinstance(value, int | float | date) else value
+        if not isinstance(text, str):
+            raise ValueError(f"valid_split: expected a string, got {value!r}")
+        valid_cut(text)
+        return text
+
+
+def valid_cut(rule: str) -> str | date | float | None:
+    """The validation rule as 'last-day', 'dev', a date, a fraction in (0, 1), or None for ''."""
+    if rule in ("last-day", "dev"):
+        return rule
+    if not rule:
+        return None
+    try:
+        return date.fromisoformat(rule)
+    except ValueError:
+        pass
+    try:
+        fraction = float(rule)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction < 1:
+        raise ValueError(
+            f"valid_split {rule!r}: expected 'last-day', 'dev', '', a date YYYY-MM-DD "
+            "or a fraction between 0 and 1"
+        )
+    return fraction
 
 
 class ModelConfig(Section):

@@ -45,6 +45,7 @@ from mmnewsrec.files import write_json
 
 if TYPE_CHECKING:
     from mmnewsrec.formats.store import Behaviors, Store
+    from mmnewsrec.rank.ranker import TrainedRanker
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,9 @@ def load_experiment(path: Path) -> ExperimentConfig:
 
 def score_run(
     run_dir: Path, store_dir: Path | None, split: str, device: str = "cpu"
-) -> tuple[Behaviors, np.ndarray]:
-    """(behaviors, scores) of a trained run on one split of a store (default: the run's store)."""
+) -> tuple[TrainedRanker, Behaviors, np.ndarray]:
+    """(ranker, behaviors, scores) of a trained run on one split of a store (default: the
+    run's store)."""
     from mmnewsrec.formats.store import Store
     from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import load_ranker
@@ -151,20 +153,35 @@ def score_run(
             "news indices would not match"
         )
     behaviors = store.behaviors(split)
-    return behaviors, ranker.score(behaviors, vectors, progress=True)
+    return ranker, behaviors, ranker.score(behaviors, vectors, progress=True)
 
 
 def evaluate_run(
     run_dir: Path, store_dir: Path | None = None, split: str = "dev", device: str = "cpu"
 ) -> dict[str, Any]:
-    """Metrics of a run on a labelled split, also written to RUN_DIR/metrics.json."""
+    """Metrics of a run on a labelled split, also written to RUN_DIR/metrics.json with the
+    split they report and the one that selected the checkpoint."""
     from mmnewsrec.metrics import evaluate_scores
 
-    behaviors, scores = score_run(run_dir, store_dir, split, device)
+    ranker, behaviors, scores = score_run(run_dir, store_dir, split, device)
     if not behaviors.labelled:
         raise ExperimentError(f"split {split!r} has no labels: use `predict` for it")
     labels, offsets = behaviors.candidate_labels, behaviors.candidate_offsets
-    metrics = {**evaluate_scores(scores, labels, offsets), "split": split}
+    selection = ranker.selection
+    peeked = selection["split"] == split
+    if peeked:
+        logger.warning(
+            "%s: the checkpoint was selected on %r, the split reported: these metrics are "
+            "optimistic (train with data.valid_split = 'last-day' for an unseen report)",
+            run_dir, split,
+        )  # fmt: skip
+    metrics = {
+        **evaluate_scores(scores, labels, offsets),
+        "split": split,
+        "selected_on": selection["split"],
+        "selection": selection,
+        "selected_on_reported_split": peeked,
+    }
     write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics
 
@@ -218,7 +235,7 @@ def predict_run(
     from mmnewsrec.metrics import ranks_from_scores
 
     check_complete(run_store(run_dir, store_dir), split, allow_drops)
-    behaviors, scores = score_run(run_dir, store_dir, split, device)
+    _, behaviors, scores = score_run(run_dir, store_dir, split, device)
     ranks = ranks_from_scores(scores, behaviors.candidate_offsets)
     return write_prediction(
         out, behaviors.impression_ids, ranks, behaviors.candidate_offsets, zip=zip

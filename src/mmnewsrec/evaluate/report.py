@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mmnewsrec.files import write_text
-from mmnewsrec.formats.runs import read_dev_curve
+from mmnewsrec.formats.runs import read_selection_curve
 from mmnewsrec.metrics import METRICS
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ def summarise(results: Sequence[RunResult]) -> list[dict]:
     rows = []
     for (encoder, ranker), runs in groups.items():
         row: dict = {"encoder": encoder, "ranker": ranker, "seeds": len(runs)}
+        for key in ("split", "selected_on"):  # which split reported, which selected
+            splits = sorted({str(run.metrics[key]) for run in runs if key in run.metrics})
+            if splits:
+                row["reported_on" if key == "split" else key] = ",".join(splits)
         for metric in METRICS:
             values = np.array([run.metrics[metric] for run in runs], dtype=np.float64)
             row[metric] = float(values.mean())
@@ -110,7 +114,7 @@ def plot_curves(results: Sequence[RunResult], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plotted = 0
     for result in results:
-        steps, aucs = read_dev_curve(result.log_csv) if result.log_csv else ([], [])
+        steps, aucs = read_selection_curve(result.log_csv) if result.log_csv else ([], [])
         if len(steps) > 1:
             label = f"{result.ranker} | {result.encoder} | s{result.seed}"
             ax.plot(steps, aucs, marker=".", label=label)
@@ -119,7 +123,7 @@ def plot_curves(results: Sequence[RunResult], path: Path) -> Path | None:
         plt.close(fig)
         return None
     ax.set_xlabel("training step")
-    ax.set_ylabel("dev AUC")
+    ax.set_ylabel("AUC on the selection split")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -134,10 +138,11 @@ def write_report(out_dir: Path, results: Sequence[RunResult], inputs: ReportInpu
     bars = plot_bars(rows, out_dir / "auc.png", inputs.oracle_auc)
     curves = plot_curves(results, out_dir / "curves.png")
     table = results_table(rows, inputs.oracle_auc)
-    parts = [f"# {inputs.title}", "", "## Results (dev)", "", table]
+    parts = [f"# {inputs.title}", "", "## Results (dev)", "", selection_line(rows), "", table]
     parts += ["", f"![dev AUC]({bars.name})"]
     if curves:
-        parts += ["", "## Training curves", "", f"![dev AUC during training]({curves.name})"]
+        curve = f"![AUC on the selection split during training]({curves.name})"
+        parts += ["", "## Training curves (selection split)", "", curve]
     if inputs.recall_at_k:
         heading = "## Recall (mean user vector, cosine top-K over all news)"
         parts += ["", heading, "", _recall_table(inputs)]
@@ -149,6 +154,22 @@ def write_report(out_dir: Path, results: Sequence[RunResult], inputs: ReportInpu
     write_text(path, "\n".join(parts))
     logger.info("report written to %s", path)
     return path
+
+
+def selection_line(rows: Sequence[dict]) -> str:
+    """Which split reported the rows and which selected their checkpoints (best step, early
+    stop), with a warning where they are the same."""
+    reported = sorted({row["reported_on"] for row in rows if "reported_on" in row})
+    selected = sorted({row["selected_on"] for row in rows if "selected_on" in row})
+    if not reported or not selected:
+        return "Selection split not recorded."
+    line = (
+        f"Reported on: **{', '.join(reported)}**. Checkpoints selected on: "
+        f"**{', '.join(selected)}** (`valid`: impressions held out of train by data.valid_split)."
+    )
+    if set(reported) & set(selected):
+        line += " Selected on the reported split: these figures are optimistic."
+    return line
 
 
 def _recall_table(inputs: ReportInputs) -> str:

@@ -3,9 +3,10 @@
 Layout of RUN_DIR:
     config.json     the resolved `TrainConfig`
     checkpoint.pt   the best model: format, model name and args, weights, vectors hash, metrics
+                    on the selection split and `selection` (that split and its rule)
     last.pt         the same plus optimiser, schedule, progress and RNG states (for --resume)
-    log.csv         one row per log or evaluation step (`LOG_FIELDS`)
-    metrics.json    written by `evaluate`
+    log.csv         one row per log or evaluation step (`LOG_FIELDS`; metrics: selection split)
+    metrics.json    written by `evaluate`: metrics on the reported `split`, `selected_on`
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def check_vectors_hash(path: Path, expected: str, actual: str) -> None:
         )
 
 
-def read_dev_curve(log_csv: Path) -> tuple[list[int], list[float]]:
-    """(steps, dev AUCs) from a training log, skipping rows without an evaluation."""
+def read_selection_curve(log_csv: Path) -> tuple[list[int], list[float]]:
+    """(steps, AUCs on the selection split) from a training log, skipping rows without an
+    evaluation."""
     if not log_csv.exists():
         return [], []
     steps, aucs = [], []

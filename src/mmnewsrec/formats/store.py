@@ -92,6 +92,21 @@ class Behaviors:
             arrays[f"{kind}_offsets"] = csr_offsets(counts)
         return cls(split=parts[0].split, labelled=parts[0].labelled, **arrays)
 
+    def subset(self, keep: np.ndarray, split: str) -> Behaviors:
+        """The impressions where the (I,) bool mask `keep` is true, in order, named `split`."""
+        arrays = {
+            name: np.asarray(getattr(self, name))[keep]
+            for name in ("impression_ids", "user_index", "times")
+        }
+        for kind in ("history", "candidate"):
+            sizes = np.diff(getattr(self, f"{kind}_offsets"))
+            in_kept = np.repeat(keep, sizes)
+            arrays[f"{kind}_offsets"] = csr_offsets(sizes[keep])
+            arrays[f"{kind}_items"] = np.asarray(getattr(self, f"{kind}_items"))[in_kept]
+            if kind == "candidate":
+                arrays["candidate_labels"] = np.asarray(self.candidate_labels)[in_kept]
+        return Behaviors(split=split, labelled=self.labelled, **arrays)
+
     @classmethod
     def load(cls, folder: Path, split: str, labelled: bool) -> Behaviors:
         """Memory-map the arrays written by `save`."""

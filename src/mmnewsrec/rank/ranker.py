@@ -67,6 +67,13 @@ class TrainedRanker:
     checkpoint: dict[str, Any]  # the checkpoint's metadata (no tensors)
 
     @property
+    def selection(self) -> dict[str, Any]:
+        """What selected this checkpoint: {"split", "rule", ...} as training recorded it
+        (checkpoints older than `data.valid_split` were selected on dev)."""
+        dev_split = self.config.data.dev_split or None
+        return self.checkpoint.get("selection", {"split": dev_split, "rule": "dev"})
+
+    @property
     def history_len(self) -> int:
         return self.config.data.history_len
 

@@ -3,9 +3,14 @@
 One process, or one per device under `torchrun` (DistributedDataParallel; gloo on CPU, nccl on
 CUDA; the process group is made under torchrun even for one process). The device is resolved
 once and passed in; every collective carries tensors on it, as NCCL requires. Every rank scores
-its share of the dev impressions and the scores are gathered, so no rank waits for a whole dev
-pass. Rank 0 alone logs, computes the dev metrics and writes
+its share of the selection impressions and the scores are gathered, so no rank waits for a
+whole pass. Rank 0 alone logs, computes the selection metrics and writes
 RUN_DIR/{config.json, log.csv, checkpoint.pt (best), last.pt (resumable)}.
+
+Selection (best checkpoint, early stopping) uses a validation split held out of the train
+impressions by `data.valid_split` (by default their last day, MIND's convention), so the dev
+split that `evaluate` reports stays unseen. `data.valid_split = "dev"` selects on dev instead;
+the checkpoint then says so (`selection`), and so do the reports.
 
 A run is reproducible from (config, seed): negatives come from (seed, epoch), the order from the
 sampler's (seed, epoch), dropout from the saved RNG states, so a run stopped after step s and
@@ -22,8 +27,9 @@ import os
 import random
 import time
 from dataclasses import dataclass, field, fields
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmnewsrec.config import ConfigError, TrainConfig
+from mmnewsrec.config import ConfigError, TrainConfig, valid_cut
 from mmnewsrec.devices import amp_dtype, autocast, resolve_device
 from mmnewsrec.files import atomic_file, write_text
 from mmnewsrec.formats.runs import (
@@ -43,6 +49,9 @@ from mmnewsrec.formats.runs import (
 )
 from mmnewsrec.rank.batches import Batch, ClickDataset, ResumableSampler, collate
 from mmnewsrec.rank.ranker import score_behaviors
+
+if TYPE_CHECKING:
+    from mmnewsrec.formats.store import Behaviors
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +124,29 @@ def ranking_loss(scores: torch.Tensor, batch: Batch, kind: str) -> torch.Tensor:
         return F.cross_entropy(logits, batch.labels.argmax(dim=1))
     loss = F.binary_cross_entropy_with_logits(scores, batch.labels, reduction="none")
     return (loss * real).sum() / real.sum()
+
+
+DAY = 86_400
+
+
+def valid_mask(times: np.ndarray, rule: str) -> np.ndarray:
+    """(I,) bool: the impressions at `times` (unix seconds) that a held-out `data.valid_split`
+    rule ('last-day', 'YYYY-MM-DD' or a fraction) puts in the validation split."""
+    cut = valid_cut(rule)
+    times = np.asarray(times)
+    if cut == "last-day":
+        last_day = times.max() // DAY * DAY if len(times) else 0
+        return times >= last_day
+    if isinstance(cut, float):
+        n_valid = math.ceil(cut * len(times))
+        latest = np.argsort(times, kind="stable")[len(times) - n_valid :]
+        mask = np.zeros(len(times), dtype=bool)
+        mask[latest] = True
+        return mask
+    if isinstance(cut, date):
+        start = datetime(cut.year, cut.month, cut.day, tzinfo=UTC).timestamp()
+        return times >= start
+    raise ValueError(f"valid_split {rule!r} holds nothing out of the train split")
 
 
 def rng_state() -> dict[str, Any]:
@@ -215,13 +247,18 @@ class TrainResult:
     stopped_early: bool
     best_metrics: dict[str, float]
     is_main: bool = True  # rank 0 (the process that logs and saves)
+    selected_on: str = "valid"  # the split whose metrics best_metrics are
 
     def summary(self) -> str:
         """One line for the command line."""
         best = self.best_metrics
-        dev = " ".join(f"{k} {best[k]:.4f}" for k in ("auc", "mrr", "ndcg5", "ndcg10") if k in best)
+        keys = [k for k in ("auc", "mrr", "ndcg5", "ndcg10") if k in best]
+        line = " ".join(f"{k} {best[k]:.4f}" for k in keys)
         state = "finished" if self.finished else "stopped (continue with --resume)"
-        return f"{state} at step {self.step}; best dev: {dev or '-'}; run in {self.out_dir}"
+        return (
+            f"{state} at step {self.step}; best {self.selected_on}: {line or '-'}; "
+            f"run in {self.out_dir}"
+        )
 
 
 class TrainRecipe:
@@ -288,9 +325,43 @@ class TrainRecipe:
         self.num_news = store.num_news
         self.store_hash = store.content_hash
         self.train_behaviors = store.behaviors(cfg.train_split)
-        self.dev_behaviors = store.behaviors(cfg.dev_split) if cfg.dev_split else None
-        if self.dev_behaviors is not None and not self.dev_behaviors.labelled:
-            raise ConfigError(f"dev split {cfg.dev_split!r} has no labels; choose a labelled split")
+        self.select_behaviors: Behaviors | None = None
+        self.selection: dict[str, Any] = {"split": None, "rule": cfg.valid_split}
+        if cfg.valid_split == "dev":
+            if not cfg.dev_split:
+                raise ConfigError("data.valid_split = 'dev' needs a data.dev_split")
+            self.select_behaviors = store.behaviors(cfg.dev_split)
+            self.selection["split"] = cfg.dev_split
+        elif cfg.valid_split:
+            self._hold_out_valid()
+        if self.select_behaviors is not None:
+            if not self.select_behaviors.labelled:
+                raise ConfigError(
+                    f"selection split {self.selection['split']!r} has no labels; "
+                    "choose a labelled split"
+                )
+            self.selection["impressions"] = self.select_behaviors.num_impressions
+
+    def _hold_out_valid(self) -> None:
+        """Split the train impressions into training and validation by `data.valid_split`."""
+        cfg = self.config.data
+        train = self.train_behaviors
+        is_valid = valid_mask(train.times, cfg.valid_split)
+        n_valid = int(is_valid.sum())
+        if n_valid in (0, train.num_impressions):
+            raise ConfigError(
+                f"data.valid_split {cfg.valid_split!r} puts {n_valid} of the "
+                f"{train.num_impressions} {cfg.train_split!r} impressions in validation; "
+                "choose a cut that leaves some on each side (or valid_split = 'dev' / '')"
+            )
+        self.select_behaviors = train.subset(is_valid, "valid")
+        self.train_behaviors = train.subset(~is_valid, cfg.train_split)
+        self.selection["split"] = "valid"
+        self.selection["held_out_of"] = cfg.train_split
+        logger.info(
+            "validation: %d of %d %s impressions (valid_split %r) select the checkpoint",
+            n_valid, train.num_impressions, cfg.train_split, cfg.valid_split,
+        )  # fmt: skip
 
     def _build_model(self) -> None:
         from mmnewsrec.rank.model import (
@@ -474,7 +545,7 @@ class TrainRecipe:
             self._evaluate_and_track()
         p.finished = True
         best = self.out_dir / "checkpoint.pt"
-        if self.dist.is_main and not best.exists():  # no dev split, or no AUC on it
+        if self.dist.is_main and not best.exists():  # no selection split, or no AUC on it
             self.save_checkpoint(best, {})
         self.save_last()
         return self._result(finished=True)
@@ -489,17 +560,18 @@ class TrainRecipe:
             self.stopped_early,
             p.best_metrics,
             self.dist.is_main,
+            self.selection["split"] or "-",
         )
 
     # ------------------------------------------------------------------ evaluate
 
     def evaluate(self) -> dict[str, float]:
-        """Dev metrics of the current weights on rank 0 ({} on the other ranks). Each rank
-        scores its share of the impressions; rank 0 gathers the scores."""
+        """Selection metrics of the current weights on rank 0 ({} on the other ranks). Each
+        rank scores its share of the impressions; rank 0 gathers the scores."""
         from mmnewsrec.metrics import evaluate_scores
 
-        dev = self.dev_behaviors
-        assert dev is not None, "evaluate() needs a dev split"
+        dev = self.select_behaviors
+        assert dev is not None, "evaluate() needs a selection split"
         n = self.config.data.dev_impressions or dev.num_impressions
         n = min(n, dev.num_impressions)
         lo, hi = shard(n, self.dist.rank, self.dist.world_size)
@@ -541,15 +613,16 @@ class TrainRecipe:
         rank 0 and tell every rank."""
         p = self.progress
         p.last_eval_step = p.step
-        if self.dev_behaviors is None:
+        if self.select_behaviors is None:
             return
         metrics = self.evaluate()
         stop = torch.zeros(1, device=self.device)
         if self.dist.is_main:
             self._write_log(loss=None, samples_per_s=None, metrics=metrics)
             logger.info(
-                "step %d: dev auc %.4f mrr %.4f ndcg5 %.4f ndcg10 %.4f",
-                p.step, metrics["auc"], metrics["mrr"], metrics["ndcg5"], metrics["ndcg10"],
+                "step %d: %s auc %.4f mrr %.4f ndcg5 %.4f ndcg10 %.4f",
+                p.step, self.selection["split"],
+                metrics["auc"], metrics["mrr"], metrics["ndcg5"], metrics["ndcg10"],
             )  # fmt: skip
             if metrics["auc"] > p.best_auc:
                 p.best_auc, p.best_step, p.bad_evals = metrics["auc"], p.step, 0
@@ -563,7 +636,10 @@ class TrainRecipe:
         if self.dist.distributed:
             dist.broadcast(stop, src=0)
         if stop.item():
-            logger.info("early stop: no better dev AUC in %d evaluations", self.config.run.patience)
+            logger.info(
+                "early stop: no better %s AUC in %d evaluations",
+                self.selection["split"], self.config.run.patience,
+            )  # fmt: skip
             p.finished = True
             self.stopped_early = True
 
@@ -578,6 +654,7 @@ class TrainRecipe:
             "vectors_hash": self.vectors.hash,
             "store_hash": self.store_hash,
             "config": self.config.to_dict(),
+            "selection": self.selection,
             "step": self.progress.step,
             "epoch": self.progress.epoch,
         }
