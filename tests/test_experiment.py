@@ -241,3 +241,21 @@ def test_predict_command_allow_drops(run_with_drops, tmp_path):
     assert len(read_prediction(out)) == 2
     dev = CliRunner().invoke(app, [*args, "--split", "dev"])
     assert dev.exit_code == 0, dev.output
+
+
+def test_demo_grid_for_the_im_mind_layout_maps_and_crops_the_cards(tmp_path):
+    from mmnewsrec.data.synthetic.images import PHOTO_BOX
+    from mmnewsrec.demo import demo_files
+
+    for layout, expected_map, expected_crop in [
+        ("plain", None, None),
+        ("im-mind", tmp_path / "data/projector.csv", PHOTO_BOX),
+    ]:
+        path = tmp_path / "experiment.toml"
+        path.write_text(demo_files(tmp_path, quick=True, image_layout=layout)[1])
+        config = load_experiment(path)
+        assert config.image_map == (expected_map and expected_map.resolve())
+        assert config.encoders["minilm+effnet"].image_crop == expected_crop
+        assert config.encoders["minilm"].image_crop is None
+    bad = CliRunner().invoke(app, ["demo", "--image-layout", "cards", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "cards" in bad.output

@@ -171,7 +171,10 @@ def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_
     assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     assert saved["selection"] == {
-        "split": "valid", "rule": "last-day", "held_out_of": "train", "impressions": 40
+        "split": "valid",
+        "rule": "last-day",
+        "held_out_of": "train",
+        "impressions": 40,
     }
 
 

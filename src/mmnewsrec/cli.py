@@ -44,6 +44,24 @@ def fail(message: str) -> NoReturn:
 # ---------------------------------------------------------------------------- data
 
 
+def check_image_layout(value: str) -> str:
+    from mmnewsrec.data.synthetic.images import IMAGE_LAYOUTS
+
+    if value not in IMAGE_LAYOUTS:
+        raise typer.BadParameter(f"{value!r}: expected one of {', '.join(IMAGE_LAYOUTS)}")
+    return value
+
+
+ImageLayout = Annotated[
+    str,
+    typer.Option(
+        callback=check_image_layout,
+        help="plain (images/<news_id>.jpg) or im-mind (610 x 195 cards named by index, "
+        "projector.csv).",
+    ),
+]
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="Output directory (train/, dev/, images/).")],
@@ -52,13 +70,7 @@ def synth(
     impressions: Annotated[int, typer.Option(help="Impressions, train and dev together.")] = 15000,
     seed: Annotated[int, typer.Option(help="Random seed; output is byte-identical per seed.")] = 0,
     quick: Annotated[bool, typer.Option(help="Small set: 500 news, 300 users.")] = False,
-    image_layout: Annotated[
-        str,
-        typer.Option(
-            help="plain (images/<news_id>.jpg) or im-mind (610 x 195 cards named by index, "
-            "projector.csv)."
-        ),
-    ] = "plain",
+    image_layout: ImageLayout = "plain",
 ) -> None:
     """Write a deterministic synthetic MIND-format data set with images and an oracle."""
     from mmnewsrec.data.synthetic import SynthConfig, generate
@@ -419,11 +431,12 @@ def demo(
         Path, typer.Option(help="Folder for data, store, vectors, runs, report.")
     ] = Path("demo_out"),
     quick: Annotated[bool, typer.Option(help="A small data set: about two minutes.")] = False,
+    image_layout: ImageLayout = "plain",
 ) -> None:
     """Run everything offline on synthetic data: synth, prepare, encode, train, evaluate, report."""
     from mmnewsrec.demo import run_demo
 
-    report = run_demo(out, quick=quick)
+    report = run_demo(out, quick=quick, image_layout=image_layout)
     table = report.read_text().split("## Results (dev)", 1)[1].split("![", 1)[0]
     typer.echo(table.strip())
     typer.echo(f"\nreport: {report}")

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from mmnewsrec.data.synthetic import SynthConfig, generate
+from mmnewsrec.data.synthetic.images import PHOTO_BOX
 from mmnewsrec.evaluate.experiment import load_experiment, run_experiment
 
 logger = logging.getLogger(__name__)
@@ -44,11 +45,14 @@ fusion = "text"
 image_encoder = "efficientnet-lite0"
 image_size = {image_size}
 fusion = "concat"
-"""
+{crop}"""
 
 
-def demo_files(out: Path, quick: bool) -> tuple[SynthConfig, str]:
-    """The synthetic data configuration and the experiment file text of the demo."""
+def demo_files(out: Path, quick: bool, image_layout: str = "plain") -> tuple[SynthConfig, str]:
+    """The synthetic data configuration and the experiment file text of the demo.
+
+    image_layout "im-mind": the images are IM-MIND cards named through data/projector.csv; the
+    store maps them and the image encoder sees the photo box only."""
     synth = SynthConfig.quick() if quick else SynthConfig()
     epochs = 3 if quick else 4
     header = f"""# The demo grid; re-run with: mmnewsrec experiment {out / "experiment.toml"}
@@ -61,15 +65,19 @@ seeds = [0]
 recall_k = [10, 50, 200]
 device = "auto"
 """
-    return synth, header + ENCODERS.format(image_size=synth.image_size) + RANKERS
+    crop = ""
+    if image_layout == "im-mind":
+        header += 'image_map = "data/projector.csv"\n'
+        crop = f"image_crop = {list(PHOTO_BOX)}\n"
+    return synth, header + ENCODERS.format(image_size=synth.image_size, crop=crop) + RANKERS
 
 
-def run_demo(out: Path, quick: bool = False) -> Path:
+def run_demo(out: Path, quick: bool = False, image_layout: str = "plain") -> Path:
     """Run the demo into `out` and return the report path."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    synth, experiment = demo_files(out, quick)
-    summary = generate(out / "data", synth)
+    synth, experiment = demo_files(out, quick, image_layout)
+    summary = generate(out / "data", synth, image_layout=image_layout)
     logger.info("%s", summary)
     path = out / "experiment.toml"
     path.write_text(experiment)
