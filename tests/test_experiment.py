@@ -258,4 +258,4 @@ def test_demo_grid_for_the_im_mind_layout_maps_and_crops_the_cards(tmp_path):
         assert config.encoders["minilm+effnet"].image_crop == expected_crop
         assert config.encoders["minilm"].image_crop is None
     bad = CliRunner().invoke(app, ["demo", "--image-layout", "cards", "--out", str(tmp_path)])
-    assert bad.exit_code == 2 and "cards" in bad.output
+    assert bad.exit_code == 2 and "image layout must be one of plain, im-mind" in bad.output

@@ -44,18 +44,9 @@ def fail(message: str) -> NoReturn:
 # ---------------------------------------------------------------------------- data
 
 
-def check_image_layout(value: str) -> str:
-    from mmnewsrec.data.synthetic.images import IMAGE_LAYOUTS
-
-    if value not in IMAGE_LAYOUTS:
-        raise typer.BadParameter(f"{value!r}: expected one of {', '.join(IMAGE_LAYOUTS)}")
-    return value
-
-
 ImageLayout = Annotated[
     str,
     typer.Option(
-        callback=check_image_layout,
         help="plain (images/<news_id>.jpg) or im-mind (610 x 195 cards named by index, "
         "projector.csv).",
     ),
@@ -434,8 +425,11 @@ def demo(
     image_layout: ImageLayout = "plain",
 ) -> None:
     """Run everything offline on synthetic data: synth, prepare, encode, train, evaluate, report."""
+    from mmnewsrec.data.synthetic.images import IMAGE_LAYOUTS
     from mmnewsrec.demo import run_demo
 
+    if image_layout not in IMAGE_LAYOUTS:
+        fail(f"image layout must be one of {', '.join(IMAGE_LAYOUTS)}")
     report = run_demo(out, quick=quick, image_layout=image_layout)
     table = report.read_text().split("## Results (dev)", 1)[1].split("![", 1)[0]
     typer.echo(table.strip())
