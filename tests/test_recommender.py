@@ -1,15 +1,18 @@
 """Recommender: recall by the mean user vector, rerank, popularity fallback; the CLI commands."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_HISTORY_LEN as HISTORY_LEN
 from conftest import topic_vectors
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
+from mmnewsrec.rank.model import build_model
 from mmnewsrec.serve import Recommender
 
 
@@ -55,6 +58,47 @@ def test_rerank_returns_model_scores_of_recalled_news(rec, golf):
         row["category"],
         row["image_path"] is not None,
     )
+
+
+def test_rerank_scores_through_a_frozen_trace_as_the_model_does(rec, run_dir, golf):
+    assert isinstance(rec.ranker.traced, torch.jit.ScriptModule)
+    eager = dataclasses.replace(rec.ranker, traced=None)
+    rng = np.random.default_rng(0)
+    for length in (1, 3, HISTORY_LEN, HISTORY_LEN + 5):  # the trace was made at another length
+        history = rng.integers(1, rec.store.num_news + 1, length)
+        candidates = rng.integers(1, rec.store.num_news + 1, 37)
+        for width in (37, 10):  # one row, or four rows (the trace was made with one)
+            np.testing.assert_allclose(
+                rec.ranker.score_items(history, candidates, width),
+                eager.score_items(history, candidates, width),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+    plain = Recommender.from_run(run_dir, trace=False)
+    assert plain.ranker.traced is None
+    traced, untraced = rec.recommend(golf[:3], k=10), plain.recommend(golf[:3], k=10)
+    assert [i.news_id for i in traced.items] == [i.news_id for i in untraced.items]
+    np.testing.assert_allclose(
+        [i.score for i in traced.items], [i.score for i in untraced.items], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_history_is_padded_to_its_own_length_with_the_same_scores(rec):
+    history, candidates = np.array([5, 9, 2]), np.arange(1, 30)
+    padded = np.zeros((1, HISTORY_LEN), dtype=np.int64)
+    padded[0, -3:] = history
+    full = rec.ranker.score_batch(torch.from_numpy(padded), torch.from_numpy(candidates[None]))
+    np.testing.assert_allclose(
+        rec.ranker.score_items(history, candidates), full[0].numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_baseline_models_are_not_traced(rec):
+    vectors = rec.ranker.model.news_vectors
+    baseline = dataclasses.replace(
+        rec.ranker, model=build_model("mean_cosine", None, vectors), traced=None
+    )
+    assert not baseline.trace() and baseline.traced is None
 
 
 def test_recall_ranks_by_cosine_of_the_mean_user_vector(run_dir, golf):

@@ -180,7 +180,7 @@ def with_no_history(tokens: Tensor, history: Tensor, no_history: Tensor) -> tupl
 
     tokens (B, L, d), history (B, L) -> tokens (B, 1+L, d), key padding mask (B, 1+L), True = pad.
     """
-    first = no_history.expand(len(tokens), 1, -1)
+    first = no_history.expand(tokens.shape[0], 1, -1)  # shape, not len(): traceable
     mask = F.pad(history == 0, (1, 0), value=False)
     return torch.cat([first, tokens], dim=1), mask
 

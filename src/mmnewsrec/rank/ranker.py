@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.jit import TracerWarning, optimized_execution  # type: ignore[attr-defined]
 from tqdm.auto import tqdm
 
 from mmnewsrec.config import TrainConfig, validate_config
@@ -65,6 +67,7 @@ class TrainedRanker:
     device: torch.device
     vectors_hash: str
     checkpoint: dict[str, Any]  # the checkpoint's metadata (no tensors)
+    traced: torch.jit.ScriptModule | None = field(default=None, repr=False)  # see `trace`
 
     @property
     def selection(self) -> dict[str, Any]:
@@ -93,10 +96,40 @@ class TrainedRanker:
             self.model, behaviors, self.history_len, self.device, size, progress=progress
         )
 
+    def trace(self) -> bool:
+        """Score through a TorchScript trace of the model, frozen with its weights: the same
+        operations without Python between them (on CPU, about a third less time per forward
+        of the cpu-preset transformers). For a model whose weights no longer change, e.g. in
+        a server. Only the neural models are traced, and the trace is used only if it scores
+        example inputs of two shapes as the model does. Returns whether it is used."""
+        from mmnewsrec.rank.model import Ranker
+
+        model = self.model
+        if not (isinstance(model, Ranker) and model.trainable) or model.training:
+            return False
+        num_news = len(model.news_vectors) - 1
+        examples = [
+            example_inputs(num_news, 1, 7, 9, padded=True, device=self.device),
+            example_inputs(num_news, 3, self.history_len, 20, padded=False, device=self.device),
+        ]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", TracerWarning)  # the check below stands for them
+            traced = torch.jit.freeze(torch.jit.trace(model, examples[0]))
+        with torch.inference_mode(), optimized_execution(False):
+            same = all(torch.allclose(traced(*x), model(*x), 1e-5, 1e-6) for x in examples)
+        if not same:
+            logger.warning("the TorchScript trace of %s scores otherwise: not used", self.path)
+            return False
+        self.traced = traced
+        return True
+
     @torch.inference_mode()
     def score_batch(self, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Raw forward on index tensors: history (B, L), candidates (B, C) -> scores (B, C)."""
-        return self.model(history.to(self.device), candidates.to(self.device)).float()
+        model = self.model if self.traced is None else self.traced
+        # The plain interpreter: the optimising one re-profiles at each new input shape.
+        with optimized_execution(False):  # this thread's setting
+            return model(history.to(self.device), candidates.to(self.device)).float()
 
     def score_items(
         self,
@@ -105,7 +138,8 @@ class TrainedRanker:
         width: int = 256,
     ) -> np.ndarray:
         """Scores of `candidates` (news indices) for one user who clicked `history` (oldest
-        first); any number of candidates, scored in rows of `width`."""
+        first); any number of candidates, scored in rows of `width`. The history is padded to
+        its own length (at most L), not to L: padding changes no score, only the work."""
         cand = np.asarray(candidates, dtype=np.int64)
         hist = np.asarray(history, dtype=np.int64)
         if cand.size == 0:
@@ -113,11 +147,23 @@ class TrainedRanker:
         rows = -(-len(cand) // width)
         grid = np.zeros(rows * width, dtype=np.int64)
         grid[: len(cand)] = cand
-        h = gather_history(
-            np.array([0, len(hist)]), hist, np.zeros(rows, dtype=np.int64), self.history_len
-        )
+        length = max(1, min(len(hist), self.history_len))
+        h = gather_history(np.array([0, len(hist)]), hist, np.zeros(rows, dtype=np.int64), length)
         scores = self.score_batch(torch.from_numpy(h), torch.from_numpy(grid.reshape(rows, width)))
         return scores.flatten()[: len(cand)].cpu().numpy()
+
+
+def example_inputs(
+    num_news: int, rows: int, length: int, width: int, padded: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random history (rows, length) and candidates (rows, width) over news 1..num_news;
+    `padded`: with a padding click and a padding candidate in each row."""
+    generator = torch.Generator().manual_seed(0)
+    history = torch.randint(1, num_news + 1, (rows, length), generator=generator)
+    candidates = torch.randint(1, num_news + 1, (rows, width), generator=generator)
+    if padded:
+        history[:, 0], candidates[:, -1] = 0, 0
+    return history.to(device), candidates.to(device)
 
 
 def load_ranker(

@@ -68,8 +68,10 @@ class Recommender:
         recall_k: int = 200,
         recall_backend: str = "auto",
         index_dir: Path | None = None,
+        trace: bool = True,
     ) -> None:
-        """index_dir: where the recall index is kept between starts (the vectors' folder)."""
+        """index_dir: where the recall index is kept between starts (the vectors' folder);
+        trace: rerank through a TorchScript trace of the model (`TrainedRanker.trace`)."""
         from mmnewsrec.rank.model import Ranker
         from mmnewsrec.recall import Recaller
 
@@ -78,6 +80,8 @@ class Recommender:
         check_same_news(store, vectors)
         if isinstance(ranker.model, Ranker):
             ranker.model.cache_news_tokens()  # per request: lookups instead of projections
+        if trace:
+            ranker.trace()  # after the cache, which the trace then holds
         self.store, self.vectors, self.ranker, self.recall_k = store, vectors, ranker, recall_k
         self.recaller = Recaller(recall_k, recall_backend, exact_max_news=SERVE_EXACT_MAX_NEWS)
         self.recaller.fit(shared_news_matrix(ranker, vectors), index_dir, vectors.hash[:16])
@@ -108,6 +112,7 @@ class Recommender:
         device: str = "cpu",
         recall_k: int = 200,
         recall_backend: str = "auto",
+        trace: bool = True,
     ) -> Recommender:
         """Load RUN_DIR's model with the store and news vectors it was trained on.
 
@@ -123,7 +128,7 @@ class Recommender:
         vectors = NewsVectors.load(config.data.vectors_dir)
         ranker = load_ranker(run_dir, device, vectors=vectors)
         index_dir = Path(config.data.vectors_dir) / "recall"
-        return cls(store, vectors, ranker, recall_k, recall_backend, index_dir)
+        return cls(store, vectors, ranker, recall_k, recall_backend, index_dir, trace)
 
     def _train_clicks(self) -> np.ndarray:
         """Clicks per news index in the run's train split (zeros when the store lacks it)."""
@@ -209,9 +214,9 @@ class Recommender:
         self, history: np.ndarray, exclude: np.ndarray, k: int, timings: dict[str, float]
     ) -> list[RecommendedNews]:
         start = time.perf_counter()
-        user = self.recaller.user_vectors(history[None, :])  # (1, D)
+        user = self.recaller.user_vectors(one_row(history))  # (1, D)
         recall_scores, found = self.recaller.search(
-            user, k=max(k, self.recall_k), exclude=exclude[None, :]
+            user, k=max(k, self.recall_k), exclude=one_row(exclude)
         )
         keep = found[0] > 0  # 0 = no result (corpus smaller than asked)
         recall_scores, found = recall_scores[0][keep], found[0][keep]
@@ -253,6 +258,11 @@ def check_same_news(store: Store, vectors: NewsVectors) -> None:
             f"news vectors ({len(vectors.vectors)} rows, store {encoded[:12]}) do not match the "
             f"store {store.path} ({store.num_news} news + padding, {store.content_hash[:12]})"
         )
+
+
+def one_row(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One user's news as a CSR pair (offsets, items): no padding for recall to strip."""
+    return np.array([0, len(items)]), items
 
 
 def _ms(start: float) -> float:
