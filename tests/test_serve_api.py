@@ -1,5 +1,6 @@
 """The HTTP API through FastAPI's test client, on a real tiny run."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ from conftest import TINY_HISTORY_LEN as HISTORY_LEN
 from fastapi.testclient import TestClient
 
 from mmnewsrec.serve import Recommender, ServeSettings, create_app
+from mmnewsrec.serve.app import RecommendedOut, RecommendResponse
+from mmnewsrec.serve.recommender import Recommendation, RecommendedNews
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,25 @@ def test_recommend_happy_path(client, rec, ids):
     }  # fmt: skip
     assert first["stage"] == "rerank" and first["recall_rank"] >= 1
     assert {"lookup", "recall", "rerank", "total"} <= set(body["timings_ms"])
+
+
+def test_recommend_body_is_the_documented_schema(client, rec, ids):
+    """The body is written from the dataclasses without a validation pass: it must still be
+    exactly RecommendResponse, field for field and in order."""
+    for dataclass, model in (
+        (Recommendation, RecommendResponse),
+        (RecommendedNews, RecommendedOut),
+    ):
+        assert [f.name for f in dataclasses.fields(dataclass)] == list(model.model_fields)
+    response = client.post("/recommend", json={"history": ids[:4], "k": 5})
+    assert response.headers["content-type"] == "application/json"
+    body = RecommendResponse.model_validate_json(response.content)
+    expected = RecommendResponse.model_validate(dataclasses.asdict(rec.recommend(ids[:4], k=5)))
+    assert body.model_dump(exclude={"timings_ms"}) == expected.model_dump(exclude={"timings_ms"})
+    schema = client.get("/openapi.json").json()["paths"]["/recommend"]["post"]["responses"]
+    assert schema["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/RecommendResponse"
+    )
 
 
 def test_recommend_reports_unknown_ids(client, ids):

@@ -12,11 +12,11 @@ from typing import Annotated, Any
 from anyio import CapacityLimiter
 from anyio.to_thread import run_sync
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
-from mmnewsrec.serve.recommender import Recommender
+from mmnewsrec.serve.recommender import Recommendation, Recommender
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ class RecommendResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
+# RecommendResponse's JSON written straight from the dataclasses, in one pass: asdict() and a
+# validation of its copy took about 0.2 ms a request.
+RECOMMENDATION_JSON = TypeAdapter(Recommendation)
+
+
 class Health(BaseModel):
     status: str
     model: str
@@ -127,13 +132,13 @@ health_router = APIRouter(tags=["health"])
 @recommend_router.post("/recommend", response_model=RecommendResponse)
 async def recommend(
     body: RecommendRequest, recommender: RecommenderDep, limiter: LimiterDep
-) -> dict[str, Any]:
+) -> Response:
     """Top-k news for a click history; an empty history gets the most clicked news."""
     # Compute in a worker thread, a bounded number at once: on a few cores, requests that
     # compete for them (and for the GIL) all finish later than requests that queue.
     job = partial(recommender.recommend, body.history, body.k, body.exclude_history)
     result = await run_sync(job, limiter=limiter)
-    return asdict(result)
+    return Response(RECOMMENDATION_JSON.dump_json(result), media_type="application/json")
 
 
 @news_router.get("/search", response_model=list[NewsOut])
