@@ -6,11 +6,16 @@ a fast_rec_transformer at the "cpu" preset trained for a few steps (its weights 
 the cost of a request), starts `mmnewsrec serve` on 127.0.0.1 in a subprocess, then drives it
 with an asyncio + httpx client at each concurrency: a fixed number of requests, each with the
 click history of a real dev impression of the corpus. Prints p50/p99 latency, requests/s and
-errors (and exits 1 on any error), the GET /health round trip (the floor under any request) and
-the server's resident memory.
+errors (and exits 1 on any error), the server's CPU time per request, the GET /health round trip
+and CPU time (the floor under any request) and the server's resident memory.
+
+--compare-src DIR serves a second checkout of the package (DIR/src first on its PYTHONPATH, e.g.
+the main branch) beside this one and drives the two in alternation, in --rounds slices of the
+requests, so that both meet the same load on a shared machine.
 
     python benchmarks/serve.py [--news 100000] [--requests 1000] [--concurrency 1 16]
         [--recall-backend auto|exact|faiss_flat|faiss_hnsw] [--threads 1] [--parallel 1]
+        [--compare-src DIR] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -93,11 +99,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(run: Path, port: int, options: list[str]) -> subprocess.Popen:
-    """`mmnewsrec serve` in a subprocess; returns once /health answers."""
+def start_server(run: Path, port: int, options: list[str], src: Path | None) -> subprocess.Popen:
+    """`mmnewsrec serve` in a subprocess (the package from `src`/src when given); returns once
+    /health answers."""
     command = [sys.executable, "-c", "from mmnewsrec.cli import app; app()", "serve", str(run)]
     command += ["--port", str(port), "--no-access-log", *options]
-    server = subprocess.Popen(command)
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src.resolve() / "src"), env.get("PYTHONPATH", "")])
+    server = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -119,26 +129,43 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return tuple(int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM"))
 
 
-async def health_floor(url: str, requests: int) -> tuple[float, float]:
-    """p50 and p99 ms of GET /health: the HTTP round trip with no recommendation work."""
-    latencies = []
+@dataclass
+class Tally:
+    """What one server answered at one concurrency, summed over rounds."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    server_ms: list[dict] = field(default_factory=list)  # each response's timings_ms
+    errors: int = 0
+    seconds: float = 0.0  # wall time spent driving it
+    cpu_seconds: float = 0.0  # the server's CPU time meanwhile
+
+    def row(self, label: str) -> str:
+        ms = np.array(self.latencies_ms)
+        keys = self.server_ms[0] if self.server_ms else {}
+        server = {key: np.median([t[key] for t in self.server_ms]) for key in keys}
+        return (
+            f"{label:>5} {len(ms):>9} {self.errors:>7} {np.percentile(ms, 50):>8.2f} "
+            f"{np.percentile(ms, 99):>8.2f} {len(ms) / self.seconds:>8.1f} "
+            f"{self.cpu_seconds * 1000 / len(ms):>10.2f}  "
+            + " ".join(f"{k} {v:.2f}" for k, v in server.items())
+        )
+
+
+async def health(url: str, requests: int, tally: Tally) -> None:
+    """GET /health `requests` times, one at a time: the HTTP round trip with no work."""
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(requests):
             start = time.perf_counter()
             (await client.get(url)).raise_for_status()
-            latencies.append((time.perf_counter() - start) * 1000)
-    return np.percentile(latencies, 50), np.percentile(latencies, 99)
+            tally.latencies_ms.append((time.perf_counter() - start) * 1000)
+            tally.server_ms.append({})
 
 
-async def drive(url: str, bodies: list[dict], concurrency: int) -> dict:
-    """POST every body with `concurrency` requests in flight; latency and error figures."""
+async def drive(url: str, bodies: list[dict], concurrency: int, tally: Tally) -> None:
+    """POST every body with `concurrency` requests in flight; latencies and errors to `tally`."""
     queue = iter(bodies)
-    latencies: list[float] = []
-    server_ms: list[dict] = []
-    errors = 0
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal errors
         for body in queue:
             start = time.perf_counter()
             try:
@@ -146,26 +173,22 @@ async def drive(url: str, bodies: list[dict], concurrency: int) -> dict:
                 ok = response.status_code == 200 and len(response.json()["items"]) == body["k"]
             except httpx.HTTPError:
                 ok = False
-            latencies.append(time.perf_counter() - start)
-            errors += not ok
+            tally.latencies_ms.append((time.perf_counter() - start) * 1000)
+            tally.errors += not ok
             if ok:
-                server_ms.append(response.json()["timings_ms"])
+                tally.server_ms.append(response.json()["timings_ms"])
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1000
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": errors,
-        "p50_ms": np.percentile(ms, 50),
-        "p99_ms": np.percentile(ms, 99),
-        "rps": len(latencies) / elapsed,
-        "server": {key: np.median([t[key] for t in server_ms]) for key in server_ms[0]},
-    }
+
+
+def timed(server: subprocess.Popen, tally: Tally, job) -> None:
+    """Run the coroutine `job`, adding its wall time and the server's CPU time to `tally`."""
+    cpu, start = cpu_seconds(server.pid), time.perf_counter()
+    asyncio.run(job)
+    tally.seconds += time.perf_counter() - start
+    tally.cpu_seconds += cpu_seconds(server.pid) - cpu
 
 
 def main() -> int:
@@ -181,48 +204,71 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="serve --threads")
     parser.add_argument("--parallel", type=int, default=1, help="serve --parallel")
     parser.add_argument("--device", default="cpu", help="serve --device (the model's)")
+    parser.add_argument("--compare-src", type=Path, help="another checkout, served beside")
+    parser.add_argument("--rounds", type=int, default=5, help="slices driven in alternation")
     args = parser.parse_args()
 
     run = build_run(args.work / f"news{args.news}-dim{args.dim}", args.news, args.dim)
     bodies = request_bodies(run.parent, args.requests, args.k)
-    port = free_port()
     options = ["--recall-k", str(args.recall_k), "--recall-backend", args.recall_backend]
     options += ["--threads", str(args.threads), "--parallel", str(args.parallel)]
     options += ["--device", args.device]
-    server = start_server(run, port, options)
-    health = httpx.get(f"http://127.0.0.1:{port}/health").json()
-    url = f"http://127.0.0.1:{port}/recommend"
+    sources = {"this": None} | ({"other": args.compare_src} if args.compare_src else {})
+    ports = {label: free_port() for label in sources}
+    servers: dict[str, subprocess.Popen] = {}
     try:
-        asyncio.run(drive(url, bodies[:50], 1))  # warm-up
-        floor = asyncio.run(health_floor(f"http://127.0.0.1:{port}/health", len(bodies)))
-        results = []
-        for concurrency in args.concurrency:
-            cpu = cpu_seconds(server.pid)
-            results.append(asyncio.run(drive(url, bodies, concurrency)))
-            results[-1]["cpu_ms"] = (cpu_seconds(server.pid) - cpu) * 1000 / len(bodies)
-        rss, peak = rss_mb(server.pid)
+        for label, src in sources.items():
+            servers[label] = start_server(run, ports[label], options, src)
+        info = httpx.get(f"http://127.0.0.1:{ports['this']}/health").json()
+        tallies = drive_all(servers, ports, bodies, args)
+        memory = {label: rss_mb(server.pid) for label, server in servers.items()}
     finally:
-        server.terminate()
-        server.wait(30)
+        for server in servers.values():
+            server.terminate()
+            server.wait(30)
     lengths = [len(b["history"]) for b in bodies]
     print(
-        f"\n/recommend at {args.news:,} news x {args.dim}-d, {health['model']} (cpu preset) on "
-        f"{health['device']}, recall {args.recall_k} ({health['recall_backend']}), k {args.k}, "
+        f"\n/recommend at {args.news:,} news x {args.dim}-d, {info['model']} (cpu preset) on "
+        f"{info['device']}, recall {args.recall_k} ({info['recall_backend']}), k {args.k}, "
         f"history median {int(np.median(lengths))} clicks, {args.threads} thread(s), "
-        f"{args.parallel} at once; "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        f"{args.parallel} at once; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}; this: {Path.cwd()}"
+        + (f", other: {args.compare_src}" if args.compare_src else "")
     )
-    header = ("conc", "requests", "errors", "p50 ms", "p99 ms", "req/s", "cpu ms/req")
+    header = ("", "requests", "errors", "p50 ms", "p99 ms", "req/s", "cpu ms/req")
     print("{:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>10}  server medians (ms)".format(*header))
-    for r in results:
-        server_part = " ".join(f"{k} {v:.2f}" for k, v in r["server"].items())
-        print(
-            f"{r['concurrency']:>5} {r['requests']:>9} {r['errors']:>7} {r['p50_ms']:>8.2f} "
-            f"{r['p99_ms']:>8.2f} {r['rps']:>8.1f} {r['cpu_ms']:>10.2f}  {server_part}"
-        )
-    print(f"GET /health (the HTTP floor): p50 {floor[0]:.2f} ms, p99 {floor[1]:.2f} ms")
-    print(f"server memory: RSS {rss:,.0f} MB, peak {peak:,.0f} MB")
-    return 1 if any(r["errors"] for r in results) else 0
+    for key, by_label in tallies.items():
+        print(f"{key}:")
+        for label, tally in by_label.items():
+            print(tally.row(label))
+    for label, (rss, peak) in memory.items():
+        print(f"{label} server memory: RSS {rss:,.0f} MB, peak {peak:,.0f} MB")
+    errors = sum(t.errors for by_label in tallies.values() for t in by_label.values())
+    return 1 if errors else 0
+
+
+def drive_all(
+    servers: dict[str, subprocess.Popen], ports: dict[str, int], bodies: list[dict], args
+) -> dict[str, dict[str, Tally]]:
+    """Warm every server, then per concurrency (and for GET /health, the floor) drive the
+    servers in alternation, one slice of the requests each per round."""
+    tallies: dict[str, dict[str, Tally]] = {}
+    slices = [bodies[i :: args.rounds] for i in range(args.rounds)]
+    for port in ports.values():
+        asyncio.run(drive(f"http://127.0.0.1:{port}/recommend", bodies[:50], 1, Tally()))  # warm
+    levels = [("GET /health", 1), *((f"concurrency {c}", c) for c in args.concurrency)]
+    for key, concurrency in levels:
+        tallies[key] = {label: Tally() for label in servers}
+        for part in slices:
+            for label, server in servers.items():
+                url, tally = f"http://127.0.0.1:{ports[label]}", tallies[key][label]
+                job = (
+                    health(f"{url}/health", len(part), tally)
+                    if key == "GET /health"
+                    else drive(f"{url}/recommend", part, concurrency, tally)
+                )
+                timed(server, tally, job)
+    return tallies
 
 
 if __name__ == "__main__":
