@@ -439,14 +439,16 @@ def demo(
 # ---------------------------------------------------------------------------- serve
 
 
-def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str) -> Recommender:
+def load_recommender(
+    run_dir: Path, device: str, recall_k: int, backend: str, trace: bool = True
+) -> Recommender:
     """A Recommender over RUN_DIR, or a user-facing error."""
     from mmnewsrec.formats.runs import CheckpointError
     from mmnewsrec.formats.store import StoreError
     from mmnewsrec.serve import Recommender
 
     try:  # ValueError covers ConfigError, EncodeError and mismatched vectors
-        return Recommender.from_run(run_dir, device, recall_k, backend)
+        return Recommender.from_run(run_dir, device, recall_k, backend, trace)
     except (OSError, ValueError, StoreError, CheckpointError) as err:
         fail(str(err))
 
@@ -476,7 +478,8 @@ def recommend(
     import json
     from dataclasses import asdict
 
-    recommender = load_recommender(run_dir, device, recall_k, recall_backend)
+    # One request: tracing the model for faster forwards would not pay for itself.
+    recommender = load_recommender(run_dir, device, recall_k, recall_backend, trace=False)
     ids = [news_id.strip() for news_id in history.split(",") if news_id.strip()]
     result = recommender.recommend(ids, k=k, exclude_history=exclude_history)
     if as_json:
