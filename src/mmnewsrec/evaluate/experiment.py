@@ -22,8 +22,9 @@ An experiment file (TOML) declares encoders x rankers x seeds over one data set:
     model = "fast_rec_transformer"
     overrides = ["optim.epochs=3"]
 
-Vectors are cached by `encode_store`, and a run whose config and metrics already exist is
-reused, so re-running a grid only does the new cells.
+Vectors are cached by `encode_store` (their text and image parts in OUT/parts, shared by the
+encoders, so a text model is run once for all the encoders that use it), and a run whose config
+and metrics already exist is reused, so re-running a grid only does the new cells.
 """
 
 from __future__ import annotations
@@ -331,7 +332,8 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
     spec = config.encoders[name].model_dump()
     spec["text_fields"] = tuple(spec["text_fields"])
     out = config.out_dir / "vectors" / name
-    encode_store(store_dir, out, EncodeConfig(device=config.device, **spec))
+    parts = config.out_dir / "parts"  # shared: encoders with the same text model encode it once
+    encode_store(store_dir, out, EncodeConfig(device=config.device, **spec), parts_dir=parts)
     return out
 
 
