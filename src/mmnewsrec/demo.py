@@ -15,7 +15,7 @@ import torch
 
 from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.data.synthetic.images import PHOTO_BOX
-from mmnewsrec.evaluate.experiment import load_experiment, run_experiment
+from mmnewsrec.evaluate.experiment import Stopwatch, load_experiment, run_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,10 @@ def run_demo(out: Path, quick: bool = False, image_layout: str = "plain") -> Pat
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     synth, experiment = demo_files(out, quick, image_layout)
-    summary = generate(out / "data", synth, image_layout=image_layout)
+    watch = Stopwatch()
+    with watch.phase("synth"):
+        summary = generate(out / "data", synth, image_layout=image_layout)
     logger.info("%s", summary)
     path = out / "experiment.toml"
     path.write_text(experiment)
-    return run_experiment(load_experiment(path), path)
+    return run_experiment(load_experiment(path), path, watch)

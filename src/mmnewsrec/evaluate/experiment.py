@@ -331,12 +331,15 @@ class Stopwatch:
         return ", ".join(f"{name} {t['wall_s']:.1f} s" for name, t in self.phases.items())
 
 
-def run_experiment(config: ExperimentConfig, config_path: Path | None = None) -> Path:
+def run_experiment(
+    config: ExperimentConfig, config_path: Path | None = None, watch: Stopwatch | None = None
+) -> Path:
     """Run the grid, reuse what is done, and write OUT/report.md, OUT/results.json and
-    OUT/timings.json (wall and CPU seconds per phase); return the report's path."""
+    OUT/timings.json (wall and CPU seconds per phase, after those already in `watch`); return
+    the report's path."""
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    watch = Stopwatch()
+    watch = watch or Stopwatch()
     started = time.perf_counter()
     with watch.phase("prepare"):
         store_dir, summary = _prepare(config)
