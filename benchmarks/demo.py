@@ -1,9 +1,10 @@
 """Time `mmnewsrec demo`: wall and CPU seconds of the whole run and of each phase.
 
-Runs the demo in a child process into a fresh folder and reports its wall time, its CPU time
-(user + system of the process and all its children: the training jobs), the cores it used
-(CPU / wall), its peak RSS and the load average before and after (other work on the machine
-stretches wall time, less so CPU time). Then the phases the demo recorded in timings.json
+Runs the demo in a child process into a fresh folder (its output in OUT/demo.log) and reports
+its wall time, its CPU time (user + system of the process and all its children: the training
+jobs), the cores it used (CPU / wall), its peak RSS and the load average before and after (other
+work on the machine stretches wall time, less so CPU time). Then the phases the demo recorded in
+timings.json
 (synth, prepare, encode per encoder, recall, every training run, report).
 
 `--baseline SRC` first runs the demo of another checkout's src/ folder (e.g. a `git worktree`
@@ -35,11 +36,13 @@ def run_demo(src: Path, out: Path, quick: bool) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(src)}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)  # usage: the child and all it waited for
+    out.mkdir(parents=True)
+    with (out / "demo.log").open("w") as log:
+        child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # usage: the child and all it waited for
     wall = time.perf_counter() - started
     if status != 0:
-        sys.exit(f"the demo of {src} failed (wait status {status})")
+        sys.exit(f"the demo of {src} failed (wait status {status}); see {out / 'demo.log'}")
     return {
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
