@@ -4,8 +4,7 @@ Runs the demo in a child process into a fresh folder (its output in OUT/demo.log
 its wall time, its CPU time (user + system of the process and all its children: the training
 jobs), the cores it used (CPU / wall), its peak RSS and the load average before and after (other
 work on the machine stretches wall time, less so CPU time). Then the phases the demo recorded in
-timings.json
-(synth, prepare, encode per encoder, recall, every training run, report).
+timings.json (synth, prepare, encode per encoder, recall, every training run, report).
 
 `--baseline SRC` first runs the demo of another checkout's src/ folder (e.g. a `git worktree`
 of an older commit) the same way, and prints the new / old ratios.
