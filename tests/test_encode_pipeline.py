@@ -133,6 +133,20 @@ def test_new_fusion_and_new_fields_recompute_only_what_changed(store, tiny, tmp_
     assert len(list((out / "parts").glob("*.json"))) == 2  # parts no longer used are removed
 
 
+def test_vector_folders_sharing_a_parts_folder_encode_the_text_once(
+    store, tiny, tmp_path, monkeypatch
+):
+    parts = tmp_path / "parts"
+    both = encode_store(store, tmp_path / "both", EncodeConfig(**tiny), parts_dir=parts)
+    refuse_models(monkeypatch, ["text"])
+    text = {**tiny, "image_encoder": "none"}
+    text_only = encode_store(store, tmp_path / "text", EncodeConfig(**text), parts_dir=parts)
+    assert text_only.manifest["text"]["cached"] and text_only.dim == 32
+    np.testing.assert_array_equal(text_only.vectors, both.vectors[:, :32])
+    assert len(list(parts.glob("*.json"))) == 2  # a shared folder keeps the image part
+    assert not any((tmp_path / "both/parts").iterdir())
+
+
 def test_forced_reencoding_redoes_everything_and_is_deterministic(store, tiny, tmp_path):
     first = encode_store(store, tmp_path / "emb", EncodeConfig(**tiny))
     data = (tmp_path / "emb/vectors.npy").read_bytes()

@@ -160,6 +160,51 @@ def test_experiment_file_image_map_and_crop(tmp_path):
     assert spec["image_crop"] == (15, 15, 215, 180) and spec["image_blank_std"] == 1.5
 
 
+GRID = """store_dir = "{store}"
+out_dir = "{out}"
+jobs = {jobs}
+train_overrides = ["run.max_steps=2", "optim.batch_size=32", "data.history_len=8"]
+[encoders.text]
+text_encoder = "{bert}"
+image_encoder = "none"
+[rankers.additive_attention]
+model = "additive_attention"
+overrides = ["model.args.d_model=16", "model.args.n_heads=2", "model.args.query_dim=16"]
+[rankers.mean_cosine]
+model = "mean_cosine"
+[rankers.popularity]
+model = "popularity"
+per_encoder = false
+"""
+
+
+def test_a_grid_in_two_jobs_gives_the_results_of_one_and_times_its_phases(tiny_run, tmp_path):
+    from test_encode_encoders import save_tiny_bert
+
+    from mmnewsrec.evaluate.experiment import run_experiment
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    results = {}
+    for jobs in (1, 2):
+        path = tmp_path / f"grid{jobs}.toml"
+        out = tmp_path / f"out{jobs}"
+        store = tiny_run.parent / "store"
+        path.write_text(GRID.format(store=store, out=out, jobs=jobs, bert=bert))
+        run_experiment(load_experiment(path), path)
+        results[jobs] = json.loads((out / "results.json").read_text())
+        timings = json.loads((out / "timings.json").read_text())
+        assert timings["jobs"] == jobs
+        phases = timings["phases"]
+        assert {"prepare", "encode text", "train", "report"} <= phases.keys()
+        run = phases["train additive_attention text seed0"]
+        assert run["wall_s"] > 0 and run["cpu_s"] > 0
+        assert "training job(s) at a time" in (out / "report.md").read_text()
+    for one, two in zip(results[1], results[2], strict=True):
+        assert (one["encoder"], one["ranker"]) == (two["encoder"], two["ranker"])
+        # other thread counts sum in another order: equal up to rounding
+        assert one["auc"] == pytest.approx(two["auc"], abs=1e-4)
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
@@ -175,6 +220,10 @@ def test_quick_demo_end_to_end(tmp_path):
         metrics = out / "runs" / "fast_rec_transformer" / encoder / "seed0" / "metrics.json"
         reported = rows[(encoder, "fast_rec_transformer")]["auc"]  # rounded to 6 decimals
         assert json.loads(metrics.read_text())["auc"] == pytest.approx(reported, abs=1e-6)
+    # MiniLM ran once: both vector folders fuse the one text part of the shared parts folder
+    assert sorted(p.name.split("-")[0] for p in (out / "parts").glob("*.json")) == ["image", "text"]
+    manifest = json.loads((out / "vectors" / "minilm+effnet" / "manifest.json").read_text())
+    assert manifest["text"]["cached"]
     # a second run reuses every stage: nothing is trained again
     checkpoint = out / "runs" / "fast_rec_transformer" / "minilm" / "seed0" / "checkpoint.pt"
     written = checkpoint.stat().st_mtime_ns

@@ -209,6 +209,13 @@ def encode(
         typer.Option(help="A crop whose grey levels (0-255) vary by at most this std is no image."),
     ] = 2.0,
     force: Annotated[bool, typer.Option(help="Encode even if the vectors are up to date.")] = False,
+    parts_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Cache of text and image parts, shareable by several --out folders (each part "
+            "is keyed by its model and inputs); default: OUT/parts."
+        ),
+    ] = None,
 ) -> None:
     """Embed every news item of a store with frozen encoders (no work if up to date)."""
     from mmnewsrec.encode.pipeline import EncodeConfig, EncodeError, encode_store
@@ -231,7 +238,7 @@ def encode(
             image_crop=parse_crop(image_crop) if image_crop else None,
             image_blank_std=image_blank_std,
         )
-        vectors = encode_store(store_dir, out, config, force=force)
+        vectors = encode_store(store_dir, out, config, force=force, parts_dir=parts_dir)
     except (EncodeError, VectorsError, StoreError, OSError) as err:
         fail(str(err))
     typer.echo(f"news vectors in {out}: {vectors.summary()}")

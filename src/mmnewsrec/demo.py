@@ -11,29 +11,32 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.data.synthetic.images import PHOTO_BOX
-from mmnewsrec.evaluate.experiment import load_experiment, run_experiment
+from mmnewsrec.evaluate.experiment import Stopwatch, load_experiment, run_experiment
 
 logger = logging.getLogger(__name__)
 
+# The longest runs first, so that the training jobs finish together.
 RANKERS = """
-[rankers.random]
-model = "random"
-per_encoder = false
+[rankers.fast_rec_transformer]
+model = "fast_rec_transformer"
+
+[rankers.additive_attention]
+model = "additive_attention"
+
+[rankers.mean_cosine]
+model = "mean_cosine"
 
 [rankers.popularity]
 model = "popularity"
 per_encoder = false
 
-[rankers.mean_cosine]
-model = "mean_cosine"
-
-[rankers.additive_attention]
-model = "additive_attention"
-
-[rankers.fast_rec_transformer]
-model = "fast_rec_transformer"
+[rankers.random]
+model = "random"
+per_encoder = false
 """
 
 ENCODERS = """
@@ -55,15 +58,17 @@ def demo_files(out: Path, quick: bool, image_layout: str = "plain") -> tuple[Syn
     store maps them and the image encoder sees the photo box only."""
     synth = SynthConfig.quick() if quick else SynthConfig()
     epochs = 3 if quick else 4
+    jobs = min(2, torch.get_num_threads())  # two runs at a time, each on its own cores
     header = f"""# The demo grid; re-run with: mmnewsrec experiment {out / "experiment.toml"}
 title = "mmnewsrec demo: synthetic MIND data ({"quick" if quick else "default"} size)"
 data_dir = "data"
 out_dir = "."
 train_config = "train_cpu"
-train_overrides = ["optim.epochs={epochs}", "run.progress=true"]
+train_overrides = ["optim.epochs={epochs}"]
 seeds = [0]
 recall_k = [10, 50, 200]
 device = "auto"
+jobs = {jobs}
 """
     crop = ""
     if image_layout == "im-mind":
@@ -77,8 +82,10 @@ def run_demo(out: Path, quick: bool = False, image_layout: str = "plain") -> Pat
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     synth, experiment = demo_files(out, quick, image_layout)
-    summary = generate(out / "data", synth, image_layout=image_layout)
+    watch = Stopwatch()
+    with watch.phase("synth"):
+        summary = generate(out / "data", synth, image_layout=image_layout)
     logger.info("%s", summary)
     path = out / "experiment.toml"
     path.write_text(experiment)
-    return run_experiment(load_experiment(path), path)
+    return run_experiment(load_experiment(path), path, watch)

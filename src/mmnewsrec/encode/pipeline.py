@@ -1,7 +1,9 @@
 """Embed every news item of a store once with frozen encoders and keep the vectors on disk.
 
 The layout of EMB_DIR is `mmnewsrec.formats.vectors`; parts/ holds the text part and the image
-part, each keyed by its own model and inputs.
+part, each keyed by its own model and inputs (text: model, fields, the texts; image: model,
+size, crop, the files). Several EMB_DIRs may share one parts folder (`parts_dir`): vectors
+that fuse the same text part with different image parts then encode the text once.
 
 "hash" is a sha256 over what determines the vectors (store content, encoder identities, text
 fields, image files, fusion, precision), not over timings. A run whose hash matches the
@@ -229,11 +231,14 @@ def encode_store(
     config: EncodeConfig | None = None,
     *,
     force: bool = False,
+    parts_dir: Path | str | None = None,
 ) -> NewsVectors:
     """Embed the news of the store at `store_dir` into EMB_DIR `out` (see the module doc).
 
     Unchanged inputs and options: no model work, the existing vectors are returned.
     `force`: encode everything again, cached parts included.
+    `parts_dir`: the cache of text and image parts (default OUT/parts, where the parts that the
+    new vectors do not use are deleted); a folder shared by several EMB_DIRs is never pruned.
     """
     from mmnewsrec.formats.store import Store
 
@@ -249,9 +254,10 @@ def encode_store(
         logger.info("vectors up to date: %s (hash %s)", out, plan.hash[:12])
         return NewsVectors.load(out)
     prepare_out(out)
+    parts = out / "parts" if parts_dir is None else Path(parts_dir)
     timings: dict[str, float] = {}
-    text = plan.text_part(out / "parts", str(device), timings)
-    image, has_image = plan.image_part(out / "parts", str(device), timings)
+    text = plan.text_part(parts, str(device), timings)
+    image, has_image = plan.image_part(parts, str(device), timings)
     fusion = Fusion(
         plan.fusion_method(),
         text_dim=text.shape[1] if text is not None else 0,
@@ -265,7 +271,8 @@ def encode_store(
     timings["total_s"] = time.perf_counter() - started
     manifest = plan.manifest(fusion, has_image, str(device), timings)
     commit(out, temp, manifest)
-    prune_parts(out / "parts", keep={plan.text_key, plan.image_key})
+    if parts_dir is None:
+        prune_parts(parts, keep={plan.text_key, plan.image_key})
     logger.info(
         "wrote %s: %d news x %d (%.1f s)", out, store.num_news, fusion.out_dim, timings["total_s"]
     )
