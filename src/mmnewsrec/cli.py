@@ -439,14 +439,16 @@ def demo(
 # ---------------------------------------------------------------------------- serve
 
 
-def load_recommender(run_dir: Path, device: str, recall_k: int, backend: str) -> Recommender:
+def load_recommender(
+    run_dir: Path, device: str, recall_k: int, backend: str, popular_share: float | None
+) -> Recommender:
     """A Recommender over RUN_DIR, or a user-facing error."""
     from mmnewsrec.formats.runs import CheckpointError
     from mmnewsrec.formats.store import StoreError
     from mmnewsrec.serve import Recommender
 
     try:  # ValueError covers ConfigError, EncodeError and mismatched vectors
-        return Recommender.from_run(run_dir, device, recall_k, backend)
+        return Recommender.from_run(run_dir, device, recall_k, backend, popular_share)
     except (OSError, ValueError, StoreError, CheckpointError) as err:
         fail(str(err))
 
@@ -459,6 +461,15 @@ RecallBackend = Annotated[
         " rescored exactly) or faiss_flat."
     ),
 ]
+RecallPopularShare = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Share of --recall-k given to the popularity/freshness channel; 0: content only."
+        " [default: 0.1, the best recall@200 on the demo data]",
+    ),
+]
 
 
 @app.command()
@@ -469,6 +480,7 @@ def recommend(
     exclude_history: Annotated[bool, typer.Option(help="Leave clicked news out.")] = True,
     recall_k: RecallK = 200,
     recall_backend: RecallBackend = "auto",
+    recall_popular_share: RecallPopularShare = None,
     device: Device = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -476,7 +488,7 @@ def recommend(
     import json
     from dataclasses import asdict
 
-    recommender = load_recommender(run_dir, device, recall_k, recall_backend)
+    recommender = load_recommender(run_dir, device, recall_k, recall_backend, recall_popular_share)
     ids = [news_id.strip() for news_id in history.split(",") if news_id.strip()]
     result = recommender.recommend(ids, k=k, exclude_history=exclude_history)
     if as_json:
@@ -499,6 +511,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     recall_k: RecallK = 200,
     recall_backend: RecallBackend = "auto",
+    recall_popular_share: RecallPopularShare = None,
     device: Device = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="CPU threads per request.")] = 1,
     parallel: Annotated[int, typer.Option(min=1, help="Requests computed at once.")] = 1,
@@ -511,7 +524,7 @@ def serve(
     from mmnewsrec.serve import ServeSettings, create_app
 
     settings = ServeSettings(host=host, port=port, parallel=parallel)
-    recommender = load_recommender(run_dir, device, recall_k, recall_backend)
+    recommender = load_recommender(run_dir, device, recall_k, recall_backend, recall_popular_share)
     torch.set_num_threads(threads)  # after loading, which may use every core
     if recommender.recaller.index_ is not None:
         import faiss

@@ -9,6 +9,7 @@ An experiment file (TOML) declares encoders x rankers x seeds over one data set:
     train_overrides = ["optim.epochs=2"]
     seeds = [0, 1]
     recall_k = [10, 50, 200]
+    recall_popular_share = 0.1     # of K, for the popularity/freshness channel (0: content only)
 
     [encoders.text]                # options of `mmnewsrec encode`
     image_encoder = "none"
@@ -98,6 +99,7 @@ class ExperimentConfig(_Strict):
     train_split: str = "train"
     dev_split: str = "dev"
     recall_k: list[int] = [10, 50, 200]
+    recall_popular_share: float | None = Field(None, ge=0.0, le=1.0)  # None: the default
     oracle: Path | None = None
     device: str = "auto"
     encoders: dict[str, EncoderSpec]
@@ -283,6 +285,7 @@ def run_experiment(config: ExperimentConfig, config_path: Path | None = None) ->
     store_dir, summary = _prepare(config)
     vectors_dirs = {name: _encode(config, store_dir, name) for name in config.encoders}
     recall = {name: _recall(store_dir, path, config) for name, path in vectors_dirs.items()}
+    clicked_share = _clicked_image_share(store_dir, config.dev_split)
     results = []
     for ranker_name, ranker in config.rankers.items():
         encoders = list(config.encoders) if ranker.per_encoder else [next(iter(config.encoders))]
@@ -300,7 +303,12 @@ def run_experiment(config: ExperimentConfig, config_path: Path | None = None) ->
         data_summary=summary,
         commands=_commands(config, config_path, store_dir, vectors_dirs),
         oracle_auc=oracle,
-        recall_at_k=recall,
+        recall_at_k={name: {k: s["recall"] for k, s in r.items()} for name, r in recall.items()},
+        recall_image_share={
+            name: {k: s["image_share"] for k, s in r.items()} for name, r in recall.items()
+        },
+        clicked_image_share=clicked_share,
+        recall_note=_recall_note(config),
         notes=[f"Grid run in {minutes:.1f} min (cached stages are not re-run)."],
     )
     write_json(out / "results.json", [_row(r) for r in summarise(results)])
@@ -335,14 +343,51 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
     return out
 
 
-def _recall(store_dir: Path, vectors_dir: Path, config: ExperimentConfig) -> dict[int, float]:
+def _recall(
+    store_dir: Path, vectors_dir: Path, config: ExperimentConfig
+) -> dict[int, dict[str, float]]:
+    """Per K: recall@K on the dev split and the share of recalled news with an image, with
+    the recaller fitted as serving fits it."""
     from mmnewsrec.formats.store import Store
     from mmnewsrec.formats.vectors import NewsVectors
-    from mmnewsrec.recall import Recaller
+    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
 
-    behaviors = Store.load(store_dir).behaviors(config.dev_split)
-    recaller = Recaller(k=max(config.recall_k)).fit(NewsVectors.load(vectors_dir).vectors)
-    return {k: recaller.recall_at_k(behaviors, k) for k in config.recall_k}
+    store = Store.load(store_dir)
+    share = config.recall_popular_share
+    recaller = Recaller(
+        k=max(config.recall_k),
+        popular_share=DEFAULT_POPULAR_SHARE if share is None else share,
+    )
+    recaller.fit_store(NewsVectors.load(vectors_dir), store, config.train_split)
+    behaviors = store.behaviors(config.dev_split)
+    return recaller.recall_stats(behaviors, config.recall_k, news_with_image(store))
+
+
+def _recall_note(config: ExperimentConfig) -> str:
+    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
+
+    share = config.recall_popular_share
+    share = DEFAULT_POPULAR_SHARE if share is None else share
+    return (
+        "Each part of the news vectors (text, image) centred on its mean and unit-scaled, the"
+        f" image part weighted {Recaller().image_weight:g}; {100 * share:g}% of K from the"
+        " popularity/freshness channel. Image share: news with an image among all recalled news."
+    )
+
+
+def news_with_image(store: Store) -> np.ndarray:
+    """(N+1,) bool: the store has an image for the news index (row 0, padding: False)."""
+    return np.concatenate([[False], store.news["image_path"].is_not_null().to_numpy()])
+
+
+def _clicked_image_share(store_dir: Path, split: str) -> float:
+    """Share of the clicked candidates of `split` that have an image."""
+    from mmnewsrec.formats.store import Store
+
+    store = Store.load(store_dir)
+    behaviors = store.behaviors(split)
+    clicked = np.asarray(behaviors.candidate_items)[np.asarray(behaviors.candidate_labels) == 1]
+    return float(news_with_image(store)[clicked].mean()) if len(clicked) else float("nan")
 
 
 def _train(
