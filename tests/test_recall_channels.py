@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from test_recall import behaviors
 
-from mmnewsrec.recall import Recaller, item_stats
+from mmnewsrec.recall import ItemStats, Recaller, item_stats
 from mmnewsrec.recall.channels import DAY, NEVER
 
 T0 = 1_700_000_000
@@ -79,3 +79,19 @@ def test_channel_skips_what_content_holds_and_content_fills_what_it_cannot():
 def test_a_channel_needs_item_statistics():
     with pytest.raises(ValueError, match="item statistics"):
         Recaller(popular_share=0.1).fit(np.ones((5, 3), np.float32))
+
+
+def test_serving_offers_what_evaluation_offers_once_every_news_is_seen():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(301, 8)).astype(np.float32)
+    vectors[0] = 0
+    popularity = rng.integers(0, 3, 301).astype(float)  # many ties
+    first_seen = np.where(rng.random(301) < 0.9, T0 - rng.integers(0, 5, 301) * DAY, NEVER)
+    stats = ItemStats(popularity, first_seen, T0, 1.0)
+    recaller = Recaller(k=20, popular_share=0.5).fit(vectors, stats=stats)
+    history = rng.integers(1, 301, size=(40, 10))
+    users = recaller.user_vectors(history)
+    served = recaller.search(users, exclude=history)  # a prefix of the channel's order
+    evaluated = recaller.search(users, exclude=history, times=np.full(40, T0 + 1))  # a scan
+    for a, b in zip(served, evaluated, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -162,7 +162,9 @@ class Recaller:
         return RecallSpace(parts or whole, weights={"image": self.image_weight})
 
     def _fit_channel(self, stats: ItemStats | None) -> None:
-        """The channel's static log-scores and first-seen times, when it is on."""
+        """The channel's static order (`channel_order_`: the news it can offer, best first;
+        `channel_`: minus each news item's place in it, -inf if absent, so no two tie) and the
+        first-seen times, when it is on."""
         self.channel_: Tensor | None = None
         if self.popular_share == 0:
             return
@@ -172,7 +174,11 @@ class Recaller:
             raise ValueError(
                 f"item statistics cover {len(stats.first_seen) - 1} news, vectors {self.num_news_}"
             )
-        self.channel_ = torch.from_numpy(stats.channel_scores())
+        scores = stats.channel_scores()
+        order = np.argsort(-scores, kind="stable")[: int(np.isfinite(scores).sum())]
+        place = np.full(len(scores), -np.inf, dtype=np.float32)
+        place[order] = -np.arange(len(order), dtype=np.float32)
+        self.channel_, self.channel_order_ = torch.from_numpy(place), torch.from_numpy(order)
         self.first_seen_ = torch.from_numpy(stats.first_seen)
 
     def user_vectors(self, histories: Any) -> np.ndarray:
@@ -419,6 +425,8 @@ class Recaller:
         """The channel's best `quota` news per row (b, quota), 0 = none: not excluded, not in
         `taken` (b, t) and, given times (b,), first seen before them."""
         assert self.channel_ is not None
+        if times is None:  # every news in the logs is eligible: a prefix of the order suffices
+            return self._channel_prefix(quota, taken, ex_offsets, ex_items)
         step = max(1, SCORE_BLOCK // (self.num_news_ + 1))
         rows = tensor_segment_ids(ex_offsets)
         out = []
@@ -432,6 +440,20 @@ class Recaller:
             top = mask_excluded(scores, s, rows, ex_items).topk(quota, dim=1)
             out.append(top.indices.masked_fill(top.values == -torch.inf, 0))
         return torch.cat(out)
+
+    def _channel_prefix(
+        self, quota: int, taken: Tensor, ex_offsets: Tensor, ex_items: Tensor
+    ) -> Tensor:
+        """`_channel_top` without times, from the first quota + t + E news of the order."""
+        extra = int(ex_offsets.diff().max()) if len(ex_items) else 0
+        pool = self.channel_order_[: quota + taken.shape[1] + extra]
+        width = self.num_news_ + 1
+        rows = torch.arange(len(taken))[:, None] * width
+        blocked = torch.cat([(rows + taken).ravel(), pair_keys(ex_offsets, ex_items, width)])
+        found = pool.expand(len(taken), -1).masked_fill(torch.isin(rows + pool, blocked), 0)
+        order = torch.argsort((found == 0).to(torch.int8), dim=1, stable=True)[:, :quota]
+        picked = found.gather(1, order)
+        return torch.cat([picked, picked.new_zeros(len(taken), quota - picked.shape[1])], 1)
 
 
 def mask_excluded(scores: Tensor, start: int, rows: Tensor, items: Tensor) -> Tensor:
