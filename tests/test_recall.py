@@ -51,7 +51,7 @@ def behaviors(histories: list[list[int]], candidates: list[list[tuple[int, int]]
 
 def test_user_vectors_are_the_mean_of_unit_click_vectors():
     vectors = random_vectors(20, 8)
-    recaller = Recaller(k=5).fit(vectors)
+    recaller = Recaller(centre_parts=False, k=5).fit(vectors)
     padded = np.array([[0, 0, 3, 7], [1, 2, 3, 4], [0, 0, 0, 0]])
     users = recaller.user_vectors(padded)
     expected = unit(unit(vectors[[3, 7]]).mean(0))
@@ -63,7 +63,7 @@ def test_user_vectors_are_the_mean_of_unit_click_vectors():
 
 def test_recency_weighting_favours_recent_clicks():
     vectors = random_vectors(20, 8)
-    recaller = Recaller(recency_weighting=0.5).fit(vectors)
+    recaller = Recaller(centre_parts=False, recency_weighting=0.5).fit(vectors)
     users = recaller.user_vectors(np.array([[0, 3, 7, 9]]))
     clicks = unit(vectors[[3, 7, 9]])
     expected = unit(0.25 * clicks[0] + 0.5 * clicks[1] + clicks[2])
@@ -72,7 +72,7 @@ def test_recency_weighting_favours_recent_clicks():
 
 def test_exact_search_matches_brute_force_and_excludes():
     vectors = random_vectors(300, 16)
-    recaller = Recaller(k=10, backend="exact").fit(vectors)
+    recaller = Recaller(centre_parts=False, k=10, backend="exact").fit(vectors)
     history = np.array([[0, 5, 6], [1, 2, 3]])
     users = recaller.user_vectors(history)
     cosine = users @ unit(vectors[1:]).T  # (2, 300), index = column + 1
@@ -86,7 +86,7 @@ def test_exact_search_matches_brute_force_and_excludes():
 
 
 def test_more_than_the_corpus_returns_padding_markers():
-    recaller = Recaller(backend="exact").fit(random_vectors(5, 4))
+    recaller = Recaller(centre_parts=False, backend="exact").fit(random_vectors(5, 4))
     scores, indices = recaller.search(recaller.user_vectors(np.array([[1]])), k=9, exclude=[[1]])
     assert indices.shape == (1, 5)
     assert sorted(indices[0, :4]) == [2, 3, 4, 5] and indices[0, 4] == 0
@@ -98,8 +98,8 @@ def test_faiss_flat_equals_exact(exclude):
     vectors = random_vectors(2000, 32, seed=1)
     rng = np.random.default_rng(2)
     history = rng.integers(0, 2001, size=(50, 20))
-    exact = Recaller(k=20, backend="exact").fit(vectors)
-    flat = Recaller(k=20, backend="faiss_flat", batch_size=16).fit(vectors)
+    exact = Recaller(centre_parts=False, k=20, backend="exact").fit(vectors)
+    flat = Recaller(centre_parts=False, k=20, backend="faiss_flat", batch_size=16).fit(vectors)
     users = exact.user_vectors(history)
     cosine = users @ unit(vectors[1:]).T
     ex = history if exclude else None
@@ -114,8 +114,8 @@ def test_faiss_flat_equals_exact(exclude):
 def test_hnsw_recall_is_high():
     vectors = random_vectors(5000, 32, seed=3)
     history = np.random.default_rng(4).integers(1, 5001, size=(200, 10))
-    exact = Recaller(k=10, backend="exact").fit(vectors)
-    hnsw = Recaller(k=10, backend="faiss_hnsw").fit(vectors)
+    exact = Recaller(centre_parts=False, k=10, backend="exact").fit(vectors)
+    hnsw = Recaller(centre_parts=False, k=10, backend="faiss_hnsw").fit(vectors)
     users = exact.user_vectors(history)
     truth, found = exact.search(users, exclude=history)[1], hnsw.search(users, exclude=history)[1]
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found, strict=True)])
@@ -124,7 +124,7 @@ def test_hnsw_recall_is_high():
 
 def test_hnsw_rescores_exactly_and_leaves_the_index_unchanged():
     vectors = random_vectors(3000, 32, seed=5)
-    hnsw = Recaller(k=50, backend="faiss_hnsw", hnsw_ef_search=16).fit(vectors)
+    hnsw = Recaller(centre_parts=False, k=50, backend="faiss_hnsw", hnsw_ef_search=16).fit(vectors)
     history = np.random.default_rng(6).integers(1, 3001, size=(20, 40))
     users = hnsw.user_vectors(history)
     scores, found = hnsw.search(users, k=200, exclude=history)
@@ -139,25 +139,26 @@ def test_hnsw_rescores_exactly_and_leaves_the_index_unchanged():
 
 def test_hnsw_index_is_saved_and_read_back(tmp_path, monkeypatch):
     vectors = random_vectors(500, 16, seed=7)
-    users = Recaller().fit(vectors).user_vectors(np.array([[1, 2, 3], [4, 5, 0]]))
-    built = Recaller(k=20, backend="faiss_hnsw").fit(vectors, tmp_path, "abc")
-    assert [p.name for p in tmp_path.iterdir()] == ["hnsw32-sq8-abc.faiss"]
+    users = Recaller(centre_parts=False).fit(vectors).user_vectors(np.array([[1, 2, 3], [4, 5, 0]]))
+    built = Recaller(centre_parts=False, k=20, backend="faiss_hnsw").fit(vectors, tmp_path, "abc")
+    assert [p.name for p in tmp_path.iterdir()] == ["hnsw32-sq8-raw-all1-abc.faiss"]
 
     def no_build(self):
         raise AssertionError("built again")
 
     monkeypatch.setattr(Recaller, "_build_index", no_build)
-    read = Recaller(k=20, backend="faiss_hnsw").fit(vectors, tmp_path, "abc")
+    read = Recaller(centre_parts=False, k=20, backend="faiss_hnsw").fit(vectors, tmp_path, "abc")
     for a, b in zip(built.search(users), read.search(users), strict=True):
         np.testing.assert_array_equal(a, b)  # the same graph and codes, the same kernels
     with pytest.raises(AssertionError, match="built again"):
-        Recaller(backend="faiss_hnsw").fit(random_vectors(400, 16), tmp_path, "abc")
+        other = random_vectors(400, 16)
+        Recaller(centre_parts=False, backend="faiss_hnsw").fit(other, tmp_path, "abc")
 
 
 def test_a_float32_matrix_is_shared_not_copied():
     vectors = torch.zeros(101, 8)
     vectors[1:] = torch.from_numpy(unit(random_vectors(100, 8)[1:]) * 3)
-    recaller = Recaller(k=5).fit(vectors)
+    recaller = Recaller(centre_parts=False, k=5).fit(vectors)
     assert recaller.vectors_.data_ptr() == vectors.data_ptr()
     np.testing.assert_allclose(recaller.user_vectors(np.array([[4]]))[0], unit(vectors[4].numpy()))
 
@@ -191,10 +192,10 @@ def test_recall_at_k_on_a_hand_built_case():
         # 5 and 6 are not. User 2 has no history and no click.
         candidates=[[(2, 1), (5, 1), (6, 0)], [(4, 1), (6, 1)], [(7, 0)]],
     )
-    recaller = Recaller(k=2).fit(vectors)
+    recaller = Recaller(centre_parts=False, k=2).fit(vectors)
     assert recaller.recall_at_k(split) == pytest.approx(2 / 4)
     assert recaller.recall_at_k(split, k=8) == 1.0
-    flat = Recaller(k=2, backend="faiss_flat", batch_size=1).fit(vectors)
+    flat = Recaller(centre_parts=False, k=2, backend="faiss_flat", batch_size=1).fit(vectors)
     assert flat.recall_at_k(split) == pytest.approx(2 / 4)
     # without excluding the history, news 1 takes one of user 0's two places
     top = recaller.search(recaller.user_vectors(np.array([[1]])), k=2)[1]

@@ -101,27 +101,65 @@ def test_baseline_models_are_not_traced(rec):
     assert not baseline.trace() and baseline.traced is None
 
 
-def test_recall_ranks_by_cosine_of_the_mean_user_vector(run_dir, golf):
-    small = Recommender.from_run(run_dir, recall_k=4)
+def recall_space(vectors: np.ndarray) -> np.ndarray:
+    """The recall space of one-part vectors: rows centred on the news mean, unit length."""
+    centred = vectors - vectors[1:].mean(0)
+    centred[0] = 0
+    return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+
+
+def test_recall_ranks_by_the_mean_user_vector_in_the_centred_space(run_dir, golf):
+    small = Recommender.from_run(run_dir, recall_k=4, popular_share=0.0)
     result = small.recommend(golf[:3], k=12)
     stages = [item.stage for item in result.items]
     assert stages == ["rerank"] * 4 + ["recall"] * 8
     assert [item.recall_rank for item in result.items[4:]] == list(range(5, 13))
-    vectors = np.asarray(small.vectors.vectors, dtype=np.float32)
-    user = unit(unit(vectors[[small.index_of(i) for i in golf[:3]]]).mean(0))
+    rows = recall_space(np.asarray(small.vectors.vectors, dtype=np.float32))
+    user = unit(rows[[small.index_of(i) for i in golf[:3]]].mean(0))
     tail = [small.index_of(item.news_id) for item in result.items[4:]]
     np.testing.assert_allclose(
-        [item.score for item in result.items[4:]], unit(vectors[tail]) @ user, atol=1e-4
+        [item.score for item in result.items[4:]], rows[tail] @ user, atol=1e-4
     )
-    cosine = unit(vectors[1:]) @ user
-    cosine[[small.index_of(i) - 1 for i in golf[:3]]] = -np.inf
-    # The recall top-12 by cosine, up to near-ties that another matmul kernel may order otherwise
+    similarity = rows[1:] @ user
+    similarity[[small.index_of(i) - 1 for i in golf[:3]]] = -np.inf
+    # The recall top-12, up to near-ties that another matmul kernel may order otherwise
     returned = [small.index_of(item.news_id) - 1 for item in result.items]
     assert len(set(returned)) == 12
     np.testing.assert_allclose(
-        np.sort(cosine[returned])[::-1], np.sort(cosine)[::-1][:12], rtol=0, atol=1e-4
+        np.sort(similarity[returned])[::-1], np.sort(similarity)[::-1][:12], rtol=0, atol=1e-4
     )
     assert sum(item.subcategory == "golf" for item in result.items) >= 8
+
+
+def test_recall_gives_the_popular_share_to_the_channel(run_dir, golf):
+    content = Recommender.from_run(run_dir, recall_k=10, popular_share=0.0)
+    mixed = Recommender.from_run(run_dir, recall_k=10, popular_share=0.3)
+    assert mixed.info()["recall_popular_share"] == 0.3
+    history = np.array([mixed.index_of(i) for i in golf[:3]])
+    user = mixed.recaller.user_vectors(history[None])
+    _, plain = content.recaller.search(user, exclude=history[None])
+    _, found = mixed.recaller.search(user, exclude=history[None])
+    assert found[0, :7].tolist() == plain[0, :7].tolist()
+    channel = mixed.recaller.channel_.numpy().copy()
+    channel[np.concatenate([history, plain[0, :7]])] = -np.inf
+    assert sorted(found[0, 7:]) == sorted(np.argsort(-channel, kind="stable")[:3])
+
+
+def test_serving_and_evaluation_recall_alike(run_dir, rec, tmp_path):
+    from mmnewsrec.evaluate.experiment import ExperimentConfig, _recall, news_with_image
+
+    config = ExperimentConfig(
+        out_dir=tmp_path,
+        store_dir=rec.store.path,
+        encoders={"any": {}},
+        rankers={"random": {"model": "random"}},
+        recall_k=[5, 20],
+    )
+    evaluated = _recall(rec.store.path, Path(rec.ranker.config.data.vectors_dir), config)
+    dev = rec.store.behaviors("dev")
+    served = rec.recaller.recall_stats(dev, [5, 20], news_with_image(rec.store))
+    assert served == evaluated
+    assert rec.recaller.popular_share > 0 and 0 < served[20]["recall"] < 1
 
 
 def test_recall_and_rerank_share_one_news_matrix(rec):

@@ -10,6 +10,7 @@ An experiment file (TOML) declares encoders x rankers x seeds over one data set:
     seeds = [0, 1]
     recall_k = [10, 50, 200]
     jobs = 2                       # training runs at a time (processes sharing the CPU threads)
+    recall_popular_share = 0.1     # of K, for the popularity/freshness channel (0: content only)
 
     [encoders.text]                # options of `mmnewsrec encode`
     image_encoder = "none"
@@ -104,6 +105,7 @@ class ExperimentConfig(_Strict):
     train_split: str = "train"
     dev_split: str = "dev"
     recall_k: list[int] = [10, 50, 200]
+    recall_popular_share: float | None = Field(None, ge=0.0, le=1.0)  # None: the default
     oracle: Path | None = None
     device: str = "auto"
     jobs: int = Field(1, ge=1, description="training runs at a time, each in its own process")
@@ -349,6 +351,7 @@ def run_experiment(
             vectors_dirs[name] = _encode(config, store_dir, name)
     with watch.phase("recall"):
         recall = {name: _recall(store_dir, path, config) for name, path in vectors_dirs.items()}
+        clicked_share = _clicked_image_share(store_dir, config.dev_split)
     cells = grid_cells(config)
     with watch.phase("train"):
         trained = _train_cells(config, cells, store_dir, vectors_dirs)
@@ -365,7 +368,14 @@ def run_experiment(
             data_summary=summary,
             commands=_commands(config, config_path, store_dir, vectors_dirs),
             oracle_auc=oracle,
-            recall_at_k=recall,
+            recall_at_k={
+                name: {k: s["recall"] for k, s in r.items()} for name, r in recall.items()
+            },
+            recall_image_share={
+                name: {k: s["image_share"] for k, s in r.items()} for name, r in recall.items()
+            },
+            clicked_image_share=clicked_share,
+            recall_note=_recall_note(config),
         )
         write_json(out / "results.json", [_row(r) for r in summarise(results)])
         minutes = (time.perf_counter() - started) / 60
@@ -449,14 +459,51 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
     return out
 
 
-def _recall(store_dir: Path, vectors_dir: Path, config: ExperimentConfig) -> dict[int, float]:
+def _recall(
+    store_dir: Path, vectors_dir: Path, config: ExperimentConfig
+) -> dict[int, dict[str, float]]:
+    """Per K: recall@K on the dev split and the share of recalled news with an image, with
+    the recaller fitted as serving fits it."""
     from mmnewsrec.formats.store import Store
     from mmnewsrec.formats.vectors import NewsVectors
-    from mmnewsrec.recall import Recaller
+    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
 
-    behaviors = Store.load(store_dir).behaviors(config.dev_split)
-    recaller = Recaller(k=max(config.recall_k)).fit(NewsVectors.load(vectors_dir).vectors)
-    return {k: recaller.recall_at_k(behaviors, k) for k in config.recall_k}
+    store = Store.load(store_dir)
+    share = config.recall_popular_share
+    recaller = Recaller(
+        k=max(config.recall_k),
+        popular_share=DEFAULT_POPULAR_SHARE if share is None else share,
+    )
+    recaller.fit_store(NewsVectors.load(vectors_dir), store, config.train_split)
+    behaviors = store.behaviors(config.dev_split)
+    return recaller.recall_stats(behaviors, config.recall_k, news_with_image(store))
+
+
+def _recall_note(config: ExperimentConfig) -> str:
+    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
+
+    share = config.recall_popular_share
+    share = DEFAULT_POPULAR_SHARE if share is None else share
+    return (
+        "Each part of the news vectors (text, image) centred on its mean and unit-scaled, the"
+        f" image part weighted {Recaller().image_weight:g}; {100 * share:g}% of K from the"
+        " popularity/freshness channel. Image share: news with an image among all recalled news."
+    )
+
+
+def news_with_image(store: Store) -> np.ndarray:
+    """(N+1,) bool: the store has an image for the news index (row 0, padding: False)."""
+    return np.concatenate([[False], store.news["image_path"].is_not_null().to_numpy()])
+
+
+def _clicked_image_share(store_dir: Path, split: str) -> float:
+    """Share of the clicked candidates of `split` that have an image."""
+    from mmnewsrec.formats.store import Store
+
+    store = Store.load(store_dir)
+    behaviors = store.behaviors(split)
+    clicked = np.asarray(behaviors.candidate_items)[np.asarray(behaviors.candidate_labels) == 1]
+    return float(news_with_image(store)[clicked].mean()) if len(clicked) else float("nan")
 
 
 def _train(

@@ -36,6 +36,9 @@ class ReportInputs:
     commands: list[str]
     oracle_auc: float | None = None
     recall_at_k: dict[str, dict[int, float]] = field(default_factory=dict)
+    recall_image_share: dict[str, dict[int, float]] = field(default_factory=dict)
+    clicked_image_share: float | None = None  # among the dev clicks
+    recall_note: str = ""  # how recall was set up
     notes: list[str] = field(default_factory=list)
 
 
@@ -144,8 +147,12 @@ def write_report(out_dir: Path, results: Sequence[RunResult], inputs: ReportInpu
         curve = f"![AUC on the selection split during training]({curves.name})"
         parts += ["", "## Training curves (selection split)", "", curve]
     if inputs.recall_at_k:
-        heading = "## Recall (mean user vector, cosine top-K over all news)"
-        parts += ["", heading, "", _recall_table(inputs)]
+        heading = "## Recall (mean user vector, top-K over all news)"
+        note = [inputs.recall_note, ""] if inputs.recall_note else []
+        parts += ["", heading, "", *note, _recall_table(inputs)]
+        if inputs.clicked_image_share is not None:
+            share = f"{100 * inputs.clicked_image_share:.1f}%"
+            parts += ["", f"News with an image among the dev clicks: {share}."]
     parts += ["", "## Data", "", "```", inputs.data_summary.strip(), "```"]
     if inputs.notes:
         parts += ["", "## Notes", "", *[f"- {note}" for note in inputs.notes]]
@@ -173,10 +180,16 @@ def selection_line(rows: Sequence[dict]) -> str:
 
 
 def _recall_table(inputs: ReportInputs) -> str:
+    """recall@K per encoder and, where measured, the share of recalled news with an image."""
     ks = sorted({k for by_k in inputs.recall_at_k.values() for k in by_k})
-    lines = ["| encoder | " + " | ".join(f"recall@{k}" for k in ks) + " |"]
-    lines.append("|---|" + "---|" * len(ks))
+    columns = [f"recall@{k}" for k in ks]
+    if inputs.recall_image_share:
+        columns += [f"image share@{k}" for k in ks]
+    lines = ["| encoder | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for encoder, by_k in inputs.recall_at_k.items():
-        cells = " | ".join(f"{by_k.get(k, float('nan')):.4f}" for k in ks)
-        lines.append(f"| {encoder} | {cells} |")
+        cells = [f"{by_k.get(k, float('nan')):.4f}" for k in ks]
+        if inputs.recall_image_share:
+            shares = inputs.recall_image_share.get(encoder, {})
+            cells += [f"{100 * shares.get(k, float('nan')):.1f}%" for k in ks]
+        lines.append(f"| {encoder} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

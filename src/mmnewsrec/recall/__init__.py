@@ -1,6 +1,20 @@
-"""Recall: user vectors from clicked news and cosine top-K over all news."""
+"""Recall: user vectors from clicked news, top-K over all news in a space that centres each
+part of the vectors, merged with a popularity/freshness channel."""
 
 from mmnewsrec.csr import mean_user_vectors, padded_to_csr
-from mmnewsrec.recall.recaller import Recaller
+from mmnewsrec.recall.channels import ItemStats, item_stats, store_item_stats
+from mmnewsrec.recall.recaller import DEFAULT_POPULAR_SHARE, Recaller
+from mmnewsrec.recall.space import Part, RecallSpace, vector_parts
 
-__all__ = ["Recaller", "mean_user_vectors", "padded_to_csr"]
+__all__ = [
+    "DEFAULT_POPULAR_SHARE",
+    "ItemStats",
+    "Part",
+    "RecallSpace",
+    "Recaller",
+    "item_stats",
+    "mean_user_vectors",
+    "padded_to_csr",
+    "store_item_stats",
+    "vector_parts",
+]

@@ -1,8 +1,10 @@
-"""Recall: a user vector from clicked news, then cosine top-K over the whole corpus."""
+"""Recall: a user vector from clicked news, then top-K over the whole corpus in the recall space
+(parts centred and unit-scaled), optionally merged with a popularity/freshness channel."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,15 @@ from mmnewsrec.csr import (
     tensor_segment_ids,
 )
 from mmnewsrec.files import atomic_file
+from mmnewsrec.recall.channels import ItemStats, store_item_stats
+from mmnewsrec.recall.space import Part, RecallSpace, vector_parts
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "exact", "faiss_flat", "faiss_hnsw")
+# Share of K given to the popularity/freshness channel by evaluation and serving: the best
+# recall@200 of 0, 0.1, 0.25, 0.5 on the demo data (0.1 costs <= 0.002 at K = 10 and 50).
+DEFAULT_POPULAR_SHARE = 0.1
 SCORE_BLOCK = 1 << 25  # floats in one (users x news) block of exact scores
 TRAIN_SAMPLE = 100_000  # news that set the 8-bit code ranges of the HNSW index
 ADD_BLOCK = 65_536  # news normalised and added to a FAISS index at a time
@@ -46,7 +53,13 @@ def int64_tensor(values: Any) -> Tensor:
 
 
 class Recaller:
-    """Cosine top-K recall over all news from the mean vector of a user's clicks.
+    """Top-K recall over all news from the mean vector of a user's clicks.
+
+    Scores are inner products in a `RecallSpace`: with centre_parts (default) each part of the
+    news vectors (text, image) is centred and unit-scaled, the image part weighted by
+    `image_weight`; without it, the plain cosine over whole rows. popular_share: the share of
+    k given to the popularity/freshness channel (`channels.ItemStats`), which fills it with its
+    best items not already in the content channel's top k - quota; 0 turns it off.
 
     backend: "exact" (torch matmul over the whole corpus), "faiss_hnsw" (an HNSW graph over
     8-bit codes, approximate, with the found news rescored exactly), "faiss_flat" (exact,
@@ -67,6 +80,10 @@ class Recaller:
         hnsw_m: int = 32,
         hnsw_ef_search: int = 128,
         batch_size: int = 1024,
+        centre_parts: bool = True,
+        image_weight: float = 0.5,  # best recall@200 of 0.25, 0.5, 0.7, 1 (demo data)
+        popular_share: float = 0.0,
+        half_life_days: float = 1.0,
     ) -> None:
         self.k = k
         self.backend = backend
@@ -75,14 +92,46 @@ class Recaller:
         self.hnsw_m = hnsw_m
         self.hnsw_ef_search = hnsw_ef_search
         self.batch_size = batch_size
+        self.centre_parts = centre_parts
+        self.image_weight = image_weight
+        self.popular_share = popular_share
+        self.half_life_days = half_life_days
 
-    def fit(self, vectors: Any, cache_dir: Path | None = None, cache_key: str = "") -> Recaller:
+    def fit_store(
+        self,
+        news_vectors: Any,
+        store: Any,
+        click_split: str,
+        matrix: Any = None,
+        cache_dir: Path | None = None,
+    ) -> Recaller:
+        """Fit on `NewsVectors` (parts from its manifest; `matrix`, the same rows as float32,
+        used instead of its array when given) and, when the channel is on, the item
+        statistics of a `Store`'s logs with popularity from `click_split`. Evaluation and
+        serving both fit this way, so both recall alike."""
+        stats = None
+        if self.popular_share > 0:
+            stats = store_item_stats(store, click_split, self.half_life_days)
+        parts = vector_parts(news_vectors.manifest, news_vectors.dim)
+        vectors = news_vectors.vectors if matrix is None else matrix
+        return self.fit(vectors, cache_dir, news_vectors.hash[:16], parts, stats)
+
+    def fit(
+        self,
+        vectors: Any,
+        cache_dir: Path | None = None,
+        cache_key: str = "",
+        parts: tuple[Part, ...] | None = None,
+        stats: ItemStats | None = None,
+    ) -> Recaller:
         """Take the news vectors (N+1, D) (row 0 = padding): a float32 tensor or writable array
         is kept as it is, anything else converted once; then build the index.
 
         cache_dir, cache_key: an HNSW index (slow to build at scale) is saved under `cache_dir`,
         named by its parameters and `cache_key` (the vectors' content hash), and read back by
         the next fit with the same key instead of being built again.
+        parts: the column parts of the vectors (default one over all columns); stats: the item
+        statistics of the popularity/freshness channel, needed when popular_share > 0.
         """
         self._check_params()
         if isinstance(vectors, Tensor):
@@ -93,17 +142,44 @@ class Recaller:
         if matrix.ndim != 2 or len(matrix) < 2:
             raise ValueError(f"vectors: expected (N+1, D) with N >= 1, got {tuple(matrix.shape)}")
         self.vectors_ = matrix
-        self.inv_norms_ = 1.0 / torch.linalg.vector_norm(matrix, dim=1).clamp_min(1e-12)
-        self.inv_norms_[0] = 0.0  # padding scores 0 and is masked
+        self.space_ = self._space(parts).fit(matrix)
         self.num_news_ = len(matrix) - 1
+        self._fit_channel(stats)
         self.backend_ = self._resolve_backend()
         self.index_ = None
         if self.backend_ == "faiss_hnsw" and cache_dir is not None and cache_key:
-            self.index_ = self._cached_index(cache_dir / f"hnsw{self.hnsw_m}-sq8-{cache_key}.faiss")
+            name = f"hnsw{self.hnsw_m}-sq8-{self.space_.key}-{cache_key}.faiss"
+            self.index_ = self._cached_index(cache_dir / name)
         elif self.backend_ != "exact":
             self.index_ = self._build_index()
         logger.info("recaller: %d news, dim %d, %s", self.num_news_, matrix.shape[1], self.backend_)
         return self
+
+    def _space(self, parts: tuple[Part, ...] | None) -> RecallSpace:
+        whole = (Part("all", 0, self.vectors_.shape[1]),)
+        if not self.centre_parts:
+            return RecallSpace(whole, centre=False)
+        return RecallSpace(parts or whole, weights={"image": self.image_weight})
+
+    def _fit_channel(self, stats: ItemStats | None) -> None:
+        """The channel's static order (`channel_order_`: the news it can offer, best first;
+        `channel_`: minus each news item's place in it, -inf if absent, so no two tie) and the
+        first-seen times, when it is on."""
+        self.channel_: Tensor | None = None
+        if self.popular_share == 0:
+            return
+        if stats is None:
+            raise ValueError("popular_share > 0 needs item statistics (fit(..., stats=...))")
+        if len(stats.first_seen) != self.num_news_ + 1:
+            raise ValueError(
+                f"item statistics cover {len(stats.first_seen) - 1} news, vectors {self.num_news_}"
+            )
+        scores = stats.channel_scores()
+        order = np.argsort(-scores, kind="stable")[: int(np.isfinite(scores).sum())]
+        place = np.full(len(scores), -np.inf, dtype=np.float32)
+        place[order] = -np.arange(len(order), dtype=np.float32)
+        self.channel_, self.channel_order_ = torch.from_numpy(place), torch.from_numpy(order)
+        self.first_seen_ = torch.from_numpy(stats.first_seen)
 
     def user_vectors(self, histories: Any) -> np.ndarray:
         """Unit user vectors (U, D) from histories: padded (U, L) or (offsets, items)."""
@@ -115,13 +191,17 @@ class Recaller:
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, self.vectors_.shape[1]))
 
     def search(
-        self, user_vectors: Any, k: int | None = None, exclude: Any = None
+        self, user_vectors: Any, k: int | None = None, exclude: Any = None, times: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k cosine (scores (U, k) float32, news indices (U, k) int64), best first.
+        """Top-k (content scores (U, k) float32, news indices (U, k) int64) in recall order:
+        the content channel's best first, then the popularity channel's share, if any.
 
         exclude: news to leave out per user (e.g. the history), padded (U, E) or (offsets, items).
+        times: (U,) unix seconds of the requests; the popularity channel then offers only news
+        first seen before them (default: every news in the logs).
         """
         users = torch.as_tensor(np.asarray(user_vectors, dtype=np.float32))
+        when = None if times is None else int64_tensor(times)
         if exclude is None:
             exclude = (torch.zeros(len(users) + 1, dtype=torch.int64), torch.zeros(0).long())
         ex_offsets, ex_items = as_csr(exclude)
@@ -132,6 +212,7 @@ class Recaller:
                 users[s : s + self.batch_size],
                 k or self.k,
                 *slice_csr(ex_offsets, ex_items, s, min(s + self.batch_size, len(users))),
+                None if when is None else when[s : s + self.batch_size],
             )
             for s in range(0, len(users), self.batch_size)
         ]
@@ -147,27 +228,54 @@ class Recaller:
     ) -> float:
         """Share of clicked candidates found in each impression's top-k over the whole corpus.
 
-        behaviors: a labelled `Behaviors` (history/candidate CSR arrays and labels).
+        behaviors: a labelled `Behaviors` (history/candidate CSR arrays, labels and times).
         """
+        k = k or self.k
+        return self.recall_stats(behaviors, [k], exclude_history=exclude_history)[k]["recall"]
+
+    def recall_stats(
+        self,
+        behaviors: Any,
+        ks: list[int],
+        has_image: Any = None,
+        exclude_history: bool = True,
+    ) -> dict[int, dict[str, float]]:
+        """Per k: "recall" (as `recall_at_k`) and, given has_image (N+1,) bool, "image_share":
+        the share of news with an image among all recalled news."""
         if not behaviors.labelled:
             raise ValueError(f"split {behaviors.split!r} is unlabelled: recall@k needs clicks")
+        image = None if has_image is None else torch.from_numpy(np.array(has_image, dtype=bool))
+        stats = {}
+        for k in ks:
+            hits = clicks = recalled = with_image = 0
+            for top, clicked_keys in self._impression_tops(behaviors, k, exclude_history):
+                top_keys = torch.arange(len(top))[:, None] * (self.num_news_ + 1) + top
+                hits += int(torch.isin(clicked_keys, top_keys[top > 0]).sum())
+                clicks += len(clicked_keys)
+                recalled += int((top > 0).sum())
+                with_image += 0 if image is None else int(image[top[top > 0]].sum())
+            logger.info("recall@%d: %d of %d clicks", k, hits, clicks)
+            stats[k] = {"recall": hits / clicks if clicks else float("nan")}
+            if image is not None:
+                stats[k]["image_share"] = with_image / recalled if recalled else float("nan")
+        return stats
+
+    def _impression_tops(
+        self, behaviors: Any, k: int, exclude_history: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Per batch of impressions: the top-k news (b, k) and the clicked (row, news) keys."""
         h_offsets, h_items = as_csr((behaviors.history_offsets, behaviors.history_items))
         c_offsets, c_items = as_csr((behaviors.candidate_offsets, behaviors.candidate_items))
-        hits = clicks = 0
+        times = int64_tensor(behaviors.times)
         for s in range(0, len(h_offsets) - 1, self.batch_size):
             stop = min(s + self.batch_size, len(h_offsets) - 1)
             history = slice_csr(h_offsets, h_items, s, stop)
             exclude = history if exclude_history else (history[0] * 0, history[1][:0])
-            _, top = self._search(self._users(*history), k or self.k, *exclude)
+            _, top = self._search(self._users(*history), k, *exclude, times[s:stop])
             c_off, c_it = slice_csr(c_offsets, c_items, s, stop)
             labels = behaviors.candidate_labels[int(c_offsets[s]) : int(c_offsets[stop])]
             clicked = torch.from_numpy(np.asarray(labels) == 1)  # a new, writable array
-            keys = pair_keys(c_off, c_it, self.num_news_ + 1)[clicked]
-            top_keys = torch.arange(len(top))[:, None] * (self.num_news_ + 1) + top
-            hits += int(torch.isin(keys, top_keys[top > 0]).sum())
-            clicks += len(keys)
-        logger.info("recall@%d: %d of %d clicks", k or self.k, hits, clicks)
-        return hits / clicks if clicks else float("nan")
+            yield top, pair_keys(c_off, c_it, self.num_news_ + 1)[clicked]
 
     def _check_params(self) -> None:
         if self.backend not in BACKENDS:
@@ -177,6 +285,10 @@ class Recaller:
         g = self.recency_weighting
         if g is not None and not 0.0 < g <= 1.0:
             raise ValueError(f"recency_weighting must be in (0, 1], got {g}")
+        if not 0.0 <= self.popular_share <= 1.0:
+            raise ValueError(f"popular_share must be in [0, 1], got {self.popular_share}")
+        if self.image_weight < 0 or self.half_life_days <= 0:
+            raise ValueError("image_weight must be >= 0 and half_life_days > 0")
 
     def _resolve_backend(self) -> str:
         if self.backend != "auto":
@@ -218,19 +330,24 @@ class Recaller:
         return index
 
     def _unit_rows(self, rows: Tensor) -> np.ndarray:
-        return np.ascontiguousarray((self.vectors_[rows] * self.inv_norms_[rows, None]).numpy())
+        return np.ascontiguousarray(self.space_.rows(self.vectors_, rows).numpy())
 
     def _users(self, offsets: Tensor, items: Tensor) -> Tensor:
-        unit = self.vectors_[items] * self.inv_norms_[items, None]
-        return mean_user_vectors(unit, offsets, self.recency_weighting)
+        clicked = self.space_.rows(self.vectors_, items)
+        return mean_user_vectors(clicked, offsets, self.recency_weighting)
 
     def _search(
-        self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
+        self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor, times: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         k = min(k, self.num_news_)
         if self.index_ is None:
-            return self._search_exact(users, k, ex_offsets, ex_items)
-        return self._search_faiss(users, k, ex_offsets, ex_items)
+            scores, ids = self._search_exact(users, k, ex_offsets, ex_items)
+        else:
+            scores, ids = self._search_faiss(users, k, ex_offsets, ex_items)
+        quota = min(k, round(self.popular_share * k)) if self.channel_ is not None else 0
+        if quota == 0:
+            return scores, ids
+        return self._merge(users, ids, quota, ex_offsets, ex_items, times)
 
     def _search_exact(
         self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
@@ -239,11 +356,8 @@ class Recaller:
         rows = tensor_segment_ids(ex_offsets)
         out = []
         for s in range(0, len(users), step):
-            scores = (users[s : s + step] @ self.vectors_.T) * self.inv_norms_  # (b, N+1)
-            scores[:, 0] = -torch.inf
-            part = (rows >= s) & (rows < s + step)
-            scores[rows[part] - s, ex_items[part]] = -torch.inf
-            out.append(scores.topk(k, dim=1))
+            scores = self.space_.scores(users[s : s + step], self.vectors_)  # (b, N+1)
+            out.append(mask_excluded(scores, s, rows, ex_items).topk(k, dim=1))
         top = torch.cat([t.values for t in out]), torch.cat([t.indices for t in out])
         return top[0], top[1].masked_fill(top[0] == -torch.inf, 0)
 
@@ -267,10 +381,85 @@ class Recaller:
         else:
             _, found = index.search(query, fetch)
         ids = torch.from_numpy(found).long() + 1  # FAISS -1 (none) -> 0
-        scores = torch.einsum("ud,ufd->uf", users, self.vectors_[ids]) * self.inv_norms_[ids]
         width = self.num_news_ + 1
         keys = torch.arange(len(ids))[:, None] * width + ids
-        keep = (ids > 0) & ~torch.isin(keys, pair_keys(ex_offsets, ex_items, width))
-        scores = scores.masked_fill(~keep, -torch.inf)
+        excluded = torch.isin(keys, pair_keys(ex_offsets, ex_items, width))
+        scores = self._rescore(users, ids.masked_fill(excluded, 0))
         top, order = scores.topk(k, dim=1)
         return top, ids.gather(1, order).masked_fill(top == -torch.inf, 0)
+
+    def _rescore(self, users: Tensor, ids: Tensor) -> Tensor:
+        """Exact scores (b, n) of news `ids` (b, n); -inf where an id is 0 (none)."""
+        scores = torch.einsum("ud,ufd->uf", users, self.space_.rows(self.vectors_, ids))
+        return scores.masked_fill(ids == 0, -torch.inf)
+
+    def _merge(
+        self,
+        users: Tensor,
+        ids: Tensor,
+        quota: int,
+        ex_offsets: Tensor,
+        ex_items: Tensor,
+        times: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The content top k (b, k) with its last `quota` places given to the channel's best
+        news not already above them; places the channel cannot fill go back to content."""
+        k = ids.shape[1]
+        head, tail = ids[:, : k - quota], ids[:, k - quota :]
+        popular = self._channel_top(quota, head, ex_offsets, ex_items, times)
+        rows = torch.arange(len(ids))[:, None] * (self.num_news_ + 1)
+        repeated = torch.isin(rows + tail, (rows + popular)[popular > 0])
+        merged = torch.cat([head, popular, tail.masked_fill(repeated, 0)], dim=1)
+        order = torch.argsort((merged == 0).to(torch.int8), dim=1, stable=True)[:, :k]
+        merged = merged.gather(1, order)
+        return self._rescore(users, merged), merged
+
+    def _channel_top(
+        self,
+        quota: int,
+        taken: Tensor,
+        ex_offsets: Tensor,
+        ex_items: Tensor,
+        times: Tensor | None,
+    ) -> Tensor:
+        """The channel's best `quota` news per row (b, quota), 0 = none: not excluded, not in
+        `taken` (b, t) and, given times (b,), first seen before them."""
+        assert self.channel_ is not None
+        if times is None:  # every news in the logs is eligible: a prefix of the order suffices
+            return self._channel_prefix(quota, taken, ex_offsets, ex_items)
+        step = max(1, SCORE_BLOCK // (self.num_news_ + 1))
+        rows = tensor_segment_ids(ex_offsets)
+        out = []
+        for s in range(0, len(taken), step):
+            block = taken[s : s + step]
+            scores = self.channel_.repeat(len(block), 1)  # (b, N+1)
+            if times is not None:
+                unseen = self.first_seen_ >= times[s : s + step, None]
+                scores.masked_fill_(unseen, -torch.inf)
+            scores.scatter_(1, block, -torch.inf)
+            top = mask_excluded(scores, s, rows, ex_items).topk(quota, dim=1)
+            out.append(top.indices.masked_fill(top.values == -torch.inf, 0))
+        return torch.cat(out)
+
+    def _channel_prefix(
+        self, quota: int, taken: Tensor, ex_offsets: Tensor, ex_items: Tensor
+    ) -> Tensor:
+        """`_channel_top` without times, from the first quota + t + E news of the order."""
+        extra = int(ex_offsets.diff().max()) if len(ex_items) else 0
+        pool = self.channel_order_[: quota + taken.shape[1] + extra]
+        width = self.num_news_ + 1
+        rows = torch.arange(len(taken))[:, None] * width
+        blocked = torch.cat([(rows + taken).ravel(), pair_keys(ex_offsets, ex_items, width)])
+        found = pool.expand(len(taken), -1).masked_fill(torch.isin(rows + pool, blocked), 0)
+        order = torch.argsort((found == 0).to(torch.int8), dim=1, stable=True)[:, :quota]
+        picked = found.gather(1, order)
+        return torch.cat([picked, picked.new_zeros(len(taken), quota - picked.shape[1])], 1)
+
+
+def mask_excluded(scores: Tensor, start: int, rows: Tensor, items: Tensor) -> Tensor:
+    """Scores (b, N+1) of users start:start+b with padding and excluded news (CSR rows/items
+    over all users) set to -inf, in place."""
+    scores[:, 0] = -torch.inf
+    part = (rows >= start) & (rows < start + len(scores))
+    scores[rows[part] - start, items[part]] = -torch.inf
+    return scores

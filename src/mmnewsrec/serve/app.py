@@ -90,6 +90,7 @@ class Health(BaseModel):
     max_history: int
     recall_k: int
     recall_backend: str
+    recall_popular_share: float
     vectors: dict[str, object]
     counts: dict[str, int]
 

@@ -69,11 +69,13 @@ class Recommender:
         recall_backend: str = "auto",
         index_dir: Path | None = None,
         trace: bool = True,
+        popular_share: float | None = None,
     ) -> None:
         """index_dir: where the recall index is kept between starts (the vectors' folder);
-        trace: rerank through a TorchScript trace of the model (`TrainedRanker.trace`)."""
+        trace: rerank through a TorchScript trace of the model (`TrainedRanker.trace`);
+        popular_share: of recall_k, for the popularity channel (None: the evaluated default)."""
         from mmnewsrec.rank.model import Ranker
-        from mmnewsrec.recall import Recaller
+        from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
 
         if recall_k < 1:
             raise ValueError(f"recall_k must be >= 1, got {recall_k}")
@@ -83,8 +85,17 @@ class Recommender:
         if trace:
             ranker.trace()  # after the cache, which the trace then holds
         self.store, self.vectors, self.ranker, self.recall_k = store, vectors, ranker, recall_k
-        self.recaller = Recaller(recall_k, recall_backend, exact_max_news=SERVE_EXACT_MAX_NEWS)
-        self.recaller.fit(shared_news_matrix(ranker, vectors), index_dir, vectors.hash[:16])
+        share = DEFAULT_POPULAR_SHARE if popular_share is None else popular_share
+        self.recaller = Recaller(
+            recall_k, recall_backend, exact_max_news=SERVE_EXACT_MAX_NEWS, popular_share=share
+        )
+        self.recaller.fit_store(
+            vectors,
+            store,
+            ranker.config.data.train_split,
+            shared_news_matrix(ranker, vectors),
+            index_dir,
+        )
         news = store.news
         # A dict answers one request's lookups in microseconds (Store.news_index builds a
         # mapping over the whole corpus per call, meant for batch work).
@@ -113,11 +124,13 @@ class Recommender:
         recall_k: int = 200,
         recall_backend: str = "auto",
         trace: bool = True,
+        popular_share: float | None = None,
     ) -> Recommender:
         """Load RUN_DIR's model with the store and news vectors it was trained on.
 
         recall_backend: "exact", "faiss_flat", "faiss_hnsw" (approximate, fast at large N)
-        or "auto" (exact up to SERVE_EXACT_MAX_NEWS news, faiss_hnsw beyond)."""
+        or "auto" (exact up to SERVE_EXACT_MAX_NEWS news, faiss_hnsw beyond);
+        popular_share: of recall_k, for the popularity/freshness channel."""
         from mmnewsrec.formats.runs import read_run_config
         from mmnewsrec.formats.store import Store
         from mmnewsrec.formats.vectors import NewsVectors
@@ -128,7 +141,9 @@ class Recommender:
         vectors = NewsVectors.load(config.data.vectors_dir)
         ranker = load_ranker(run_dir, device, vectors=vectors)
         index_dir = Path(config.data.vectors_dir) / "recall"
-        return cls(store, vectors, ranker, recall_k, recall_backend, index_dir, trace)
+        return cls(
+            store, vectors, ranker, recall_k, recall_backend, index_dir, trace, popular_share
+        )
 
     def _train_clicks(self) -> np.ndarray:
         """Clicks per news index in the run's train split (zeros when the store lacks it)."""
@@ -182,6 +197,7 @@ class Recommender:
             "max_history": self.ranker.history_len,
             "recall_k": self.recall_k,
             "recall_backend": self.recaller.backend_,
+            "recall_popular_share": self.recaller.popular_share,
             "vectors": {"dim": int(self.vectors.dim), "hash": self.vectors.hash},
             "counts": self._counts,
         }
