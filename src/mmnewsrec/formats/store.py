@@ -203,8 +203,9 @@ class Store:
             self._behaviors[split] = Behaviors.load(folder, split, labelled)
         return self._behaviors[split]
 
-    def signals(self, split: str) -> np.ndarray:
-        """The memory-mapped (C, len(SIGNAL_NAMES)) float32 signals of `split`'s candidates."""
+    def signals(self, split: str, names: Sequence[str] | None = None) -> np.ndarray:
+        """The (C, len(SIGNAL_NAMES)) float32 signals of `split`'s candidates, memory-mapped;
+        given `names`, those columns in that order (read into memory)."""
         self.behaviors(split)  # a KeyError naming the splits if there is no such split
         path = self.path / "signals" / f"{split}.npy"
         if "signals" not in self.manifest or not path.is_file():
@@ -212,7 +213,10 @@ class Store:
                 f"{self.path} has no behaviour signals (written by an older version); "
                 "run `mmnewsrec prepare` again"
             )
-        return np.load(path, mmap_mode="r")
+        table = np.load(path, mmap_mode="r")
+        if names is None:
+            return table
+        return np.ascontiguousarray(table[:, [SIGNAL_NAMES.index(name) for name in names]])
 
     def summary(self) -> str:
         """Counts of news, users, impressions, candidates, clicks and dropped ids."""
