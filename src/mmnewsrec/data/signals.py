@@ -26,6 +26,7 @@ co-occurrence as a sparse item x item matrix looked up by sorted keys, in chunks
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ def build_signals(
     splits: Mapping[str, Behaviors], num_news: int, folder: Path, train_split: str = "train"
 ) -> dict[str, object]:
     """Compute every split's signals into folder/<split>.npy; returns the manifest entry."""
+    started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     train = splits.get(train_split)
     train = train if train is not None and train.labelled else None
@@ -65,6 +67,7 @@ def build_signals(
         ).astype(np.float32)
         np.save(folder / f"{name}.npy", table)
         logger.info("signals of %s: %d candidates x %d", name, *table.shape)
+    logger.info("signals computed in %.1f s", time.perf_counter() - started)
     return {"names": list(SIGNAL_NAMES), "train_split": train_split if train else None}
 
 
