@@ -335,11 +335,10 @@ SIGNALS = ["popularity", "coclick"]
 def with_random_head(model):
     """Give the signal head non-zero output weights (it starts as the content score)."""
     g = torch.Generator().manual_seed(1)
+    head = model.signal_head
     with torch.no_grad():
-        model.signal_head.out.weight.copy_(
-            torch.randn(model.signal_head.out.weight.shape, generator=g)
-        )
-        model.signal_head.out.bias.copy_(torch.randn(2, generator=g))
+        for weight in (head.out.weight, head.out.bias, head.linear.weight):
+            weight.copy_(torch.randn(weight.shape, generator=g))
     return model
 
 

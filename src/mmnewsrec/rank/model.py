@@ -165,8 +165,8 @@ class Ranker(nn.Module):
 
 class SignalHead(nn.Module):
     """score = content * gate(s) + bias(s) from the candidate's standardised signals s, with
-    gate > 0: candidates with equal signals (cold items, say) keep their content order. Both
-    start at the content score (gate 1, bias 0)."""
+    gate > 0: candidates with equal signals (cold items, say) keep their content order. (gate
+    logit, bias) = MLP(s) + a linear map of s, both starting at zero (the content score)."""
 
     mean: Tensor
     scale: Tensor
@@ -178,8 +178,9 @@ class SignalHead(nn.Module):
         self.register_buffer("scale", torch.ones(n_signals))  # (F,)
         self.hidden = nn.Sequential(nn.Linear(n_signals, hidden), nn.GELU())
         self.out = nn.Linear(hidden, 2)  # gate logit, bias
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.linear = nn.Linear(n_signals, 2, bias=False)  # a wide path: main effects, fast
+        for weight in (self.out.weight, self.out.bias, self.linear.weight):
+            nn.init.zeros_(weight)
 
     def fit(self, signals: np.ndarray) -> SignalHead:
         """Standardise by the mean and deviation of the training rows (C, F)."""
@@ -190,7 +191,8 @@ class SignalHead(nn.Module):
 
     def forward(self, content: Tensor, signals: Tensor) -> Tensor:
         """content (B, C), signals (B, C, F) -> (B, C)."""
-        gate, bias = self.out(self.hidden((signals - self.mean) * self.scale)).unbind(-1)
+        x = (signals - self.mean) * self.scale
+        gate, bias = (self.out(self.hidden(x)) + self.linear(x)).unbind(-1)
         return content * F.softplus(gate + self.GATE_SHIFT) + bias
 
 
