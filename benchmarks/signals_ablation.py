@@ -7,7 +7,10 @@ and data set. Checkpoints are selected on the latest tenth of train (`data.valid
 as MovieLens' last train day holds 65 impressions); dev is never seen in training.
 
     python benchmarks/signals_ablation.py --out /tmp/signals [--data synthetic movielens]
-        [--ranker additive_attention] [--epochs 2] [--threads 1]
+        [--ranker additive_attention] [--epochs 2] [--threads 1] [--jobs 4]
+
+`--jobs N` trains the rows in N processes (after one pass prepares and encodes), then one more
+pass gathers every finished run into the report.
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from mmnewsrec.data.synthetic import SynthConfig, generate
-from mmnewsrec.evaluate.experiment import load_experiment, oracle_auc, run_experiment
+from mmnewsrec.evaluate.experiment import (
+    _encode,
+    _prepare,
+    load_experiment,
+    oracle_auc,
+    run_experiment,
+)
 from mmnewsrec.formats.store import SIGNAL_NAMES
 
 MOVIELENS = Path(__file__).resolve().parents[1].parent / "shared/data/movielens-100k-mind"
@@ -64,11 +75,36 @@ def rows() -> dict[str, list[str]]:
     return out
 
 
-def experiment_text(name: str, data: Path, args: argparse.Namespace) -> str:
-    text = HEADER.format(name=name, data=data, epochs=args.epochs)
-    for key, signals in rows().items():
+def experiment_text(
+    name: str, data: Path, args: argparse.Namespace, part: int = 0, parts: int = 1
+) -> str:
+    """The grid (every `parts`-th neural row from `part` on; the baselines with part 0)."""
+    header = HEADER.format(name=name, data=data, epochs=args.epochs)
+    text = header if part == 0 else header.split("[rankers.")[0]
+    for key, signals in list(rows().items())[part::parts]:
         text += RANKER.format(key=key, model=args.ranker, signals=json.dumps(signals))
     return text
+
+
+def run_parts(name: str, data: Path, out: Path, args: argparse.Namespace) -> None:
+    """Prepare and encode once, then train the rows in `args.jobs` processes."""
+    config = load_experiment(out / "experiment.toml")
+    store_dir, _ = _prepare(config)
+    _encode(config, store_dir, "minilm")
+    procs = []
+    for part in range(args.jobs):
+        path = out / f"experiment-part{part}.toml"
+        path.write_text(experiment_text(name, data, args, part, args.jobs))
+        code = (
+            f"import torch; torch.set_num_threads({args.threads}); "
+            "from pathlib import Path; "
+            "from mmnewsrec.evaluate.experiment import load_experiment, run_experiment; "
+            f"p = Path({str(path)!r}); run_experiment(load_experiment(p), p)"
+        )
+        log = (out / f"part{part}.log").open("w")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log))
+    if any(p.wait() for p in procs):
+        raise SystemExit(f"a part failed: see {out}/part*.log")
 
 
 def run_data_set(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -77,6 +113,8 @@ def run_data_set(name: str, data: Path, out: Path, args: argparse.Namespace) -> 
     path = out / "experiment.toml"
     path.write_text(experiment_text(name, data, args))
     started = time.perf_counter()
+    if args.jobs > 1:
+        run_parts(name, data, out, args)
     report = run_experiment(load_experiment(path), path)
     auc = {r["ranker"]: r["auc"] for r in json.loads((out / "results.json").read_text())}
     oracle = data / "dev" / "oracle.tsv"
@@ -110,6 +148,7 @@ def main() -> None:
     parser.add_argument("--ranker", default="additive_attention")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (busy machines)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes training the rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {}
