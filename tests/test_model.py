@@ -338,7 +338,7 @@ def with_random_head(model):
     head = model.signal_head
     with torch.no_grad():
         for weight in (head.out.weight, head.out.bias, head.linear.weight):
-            weight.copy_(torch.randn(weight.shape, generator=g))
+            weight.copy_(torch.randn(weight.shape, generator=g) / head.OUTPUT_SCALE)
     return model
 
 

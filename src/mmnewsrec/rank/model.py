@@ -171,6 +171,9 @@ class SignalHead(nn.Module):
     mean: Tensor
     scale: Tensor
     GATE_SHIFT = math.log(math.e - 1)  # softplus(GATE_SHIFT) = 1
+    # Adam moves each weight by about lr per step: scaled up, the freshly zeroed output layers
+    # reach effects of order 1 within a few hundred steps, as the signals' effects need.
+    OUTPUT_SCALE = 10.0
 
     def __init__(self, n_signals: int, hidden: int = 32) -> None:
         super().__init__()
@@ -192,7 +195,7 @@ class SignalHead(nn.Module):
     def forward(self, content: Tensor, signals: Tensor) -> Tensor:
         """content (B, C), signals (B, C, F) -> (B, C)."""
         x = (signals - self.mean) * self.scale
-        gate, bias = (self.out(self.hidden(x)) + self.linear(x)).unbind(-1)
+        gate, bias = (self.OUTPUT_SCALE * (self.out(self.hidden(x)) + self.linear(x))).unbind(-1)
         return content * F.softplus(gate + self.GATE_SHIFT) + bias
 
 
