@@ -166,3 +166,32 @@ def test_eval_batches_cover_candidates_in_order(behaviors):
     assert first.history[:3].tolist() == [[5, 6]] * 3, "each chunk of an impression: its history"
     part = torch.cat([m.flatten() for _, m in iter_eval_batches(behaviors, 2, num_impressions=2)])
     assert int(part.sum()) == 11
+
+
+def item_signals(behaviors: Behaviors) -> np.ndarray:
+    """(C, 2) signals that name their candidate: (item, 100 + item)."""
+    items = behaviors.candidate_items.astype(np.float32)
+    return np.stack([items, 100 + items], axis=1)
+
+
+def test_training_batches_carry_each_candidates_signals(behaviors):
+    ds = ClickDataset(behaviors, negatives=4, seed=1, signals=item_signals(behaviors))
+    batch = collate([ds[0], ds.__getitems__([1, 2])])
+    assert batch.signals.shape == (3, 5, 2) and batch.signals.dtype == torch.float32
+    real = batch.candidates > 0
+    torch.testing.assert_close(batch.signals[..., 0][real], batch.candidates[real].float())
+    torch.testing.assert_close(batch.signals[..., 1][real], 100 + batch.candidates[real].float())
+    assert (batch.signals[~real] == 0).all(), "padding negatives get zeros"
+    assert batch.to("cpu").signals is not None
+    with pytest.raises(ValueError, match="one row per candidate"):
+        ClickDataset(behaviors, signals=item_signals(behaviors)[:-1])
+
+
+def test_eval_batches_carry_each_candidates_signals(behaviors):
+    signals = item_signals(behaviors)
+    for batch, mask in iter_eval_batches(
+        behaviors, 2, batch_candidates=6, width=3, signals=signals
+    ):
+        torch.testing.assert_close(batch.signals[..., 0][mask], batch.candidates[mask].float())
+        assert (batch.signals[~mask] == 0).all()
+    assert all(b.signals is None for b, _ in iter_eval_batches(behaviors, 2))

@@ -10,6 +10,7 @@ from mmnewsrec.rank.model import (
     FastRecTransformerConfig,
     NewsProjection,
     PopularityRanker,
+    RankingTable,
     RecTransformerConfig,
     build_model,
     click_counts,
@@ -22,6 +23,8 @@ TINY = {"d_model": 32, "n_heads": 4, "dropout": 0.0, "max_history": 8}
 
 def tiny(name: str) -> dict:
     """A small config for a model name (baselines take none)."""
+    if name == "gbdt":
+        return {"rounds": 20, "min_data_in_leaf": 5}
     if name not in NEURAL:
         return {}
     extra = {"n_layers": 1, "d_ff": 64} if "transformer" in name else {"query_dim": 32}
@@ -52,9 +55,19 @@ def has_image() -> torch.Tensor:
     return flags
 
 
+def content_table(features: int = 1, rows: int = 400) -> RankingTable:
+    """Impressions of 8 candidates whose clicks follow the features' sum."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, features))
+    labels = x.sum(axis=1) + rng.normal(size=rows) > 1.0
+    return RankingTable(x, labels, np.arange(0, rows + 1, 8))
+
+
 def make(name, vectors, has_image, **overrides):
     torch.manual_seed(0)
     model = build_model(name, tiny(name) | overrides, vectors, has_image)
+    if name == "gbdt":
+        model.fit(content_table(1 + len(overrides.get("signals", []))), None)
     return model.eval()
 
 
@@ -314,3 +327,84 @@ def test_scores_stay_fp32_under_bf16_autocast(name, vectors, has_image):
     assert scores.dtype == torch.float32
     assert all(len(set(row.tolist())) == 30 for row in scores), "bf16 rounding would tie some"
     torch.testing.assert_close(scores, exact, rtol=0.1, atol=0.1)  # bf16 body, close to fp32
+
+
+SIGNALS = ["popularity", "coclick"]
+
+
+def with_random_head(model):
+    """Give the signal head non-zero output weights (it starts as the content score)."""
+    g = torch.Generator().manual_seed(1)
+    head = model.signal_head
+    with torch.no_grad():
+        for weight in (head.out.weight, head.out.bias, head.linear.weight):
+            weight.copy_(torch.randn(weight.shape, generator=g) / head.OUTPUT_SCALE)
+    return model
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_signals_start_at_the_content_score_and_stay_per_candidate(name, vectors, has_image):
+    model = make(name, vectors, has_image, signals=SIGNALS)
+    history = torch.tensor([[1, 2, 3, 4], [0, 0, 5, 6]])
+    candidates = torch.tensor([[7, 8, 9], [10, 11, 0]])
+    with pytest.raises(ValueError, match="reads the signals"):
+        model(history, candidates)
+    signals = torch.randn(2, 3, 2)
+    start = model(history, candidates, signals)
+    torch.testing.assert_close(model(history, candidates, torch.randn(2, 3, 2)), start)
+
+    with_random_head(model)
+    before = model(history, candidates, signals)
+    changed = signals.clone()
+    changed[0, 1] += 3.0
+    after = model(history, candidates, changed)
+    assert after[0, 1] != before[0, 1]
+    torch.testing.assert_close(after[0, [0, 2]], before[0, [0, 2]])
+    torch.testing.assert_close(after[1], before[1])
+    assert after[1, 2] == 0  # padding
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_candidates_with_equal_signals_keep_their_content_order(name, vectors, has_image):
+    """Cold items (all without clicks, say) are told apart by content alone."""
+    model = make(name, vectors, has_image, signals=SIGNALS)
+    history = torch.tensor([[1, 2, 3, 4]])
+    candidates = torch.arange(5, 25).unsqueeze(0)
+    cold = torch.tensor([-3.0, 0.0]).expand(1, 20, 2)
+    content = model(history, candidates, cold)  # the head starts as the identity
+    scores = with_random_head(model)(history, candidates, cold)
+    assert not torch.allclose(scores, content)
+    assert torch.equal(scores.argsort(), content.argsort())
+
+
+def test_signal_head_standardises_by_the_training_rows(vectors):
+    model = build_model(
+        "additive_attention", tiny("additive_attention") | {"signals": SIGNALS}, vectors
+    )
+    rows = np.array([[1.0, 10.0], [3.0, 30.0]])
+    model.signal_head.fit(rows)
+    torch.testing.assert_close(model.signal_head.mean, torch.tensor([2.0, 20.0]))
+    torch.testing.assert_close(model.signal_head.scale, torch.tensor([1.0, 0.1]))
+    assert "signal_head.mean" in model.state_dict()  # travels with the checkpoint
+
+
+def test_gbdt_reads_signals_then_the_content_cosine(vectors):
+    model = make("gbdt", vectors, None, signals=SIGNALS)
+    history = torch.tensor([[1, 2, 3]])
+    candidates = torch.tensor([[4, 5, 6, 0]])
+    with pytest.raises(ValueError, match="reads the signals"):
+        model(history, candidates)
+    low = torch.full((1, 4, 2), -2.0)
+    high = low.clone()
+    high[0, 1] = 2.0
+    scores = model(history, candidates, high)
+    assert scores[0, 1] > model(history, candidates, low)[0, 1]  # clicks follow the features
+    assert scores[0, 3] == 0
+    rebuilt = build_model("gbdt", model.model_args, vectors)
+    torch.testing.assert_close(rebuilt(history, candidates, high), scores)
+
+
+@pytest.mark.parametrize("name", ["random", "popularity", "mean_cosine"])
+def test_models_without_signals_refuse_them_in_config(name, vectors):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        build_model(name, {"signals": SIGNALS}, vectors)

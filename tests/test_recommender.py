@@ -219,6 +219,16 @@ def test_bad_k_and_mismatched_vectors_are_refused(rec, run_dir):
         Recommender(rec.store, other, rec.ranker)
 
 
+def test_a_model_that_reads_signals_is_refused(rec):
+    from dataclasses import replace
+
+    ranker = replace(
+        rec.ranker, checkpoint=rec.ranker.checkpoint | {"model_args": {"signals": ["popularity"]}}
+    )
+    with pytest.raises(ValueError, match="reads behaviour signals.*serving"):
+        Recommender(rec.store, rec.vectors, ranker)
+
+
 def test_news_lookup_search_and_images(rec):
     news = rec.store.news
     with_image = news.filter(news["image_path"].is_not_null()).row(0, named=True)

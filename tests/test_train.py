@@ -333,6 +333,48 @@ def test_baselines_go_through_training(data, tmp_path, model):
         assert result.best_metrics["auc"] > 0.8
 
 
+def test_signals_go_through_training_evaluation_and_prediction(data, tmp_path):
+    from mmnewsrec.evaluate.experiment import evaluate_run, predict_run
+    from mmnewsrec.formats.store import Store
+
+    run = tmp_path / "signals"
+    signals = '["popularity", "freshness"]'
+    result = run_training(make_config(data, run, f"model.signals={signals}"))
+    ranker = load_ranker(run)
+    assert ranker.signal_names == ["popularity", "freshness"]
+    train = Store.load(data / "store").signals("train", ranker.signal_names)
+    head = ranker.model.signal_head
+    torch.testing.assert_close(
+        head.mean, torch.from_numpy(train.mean(axis=0)), rtol=1e-4, atol=1e-5
+    )
+    assert head.out.weight.abs().sum() > 0  # trained away from the content score
+    metrics = evaluate_run(run)  # reads the store's dev signals
+    assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
+    assert predict_run(run, None, tmp_path / "prediction.txt", "dev").is_file()
+
+
+def test_gbdt_trains_on_every_signal_and_the_content_cosine(data, tmp_path):
+    from mmnewsrec.evaluate.experiment import evaluate_run
+    from mmnewsrec.formats.store import SIGNAL_NAMES
+
+    run = tmp_path / "gbdt"
+    result = run_training(make_config(data, run, "model.args.rounds=30", model="gbdt"))
+    assert result.finished and result.step == 0
+    ranker = load_ranker(run)
+    assert ranker.signal_names == list(SIGNAL_NAMES)
+    assert ranker.model.booster.num_feature() == len(SIGNAL_NAMES) + 1
+    assert result.best_metrics["auc"] > 0.8  # the content cosine alone separates topics
+    assert evaluate_run(run)["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
+
+
+def test_signals_of_a_model_that_reads_none_are_refused(data, tmp_path):
+    config = make_config(data, tmp_path / "r", 'model.signals=["popularity"]', model="random")
+    with pytest.raises(ConfigError, match="random reads no signals"):
+        run_training(config)
+    with pytest.raises(ConfigError, match="unknown signals"):
+        make_config(data, tmp_path / "r", 'model.signals=["clicks"]')
+
+
 def test_pointwise_loss_trains(data, tmp_path):
     result = run_training(make_config(data, tmp_path / "pw", "data.loss=pointwise"))
     assert result.best_metrics["auc"] > 0.7

@@ -365,10 +365,11 @@ def evaluate(
 
     from mmnewsrec.evaluate.experiment import evaluate_run
     from mmnewsrec.formats.runs import CheckpointError
+    from mmnewsrec.formats.store import StoreError
 
     try:
         metrics = evaluate_run(run_dir, store_dir, split, device)
-    except (OSError, ValueError, KeyError, CheckpointError) as err:
+    except (OSError, ValueError, KeyError, CheckpointError, StoreError) as err:
         fail(str(err))
     typer.echo(json.dumps(metrics, indent=2))
 

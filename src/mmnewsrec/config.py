@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mmnewsrec.devices import check_device
+from mmnewsrec.formats.store import SIGNAL_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +94,27 @@ def valid_cut(rule: str) -> str | date | float | None:
 
 
 class ModelConfig(Section):
-    """Which ranker to build: a registry name, a named preset and field overrides."""
+    """Which ranker to build: a registry name, a named preset, field overrides and the
+    behaviour signals it reads (`formats.store.SIGNAL_NAMES`)."""
 
     name: str = "fast_rec_transformer"
     preset: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    signals: list[str] = Field(
+        default_factory=list,
+        description="behaviour signals of the store added to the content score (neural "
+        "rankers) or used as features (gbdt, where [] means all)",
+    )
+
+    @field_validator("signals")
+    @classmethod
+    def _signals(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(SIGNAL_NAMES))
+        if unknown:
+            raise ValueError(f"unknown signals {unknown}; known: {list(SIGNAL_NAMES)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"signals named twice in {value}")
+        return value
 
 
 class OptimConfig(Section):

@@ -28,6 +28,7 @@ from mmnewsrec.data.mind import (
     iter_behaviors,
     read_news,
 )
+from mmnewsrec.data.signals import build_signals
 from mmnewsrec.files import atomic_dir, sha256_json
 from mmnewsrec.formats.store import FORMAT_VERSION, Behaviors, Store, StoreError
 
@@ -87,12 +88,15 @@ def build_store(
     }
     with atomic_dir(out, "a store", StoreError) as tmp:
         users = pl.DataFrame(schema={"user_id": pl.String})
+        splits = {}
         for name, folder in folders.items():
             path = folder / "behaviors.tsv"
             sources.setdefault(name, {})["behaviors"] = file_digest(path)
             behaviors, dropped, users = build_split(name, path, news_map, users, options)
             behaviors.save(tmp / "behaviors" / name)
             manifest["splits"][name] = split_counts(behaviors, dropped)
+            splits[name] = behaviors
+        manifest["signals"] = build_signals(splits, news.height, tmp / "signals")
         news.drop("line").write_parquet(tmp / "news.parquet")
         users.write_parquet(tmp / "users.parquet")
         manifest["num_users"] = users.height
@@ -259,11 +263,14 @@ def is_current(
     out: Path, folders: dict[str, Path], images: ImageSources, options: dict[str, bool]
 ) -> bool:
     """Whether `out` already holds a store of exactly these source files, images and options
-    (`strict`, `allow_drops`; a store written before an option existed had it off)."""
+    (`strict`, `allow_drops`; a store written before an option existed had it off), with
+    behaviour signals."""
     path = out / "manifest.json"
     if not path.is_file():
         return False
     manifest = json.loads(path.read_text())
+    if "signals" not in manifest:
+        return False
     sources = {
         name: {
             kind: file_digest(folder / f"{kind}.tsv")

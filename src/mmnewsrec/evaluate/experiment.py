@@ -162,7 +162,8 @@ def score_run(
             "news indices would not match"
         )
     behaviors = store.behaviors(split)
-    return ranker, behaviors, ranker.score(behaviors, vectors, progress=True)
+    signals = store.signals(split, ranker.signal_names) if ranker.signal_names else None
+    return ranker, behaviors, ranker.score(behaviors, vectors, progress=True, signals=signals)
 
 
 def evaluate_run(

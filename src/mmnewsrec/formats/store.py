@@ -4,7 +4,10 @@ Layout of STORE_DIR (written by `mmnewsrec.data.store.build_store`):
     news.parquet               index (1..N; 0 is padding), the 8 MIND news fields, image_path
     users.parquet              user_id, row u <-> user index u
     behaviors/<split>/*.npy    the arrays of `Behaviors` (loaded memory-mapped)
-    manifest.json              format version, source sizes and sha256, counts, dropped ids
+    signals/<split>.npy        (C, 5) float32 behaviour signals per candidate, columns
+                               SIGNAL_NAMES (see `mmnewsrec.data.signals`; memory-mapped)
+    manifest.json              format version, source sizes and sha256, counts, dropped ids,
+                               `signals` (names, the train split they count clicks in)
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import polars as pl
 from mmnewsrec.csr import csr_offsets
 
 FORMAT_VERSION = 1
+# Columns of signals/<split>.npy, computed at impression time by `mmnewsrec.data.signals`.
+SIGNAL_NAMES = ("popularity", "exposures", "freshness", "coclick", "history_len")
 
 
 class StoreError(RuntimeError):
@@ -197,6 +202,21 @@ class Store:
             folder = self.path / "behaviors" / split
             self._behaviors[split] = Behaviors.load(folder, split, labelled)
         return self._behaviors[split]
+
+    def signals(self, split: str, names: Sequence[str] | None = None) -> np.ndarray:
+        """The (C, len(SIGNAL_NAMES)) float32 signals of `split`'s candidates, memory-mapped;
+        given `names`, those columns in that order (read into memory)."""
+        self.behaviors(split)  # a KeyError naming the splits if there is no such split
+        path = self.path / "signals" / f"{split}.npy"
+        if "signals" not in self.manifest or not path.is_file():
+            raise StoreError(
+                f"{self.path} has no behaviour signals (written by an older version); "
+                "run `mmnewsrec prepare` again"
+            )
+        table = np.load(path, mmap_mode="r")
+        if names is None:
+            return table
+        return np.ascontiguousarray(table[:, [SIGNAL_NAMES.index(name) for name in names]])
 
     def summary(self) -> str:
         """Counts of news, users, impressions, candidates, clicks and dropped ids."""

@@ -12,7 +12,7 @@ fixed-width chunks so that any number of candidates scores in bounded memory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,24 +41,31 @@ class Batch:
     history: torch.Tensor  # (B, L) int64, left-padded, most recent click last
     candidates: torch.Tensor  # (B, C) int64
     labels: torch.Tensor  # (B, C) float32, 1 = clicked
+    signals: torch.Tensor | None = None  # (B, C, F) float32 behaviour signals; 0 for padding
 
     def __len__(self) -> int:
         return self.history.shape[0]
 
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """The batch with `fn` applied to every tensor."""
+        signals = None if self.signals is None else fn(self.signals)
+        return Batch(fn(self.history), fn(self.candidates), fn(self.labels), signals)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Move every tensor to `device`."""
-        return Batch(
-            *(
-                t.to(device, non_blocking=non_blocking)
-                for t in (self.history, self.candidates, self.labels)
-            )
-        )
+        return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """Page-lock the tensors (called by DataLoader(pin_memory=True))."""
-        return Batch(
-            self.history.pin_memory(), self.candidates.pin_memory(), self.labels.pin_memory()
-        )
+        return self.apply(lambda t: t.pin_memory())
+
+
+def gather_signals(signals: np.ndarray | None, pos: np.ndarray) -> torch.Tensor | None:
+    """(..., F) float32 signals of the flat candidate positions `pos` (-1: padding, zeros)."""
+    if signals is None:
+        return None
+    rows = np.asarray(signals[np.clip(pos, 0, None)], dtype=np.float32)
+    return torch.from_numpy(np.where((pos >= 0)[..., None], rows, 0.0).astype(np.float32))
 
 
 def gather_history(
@@ -101,6 +108,7 @@ class ClickDataset(torch.utils.data.Dataset):
     `set_epoch(e)` redraws the negatives from (seed, e), so every process of a distributed run
     holds the same table and a resumed run draws the same negatives as an uninterrupted one.
     `__getitems__` builds a whole batch with array operations (used by DataLoader).
+    `signals` (C, F), aligned with the candidates, adds each candidate's signals to the batches.
     """
 
     def __init__(
@@ -110,10 +118,14 @@ class ClickDataset(torch.utils.data.Dataset):
         history_len: int = 50,
         seed: int = 0,
         require_negative: bool = True,
+        signals: np.ndarray | None = None,
     ) -> None:
         if negatives < 1 or history_len < 1:
             raise ValueError("negatives and history_len must be >= 1")
+        if signals is not None and len(signals) != len(behaviors.candidate_items):
+            raise ValueError("signals must have one row per candidate")
         self.behaviors = behaviors
+        self.signals = signals
         self.negatives = negatives
         self.history_len = history_len
         self.seed = seed
@@ -134,13 +146,12 @@ class ClickDataset(torch.utils.data.Dataset):
         keep = (n_pos > 0) & ((n_neg > 0) | (not require_negative))
         take = pos & keep[imp]
         del imp
-        items = np.asarray(b.candidate_items)
         at = np.flatnonzero(take)  # (S,) flat candidate position of each sample's click
-        self.positive = items[at].astype(np.int32)  # (S,)
+        self.positive = at  # (S,)
         self.impression = (np.searchsorted(b.candidate_offsets, at, side="right") - 1).astype(
             np.int32
         )  # (S,)
-        self.neg_items = items[neg].astype(np.int32)  # (negatives,) grouped by impression
+        self.neg_positions = np.flatnonzero(neg)  # (negatives,) grouped by impression
         self.neg_offsets = csr_offsets(n_neg)  # (I+1,)
         self.skipped_impressions = int(((n_pos > 0) & ~keep).sum() + (n_pos == 0).sum())
         logger.info(
@@ -159,7 +170,7 @@ class ClickDataset(torch.utils.data.Dataset):
         base = self.neg_offsets[self.impression]
         count = self.neg_offsets[self.impression + 1] - base
         slots = sample_negatives(base, count, self.negatives, rng)  # (S, K)
-        self.negative = np.where(slots >= 0, self.neg_items[np.clip(slots, 0, None)], 0)
+        self.negative = np.where(slots >= 0, self.neg_positions[np.clip(slots, 0, None)], -1)
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -174,12 +185,16 @@ class ClickDataset(torch.utils.data.Dataset):
         history = gather_history(
             b.history_offsets, b.history_items, self.impression[idx], self.history_len
         )
-        candidates = np.concatenate([self.positive[idx, None], self.negative[idx]], axis=1)
-        candidates = candidates.astype(np.int64)
+        pos = np.concatenate([self.positive[idx, None], self.negative[idx]], axis=1)  # (B, 1+K)
+        items = np.asarray(b.candidate_items)
+        candidates = np.where(pos >= 0, items[np.clip(pos, 0, None)], 0).astype(np.int64)
         labels = np.zeros(candidates.shape, dtype=np.float32)
         labels[:, 0] = 1.0
         return Batch(
-            torch.from_numpy(history), torch.from_numpy(candidates), torch.from_numpy(labels)
+            torch.from_numpy(history),
+            torch.from_numpy(candidates),
+            torch.from_numpy(labels),
+            gather_signals(self.signals, pos),
         )
 
 
@@ -187,11 +202,12 @@ def collate(batch: Batch | list[Batch]) -> Batch:
     """DataLoader collate: pass a `__getitems__` batch through, or concatenate single items."""
     if isinstance(batch, Batch):
         return batch
+    signals = [b.signals for b in batch if b.signals is not None]
     return Batch(
-        *(
-            torch.cat(parts)
-            for parts in zip(*((b.history, b.candidates, b.labels) for b in batch), strict=True)
-        )
+        torch.cat([b.history for b in batch]),
+        torch.cat([b.candidates for b in batch]),
+        torch.cat([b.labels for b in batch]),
+        torch.cat(signals) if signals else None,
     )
 
 
@@ -247,9 +263,11 @@ def iter_eval_batches(
     width: int = 32,
     num_impressions: int | None = None,
     first_impression: int = 0,
+    signals: np.ndarray | None = None,
 ) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Batches covering every candidate of impressions `first_impression` .. `num_impressions`
-    - 1 (default: all) in flat order, with the (B, C) mask of real candidates.
+    - 1 (default: all) in flat order, with the (B, C) mask of real candidates; with the
+    candidates' rows of `signals` (C, F) when given.
 
     Concatenating `scores[mask]` over the batches gives scores aligned with `candidate_items`
     (from the first impression's first candidate on).
@@ -265,13 +283,17 @@ def iter_eval_batches(
     for lo in range(0, len(rows), per_batch):
         sl = slice(lo, lo + per_batch)
         mask = col < rows.length[sl, None]  # (R, W)
-        pos = np.where(mask, rows.start[sl, None] + col, 0)
+        pos = np.where(mask, rows.start[sl, None] + col, -1)
         history = gather_history(
             behaviors.history_offsets, behaviors.history_items, rows.impression[sl], history_len
         )
-        candidates = np.where(mask, items[pos], 0).astype(np.int64)
-        row_labels = np.where(mask, labels[pos], 0).astype(np.float32)
+        at = np.clip(pos, 0, None)
+        candidates = np.where(mask, items[at], 0).astype(np.int64)
+        row_labels = np.where(mask, labels[at], 0).astype(np.float32)
         batch = Batch(
-            torch.from_numpy(history), torch.from_numpy(candidates), torch.from_numpy(row_labels)
+            torch.from_numpy(history),
+            torch.from_numpy(candidates),
+            torch.from_numpy(row_labels),
+            gather_signals(signals, pos),
         )
         yield batch, torch.from_numpy(mask)

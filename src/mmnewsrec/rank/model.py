@@ -1,10 +1,16 @@
 """Ranking models on frozen news vectors: transformers, an additive-attention user encoder,
-and baselines, all with one forward contract:
+a gradient-boosted ranker over behaviour signals, and baselines, all with one forward contract:
 
-    scores = model(history, candidates)
+    scores = model(history, candidates, signals=None)
     history:    LongTensor (B, L) news indices, 0 = padding, left-padded, most recent click last
     candidates: LongTensor (B, C) news indices, 0 = padding candidate (its score is 0, ignore it)
+    signals:    FloatTensor (B, C, F) the candidates' behaviour signals (`config.signals`, in
+                that order), for a model configured with some; ignored by the others
     scores:     FloatTensor (B, C); a candidate's score never depends on the other candidates
+
+A neural ranker with signals combines its content score with the candidate's own signals
+(`SignalHead`: content * gate(signals) + bias(signals), gate > 0), so candidates with equal
+signals, such as cold items without clicks, still rank by content, and no candidate sees another.
 
 Under autocast the final scores are still computed in fp32 (`fp32_scores`), so that bf16
 rounding does not tie candidates that the model tells apart.
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,6 +55,7 @@ class RecTransformerConfig:
     dropout: float = 0.1
     max_history: int = 50  # L: the most recent clicks kept
     image_flag: bool = True  # add a learned "no image" vector to news without an image
+    signals: list[str] = field(default_factory=list)  # behaviour signals (SignalHead)
 
 
 @dataclass
@@ -64,6 +71,7 @@ class AdditiveAttentionConfig:
     dropout: float = 0.1
     max_history: int = 50
     image_flag: bool = True
+    signals: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -79,6 +87,17 @@ class PopularityConfig:
 @dataclass
 class MeanCosineConfig:
     recency_weighting: float | None = None  # g in (0, 1]: r-th most recent click weighs g**r
+
+
+@dataclass
+class GBDTConfig:
+    signals: list[str] = field(default_factory=list)  # features besides the content cosine
+    num_leaves: int = 31
+    learning_rate: float = 0.05
+    rounds: int = 500  # at most; early stopping on the selection split
+    early_stopping: int = 50
+    min_data_in_leaf: int = 50
+    booster: str = ""  # the fitted LightGBM model as text (set by `GBDTRanker.fit`)
 
 
 class Ranker(nn.Module):
@@ -108,6 +127,22 @@ class Ranker(nn.Module):
         mean, std = vectors[1:].mean(dim=0), vectors[1:].std(dim=0, correction=0)
         self.register_buffer("vector_mean", mean, persistent=False)  # (D,)
         self.register_buffer("vector_scale", 1.0 / std.clamp_min(1e-6), persistent=False)  # (D,)
+        names = getattr(config, "signals", [])
+        self.signal_head = SignalHead(len(names)) if names and self.trainable else None
+
+    @property
+    def signal_names(self) -> list[str]:
+        """The behaviour signals the model reads, in the order of the signals' last axis."""
+        return list(getattr(self.config, "signals", []))
+
+    def add_signals(self, scores: Tensor, candidates: Tensor, signals: Tensor | None) -> Tensor:
+        """Content scores (B, C) plus the signal head's (fp32); padding candidates score 0."""
+        if self.signal_head is not None:
+            if signals is None:
+                raise ValueError(f"{self.name} reads the signals {self.signal_names}: pass them")
+            with fp32_scores(scores):
+                scores = self.signal_head(scores.float(), signals.float())
+        return scores.masked_fill(candidates == 0, 0.0)
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -126,6 +161,42 @@ class Ranker(nn.Module):
             if isinstance(module, NewsProjection):
                 module.cache_tokens(self)
         return self
+
+
+class SignalHead(nn.Module):
+    """score = content * gate(s) + bias(s) from the candidate's standardised signals s, with
+    gate > 0: candidates with equal signals (cold items, say) keep their content order. (gate
+    logit, bias) = MLP(s) + a linear map of s, both starting at zero (the content score)."""
+
+    mean: Tensor
+    scale: Tensor
+    GATE_SHIFT = math.log(math.e - 1)  # softplus(GATE_SHIFT) = 1
+    # Adam moves each weight by about lr per step: scaled up, the freshly zeroed output layers
+    # reach effects of order 1 within a few hundred steps, as the signals' effects need.
+    OUTPUT_SCALE = 10.0
+
+    def __init__(self, n_signals: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_signals))  # (F,), saved with the weights
+        self.register_buffer("scale", torch.ones(n_signals))  # (F,)
+        self.hidden = nn.Sequential(nn.Linear(n_signals, hidden), nn.GELU())
+        self.out = nn.Linear(hidden, 2)  # gate logit, bias
+        self.linear = nn.Linear(n_signals, 2, bias=False)  # a wide path: main effects, fast
+        for weight in (self.out.weight, self.out.bias, self.linear.weight):
+            nn.init.zeros_(weight)
+
+    def fit(self, signals: np.ndarray) -> SignalHead:
+        """Standardise by the mean and deviation of the training rows (C, F)."""
+        values = torch.as_tensor(np.asarray(signals, dtype=np.float32))
+        self.mean.copy_(values.mean(dim=0))
+        self.scale.copy_(1.0 / values.std(dim=0, correction=0).clamp_min(1e-6))
+        return self
+
+    def forward(self, content: Tensor, signals: Tensor) -> Tensor:
+        """content (B, C), signals (B, C, F) -> (B, C)."""
+        x = (signals - self.mean) * self.scale
+        gate, bias = (self.OUTPUT_SCALE * (self.out(self.hidden(x)) + self.linear(x))).unbind(-1)
+        return content * F.softplus(gate + self.GATE_SHIFT) + bias
 
 
 class NewsProjection(nn.Module):
@@ -237,7 +308,7 @@ class RecTransformer(Ranker):
         self.encoder = transformer_encoder(config)
         self.head = nn.Linear(config.d_model, 1)
 
-    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+    def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
         history = history[:, -self.config.max_history :]
         hist, mask = self.embed.history(self, history)  # (B, 1+L, d), (B, 1+L)
         rows, cols = (candidates > 0).nonzero(as_tuple=True)  # only real candidates: P pairs
@@ -247,9 +318,10 @@ class RecTransformer(Ranker):
         out = self.encoder(x, src_key_padding_mask=pad)[:, -1]  # (P, d)
         with fp32_scores(out):
             scores = self.head(out.float()).squeeze(-1)  # (P,)
-        return torch.zeros(candidates.shape, dtype=scores.dtype, device=scores.device).index_put(
+        scores = torch.zeros(candidates.shape, dtype=scores.dtype, device=scores.device).index_put(
             (rows, cols), scores
         )
+        return self.add_signals(scores, candidates, signals)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -296,7 +368,7 @@ class FastRecTransformer(Ranker):
             nn.Linear(3 * d, d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(d, 1)
         )
 
-    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+    def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
         history = history[:, -self.config.max_history :]
         hist, mask = self.embed.history(self, history)  # (B, 1+L, d), (B, 1+L)
         memory = self.encoder(hist, src_key_padding_mask=mask)  # (B, 1+L, d)
@@ -310,7 +382,7 @@ class FastRecTransformer(Ranker):
             user, cand, pooled = user.float(), cand.float(), pooled.float()
             scores = self.head(torch.cat([user, cand, user * cand], dim=-1)).squeeze(-1)
             scores = scores + torch.einsum("bd,bcd->bc", pooled, cand) / math.sqrt(cand.shape[-1])
-        return scores.masked_fill(candidates == 0, 0.0)
+        return self.add_signals(scores, candidates, signals)
 
 
 class AdditivePooling(nn.Module):
@@ -351,14 +423,14 @@ class AdditiveAttentionUser(Ranker):
         h, _ = self.attn(tokens, tokens, tokens, key_padding_mask=mask, need_weights=False)
         return self.pool(self.dropout(h), mask)
 
-    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+    def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
         user = self.user(history)  # (B, d)
         cand = self.news(self, candidates)  # (B, C, d)
         with fp32_scores(cand):
             scores = torch.einsum("bd,bcd->bc", user.float(), cand.float()) / math.sqrt(
                 cand.shape[-1]
             )
-        return scores.masked_fill(candidates == 0, 0.0)
+        return self.add_signals(scores, candidates, signals)
 
 
 MASK31 = (1 << 31) - 1
@@ -379,7 +451,7 @@ class RandomRanker(Ranker):
     config_class = RandomConfig
     trainable = False
 
-    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+    def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
         row_key = mix31(history).sum(dim=1, keepdim=True) & MASK31  # (B, 1); mix31(0) = 0
         key = mix31(candidates) + mix31(row_key + self.config.seed * 0x9E3779B1)
         scores = mix31(key).float() / float(MASK31)
@@ -410,7 +482,7 @@ class PopularityRanker(Ranker):
         self.counts.copy_(counts)
         return self
 
-    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
+    def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
         return torch.log1p(self.counts[candidates]).masked_fill(candidates == 0, 0.0)
 
 
@@ -428,14 +500,104 @@ class MeanCosineRanker(Ranker):
     config_class = MeanCosineConfig
     trainable = False
 
-    def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
-        offsets, items = padded_to_csr(history)
-        clicked = F.normalize(self.news_vectors[items], dim=1)
-        user = mean_user_vectors(clicked, offsets, self.config.recency_weighting)  # (B, D)
-        cand = F.normalize(self.news_vectors[candidates], dim=-1)  # (B, C, D)
-        with fp32_scores(cand):
-            scores = torch.einsum("bd,bcd->bc", user.float(), cand)
+    def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
+        scores = content_cosine(
+            self.news_vectors, history, candidates, self.config.recency_weighting
+        )
         return scores.masked_fill(candidates == 0, 0.0)
+
+
+def content_cosine(
+    news_vectors: Tensor, history: Tensor, candidates: Tensor, recency: float | None = None
+) -> Tensor:
+    """(B, C) cosine of the (recency-weighted) mean history vector and each candidate vector."""
+    offsets, items = padded_to_csr(history)
+    clicked = F.normalize(news_vectors[items], dim=1)
+    user = mean_user_vectors(clicked, offsets, recency)  # (B, D)
+    cand = F.normalize(news_vectors[candidates], dim=-1)  # (B, C, D)
+    with fp32_scores(cand):
+        return torch.einsum("bd,bcd->bc", user.float(), cand.float())
+
+
+class GBDTRanker(Ranker):
+    """LightGBM lambdarank over [behaviour signals, content cosine] of each candidate.
+
+    Fitted once by `fit` (per-impression groups, early stopping on the selection split); the
+    booster is kept as text in the config (`model_args`), so a checkpoint holds no pickle."""
+
+    name = "gbdt"
+    config_class = GBDTConfig
+    trainable = False
+
+    def __init__(self, config: GBDTConfig, news_vectors: Any, has_image: Any = None) -> None:
+        super().__init__(config, news_vectors, has_image)
+        self.booster: Any = None
+        if config.booster:
+            import lightgbm as lgb
+
+            self.booster = lgb.Booster(model_str=config.booster)
+
+    def fit(self, train: RankingTable, valid: RankingTable | None, seed: int = 0) -> GBDTRanker:
+        """Fit the booster; `valid` (if any) stops it early by nDCG@10."""
+        import lightgbm as lgb
+
+        cfg = self.config
+        params = {
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [10],
+            "num_leaves": cfg.num_leaves,
+            "learning_rate": cfg.learning_rate,
+            "min_data_in_leaf": cfg.min_data_in_leaf,
+            "seed": seed,
+            "deterministic": True,
+            "num_threads": torch.get_num_threads(),
+            "verbose": -1,
+        }
+        sets = [train.dataset()] + ([valid.dataset()] if valid is not None else [])
+        callbacks: list[Any] = (
+            [lgb.early_stopping(cfg.early_stopping, verbose=False)] if valid is not None else []
+        )
+        booster = lgb.train(params, sets[0], cfg.rounds, valid_sets=sets[1:], callbacks=callbacks)
+        text = booster.model_to_string(num_iteration=booster.best_iteration or None)
+        self.config = replace(cfg, booster=text)
+        self.booster = lgb.Booster(model_str=text)
+        logger.info("gbdt: %d trees", self.booster.num_trees())
+        return self
+
+    def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
+        if self.booster is None:
+            raise ValueError("gbdt: not fitted")
+        if self.signal_names and signals is None:
+            raise ValueError(f"gbdt reads the signals {self.signal_names}: pass them")
+        content = content_cosine(self.news_vectors, history, candidates)  # (B, C)
+        parts = (
+            [content.unsqueeze(-1)] if signals is None else [signals.float(), content[..., None]]
+        )
+        features = torch.cat(parts, dim=-1)[candidates > 0]  # (P, F + 1)
+        scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
+        if len(features):
+            predicted = self.booster.predict(features.cpu().double().numpy())
+            scores[candidates > 0] = torch.as_tensor(predicted, dtype=torch.float32).to(
+                scores.device
+            )
+        return scores
+
+
+@dataclass
+class RankingTable:
+    """GBDT rows: features (R, F) of every candidate, labels (R,), CSR impression offsets."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+
+    def dataset(self) -> Any:
+        """A LightGBM dataset grouped by impression."""
+        import lightgbm as lgb
+
+        group = np.diff(self.offsets)
+        return lgb.Dataset(self.features, self.labels.astype(np.int32), group=group[group > 0])
 
 
 MODELS: dict[str, type[Ranker]] = {
@@ -447,6 +609,7 @@ MODELS: dict[str, type[Ranker]] = {
         RandomRanker,
         PopularityRanker,
         MeanCosineRanker,
+        GBDTRanker,
     )
 }
 
@@ -487,5 +650,7 @@ def build_model(
     cls = MODELS[canonical_name(name)]
     model = cls(model_config(name, config), news_vectors, has_image)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("%s: %s, %.2fM parameters", cls.name, model.model_args, n_params / 1e6)
+    shown = {k: f"<{len(v):,} chars>" if isinstance(v, str) and len(v) > 80 else v
+             for k, v in model.model_args.items()}  # fmt: skip
+    logger.info("%s: %s, %.2fM parameters", cls.name, shown, n_params / 1e6)
     return model

@@ -34,10 +34,11 @@ def score_behaviors(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     first_impression: int = 0,
+    signals: np.ndarray | None = None,
 ) -> np.ndarray:
     """Scores of every candidate (or of impressions `first_impression` .. `num_impressions` - 1),
-    float32, aligned with `candidate_items`. The model is put in eval mode and its mode
-    restored."""
+    float32, aligned with `candidate_items`; `signals` (C, F): the candidates' behaviour signals
+    for a model that reads them. The model is put in eval mode and its mode restored."""
     was_training = model.training
     model.eval()
     out = []
@@ -47,11 +48,12 @@ def score_behaviors(
         batch_candidates,
         num_impressions=num_impressions,
         first_impression=first_impression,
+        signals=signals,
     )
     for batch, mask in tqdm(batches, desc="score", disable=not progress, leave=False):
         batch = batch.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            scores = model(batch.history, batch.candidates)  # (R, W)
+            scores = model(batch.history, batch.candidates, batch.signals)  # (R, W)
         out.append(scores.float()[mask.to(device)].cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
@@ -80,20 +82,33 @@ class TrainedRanker:
     def history_len(self) -> int:
         return self.config.data.history_len
 
+    @property
+    def signal_names(self) -> list[str]:
+        """The behaviour signals the model reads ([] for none)."""
+        return list(self.checkpoint["model_args"].get("signals", []))
+
     def score(
         self,
         behaviors: BehaviorArrays,
         vectors: Any = None,
         batch_candidates: int | None = None,
         progress: bool = False,
+        signals: np.ndarray | None = None,
     ) -> np.ndarray:
         """Scores aligned with `behaviors.candidate_items` (float32). `vectors`, when given, must
-        be the NewsVectors the model was trained on."""
+        be the NewsVectors the model was trained on; `signals` (C, len(signal_names)) are the
+        candidates' behaviour signals, for a model that reads them."""
         if vectors is not None:
             check_vectors_hash(self.path, self.vectors_hash, vectors.hash)
         size = batch_candidates or self.config.run.eval_batch_size
         return score_behaviors(
-            self.model, behaviors, self.history_len, self.device, size, progress=progress
+            self.model,
+            behaviors,
+            self.history_len,
+            self.device,
+            size,
+            progress=progress,
+            signals=signals,
         )
 
     def trace(self) -> bool:

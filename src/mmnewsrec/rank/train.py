@@ -325,12 +325,16 @@ class TrainRecipe:
         self.num_news = store.num_news
         self.store_hash = store.content_hash
         self.train_behaviors = store.behaviors(cfg.train_split)
+        self.signal_names = self._signal_names()
+        self.train_signals = self._signals(store, cfg.train_split)
+        self.select_signals: np.ndarray | None = None
         self.select_behaviors: Behaviors | None = None
         self.selection: dict[str, Any] = {"split": None, "rule": cfg.valid_split}
         if cfg.valid_split == "dev":
             if not cfg.dev_split:
                 raise ConfigError("data.valid_split = 'dev' needs a data.dev_split")
             self.select_behaviors = store.behaviors(cfg.dev_split)
+            self.select_signals = self._signals(store, cfg.dev_split)
             self.selection["split"] = cfg.dev_split
         elif cfg.valid_split:
             self._hold_out_valid()
@@ -341,6 +345,26 @@ class TrainRecipe:
                     "choose a labelled split"
                 )
             self.selection["impressions"] = self.select_behaviors.num_impressions
+
+    def _signal_names(self) -> list[str]:
+        """model.signals; for gbdt, [] means every signal of the store."""
+        from mmnewsrec.formats.store import SIGNAL_NAMES
+
+        model = self.config.model
+        if not model.signals and model.name.lower() == "gbdt":
+            return list(SIGNAL_NAMES)
+        return list(model.signals)
+
+    def _signals(self, store: Any, split: str) -> np.ndarray | None:
+        """The candidates' signals of `split` that the model reads (None for none)."""
+        from mmnewsrec.formats.store import StoreError
+
+        if not self.signal_names:
+            return None
+        try:
+            return store.signals(split, self.signal_names)
+        except StoreError as err:
+            raise ConfigError(str(err)) from None
 
     def _hold_out_valid(self) -> None:
         """Split the train impressions into training and validation by `data.valid_split`."""
@@ -356,6 +380,10 @@ class TrainRecipe:
             )
         self.select_behaviors = train.subset(is_valid, "valid")
         self.train_behaviors = train.subset(~is_valid, cfg.train_split)
+        if self.train_signals is not None:
+            in_valid = np.repeat(is_valid, np.diff(train.candidate_offsets))
+            self.select_signals = self.train_signals[in_valid]
+            self.train_signals = self.train_signals[~in_valid]
         self.selection["split"] = "valid"
         self.selection["held_out_of"] = cfg.train_split
         logger.info(
@@ -366,6 +394,7 @@ class TrainRecipe:
     def _build_model(self) -> None:
         from mmnewsrec.rank.model import (
             MODELS,
+            GBDTRanker,
             PopularityRanker,
             build_model,
             canonical_name,
@@ -379,8 +408,13 @@ class TrainRecipe:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         try:
             self.model_name = canonical_name(cfg.model.name)
-            if "max_history" in {f.name for f in fields(MODELS[self.model_name].config_class)}:
+            keys = {f.name for f in fields(MODELS[self.model_name].config_class)}
+            if "max_history" in keys:
                 args.setdefault("max_history", cfg.data.history_len)
+            if self.signal_names and "signals" not in keys:
+                raise ValueError(f"{self.model_name} reads no signals; unset model.signals")
+            if "signals" in keys:
+                args["signals"] = self.signal_names
             model = build_model(
                 self.model_name, args, self.vectors.vectors, np.array(self.vectors.has_image)
             )
@@ -394,6 +428,10 @@ class TrainRecipe:
             )
         if isinstance(model, PopularityRanker):
             model.fit_counts(click_counts(self.train_behaviors, self.num_news))
+        if model.signal_head is not None and self.train_signals is not None:
+            model.signal_head.fit(self.train_signals)
+        if isinstance(model, GBDTRanker):
+            self._fit_gbdt(model)
         self.model = model.to(self.device)
         self.model_args = model.model_args
         self.trainable = any(p.requires_grad for p in model.parameters())
@@ -404,6 +442,28 @@ class TrainRecipe:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids, forward_sync_buffers=False
             )
+
+    def _fit_gbdt(self, model: Any) -> None:
+        """Fit a GBDT ranker on the training impressions (early stopping on the selection
+        split), its content cosine computed by the mean-cosine ranker."""
+        from mmnewsrec.rank.model import MeanCosineConfig, MeanCosineRanker, RankingTable
+
+        cosine = MeanCosineRanker(MeanCosineConfig(), self.vectors.vectors)
+
+        def table(behaviors: Behaviors, signals: np.ndarray | None) -> RankingTable:
+            content = score_behaviors(
+                cosine, behaviors, self.config.data.history_len, self.device,
+                self.config.run.eval_batch_size,
+            )  # fmt: skip
+            columns = [content[:, None]] if signals is None else [signals, content[:, None]]
+            labels = np.asarray(behaviors.candidate_labels)
+            return RankingTable(np.hstack(columns), labels, np.asarray(behaviors.candidate_offsets))
+
+        valid = self.select_behaviors
+        valid_table = table(valid, self.select_signals) if valid is not None else None
+        model.fit(
+            table(self.train_behaviors, self.train_signals), valid_table, self.config.run.seed
+        )
 
     def _build_loader(self) -> None:
         cfg = self.config
@@ -419,6 +479,7 @@ class TrainRecipe:
             history_len=cfg.data.history_len,
             seed=cfg.run.seed,
             require_negative=cfg.data.loss == "listwise",
+            signals=self.train_signals,
         )
         if len(self.dataset) == 0:
             raise ConfigError(f"split {cfg.data.train_split!r} yields no training samples")
@@ -526,7 +587,7 @@ class TrainRecipe:
         batch = batch.to(self.device, non_blocking=True)
         self.ddp.train()
         with autocast(self.device, self.amp_dtype):
-            scores = self.ddp(batch.history, batch.candidates)  # (B, 1+K)
+            scores = self.ddp(batch.history, batch.candidates, batch.signals)  # (B, 1+K)
         loss = ranking_loss(scores, batch, self.config.data.loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -585,6 +646,7 @@ class TrainRecipe:
             amp_dtype=self.amp_dtype,
             progress=self.config.run.progress,
             first_impression=lo,
+            signals=self.select_signals,
         )
         offsets = np.asarray(dev.candidate_offsets[: n + 1])
         if self.dist.distributed:

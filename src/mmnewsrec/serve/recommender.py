@@ -79,6 +79,11 @@ class Recommender:
 
         if recall_k < 1:
             raise ValueError(f"recall_k must be >= 1, got {recall_k}")
+        if ranker.signal_names:
+            raise ValueError(
+                f"{ranker.path} reads behaviour signals {ranker.signal_names}, which serving "
+                "does not compute yet; serve a run trained without model.signals"
+            )
         check_same_news(store, vectors)
         if isinstance(ranker.model, Ranker):
             ranker.model.cache_news_tokens()  # per request: lookups instead of projections

@@ -6,12 +6,13 @@ Written under OUT (byte-identical for a seed):
                            images/<index>.jpg, a 610 x 195 card for every news (photo or blank
                            box, then the title), and projector.csv (nid, IM-MIND-INDEX)
     dev/oracle.tsv         header + (impression_id, news_id, probability) per dev candidate
-    truth/news.tsv         header + hidden news attributes (news_id, tier, style, published)
+    truth/news.tsv         header + hidden news attributes (news_id, tier, style, published, buzz)
     truth/users.tsv        header + hidden user attributes (user_id, interests, style)
     manifest.json          the configuration and the summary
 
 News. Each news item n has a subcategory s(n) inside a category c(n) (11 categories, 31
-subcategories), a quality tier q(n) in {-1, 0, +1}, a publication time, and for about half of
+subcategories), a quality tier q(n) in {-1, 0, +1}, a publication time, a hidden appeal ("buzz")
+b(n) ~ N(0, 1) that neither text nor image shows, and for about half of
 the news an image with a visual style v(n) in {stripes, smooth}. The title and abstract are built
 from the subcategory's vocabulary plus shared filler, so a sentence encoder separates topics.
 The tier shows in the text: tier +1 titles start with "Analysis:", "Exclusive:", ... and the
@@ -25,11 +26,11 @@ the users, a preferred visual style p(u).
 
 Click model. The utility of news n for user u at time t is
     z = 3.5 [s(n) in I(u)] + 0.6 [c(n) in C(u) and s(n) not in I(u)] + 1.0 q(n)
-        + 2.0 [n has an image of style p(u)] - 0.3 age_days(n, t)
+        + 2.0 [n has an image of style p(u)] - 0.5 age_days(n, t) + 1.0 b(n)
 (weights in `ClickModel`), and w = exp(z).
 - History: h(u) clicks (1% empty, otherwise 1-50, median 30) on distinct archive news
   (published before the first impression), drawn without replacement with probability
-  proportional to w (Plackett-Luce, no age term), ordered by publication time. So a history
+  proportional to w (Plackett-Luce, no age or buzz term), ordered by publication time. So a history
   shows the user's interests and, through its images, the preferred style.
 - Impression: a user (by a log-normal activity), a time (train: 5 days, dev: the day after),
   K ~ U{5..50} distinct candidates published in the last 2 days; each draw comes from one of the
@@ -41,12 +42,14 @@ Click model. The utility of news n for user u at time t is
   Bayes-optimal ranking for per-impression AUC.
 
 What a model sees. Interests, category affinity and quality are visible in the news text, the
-style only in the image; everything except the age term is visible to a model that reads text and
-image vectors of the history and the candidate. The age term is hidden (models do not see
-publication times) and small. At the default size the dev oracle AUC is 0.895; ranking by the
-visible terms only gives 0.893, and without the style term as well 0.871 (the summary and
-manifest.json report these three figures for every data set). A model must also infer I(u) and
-p(u) from the history, which costs about 0.01 more.
+style only in the image; they are visible to a model that reads text and image vectors of the
+history and the candidate. The age and buzz terms are hidden from the content: they show only in
+behaviour, as the popularity and freshness signals of `mmnewsrec.data.signals` (clicks of
+earlier impressions on the same news, time since its first appearance). At the default size the
+dev oracle AUC is 0.912; ranking by the content terms only gives 0.873, and without the style
+term as well 0.855 (the summary and manifest.json report these three figures for every data
+set). A model must also infer I(u) and p(u) from the history. Candidates are never history
+news, so the co-click signal is 0 on this data.
 """
 
 from mmnewsrec.data.synthetic.click_model import ClickModel, SynthConfig, click_probability

@@ -33,7 +33,8 @@ class ClickModel:
     category: float = 0.6  # same category as an interest, other subcategory
     quality: float = 1.0  # times the quality tier (-1, 0, +1)
     style: float = 2.0  # image in the user's preferred visual style
-    age_per_day: float = 0.3  # hidden recency penalty per day since publication
+    age_per_day: float = 0.5  # hidden recency penalty per day since publication
+    buzz: float = 1.0  # times the hidden appeal b(n) ~ N(0, 1) of a news item
     style_users: float = 0.5  # share of users with a preferred visual style
     interest_draws: float = 0.15  # share of candidate draws from the user's interests
     clicks: tuple[float, float, float] = (0.6, 0.25, 0.15)  # P(1, 2, 3 clicks)
@@ -73,6 +74,7 @@ class News:
     style: np.ndarray  # (N,) -1 no image, 0 stripes, 1 smooth
     published: np.ndarray  # (N,) unix seconds
     archive: np.ndarray  # (N,) published before the candidate window of the first impression
+    buzz: np.ndarray  # (N,) hidden appeal, standard normal
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ def make_news(rng: np.random.Generator, config: SynthConfig, share: np.ndarray) 
             rng.integers(live_from, end, n),
         ),
         archive=archive,
+        buzz=rng.standard_normal(n),
     )
 
 
@@ -141,8 +144,10 @@ def utility(
     tier: np.ndarray,
     style: np.ndarray,
     age_days: np.ndarray | float = 0.0,
+    buzz: np.ndarray | float = 0.0,
 ) -> np.ndarray:
-    """Utility z of news with the given attributes for users (arrays broadcast together)."""
+    """Utility z of news with the given attributes for users (arrays broadcast together);
+    `age_days` and `buzz` are the hidden terms (0: left out)."""
     own = users.likes[user, sub]
     near = users.likes_category[user, topics.category_of[sub]] & ~own
     styled = (style >= 0) & (style == users.style[user])
@@ -152,6 +157,7 @@ def utility(
         + model.quality * tier
         + model.style * styled
         - model.age_per_day * age_days
+        + model.buzz * buzz
     )
 
 
@@ -277,9 +283,8 @@ def make_impressions(
     if np.diff(offsets).min() < 5:
         raise ValueError("too few news for 5 candidates per impression; increase the news")
     age = (when[imp] - news.published[items]) / DAY
-    z = utility(
-        model, users, topics, user[imp], news.sub[items], news.tier[items], news.style[items], age
-    )
+    attributes = news.sub[items], news.tier[items], news.style[items], age, news.buzz[items]
+    z = utility(model, users, topics, user[imp], *attributes)
     clicks = rng.choice([1, 2, 3], n, p=model.clicks)
     key = z + rng.gumbel(size=len(z))  # the m largest keys: m Plackett-Luce draws
     dense, _ = pad_rows(key, offsets, -np.inf)

@@ -52,8 +52,8 @@ class SynthSummary:
     candidates: int
     clicks: int
     oracle_auc: float  # dev AUC of the true click probabilities
-    visible_auc: float  # dev AUC of the utility without the hidden age term
-    text_only_auc: float  # ... without the age and the image-style terms
+    visible_auc: float  # dev AUC of the utility without the hidden age and buzz terms
+    text_only_auc: float  # ... without the age, buzz and image-style terms
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -142,7 +142,7 @@ def _dev_figures(
     items, labels, z = imps.items[lo:], imps.labels[lo:], imps.utility[lo:]
     user = np.repeat(imps.user[imps.n_train :], np.diff(offsets))
     sub, tier, style = news.sub[items], news.tier[items], news.style[items]
-    visible = utility(model, users, all_topics(), user, sub, tier, style)  # no age term
+    visible = utility(model, users, all_topics(), user, sub, tier, style)  # no age, buzz
     text_only = utility(model, users, all_topics(), user, sub, tier, np.full_like(style, -1))
     probability = click_probability(z, offsets, model.clicks)
     oracle = pl.DataFrame(
@@ -174,6 +174,7 @@ def _truth(news: News, users: Users, topics: Topics) -> dict[str, pl.DataFrame]:
                 "tier": news.tier,
                 "style": news.style,
                 "published": news.published,
+                "buzz": news.buzz,
             }
         ),
         "users": pl.DataFrame(

@@ -1,0 +1,167 @@
+"""Ablation of the behaviour signals: content only, all signals, each signal left out, gbdt.
+
+For each data set (the default synthetic set of `mmnewsrec demo`, and MovieLens 100K in MIND
+format) writes an experiment file and runs it with `run_experiment` (prepare, MiniLM text
+vectors, one run per row, dev metrics, report.md), then prints one table of dev AUC per row
+and data set. Checkpoints are selected on the latest tenth of train (`data.valid_split=0.1`,
+as MovieLens' last train day holds 65 impressions); dev is never seen in training.
+
+    python benchmarks/signals_ablation.py --out /tmp/signals [--data synthetic movielens]
+        [--ranker additive_attention] [--epochs 2] [--threads 1] [--jobs 4]
+
+`--jobs N` trains the rows in N processes (after one pass prepares and encodes), then one more
+pass gathers every finished run into the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mmnewsrec.data.synthetic import SynthConfig, generate
+from mmnewsrec.evaluate.experiment import (
+    _encode,
+    _prepare,
+    load_experiment,
+    oracle_auc,
+    run_experiment,
+)
+from mmnewsrec.formats.store import SIGNAL_NAMES
+
+MOVIELENS = Path(__file__).resolve().parents[1].parent / "shared/data/movielens-100k-mind"
+
+HEADER = """title = "behaviour signals ablation: {name}"
+data_dir = "{data}"
+out_dir = "."
+train_config = "train_cpu"
+train_overrides = ["optim.epochs={epochs}", "data.valid_split=0.1", "run.progress=false"]
+seeds = [0]
+recall_k = [10]
+
+[encoders.minilm]
+image_encoder = "none"
+fusion = "text"
+
+[rankers.popularity]
+model = "popularity"
+per_encoder = false
+
+[rankers.mean_cosine]
+model = "mean_cosine"
+
+[rankers.gbdt]
+model = "gbdt"
+"""
+
+RANKER = """
+[rankers.{key}]
+model = "{model}"
+overrides = ['model.signals={signals}']
+"""
+
+
+def rows() -> dict[str, list[str]]:
+    """Ablation rows of the neural ranker: row key -> the signals it reads."""
+    out = {"content_only": [], "all_signals": list(SIGNAL_NAMES)}
+    for name in SIGNAL_NAMES:
+        out[f"without_{name}"] = [s for s in SIGNAL_NAMES if s != name]
+    return out
+
+
+def experiment_text(
+    name: str, data: Path, args: argparse.Namespace, part: int = 0, parts: int = 1
+) -> str:
+    """The grid (every `parts`-th neural row from `part` on; the baselines with part 0)."""
+    header = HEADER.format(name=name, data=data, epochs=args.epochs)
+    text = header if part == 0 else header.split("[rankers.")[0]
+    for key, signals in list(rows().items())[part::parts]:
+        text += RANKER.format(key=key, model=args.ranker, signals=json.dumps(signals))
+    return text
+
+
+def run_parts(name: str, data: Path, out: Path, args: argparse.Namespace) -> None:
+    """Prepare and encode once, then train the rows in `args.jobs` processes."""
+    config = load_experiment(out / "experiment.toml")
+    store_dir, _ = _prepare(config)
+    _encode(config, store_dir, "minilm")
+    procs = []
+    for part in range(args.jobs):
+        path = out / f"experiment-part{part}.toml"
+        path.write_text(experiment_text(name, data, args, part, args.jobs))
+        code = (
+            f"import torch; torch.set_num_threads({args.threads}); "
+            "from pathlib import Path; "
+            "from mmnewsrec.evaluate.experiment import load_experiment, run_experiment; "
+            f"p = Path({str(path)!r}); run_experiment(load_experiment(p), p)"
+        )
+        log = (out / f"part{part}.log").open("w")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log))
+    if any(p.wait() for p in procs):
+        raise SystemExit(f"a part failed: see {out}/part*.log")
+
+
+def run_data_set(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Run one data set's grid; dev AUC per row, the oracle AUC and the time taken."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "experiment.toml"
+    path.write_text(experiment_text(name, data, args))
+    started = time.perf_counter()
+    if args.jobs > 1:
+        run_parts(name, data, out, args)
+    report = run_experiment(load_experiment(path), path)
+    auc = {r["ranker"]: r["auc"] for r in json.loads((out / "results.json").read_text())}
+    oracle = data / "dev" / "oracle.tsv"
+    if oracle.is_file():
+        auc["(oracle)"] = oracle_auc(oracle, out / "store", "dev")
+    return {
+        "auc": auc,
+        "report": report,
+        "minutes": (time.perf_counter() - started) / 60,
+        "load": os.getloadavg()[0],
+    }
+
+
+def print_table(results: dict[str, dict], ranker: str) -> None:
+    names = list(results)
+    print(f"\n| row ({ranker} unless named) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    keys = dict.fromkeys(key for r in results.values() for key in r["auc"])
+    for key in keys:
+        cells = [f"{results[n]['auc'].get(key, float('nan')):.4f}" for n in names]
+        print(f"| {key} | " + " | ".join(cells) + " |")
+    for name, r in results.items():
+        print(f"{name}: {r['minutes']:.1f} min, load average {r['load']:.1f}, {r['report']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", nargs="+", default=["synthetic", "movielens"])
+    parser.add_argument("--movielens", type=Path, default=MOVIELENS)
+    parser.add_argument("--ranker", default="additive_attention")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (busy machines)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes training the rows")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {}
+    for name in args.data:
+        out = args.out / name
+        if name == "synthetic":
+            generate(out / "data", SynthConfig())
+            data = (out / "data").resolve()
+        else:
+            data = args.movielens.resolve()
+        results[name] = run_data_set(name, data, out, args)
+    print_table(results, args.ranker)
+
+
+if __name__ == "__main__":
+    main()

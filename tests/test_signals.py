@@ -1,0 +1,123 @@
+"""Behaviour signals at impression time: values on a hand-checked log, no leakage, storage."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mmnewsrec.csr import csr_offsets
+from mmnewsrec.data.signals import build_signals
+from mmnewsrec.data.store import build_store
+from mmnewsrec.formats.store import SIGNAL_NAMES, Behaviors, Store, StoreError
+
+POP, EXP, FRESH, CO, HIST = range(5)
+
+
+def behaviors(split, times, users, histories, candidates, labels) -> Behaviors:
+    return Behaviors(
+        split=split,
+        labelled=True,
+        impression_ids=np.arange(1, len(times) + 1),
+        user_index=users,
+        times=times,
+        history_offsets=csr_offsets([len(h) for h in histories]),
+        history_items=np.concatenate([np.asarray(h, dtype=np.int32) for h in histories]),
+        candidate_offsets=csr_offsets([len(c) for c in candidates]),
+        candidate_items=np.concatenate(candidates),
+        candidate_labels=np.concatenate(labels),
+    )
+
+
+@pytest.fixture
+def signals(tmp_path) -> dict[str, np.ndarray]:
+    """Train: users 0, 3, 1, 0 at times 100, 150, 200, 200; dev: user 2 at 300 and 400."""
+    train = behaviors(
+        "train",
+        times=[100, 150, 200, 200],
+        users=[0, 3, 1, 0],
+        histories=[[1], [1, 4], [1, 2], [1, 2]],
+        candidates=[[2, 3], [3, 2], [2, 3], [2, 3]],
+        labels=[[1, 0], [1, 0], [1, 0], [0, 1]],
+    )
+    dev = behaviors(
+        "dev",
+        times=[300, 400],
+        users=[2, 2],
+        histories=[[1], [1, 2]],
+        candidates=[[2, 3, 4], [4, 1]],
+        labels=[[1, 0, 0], [1, 0]],
+    )
+    manifest = build_signals({"train": train, "dev": dev}, 4, tmp_path)
+    assert manifest == {"names": list(SIGNAL_NAMES), "train_split": "train"}
+    return {split: np.load(tmp_path / f"{split}.npy") for split in ("train", "dev")}
+
+
+def test_train_popularity_counts_only_strictly_earlier_clicks(signals):
+    pop = signals["train"][:, POP]
+    # t=100: nothing before; t=150: the click on 2 at t=100; t=200 (twice): clicks at 100 and
+    # 150, never the clicks of the other impression at the same time nor its own
+    expected = [0, 0, math.log(1 / 2), math.log(2 / 2), *[math.log(2 / 3)] * 4]
+    np.testing.assert_allclose(pop, expected, rtol=1e-6)
+
+
+def test_dev_popularity_counts_every_train_click_and_no_dev_label(signals):
+    pop = signals["dev"][:, POP]
+    # train clicks: item 2 twice, item 3 twice, 4 in all; item 4 clicked in dev does not count
+    expected = [math.log(3 / 5)] * 2 + [math.log(1 / 5)] * 3  # 1: never a clicked candidate
+    np.testing.assert_allclose(pop, expected, rtol=1e-6)
+
+
+def test_exposures_count_earlier_impressions_of_the_same_split(signals):
+    np.testing.assert_allclose(signals["train"][:, EXP], 0.0, atol=1e-7)  # every item each time
+    # dev at t=400: one earlier dev impression, which showed 4 but not 1
+    np.testing.assert_allclose(signals["dev"][:, EXP], [0, 0, 0, 0, math.log(1 / 2)], atol=1e-6)
+
+
+def test_freshness_is_time_since_the_first_appearance_in_any_log(signals):
+    hours = np.expm1(signals["dev"][:, FRESH]) * 3600
+    # 2 and 3 first shown at 100; 4 first in a history at 150; 1 in a history at 100
+    np.testing.assert_allclose(hours, [200, 200, 150, 250, 300], rtol=1e-4)
+    assert (signals["train"][:, FRESH] >= 0).all()
+
+
+def test_coclick_leaves_the_impressions_user_out(signals):
+    # profiles (latest train history): user 0 {1, 2}, user 3 {1, 4}, user 1 {1, 2}
+    dev = signals["dev"][:, CO]
+    np.testing.assert_allclose(dev[:3], [2 / math.sqrt(2 * 3), 0, 1 / math.sqrt(3)], rtol=1e-6)
+    # the last dev impression: candidate 1 with history {1, 2}: mean of cos(1, 1) and cos(1, 2)
+    assert dev[4] == pytest.approx((1 + 2 / math.sqrt(6)) / 2, rel=1e-6)
+    # train, user 0, history {1}, candidate 2: without user 0 one profile holds both
+    assert signals["train"][0, CO] == pytest.approx(1 / math.sqrt(1 * 2), rel=1e-6)
+    assert signals["train"][1, CO] == 0  # item 3 is in no profile
+
+
+def test_history_length(signals):
+    np.testing.assert_allclose(np.expm1(signals["dev"][:, HIST]), [1, 1, 1, 2, 2], rtol=1e-6)
+
+
+def test_prepare_stores_signals_memory_mapped(tmp_path):
+    root = tmp_path / "mind"
+    news = "".join(f"N{i}\tnews\tworld\tt{i}\ta\tu\t[]\t[]\n" for i in (1, 2, 3))
+    rows = {"train": "1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-1 N3-0\n",
+            "dev": "2\tU2\t11/16/2019 8:55:22 AM\tN1\tN2-0 N3-1\n"}  # fmt: skip
+    for split, text in rows.items():
+        (root / split).mkdir(parents=True)
+        (root / split / "news.tsv").write_text(news)
+        (root / split / "behaviors.tsv").write_text(text)
+    store = build_store(root, tmp_path / "store")
+    table = store.signals("dev")
+    assert isinstance(table, np.memmap) and table.dtype == np.float32
+    assert table.shape == (2, len(SIGNAL_NAMES))
+    assert table[0, POP] > table[1, POP]  # N2 was clicked in train, N3 was not
+    assert store.manifest["signals"]["train_split"] == "train"
+    with pytest.raises(KeyError, match="split 'test' not in store"):
+        store.signals("test")
+
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    del manifest["signals"]  # as written before signals existed
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="no behaviour signals.*prepare"):
+        Store.load(store.path).signals("dev")
+    rebuilt = build_store(root, tmp_path / "store")  # an old store is not "up to date"
+    assert rebuilt.signals("dev").shape == (2, len(SIGNAL_NAMES))
