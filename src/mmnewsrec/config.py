@@ -98,6 +98,19 @@ class ModelConfig(Section):
     name: str = "fast_rec_transformer"
     preset: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    finetune_layers: int = Field(
+        0,
+        ge=0,
+        description="train the text encoder's top N layers with the ranker (their input token "
+        "states cached once); 0 = frozen news vectors",
+    )
+    finetune_lr: float = Field(5e-5, gt=0, description="learning rate of the fine-tuned layers")
+    finetune_max_tokens: int = Field(32, ge=2, description="tokens kept per news text")
+    text_encoder: str | None = Field(
+        None,
+        description="the text model the vectors were encoded with (a local path or hub id); "
+        "None = the one their manifest names",
+    )
 
 
 class OptimConfig(Section):
