@@ -126,10 +126,10 @@ def fine_tuned(ranker: Ranker, config: TrainConfig, vectors: NewsVectors, device
     if not ranker.trainable:
         raise ConfigError(f"model.finetune_layers: {ranker.name} has no weights to train")
     name, text_dim = text_source(vectors, config.model.text_encoder)
+    check_same_model(name, vectors)
     store = Store.load(config.data.store_dir)
     try:
         base = load_sentence_model(name)
-        check_same_model(name, vectors)
         states = news_states(base, name, store, vectors, config, device)
         tower = TextTower(base, config.model.finetune_layers)
     except FineTuneError as err:
