@@ -113,12 +113,14 @@ class Recommender:
 
         recall_backend: "exact", "faiss_flat", "faiss_hnsw" (approximate, fast at large N)
         or "auto" (exact up to SERVE_EXACT_MAX_NEWS news, faiss_hnsw beyond)."""
+        from mmnewsrec.formats.runs import read_run_config
         from mmnewsrec.formats.store import Store
         from mmnewsrec.formats.vectors import NewsVectors
         from mmnewsrec.rank import load_ranker
 
-        ranker = load_ranker(run_dir, device)  # its config names its vectors (a fine-tuned
-        config = ranker.config  # run's: RUN_DIR/vectors)
+        read_run_config(run_dir)  # a run directory at all
+        ranker = load_ranker(run_dir, device)
+        config = ranker.config  # the checkpoint's: a fine-tuned run's names RUN_DIR/vectors
         store = Store.load(config.data.store_dir)
         vectors = NewsVectors.load(config.data.vectors_dir)
         index_dir = Path(config.data.vectors_dir) / "recall"
