@@ -225,7 +225,7 @@ def test_a_stopped_fine_tuning_run_resumes_to_the_same_weights(data, tmp_path):
     )
 
 
-def test_the_tower_has_its_own_learning_rate(data, tmp_path):
+def test_the_tower_has_its_own_learning_rate_and_clipping(data, tmp_path):
     recipe = TrainRecipe(train_config(data, tmp_path / "r", "optim.lr=3e-3"), torch.device("cpu"))
     recipe.setup()
     tower = {id(p) for p in recipe.model.text.parameters()}
@@ -233,3 +233,5 @@ def test_the_tower_has_its_own_learning_rate(data, tmp_path):
     assert [g["initial_lr"] for g in groups] == [3e-3, 3e-3, 1e-3]
     assert {id(p) for p in groups[-1]["params"]} == tower
     assert not tower & {id(p) for g in groups[:-1] for p in g["params"]}
+    # clipped apart: the tower's gradient norm is thousands of times the ranker's
+    assert [{id(p) for p in params} for params in recipe.clip_groups][1] == tower

@@ -118,14 +118,16 @@ class FineTunedRanker(nn.Module):
         return super().train(mode)
 
 
-def fine_tuned(ranker: Ranker, config: TrainConfig, vectors: NewsVectors, device: Any) -> Any:
+def fine_tuned(
+    ranker: Ranker, config: TrainConfig, vectors: NewsVectors, device: torch.device
+) -> FineTunedRanker:
     """Wrap `ranker` for `model.finetune_layers` (the token states cached under the vectors)."""
     from mmnewsrec.encode.finetune import FineTuneError, TextTower, load_sentence_model
     from mmnewsrec.formats.store import Store
 
     if not ranker.trainable:
         raise ConfigError(f"model.finetune_layers: {ranker.name} has no weights to train")
-    name, text_dim = text_source(vectors, config.model.text_encoder)
+    name, text_dim = text_source(vectors, config)
     check_same_model(name, vectors)
     store = Store.load(config.data.store_dir)
     try:
@@ -143,13 +145,13 @@ def fine_tuned(ranker: Ranker, config: TrainConfig, vectors: NewsVectors, device
     return FineTunedRanker(ranker, tower, states, spec)
 
 
-def text_source(vectors: NewsVectors, override: str | None) -> tuple[str, int]:
+def text_source(vectors: NewsVectors, config: TrainConfig) -> tuple[str, int]:
     """(text model name, width of the text slice) of vectors whose text part can be tuned."""
     manifest = vectors.manifest
     fusion = manifest.get("fusion", {})
     text = manifest.get("text") or {}
     encoder = text.get("encoder") or {}
-    where = f"{manifest.get('store', {}).get('path', 'the vectors')}: vectors"
+    where = f"{config.data.vectors_dir}: vectors"
     if fusion.get("method") not in ("text", "concat"):
         raise ConfigError(
             f"model.finetune_layers: {where} fused by {fusion.get('method')!r}; fine-tuning "
@@ -157,7 +159,7 @@ def text_source(vectors: NewsVectors, override: str | None) -> tuple[str, int]:
         )
     if not text or encoder.get("joint"):
         raise ConfigError(f"model.finetune_layers: {where} have no separate text encoder part")
-    return override or encoder["id"], int(fusion["text_dim"])
+    return config.model.text_encoder or encoder["id"], int(fusion["text_dim"])
 
 
 def check_same_model(name: str, vectors: NewsVectors) -> None:
@@ -178,7 +180,7 @@ def check_same_model(name: str, vectors: NewsVectors) -> None:
 
 def news_states(
     base: Any, name: str, store: Any, vectors: NewsVectors, config: TrainConfig, device: Any
-) -> Any:
+) -> TokenStates:
     """The cached token states of the texts the vectors were encoded from."""
     from mmnewsrec.encode.finetune import token_states
     from mmnewsrec.encode.pipeline import news_texts

@@ -395,12 +395,13 @@ class TrainRecipe:
         if isinstance(model, PopularityRanker):
             model.fit_counts(click_counts(self.train_behaviors, self.num_news))
         self.model_args = model.model_args
+        self.model: nn.Module = model
         if cfg.model.finetune_layers:
             from mmnewsrec.rank.news_encoder import fine_tuned
 
-            model = fine_tuned(model, cfg, self.vectors, self.device)
-        self.model = model.to(self.device)
-        self.trainable = any(p.requires_grad for p in model.parameters())
+            self.model = fine_tuned(model, cfg, self.vectors, self.device)
+        self.model.to(self.device)
+        self.trainable = any(p.requires_grad for p in self.model.parameters())
         self.ddp: nn.Module = self.model
         if self.trainable and self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -452,9 +453,11 @@ class TrainRecipe:
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
+        self.clip_groups = [params]  # gradient norms clipped apart: the tower's are far larger
         if tuned is not None:
             lr = self.config.model.finetune_lr
             groups.append({"params": list(tuned.parameters()), "weight_decay": 0.0, "lr": lr})
+            self.clip_groups.append(list(tuned.parameters()))
         self.optimizer = torch.optim.AdamW(
             groups, lr=opt.lr, betas=opt.betas, fused=self.device.type == "cuda" or None
         )
@@ -541,7 +544,8 @@ class TrainRecipe:
         self.scaler.scale(loss).backward()
         if self.config.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            for params in self.clip_groups:
+                nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
