@@ -105,9 +105,9 @@ class Ranker(nn.Module):
         self.config = config
         self.register_buffer("news_vectors", vectors, persistent=False)  # (N+1, D)
         self.register_buffer("has_image", flags, persistent=False)  # (N+1,)
-        mean, std = vectors[1:].mean(dim=0), vectors[1:].std(dim=0, correction=0)
+        mean, scale = standardisation(vectors)
         self.register_buffer("vector_mean", mean, persistent=False)  # (D,)
-        self.register_buffer("vector_scale", 1.0 / std.clamp_min(1e-6), persistent=False)  # (D,)
+        self.register_buffer("vector_scale", scale, persistent=False)  # (D,)
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -126,6 +126,12 @@ class Ranker(nn.Module):
             if isinstance(module, NewsProjection):
                 module.cache_tokens(self)
         return self
+
+
+def standardisation(vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and 1 / std of a news table (N+1, D), row 0 (padding) left out."""
+    mean, std = vectors[1:].mean(dim=0), vectors[1:].std(dim=0, correction=0)
+    return mean, 1.0 / std.clamp_min(1e-6)
 
 
 class NewsProjection(nn.Module):

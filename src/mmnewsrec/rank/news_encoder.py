@@ -33,7 +33,7 @@ from mmnewsrec.config import ConfigError, TrainConfig
 from mmnewsrec.files import atomic_file
 from mmnewsrec.formats.runs import read_checkpoint
 from mmnewsrec.formats.vectors import NewsVectors
-from mmnewsrec.rank.model import Ranker
+from mmnewsrec.rank.model import Ranker, standardisation
 
 if TYPE_CHECKING:
     from mmnewsrec.encode.finetune import TextTower, TokenStates
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 STATES_DIR = "token_states"  # under the vectors folder
 EXPORT_BLOCK = 1024  # news encoded per forward when the whole table is computed
+CONSTANT_STD = 1e-4  # a text dimension this flat over the frozen vectors stays as it is
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,16 @@ class FineTuneSpec:
 
 
 class FineTunedRanker(nn.Module):
-    """A ranker whose news vectors' text part comes from a trainable `TextTower`."""
+    """A ranker whose news vectors' text part comes from a trainable `TextTower`.
+
+    The ranker standardises its inputs per dimension; here by `mean` and `scale`, the statistics
+    of the table at the last evaluation (saved in checkpoints, for exact resumes), so that an
+    evaluation sees what the plain ranker on the exported vectors sees."""
+
+    flat: Tensor  # buffers, registered in __init__
+    flat_value: Tensor
+    mean: Tensor
+    scale: Tensor
 
     def __init__(self, ranker: Ranker, tower: TextTower, states: TokenStates, spec: FineTuneSpec):
         super().__init__()
@@ -68,6 +78,12 @@ class FineTunedRanker(nn.Module):
         self.states = states  # TokenStates: (N+1, T, H) float16, memory-mapped
         self.spec = spec
         self.table: Tensor | None = None  # eval mode: every news item's vector
+        text = ranker.news_vectors[1:, : spec.text_dim]
+        flat = text.std(dim=0, correction=0) < CONSTANT_STD  # (text_dim,)
+        self.register_buffer("flat", flat, persistent=False)
+        self.register_buffer("flat_value", text.mean(dim=0), persistent=False)
+        self.register_buffer("mean", ranker.vector_mean.clone())  # (D,)
+        self.register_buffer("scale", ranker.vector_scale.clone())  # (D,)
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -77,13 +93,17 @@ class FineTunedRanker(nn.Module):
         """(n,) news indices (> 0) -> (n, D) vectors: tuned text part, frozen rest."""
         states, lengths = self.states.rows(indices)
         text = self.text(states, lengths)  # (n, text_dim)
+        # the ranker divides by each dimension's std: one the frozen encoder leaves constant
+        # (std ~0) must stay constant, or the slightest change there is blown up a millionfold
+        text = torch.where(self.flat, self.flat_value.to(text.dtype), text)
         frozen = self.ranker.news_vectors[indices, self.spec.text_dim :]
         return torch.cat([text.to(frozen.dtype), frozen], dim=1)
 
     def forward(self, history: Tensor, candidates: Tensor) -> Tensor:
         if not self.training:
             if self.table is None:
-                self.table = self.full_table()
+                self.refresh()
+            assert self.table is not None
             return self.with_table(self.table, self.ranker.has_image, history, candidates)
         ids = torch.cat([history.new_zeros(1), history.flatten(), candidates.flatten()])
         unique, inverse = torch.unique(ids, return_inverse=True)  # unique[0] = 0 (padding)
@@ -98,12 +118,13 @@ class FineTunedRanker(nn.Module):
     def with_table(self, table: Tensor, flags: Tensor, history: Tensor, cand: Tensor) -> Tensor:
         """The ranker's forward on another news table (rows addressed by history / cand)."""
         ranker = self.ranker
-        saved = ranker.news_vectors, ranker.has_image
+        saved = ranker.news_vectors, ranker.has_image, ranker.vector_mean, ranker.vector_scale
         ranker.news_vectors, ranker.has_image = table, flags
+        ranker.vector_mean, ranker.vector_scale = self.mean, self.scale
         try:
             return ranker(history, cand)
         finally:
-            ranker.news_vectors, ranker.has_image = saved
+            ranker.news_vectors, ranker.has_image, ranker.vector_mean, ranker.vector_scale = saved
 
     @torch.no_grad()
     def full_table(self) -> Tensor:
@@ -112,6 +133,14 @@ class FineTunedRanker(nn.Module):
         index = torch.arange(1, len(vectors), device=vectors.device)
         rows = [self.news_rows(part).float() for part in index.split(EXPORT_BLOCK)]
         return torch.cat([vectors.new_zeros(1, vectors.shape[1]), *rows])
+
+    def refresh(self) -> None:
+        """Compute every news item's vector, and standardise the ranker's inputs by their
+        statistics from now on: those the plain ranker on the run's exported vectors uses."""
+        self.table = self.full_table()
+        mean, scale = standardisation(self.table)
+        self.mean.copy_(mean)
+        self.scale.copy_(scale)
 
     def train(self, mode: bool = True) -> FineTunedRanker:
         self.table = None
