@@ -115,9 +115,12 @@ class TextTower(nn.Module):
             pooled = (h * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         return nn.functional.normalize(pooled.float(), dim=-1)  # (n, H)
 
-    def save_model(self, base: SentenceTransformer, out: Path, max_tokens: int) -> None:
+    def save_model(
+        self, base: SentenceTransformer, out: Path, max_tokens: int, extra: dict | None = None
+    ) -> None:
         """Write `base` with these top layers as a sentence-transformers folder (atomically):
-        the fine-tuned text encoder, usable as `encode --text-encoder OUT`."""
+        the fine-tuned text encoder, usable as `encode --text-encoder OUT`; `extra` goes into
+        its manifest.json."""
         model_layers = layers(base)
         frozen = len(model_layers) - len(self.layers)
         for i, layer in enumerate(self.layers):
@@ -125,7 +128,8 @@ class TextTower(nn.Module):
         base.max_seq_length = max_tokens
         with atomic_dir(out, "a text encoder folder") as tmp:
             base.save(str(tmp))
-            write_json(tmp / "manifest.json", {"max_tokens": max_tokens, "frozen_layers": frozen})
+            manifest = {"max_tokens": max_tokens, "frozen_layers": frozen, **(extra or {})}
+            write_json(tmp / "manifest.json", manifest)
 
 
 @dataclass

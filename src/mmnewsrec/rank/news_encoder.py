@@ -9,7 +9,8 @@ once and reused until training resumes.
 After training, `export_run` makes the run self-contained for evaluate, predict and serve:
 
     RUN_DIR/vectors/        the news vectors of the fine-tuned encoder (the `encode` format)
-    RUN_DIR/text_encoder/   the fine-tuned text encoder, a sentence-transformers folder
+    RUN_DIR/text_encoder/   the fine-tuned text encoder, a sentence-transformers folder; its
+                            manifest.json lists the dimensions kept constant and their values
     RUN_DIR/checkpoint.pt   the ranker alone, on RUN_DIR/vectors (its config says so)
 
 Fusions: the text part must be a slice of the news vector, so `text` and `concat` are
@@ -238,9 +239,12 @@ def export_run(out_dir: Path, source: NewsVectors, model: nn.Module) -> None:
     run_vectors = NewsVectors(table, np.array(source.has_image), run_manifest(source, table, state))
     run_vectors.save(vectors_dir)
     spec = model.spec
+    flat = model.flat.nonzero().flatten()
+    constant = {"dims": flat.tolist(), "values": model.flat_value[flat].tolist()}
     model.text.save_model(
-        load_sentence_model(spec.text_encoder), out_dir / "text_encoder", spec.max_tokens
-    )
+        load_sentence_model(spec.text_encoder), out_dir / "text_encoder", spec.max_tokens,
+        {"constant_dims": constant},
+    )  # fmt: skip
     config = state["config"]
     config["data"]["vectors_dir"] = str(vectors_dir)
     ranker_state = {
