@@ -104,7 +104,7 @@ class ModelConfig(Section):
         description="train the text encoder's top N layers with the ranker (their input token "
         "states cached once); 0 = frozen news vectors",
     )
-    finetune_lr: float = Field(5e-5, gt=0, description="learning rate of the fine-tuned layers")
+    finetune_lr: float = Field(1e-4, gt=0, description="learning rate of the fine-tuned layers")
     finetune_max_tokens: int = Field(32, ge=2, description="tokens kept per news text")
     text_encoder: str | None = Field(
         None,
