@@ -105,6 +105,19 @@ class ModelConfig(Section):
         description="behaviour signals of the store added to the content score (neural "
         "rankers) or used as features (gbdt, where [] means all)",
     )
+    finetune_layers: int = Field(
+        0,
+        ge=0,
+        description="train the text encoder's top N layers with the ranker (their input token "
+        "states cached once); 0 = frozen news vectors",
+    )
+    finetune_lr: float = Field(1e-4, gt=0, description="learning rate of the fine-tuned layers")
+    finetune_max_tokens: int = Field(32, ge=2, description="tokens kept per news text")
+    text_encoder: str | None = Field(
+        None,
+        description="the text model the vectors were encoded with (a local path or hub id); "
+        "None = the one their manifest names",
+    )
 
     @field_validator("signals")
     @classmethod

@@ -124,9 +124,9 @@ class Ranker(nn.Module):
         self.config = config
         self.register_buffer("news_vectors", vectors, persistent=False)  # (N+1, D)
         self.register_buffer("has_image", flags, persistent=False)  # (N+1,)
-        mean, std = vectors[1:].mean(dim=0), vectors[1:].std(dim=0, correction=0)
+        mean, scale = standardisation(vectors)
         self.register_buffer("vector_mean", mean, persistent=False)  # (D,)
-        self.register_buffer("vector_scale", 1.0 / std.clamp_min(1e-6), persistent=False)  # (D,)
+        self.register_buffer("vector_scale", scale, persistent=False)  # (D,)
         names = getattr(config, "signals", [])
         self.signal_head = SignalHead(len(names)) if names and self.trainable else None
 
@@ -197,6 +197,12 @@ class SignalHead(nn.Module):
         x = (signals - self.mean) * self.scale
         gate, bias = (self.OUTPUT_SCALE * (self.out(self.hidden(x)) + self.linear(x))).unbind(-1)
         return content * F.softplus(gate + self.GATE_SHIFT) + bias
+
+
+def standardisation(vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and 1 / std of a news table (N+1, D), row 0 (padding) left out."""
+    mean, std = vectors[1:].mean(dim=0), vectors[1:].std(dim=0, correction=0)
+    return mean, 1.0 / std.clamp_min(1e-6)
 
 
 class NewsProjection(nn.Module):

@@ -432,9 +432,14 @@ class TrainRecipe:
             model.signal_head.fit(self.train_signals)
         if isinstance(model, GBDTRanker):
             self._fit_gbdt(model)
-        self.model = model.to(self.device)
         self.model_args = model.model_args
-        self.trainable = any(p.requires_grad for p in model.parameters())
+        self.model: nn.Module = model
+        if cfg.model.finetune_layers:
+            from mmnewsrec.rank.news_encoder import fine_tuned
+
+            self.model = fine_tuned(model, cfg, self.vectors, self.device)
+        self.model.to(self.device)
+        self.trainable = any(p.requires_grad for p in self.model.parameters())
         self.ddp: nn.Module = self.model
         if self.trainable and self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -502,11 +507,18 @@ class TrainRecipe:
 
     def _build_optimizer(self) -> None:
         opt = self.config.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        tuned = getattr(self.model, "text", None)  # a fine-tuned text tower: its own lr
+        own = {id(p) for p in tuned.parameters()} if tuned is not None else set()
+        params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in own]
         groups = [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
+        self.clip_groups = [params]  # gradient norms clipped apart: the tower's are far larger
+        if tuned is not None:
+            lr = self.config.model.finetune_lr
+            groups.append({"params": list(tuned.parameters()), "weight_decay": 0.0, "lr": lr})
+            self.clip_groups.append(list(tuned.parameters()))
         self.optimizer = torch.optim.AdamW(
             groups, lr=opt.lr, betas=opt.betas, fused=self.device.type == "cuda" or None
         )
@@ -593,7 +605,8 @@ class TrainRecipe:
         self.scaler.scale(loss).backward()
         if self.config.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            for params in self.clip_groups:
+                nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -609,6 +622,10 @@ class TrainRecipe:
         if self.dist.is_main and not best.exists():  # no selection split, or no AUC on it
             self.save_checkpoint(best, {})
         self.save_last()
+        if self.dist.is_main and self.config.model.finetune_layers:
+            from mmnewsrec.rank.news_encoder import export_run
+
+            export_run(self.out_dir, self.vectors, self.model)
         return self._result(finished=True)
 
     def _result(self, finished: bool) -> TrainResult:
@@ -708,6 +725,7 @@ class TrainRecipe:
     # ------------------------------------------------------------------ checkpoints
 
     def _meta(self) -> dict[str, Any]:
+        spec = getattr(self.model, "spec", None)  # a fine-tuned text tower's description
         return {
             "format": CHECKPOINT_FORMAT,
             "model_name": self.model_name,
@@ -719,7 +737,7 @@ class TrainRecipe:
             "selection": self.selection,
             "step": self.progress.step,
             "epoch": self.progress.epoch,
-        }
+        } | ({"finetune": spec.describe()} if spec is not None else {})
 
     def save_checkpoint(self, path: Path, metrics: dict[str, float]) -> None:
         """The model alone (what evaluation and serving load), atomically (rank 0)."""

@@ -141,10 +141,11 @@ class Recommender:
         from mmnewsrec.formats.vectors import NewsVectors
         from mmnewsrec.rank import load_ranker
 
-        config = read_run_config(run_dir)
+        read_run_config(run_dir)  # a run directory at all
+        ranker = load_ranker(run_dir, device)
+        config = ranker.config  # the checkpoint's: a fine-tuned run's names RUN_DIR/vectors
         store = Store.load(config.data.store_dir)
         vectors = NewsVectors.load(config.data.vectors_dir)
-        ranker = load_ranker(run_dir, device, vectors=vectors)
         index_dir = Path(config.data.vectors_dir) / "recall"
         return cls(
             store, vectors, ranker, recall_k, recall_backend, index_dir, trace, popular_share

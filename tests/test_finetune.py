@@ -1,0 +1,249 @@
+"""Fine-tuning the text encoder's top layers with a ranker (`model.finetune_layers`), on the
+shipped MiniLM and the quick synthetic data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmnewsrec.config import ConfigError, load_config
+from mmnewsrec.data.store import build_store
+from mmnewsrec.data.synthetic import SynthConfig, generate
+from mmnewsrec.encode.finetune import TextTower, load_sentence_model, token_states
+from mmnewsrec.encode.pipeline import EncodeConfig, encode_store, news_texts
+from mmnewsrec.formats.runs import read_checkpoint
+from mmnewsrec.formats.store import Store
+from mmnewsrec.formats.vectors import NewsVectors
+from mmnewsrec.rank.news_encoder import STATES_DIR, FineTunedRanker
+from mmnewsrec.rank.ranker import load_ranker
+from mmnewsrec.rank.train import TrainRecipe, run_training
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+IMAGE_DIM = 8
+TINY = {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Quick synthetic store; MiniLM text vectors (emb) and the same text part concatenated
+    with a random 'image' part (emb_concat)."""
+    root = tmp_path_factory.mktemp("finetune")
+    generate(root / "data", SynthConfig.quick())
+    store = build_store(root / "data", root / "store")
+    text = encode_store(root / "store", root / "emb", EncodeConfig(image_encoder="none"))
+    image = np.random.default_rng(0).normal(size=(store.num_news + 1, IMAGE_DIM))
+    image[0] = 0
+    fused = np.hstack([text.vectors, image]).astype(np.float16)
+    has_image = np.arange(store.num_news + 1) % 2 == 1
+    fusion = {"method": "concat", "text_dim": text.dim, "image_dim": IMAGE_DIM}
+    manifest = text.manifest | {"hash": "concat-test", "fusion": fusion}
+    NewsVectors(fused, has_image, manifest).save(root / "emb_concat")
+    return root
+
+
+def train_config(data: Path, out: Path, *overrides: str, vectors: str = "emb"):
+    values = {
+        "data.store_dir": data / "store",
+        "data.vectors_dir": data / vectors,
+        "run.out_dir": out,
+    }
+    base = [
+        "model.finetune_layers=1",
+        "model.finetune_lr=1e-3",
+        "data.history_len=8",
+        "data.dev_impressions=40",
+        "optim.batch_size=16",
+        "optim.epochs=1",
+        "run.max_steps=4",
+        "run.eval_each_epoch=false",
+        "run.progress=false",
+        "run.device=cpu",
+        *[f"model.args.{k}={v}" for k, v in TINY.items()],
+    ]
+    return load_config(None, [*base, *overrides], values)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory) -> Path:
+    """A fine-tuned run on the concatenated vectors, selected on the whole dev split."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    selection = ("data.valid_split=dev", "data.dev_impressions=0")
+    run_training(train_config(data, out, *selection, vectors="emb_concat"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_sentence_model(MINILM)
+
+
+def texts(data: Path) -> list[str]:
+    return news_texts(
+        Store.load(data / "store").news, ["category", "subcategory", "title"]
+    ).to_list()
+
+
+def test_the_tower_starts_at_the_frozen_vectors(data, minilm):
+    store = Store.load(data / "store")
+    cache = data / "cache"
+    states = token_states(minilm, MINILM, texts(data), store.content_hash, 2, 32, cache, "cpu")
+    tower = TextTower(minilm, 2).eval()
+    with torch.no_grad():
+        out = tower(*states.rows(torch.arange(1, store.num_news + 1)))
+    frozen = NewsVectors.load(data / "emb").vectors[1:].astype(np.float32)
+    np.testing.assert_allclose(out.numpy(), frozen, atol=2e-3)  # float16 states and vectors
+
+
+def test_token_states_are_cached_once_per_model_split_and_length(data, minilm, monkeypatch):
+    store = Store.load(data / "store")
+    cache = data / "cache-keys"
+    args = (minilm, MINILM, texts(data), store.content_hash)
+    first = token_states(*args, 1, 16, cache, "cpu")
+    assert first.states.dtype == np.float16 and first.states.shape[0] == store.num_news + 1
+    assert first.states.shape[1:] == (16, 384)
+    assert not np.any(first.states[0]) and first.lengths[0] == 0
+    assert first.lengths[1:].min() >= 3 and first.lengths.max() <= 16
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("recomputed cached token states")
+
+    monkeypatch.setattr("mmnewsrec.encode.finetune.write_states", no_work)
+    again = token_states(*args, 1, 16, cache, "cpu")
+    assert again.manifest == first.manifest
+    with pytest.raises(AssertionError, match="recomputed"):
+        token_states(*args, 2, 16, cache, "cpu")  # another split layer: another key
+    with pytest.raises(AssertionError, match="recomputed"):
+        token_states(*args, 1, 24, cache, "cpu")
+
+
+def test_each_distinct_news_of_a_batch_goes_through_the_tower_once(data, tmp_path, monkeypatch):
+    recipe = TrainRecipe(train_config(data, tmp_path / "r"), torch.device("cpu"))
+    recipe.setup()
+    model = recipe.model
+    assert isinstance(model, FineTunedRanker)
+    seen = []
+    forward = TextTower.forward
+
+    def counting(self, states, lengths):
+        seen.append(len(lengths))
+        return forward(self, states, lengths)
+
+    monkeypatch.setattr(TextTower, "forward", counting)
+    batch = next(iter(recipe.loader))
+    model.train()
+    scores = model(batch.history, batch.candidates)
+    ids = torch.cat([batch.history.flatten(), batch.candidates.flatten()])
+    assert seen == [len(torch.unique(ids[ids > 0]))]
+    # the same scores as the ranker on the full table (dropout off)
+    model.eval()
+    np.testing.assert_allclose(
+        model(batch.history, batch.candidates).detach().numpy(),
+        model.with_table(
+            model.full_table(), model.ranker.has_image, batch.history, batch.candidates, None
+        )
+        .detach()
+        .numpy(),
+        atol=1e-5,
+    )
+    assert scores.requires_grad
+
+
+def test_the_run_trains_the_text_part_and_writes_its_own_vectors(data, run):
+    source = NewsVectors.load(data / "emb_concat")
+    tuned = NewsVectors.load(run / "vectors")
+    assert tuned.manifest["finetuned"]["layers"] == 1
+    assert tuned.hash != source.hash and tuned.vectors.shape == source.vectors.shape
+    text_dim = source.dim - IMAGE_DIM
+    moved = np.abs(tuned.vectors[1:, :text_dim].astype(np.float32) - source.vectors[1:, :text_dim])
+    assert moved.max() > 1e-2
+    np.testing.assert_array_equal(tuned.vectors[:, text_dim:], source.vectors[:, text_dim:])
+    flat = source.vectors[1:, :text_dim].astype(np.float32).std(axis=0) < 1e-4
+    assert flat.any()  # MiniLM leaves a few dimensions constant over these news
+    np.testing.assert_allclose(  # pinned to their mean
+        tuned.vectors[1:, :text_dim][:, flat], source.vectors[1:, :text_dim][:, flat], atol=1e-6
+    )
+    np.testing.assert_array_equal(tuned.has_image, source.has_image)
+    ranker = load_ranker(run)
+    assert Path(ranker.config.data.vectors_dir) == run / "vectors"
+    assert ranker.vectors_hash == tuned.hash
+    assert (data / "emb_concat" / STATES_DIR).is_dir()
+
+
+def test_the_runs_text_encoder_encodes_new_news_as_its_vectors(data, run):
+    from mmnewsrec.encode.text import SentenceEncoder
+
+    encoder = SentenceEncoder(str(run / "text_encoder"))
+    tuned = NewsVectors.load(run / "vectors")
+    got = encoder.encode(texts(data)[:20])
+    constant = json.loads((run / "text_encoder" / "manifest.json").read_text())["constant_dims"]
+    got[:, constant["dims"]] = constant["values"]
+    np.testing.assert_allclose(got, tuned.vectors[1:21, : encoder.dim], atol=2e-3)
+
+
+def test_evaluate_and_serve_use_the_runs_vectors(data, run):
+    from mmnewsrec.evaluate.experiment import evaluate_run
+    from mmnewsrec.serve.recommender import Recommender
+
+    metrics = evaluate_run(run)
+    # the plain ranker on the exported vectors scores dev as the training's selection did
+    selected = read_checkpoint(run / "checkpoint.pt")["metrics"]
+    assert metrics["auc"] == pytest.approx(selected["auc"], abs=2e-3)
+    recommender = Recommender.from_run(run, recall_k=20)
+    assert recommender.vectors.hash == NewsVectors.load(run / "vectors").hash
+    assert recommender.recommend([recommender.store.news["news_id"][0]], k=3)
+
+
+@pytest.mark.parametrize(
+    ("override", "vectors", "message"),
+    [
+        ("model.finetune_layers=7", "emb", "has 6 layers"),
+        ("model.name=mean_cosine", "emb", "no weights to train"),
+        ("model.text_encoder=bert-base-uncased", "emb", "not the model"),
+        ("model.finetune_layers=1", "emb_mean", "fusion 'text' or 'concat'"),
+    ],
+)
+def test_what_cannot_be_fine_tuned_is_refused(data, tmp_path, override, vectors, message):
+    if vectors == "emb_mean":
+        source = NewsVectors.load(data / "emb")
+        manifest = source.manifest | {"fusion": {"method": "mean", "text_dim": 384}}
+        NewsVectors(np.array(source.vectors), np.array(source.has_image), manifest).save(
+            data / "emb_mean"
+        )
+    config = train_config(data, tmp_path / "r", override, vectors=vectors)
+    with pytest.raises(ConfigError, match=message):
+        TrainRecipe(config, torch.device("cpu")).setup()
+
+
+def test_a_stopped_fine_tuning_run_resumes_to_the_same_weights(data, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(train_config(data, tmp_path / "full"))
+        run_training(train_config(data, tmp_path / "cut", "run.stop_after=2"))
+        run_training(train_config(data, tmp_path / "cut"), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    full, cut = (
+        torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "full", tmp_path / "cut")
+    )
+    assert any(k.startswith("text.layers.") for k in full["model"])
+    for key in full["model"]:
+        assert torch.equal(full["model"][key], cut["model"][key]), key
+    np.testing.assert_array_equal(
+        NewsVectors.load(tmp_path / "full" / "vectors").vectors,
+        NewsVectors.load(tmp_path / "cut" / "vectors").vectors,
+    )
+
+
+def test_the_tower_has_its_own_learning_rate_and_clipping(data, tmp_path):
+    recipe = TrainRecipe(train_config(data, tmp_path / "r", "optim.lr=3e-3"), torch.device("cpu"))
+    recipe.setup()
+    tower = {id(p) for p in recipe.model.text.parameters()}
+    groups = recipe.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == [3e-3, 3e-3, 1e-3]
+    assert {id(p) for p in groups[-1]["params"]} == tower
+    assert not tower & {id(p) for g in groups[:-1] for p in g["params"]}
+    # clipped apart: the tower's gradient norm is thousands of times the ranker's
+    assert [{id(p) for p in params} for params in recipe.clip_groups][1] == tower
