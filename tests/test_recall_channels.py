@@ -95,3 +95,15 @@ def test_serving_offers_what_evaluation_offers_once_every_news_is_seen():
     evaluated = recaller.search(users, exclude=history, times=np.full(40, T0 + 1))  # a scan
     for a, b in zip(served, evaluated, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_merged_scores_are_the_same_when_rescored_a_few_users_at_a_time(monkeypatch):
+    import mmnewsrec.recall.recaller as recaller_module
+
+    recaller = channel_recaller()
+    users = recaller.user_vectors(np.array([[1], [10], [4], [6], [2]]))
+    whole = recaller.search(users)
+    monkeypatch.setattr(recaller_module, "SCORE_BLOCK", 4 * 2)  # one user (k=4, D=2) per block
+    scores, ids = recaller.search(users)
+    np.testing.assert_array_equal(ids, whole[1])
+    np.testing.assert_allclose(scores, whole[0], rtol=1e-6)

@@ -389,8 +389,14 @@ class Recaller:
         return top, ids.gather(1, order).masked_fill(top == -torch.inf, 0)
 
     def _rescore(self, users: Tensor, ids: Tensor) -> Tensor:
-        """Exact scores (b, n) of news `ids` (b, n); -inf where an id is 0 (none)."""
-        scores = torch.einsum("ud,ufd->uf", users, self.space_.rows(self.vectors_, ids))
+        """Exact scores (b, n) of news `ids` (b, n); -inf where an id is 0 (none). The rows are
+        gathered a block of users at a time: (b, n, D) at once would be gigabytes."""
+        step = max(1, SCORE_BLOCK // max(1, ids.shape[1] * self.vectors_.shape[1]))
+        blocks = [
+            torch.einsum("ud,ufd->uf", users[s : s + step], self.space_.rows(self.vectors_, block))
+            for s, block in zip(range(0, len(ids), step), ids.split(step), strict=True)
+        ]
+        scores = torch.cat(blocks) if blocks else ids.new_zeros(ids.shape, dtype=torch.float32)
         return scores.masked_fill(ids == 0, -torch.inf)
 
     def _merge(
