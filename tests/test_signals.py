@@ -51,7 +51,7 @@ def signals(tmp_path) -> dict[str, np.ndarray]:
         labels=[[1, 0, 0], [1, 0]],
     )
     manifest = build_signals({"train": train, "dev": dev}, 4, tmp_path)
-    assert manifest == {"names": list(SIGNAL_NAMES), "train_split": "train"}
+    assert manifest == {"names": list(SIGNAL_NAMES), "train_split": "train", "version": 2}
     return {split: np.load(tmp_path / f"{split}.npy") for split in ("train", "dev")}
 
 
@@ -138,3 +138,8 @@ def test_prepare_stores_signals_memory_mapped(tmp_path):
         Store.load(store.path).signals("dev")
     rebuilt = build_store(root, tmp_path / "store")  # an old store is not "up to date"
     assert rebuilt.signals("dev").shape == (2, len(SIGNAL_NAMES))
+
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["signals"].pop("version")  # signals of the first rules (exposures per split)
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    assert build_store(root, tmp_path / "store").manifest["signals"]["version"] == 2

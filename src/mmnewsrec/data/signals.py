@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 COCLICK_HISTORY = 50  # clicks of a history (and of a user profile) that co-clicks look at
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
+SIGNALS_VERSION = 2  # 2: exposures over all logs, popularity up to the impression's day
 
 
 def build_signals(
@@ -72,7 +73,11 @@ def build_signals(
         np.save(folder / f"{name}.npy", table)
         logger.info("signals of %s: %d candidates x %d", name, *table.shape)
     logger.info("signals computed in %.1f s", time.perf_counter() - started)
-    return {"names": list(SIGNAL_NAMES), "train_split": train_split if train else None}
+    return {
+        "names": list(SIGNAL_NAMES),
+        "train_split": train_split if train else None,
+        "version": SIGNALS_VERSION,
+    }
 
 
 def time_ranks(times: np.ndarray) -> tuple[np.ndarray, int]:
