@@ -7,7 +7,8 @@ and data set. Checkpoints are selected on the latest tenth of train (`data.valid
 as MovieLens' last train day holds 65 impressions); dev is never seen in training.
 
     python benchmarks/signals_ablation.py --out /tmp/signals [--data synthetic movielens]
-        [--ranker additive_attention] [--epochs 2] [--threads 1] [--jobs 4]
+        [--ranker additive_attention] [--combined fast_rec_transformer] [--epochs 2]
+        [--threads 1] [--jobs 2]
 
 `--jobs N` trains the rows in N processes (after one pass prepares and encodes), then one more
 pass gathers every finished run into the report.
@@ -67,12 +68,13 @@ overrides = ['model.signals={signals}']
 """
 
 
-def rows() -> dict[str, list[str]]:
-    """Ablation rows of the neural ranker: row key -> the signals it reads."""
-    out = {"content_only": [], "all_signals": list(SIGNAL_NAMES)}
+def rows(ranker: str, combined: list[str]) -> list[tuple[str, str, list[str]]]:
+    """Neural rows (key, model, signals read): the ablation of `ranker`, then each model of
+    `combined` with all signals."""
+    out = [("content_only", ranker, []), ("all_signals", ranker, list(SIGNAL_NAMES))]
     for name in SIGNAL_NAMES:
-        out[f"without_{name}"] = [s for s in SIGNAL_NAMES if s != name]
-    return out
+        out.append((f"without_{name}", ranker, [s for s in SIGNAL_NAMES if s != name]))
+    return out + [(f"{model}_all_signals", model, list(SIGNAL_NAMES)) for model in combined]
 
 
 def experiment_text(
@@ -81,8 +83,8 @@ def experiment_text(
     """The grid (every `parts`-th neural row from `part` on; the baselines with part 0)."""
     header = HEADER.format(name=name, data=data, epochs=args.epochs)
     text = header if part == 0 else header.split("[rankers.")[0]
-    for key, signals in list(rows().items())[part::parts]:
-        text += RANKER.format(key=key, model=args.ranker, signals=json.dumps(signals))
+    for key, model, signals in rows(args.ranker, args.combined)[part::parts]:
+        text += RANKER.format(key=key, model=model, signals=json.dumps(signals))
     return text
 
 
@@ -146,6 +148,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["synthetic", "movielens"])
     parser.add_argument("--movielens", type=Path, default=MOVIELENS)
     parser.add_argument("--ranker", default="additive_attention")
+    parser.add_argument("--combined", nargs="*", default=[], help="more models, all signals")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (busy machines)")
     parser.add_argument("--jobs", type=int, default=1, help="processes training the rows")

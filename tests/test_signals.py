@@ -12,6 +12,7 @@ from mmnewsrec.data.store import build_store
 from mmnewsrec.formats.store import SIGNAL_NAMES, Behaviors, Store, StoreError
 
 POP, EXP, FRESH, CO, HIST = range(5)
+DAY = 86_400
 
 
 def behaviors(split, times, users, histories, candidates, labels) -> Behaviors:
@@ -31,10 +32,11 @@ def behaviors(split, times, users, histories, candidates, labels) -> Behaviors:
 
 @pytest.fixture
 def signals(tmp_path) -> dict[str, np.ndarray]:
-    """Train: users 0, 3, 1, 0 at times 100, 150, 200, 200; dev: user 2 at 300 and 400."""
+    """Train: users 0, 3, 1, 0 at 100 and 150 s on day 0, 200 s on day 1 (twice); dev: user 2 at
+    300 and 400 s on day 2."""
     train = behaviors(
         "train",
-        times=[100, 150, 200, 200],
+        times=[100, 150, DAY + 200, DAY + 200],
         users=[0, 3, 1, 0],
         histories=[[1], [1, 4], [1, 2], [1, 2]],
         candidates=[[2, 3], [3, 2], [2, 3], [2, 3]],
@@ -42,23 +44,23 @@ def signals(tmp_path) -> dict[str, np.ndarray]:
     )
     dev = behaviors(
         "dev",
-        times=[300, 400],
+        times=[2 * DAY + 300, 2 * DAY + 400],
         users=[2, 2],
         histories=[[1], [1, 2]],
         candidates=[[2, 3, 4], [4, 1]],
         labels=[[1, 0, 0], [1, 0]],
     )
     manifest = build_signals({"train": train, "dev": dev}, 4, tmp_path)
-    assert manifest == {"names": list(SIGNAL_NAMES), "train_split": "train"}
+    assert manifest == {"names": list(SIGNAL_NAMES), "train_split": "train", "version": 2}
     return {split: np.load(tmp_path / f"{split}.npy") for split in ("train", "dev")}
 
 
-def test_train_popularity_counts_only_strictly_earlier_clicks(signals):
+def test_train_popularity_counts_only_clicks_of_earlier_days(signals):
     pop = signals["train"][:, POP]
-    # t=100: nothing before; t=150: the click on 2 at t=100; t=200 (twice): clicks at 100 and
-    # 150, never the clicks of the other impression at the same time nor its own
-    expected = [0, 0, math.log(1 / 2), math.log(2 / 2), *[math.log(2 / 3)] * 4]
-    np.testing.assert_allclose(pop, expected, rtol=1e-6)
+    # day 0: nothing before (the click at 100 s does not count at 150 s, as dev cannot count
+    # its own day's clicks); day 1: the clicks on 2 and 3 of day 0, never those of day 1
+    expected = [0] * 4 + [math.log(2 / 3)] * 4
+    np.testing.assert_allclose(pop, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_dev_popularity_counts_every_train_click_and_no_dev_label(signals):
@@ -68,16 +70,31 @@ def test_dev_popularity_counts_every_train_click_and_no_dev_label(signals):
     np.testing.assert_allclose(pop, expected, rtol=1e-6)
 
 
-def test_exposures_count_earlier_impressions_of_the_same_split(signals):
+def test_exposures_count_earlier_impressions_of_all_logs(signals):
     np.testing.assert_allclose(signals["train"][:, EXP], 0.0, atol=1e-7)  # every item each time
-    # dev at t=400: one earlier dev impression, which showed 4 but not 1
-    np.testing.assert_allclose(signals["dev"][:, EXP], [0, 0, 0, 0, math.log(1 / 2)], atol=1e-6)
+    # dev continues the count of train: 4 train impressions showed 2 and 3, none showed 4;
+    # then 5 impressions before the second dev impression, one (dev) showed 4, none showed 1
+    expected = [0, 0, math.log(1 / 5), math.log(2 / 6), math.log(1 / 6)]
+    np.testing.assert_allclose(signals["dev"][:, EXP], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_exposures_follow_time_across_logs_not_split_order(tmp_path):
+    """A train impression counts what any log showed before it, and nothing shown later."""
+    train = behaviors("train", [100], [0], [[1]], [[2, 3]], [[1, 0]])
+    later = behaviors("dev", [DAY], [1], [[1]], [[3, 4]], [[0, 1]])
+    earlier = behaviors("dev", [50], [1], [[1]], [[3, 4]], [[0, 1]])
+    # one earlier impression showed 3 but not 2: log(1/2) for 2, log(2/2) for 3
+    for name, dev, expected in (("later", later, [0, 0]), ("earlier", earlier, [-math.log(2), 0])):
+        build_signals({"train": train, "dev": dev}, 4, tmp_path / name)
+        exp = np.load(tmp_path / name / "train.npy")[:, EXP]
+        np.testing.assert_allclose(exp, expected, atol=1e-7)
 
 
 def test_freshness_is_time_since_the_first_appearance_in_any_log(signals):
     hours = np.expm1(signals["dev"][:, FRESH]) * 3600
     # 2 and 3 first shown at 100; 4 first in a history at 150; 1 in a history at 100
-    np.testing.assert_allclose(hours, [200, 200, 150, 250, 300], rtol=1e-4)
+    seconds = 2 * DAY + np.array([200, 200, 150, 250, 300])
+    np.testing.assert_allclose(hours, seconds, rtol=1e-4)
     assert (signals["train"][:, FRESH] >= 0).all()
 
 
@@ -121,3 +138,8 @@ def test_prepare_stores_signals_memory_mapped(tmp_path):
         Store.load(store.path).signals("dev")
     rebuilt = build_store(root, tmp_path / "store")  # an old store is not "up to date"
     assert rebuilt.signals("dev").shape == (2, len(SIGNAL_NAMES))
+
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["signals"].pop("version")  # signals of the first rules (exposures per split)
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    assert build_store(root, tmp_path / "store").manifest["signals"]["version"] == 2

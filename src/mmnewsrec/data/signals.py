@@ -5,10 +5,14 @@ STORE/signals/<split>.npy (read memory-mapped by `Store.signals`). Each value us
 known when the impression was shown, and never a label of the split it describes:
 
 - popularity: log((c + 1) / (T + 1)), c = clicks on the candidate in the train split and T = all
-  train clicks. For a train impression only clicks of train impressions strictly earlier in time
-  count (so never its own click); for any other split (dev, test, later than train) all of them.
-- exposures: log((e + 1) / (E + 1)), e = earlier impressions of the same split (strictly earlier
-  time) that showed the candidate, E = those earlier impressions. No labels needed.
+  train clicks, both counting only clicks strictly before the start (00:00 UTC) of the
+  impression's day, in every split alike. A dev or test impression of a later day so sees every
+  train click, and a train impression sees what dev sees: a lag to the day before, never its own
+  click nor another click of the same day.
+- exposures: log((e + 1) / (E + 1)), e = earlier impressions (strictly earlier time) of all logs
+  together (train, dev, test in time order) that showed the candidate, E = those earlier
+  impressions. No labels needed, so dev continues the count where train ends instead of
+  starting from zero.
 - freshness: log1p(hours since the item first appeared in any log of any split), as a candidate
   or a history click (dated by its impression). The impression itself is such an appearance, so
   the value is >= 0 and later logs never change it.
@@ -41,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 COCLICK_HISTORY = 50  # clicks of a history (and of a user profile) that co-clicks look at
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
+SIGNALS_VERSION = 2  # 2: exposures over all logs, popularity up to the impression's day
 
 
 def build_signals(
@@ -52,13 +57,13 @@ def build_signals(
     train = splits.get(train_split)
     train = train if train is not None and train.labelled else None
     first_seen = first_appearance(splits.values(), num_news)
+    shown = Exposures.fit(splits.values())
     coclick = CoClicks.fit(train, num_news)
     for name, behaviors in splits.items():
-        is_train = train is not None and name == train_split
         table = np.stack(
             [
-                popularity(behaviors, train, is_train),
-                exposures(behaviors),
+                popularity(behaviors, train),
+                shown.share(behaviors),
                 freshness(behaviors, first_seen),
                 coclick.affinity(behaviors),
                 history_length(behaviors),
@@ -68,7 +73,11 @@ def build_signals(
         np.save(folder / f"{name}.npy", table)
         logger.info("signals of %s: %d candidates x %d", name, *table.shape)
     logger.info("signals computed in %.1f s", time.perf_counter() - started)
-    return {"names": list(SIGNAL_NAMES), "train_split": train_split if train else None}
+    return {
+        "names": list(SIGNAL_NAMES),
+        "train_split": train_split if train else None,
+        "version": SIGNALS_VERSION,
+    }
 
 
 def time_ranks(times: np.ndarray) -> tuple[np.ndarray, int]:
@@ -96,34 +105,60 @@ def log_share(count: np.ndarray, total: np.ndarray) -> np.ndarray:
     return np.log1p(count) - np.log1p(total)
 
 
-def candidate_ranks(behaviors: Behaviors) -> tuple[np.ndarray, np.ndarray, int]:
-    """(time rank of each impression, of each candidate, number of distinct times)."""
-    rank, ranks = time_ranks(behaviors.times)
-    return rank, rank[segment_ids(behaviors.candidate_offsets)], ranks
+def candidate_times(behaviors: Behaviors) -> np.ndarray:
+    """(C,) the time of each candidate's impression."""
+    return np.asarray(behaviors.times)[segment_ids(behaviors.candidate_offsets)]
 
 
-def popularity(behaviors: Behaviors, train: Behaviors | None, is_train: bool) -> np.ndarray:
-    """Train clicks on each candidate known at impression time, as a log share."""
+DAY = 86_400  # seconds
+
+
+def popularity(behaviors: Behaviors, train: Behaviors | None) -> np.ndarray:
+    """Train clicks on each candidate before the impression's day began, as a log share."""
     items = np.asarray(behaviors.candidate_items)
     if train is None:
         return log_share(np.zeros(len(items)), np.zeros(len(items)))
     clicked = np.asarray(train.candidate_labels) == 1
-    _, train_rank, ranks = candidate_ranks(train)
-    click_item, click_rank = np.asarray(train.candidate_items)[clicked], train_rank[clicked]
-    # another split comes after train: every train click precedes its impressions
-    query_rank = train_rank if is_train else np.full(len(items), ranks, dtype=np.int64)
+    click_time = candidate_times(train)[clicked]
+    query_time = candidate_times(behaviors) // DAY * DAY  # 00:00 UTC of the impression's day
+    rank, ranks = time_ranks(np.concatenate([click_time, query_time]))
+    click_rank, query_rank = rank[: len(click_time)], rank[len(click_time) :]
+    click_item = np.asarray(train.candidate_items)[clicked]
     count = counts_before(click_item, click_rank, items, query_rank, ranks)
     total = np.searchsorted(np.sort(click_rank), query_rank)
     return log_share(count, total)
 
 
-def exposures(behaviors: Behaviors) -> np.ndarray:
-    """Earlier impressions of the same split that showed each candidate, as a log share."""
-    rank, cand_rank, ranks = candidate_ranks(behaviors)
-    items = np.asarray(behaviors.candidate_items)
-    count = counts_before(items, cand_rank, items, cand_rank, ranks)
-    total = np.searchsorted(np.sort(rank), cand_rank)
-    return log_share(count, total)
+@dataclass
+class Exposures:
+    """Impressions of all logs together, to count those before a time that showed an item."""
+
+    times: np.ndarray  # (T,) sorted distinct impression times of all logs
+    shown_keys: np.ndarray  # sorted item * (T + 1) + time rank of every candidate shown
+    impression_ranks: np.ndarray  # sorted time rank of every impression
+
+    @classmethod
+    def fit(cls, logs: Iterable[Behaviors]) -> Exposures:
+        """Every candidate of every log (labels are not read)."""
+        parts = [b for b in logs if b.num_impressions]
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return cls(empty, empty, empty)
+        times = np.unique(np.concatenate([np.asarray(b.times) for b in parts]))
+        item = np.concatenate([np.asarray(b.candidate_items) for b in parts]).astype(np.int64)
+        rank = np.searchsorted(times, np.concatenate([candidate_times(b) for b in parts]))
+        impression_rank = np.searchsorted(times, np.concatenate([b.times for b in parts]))
+        keys = item * (len(times) + 1) + rank
+        return cls(times, np.sort(keys), np.sort(impression_rank))
+
+    def share(self, behaviors: Behaviors) -> np.ndarray:
+        """Earlier impressions of any log that showed each candidate, as a log share."""
+        rank = np.searchsorted(self.times, candidate_times(behaviors))
+        item = np.asarray(behaviors.candidate_items).astype(np.int64) * (len(self.times) + 1)
+        keys = self.shown_keys
+        count = np.searchsorted(keys, item + rank) - np.searchsorted(keys, item)
+        total = np.searchsorted(self.impression_ranks, rank)
+        return log_share(count, total)
 
 
 def first_appearance(splits: Iterable[Behaviors], num_news: int) -> np.ndarray:
@@ -142,7 +177,7 @@ def first_appearance(splits: Iterable[Behaviors], num_news: int) -> np.ndarray:
 
 def freshness(behaviors: Behaviors, first_seen: np.ndarray) -> np.ndarray:
     """log1p(hours from the candidate's first appearance to the impression)."""
-    times = np.asarray(behaviors.times)[segment_ids(behaviors.candidate_offsets)]
+    times = candidate_times(behaviors)
     first = first_seen[np.asarray(behaviors.candidate_items)]
     return np.log1p(np.maximum(times - first, 0) / 3600.0)
 

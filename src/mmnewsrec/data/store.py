@@ -28,7 +28,7 @@ from mmnewsrec.data.mind import (
     iter_behaviors,
     read_news,
 )
-from mmnewsrec.data.signals import build_signals
+from mmnewsrec.data.signals import SIGNALS_VERSION, build_signals
 from mmnewsrec.files import atomic_dir, sha256_json
 from mmnewsrec.formats.store import FORMAT_VERSION, Behaviors, Store, StoreError
 
@@ -264,12 +264,12 @@ def is_current(
 ) -> bool:
     """Whether `out` already holds a store of exactly these source files, images and options
     (`strict`, `allow_drops`; a store written before an option existed had it off), with
-    behaviour signals."""
+    behaviour signals of the current version."""
     path = out / "manifest.json"
     if not path.is_file():
         return False
     manifest = json.loads(path.read_text())
-    if "signals" not in manifest:
+    if manifest.get("signals", {}).get("version") != SIGNALS_VERSION:
         return False
     sources = {
         name: {

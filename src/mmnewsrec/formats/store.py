@@ -7,7 +7,7 @@ Layout of STORE_DIR (written by `mmnewsrec.data.store.build_store`):
     signals/<split>.npy        (C, 5) float32 behaviour signals per candidate, columns
                                SIGNAL_NAMES (see `mmnewsrec.data.signals`; memory-mapped)
     manifest.json              format version, source sizes and sha256, counts, dropped ids,
-                               `signals` (names, the train split they count clicks in)
+                               `signals` (names, the train split they count clicks in, version)
 """
 
 from __future__ import annotations
