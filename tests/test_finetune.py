@@ -247,3 +247,16 @@ def test_the_tower_has_its_own_learning_rate_and_clipping(data, tmp_path):
     assert not tower & {id(p) for g in groups[:-1] for p in g["params"]}
     # clipped apart: the tower's gradient norm is thousands of times the ranker's
     assert [{id(p) for p in params} for params in recipe.clip_groups][1] == tower
+
+
+def test_a_fine_tuned_ranker_reads_the_behaviour_signals(data, tmp_path):
+    from mmnewsrec.evaluate.experiment import evaluate_run
+
+    out = tmp_path / "signals"
+    selection = ("data.valid_split=dev", "data.dev_impressions=0")
+    run_training(train_config(data, out, 'model.signals=["popularity", "freshness"]', *selection))
+    ranker = load_ranker(out)
+    assert ranker.signal_names == ["popularity", "freshness"]
+    assert ranker.model.signal_head.out.weight.abs().sum() > 0  # trained through the wrapper
+    selected = read_checkpoint(out / "checkpoint.pt")["metrics"]
+    assert evaluate_run(out)["auc"] == pytest.approx(selected["auc"], abs=2e-3)
