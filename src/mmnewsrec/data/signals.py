@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from mmnewsrec.csr import csr_offsets, segment_ids
-from mmnewsrec.formats.store import SIGNAL_NAMES, Behaviors
+from mmnewsrec.formats.store import SIGNAL_NAMES, Behaviors, first_appearance
 
 logger = logging.getLogger(__name__)
 
@@ -159,20 +159,6 @@ class Exposures:
         count = np.searchsorted(keys, item + rank) - np.searchsorted(keys, item)
         total = np.searchsorted(self.impression_ranks, rank)
         return log_share(count, total)
-
-
-def first_appearance(splits: Iterable[Behaviors], num_news: int) -> np.ndarray:
-    """(N+1,) int64: the earliest impression time at which each news index appears, as a
-    candidate or in a history; int64 max for a news item in no log."""
-    first = np.full(num_news + 1, np.iinfo(np.int64).max, dtype=np.int64)
-    for b in splits:
-        times = np.asarray(b.times)
-        for kind in ("candidate", "history"):
-            offsets = getattr(b, f"{kind}_offsets")
-            np.minimum.at(
-                first, np.asarray(getattr(b, f"{kind}_items")), times[segment_ids(offsets)]
-            )
-    return first
 
 
 def freshness(behaviors: Behaviors, first_seen: np.ndarray) -> np.ndarray:

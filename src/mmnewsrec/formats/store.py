@@ -13,7 +13,7 @@ Layout of STORE_DIR (written by `mmnewsrec.data.store.build_store`):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mmnewsrec.csr import csr_offsets
+from mmnewsrec.csr import csr_offsets, segment_ids
 
 FORMAT_VERSION = 1
 # Columns of signals/<split>.npy, computed at impression time by `mmnewsrec.data.signals`.
+NEVER = np.iinfo(np.int64).max  # the first appearance of a news item absent from the logs
 SIGNAL_NAMES = ("popularity", "exposures", "freshness", "coclick", "history_len")
 
 
@@ -117,6 +118,20 @@ class Behaviors:
         """Memory-map the arrays written by `save`."""
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAY_DTYPES}
         return cls(split=split, labelled=labelled, **arrays)
+
+
+def first_appearance(logs: Iterable[Behaviors], num_news: int) -> np.ndarray:
+    """(N+1,) int64: the earliest impression time at which each news index appears in `logs`,
+    as a candidate or in a history; NEVER for a news item in no log."""
+    first = np.full(num_news + 1, NEVER, dtype=np.int64)
+    for b in logs:
+        times = np.asarray(b.times, dtype=np.int64)
+        for kind in ("candidate", "history"):
+            offsets = getattr(b, f"{kind}_offsets")
+            np.minimum.at(
+                first, np.asarray(getattr(b, f"{kind}_items")), times[segment_ids(offsets)]
+            )
+    return first
 
 
 ARRAY_DTYPES = {

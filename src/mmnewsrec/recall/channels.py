@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from mmnewsrec.csr import segment_ids
+from mmnewsrec.formats.store import NEVER, first_appearance
 
 logger = logging.getLogger(__name__)
 
 DAY = 86_400
-NEVER = np.iinfo(np.int64).max  # first_seen of an item absent from the logs
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,7 @@ def item_stats(
     count as popularity (labelled)."""
     if half_life_days <= 0:
         raise ValueError(f"half_life_days must be > 0, got {half_life_days}")
-    first_seen = np.full(num_news + 1, NEVER, dtype=np.int64)
-    for log in logs:
-        for kind in ("history", "candidate"):
-            offsets = np.asarray(getattr(log, f"{kind}_offsets"))
-            times = np.asarray(log.times, dtype=np.int64)[segment_ids(offsets)]
-            np.minimum.at(first_seen, np.asarray(getattr(log, f"{kind}_items")), times)
+    first_seen = first_appearance(logs, num_news)
     end = int(max((np.max(log.times) for log in logs if len(log.times)), default=0))
     clicked = np.asarray(clicks.candidate_labels) == 1
     click_times = np.asarray(clicks.times)[segment_ids(clicks.candidate_offsets)][clicked]
