@@ -439,9 +439,7 @@ class Recaller:
         for s in range(0, len(taken), step):
             block = taken[s : s + step]
             scores = self.channel_.repeat(len(block), 1)  # (b, N+1)
-            if times is not None:
-                unseen = self.first_seen_ >= times[s : s + step, None]
-                scores.masked_fill_(unseen, -torch.inf)
+            scores.masked_fill_(self.first_seen_ >= times[s : s + step, None], -torch.inf)
             scores.scatter_(1, block, -torch.inf)
             top = mask_excluded(scores, s, rows, ex_items).topk(quota, dim=1)
             out.append(top.indices.masked_fill(top.values == -torch.inf, 0))
