@@ -91,6 +91,20 @@ class RecallSpace:
             out[..., sl] = (out[..., sl] - self.means_[p]) * self.scales_[ids, p, None]
         return out
 
+    def score_rows(self, users: Tensor, matrix: Tensor, ids: Tensor) -> Tensor:
+        """(b, n): each user's inner product with the transformed rows `ids` (b, n) of
+        `matrix`, from the plain rows: one gather and one batched product, no transformed copy.
+        """
+        rows = matrix[ids].float()  # (b, n, D)
+        split = torch.zeros(len(users), users.shape[1], len(self.parts))  # (b, D, P)
+        offsets = torch.zeros(len(users), len(self.parts))  # (b, P): user . part mean
+        for p, part in enumerate(self.parts):
+            u = users[:, part.start : part.stop]
+            split[:, part.start : part.stop, p] = u
+            offsets[:, p] = u @ self.means_[p]
+        raw = torch.bmm(rows, split) - offsets[:, None]  # (b, n, P)
+        return (raw * self.scales_[ids]).sum(-1)
+
     def scores(self, users: Tensor, matrix: Tensor) -> Tensor:
         """(b, N+1): each user's inner product with every transformed row of `matrix`."""
         total = torch.zeros(len(users), len(matrix))
