@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mmnewsrec.csr import (
+    isin_sorted,
     mean_user_vectors,
     padded_to_csr,
     pair_keys,
@@ -383,7 +384,7 @@ class Recaller:
         ids = torch.from_numpy(found).long() + 1  # FAISS -1 (none) -> 0
         width = self.num_news_ + 1
         keys = torch.arange(len(ids))[:, None] * width + ids
-        excluded = torch.isin(keys, pair_keys(ex_offsets, ex_items, width))
+        excluded = isin_sorted(keys, pair_keys(ex_offsets, ex_items, width))
         scores = self._rescore(users, ids.masked_fill(excluded, 0))
         top, order = scores.topk(k, dim=1)
         return top, ids.gather(1, order).masked_fill(top == -torch.inf, 0)
@@ -416,7 +417,7 @@ class Recaller:
         head, tail = ids[:, : k - quota], ids[:, k - quota :]
         popular = self._channel_top(quota, head, ex_offsets, ex_items, times)
         rows = torch.arange(len(ids))[:, None] * (self.num_news_ + 1)
-        repeated = torch.isin(rows + tail, (rows + popular)[popular > 0])
+        repeated = isin_sorted(rows + tail, (rows + popular)[popular > 0])
         merged = torch.cat([head, popular, tail.masked_fill(repeated, 0)], dim=1)
         merged_scores = torch.cat(
             [scores[:, : k - quota], self._rescore(users, popular), scores[:, k - quota :]], dim=1
@@ -458,7 +459,7 @@ class Recaller:
         width = self.num_news_ + 1
         rows = torch.arange(len(taken))[:, None] * width
         blocked = torch.cat([(rows + taken).ravel(), pair_keys(ex_offsets, ex_items, width)])
-        found = pool.expand(len(taken), -1).masked_fill(torch.isin(rows + pool, blocked), 0)
+        found = pool.expand(len(taken), -1).masked_fill(isin_sorted(rows + pool, blocked), 0)
         order = torch.argsort((found == 0).to(torch.int8), dim=1, stable=True)[:, :quota]
         picked = found.gather(1, order)
         return torch.cat([picked, picked.new_zeros(len(taken), quota - picked.shape[1])], 1)
