@@ -2,12 +2,12 @@
 
 Builds (once, cached in --work) a synthetic corpus of 100k news, random 384-d news vectors
 (one random centre per subcategory plus noise, so they cluster by topic as text embeddings do) and
-a fast_rec_transformer at the "cpu" preset trained for a few steps (its weights do not change
-the cost of a request), starts `mmnewsrec serve` on 127.0.0.1 in a subprocess, then drives it
-with an asyncio + httpx client at each concurrency: a fixed number of requests, each with the
-click history of a real dev impression of the corpus. Prints p50/p99 latency, requests/s and
-errors (and exits 1 on any error), the server's CPU time per request, the GET /health round trip
-and CPU time (the floor under any request) and the server's resident memory.
+a reranker at the "cpu" preset (--model, default fast_rec_transformer) trained for a few steps
+(its weights do not change the cost of a request), starts `mmnewsrec serve` on 127.0.0.1 in a
+subprocess, then drives it with an asyncio + httpx client at each concurrency: a fixed number of
+requests, each with the click history of a real dev impression of the corpus. Prints p50/p99
+latency, requests/s and errors (and exits 1 on any error), the server's CPU time per request, the
+GET /health round trip and CPU time (the floor under any request) and the server's resident memory.
 
 --compare-src DIR serves a second checkout of the package (DIR/src first on its PYTHONPATH, e.g.
 the main branch) beside this one and drives the two in alternation, in --rounds slices of the
