@@ -2,18 +2,18 @@
 
 Builds (once, cached in --work) a synthetic corpus of 100k news, random 384-d news vectors
 (one random centre per subcategory plus noise, so they cluster by topic as text embeddings do) and
-a fast_rec_transformer at the "cpu" preset trained for a few steps (its weights do not change
-the cost of a request), starts `mmnewsrec serve` on 127.0.0.1 in a subprocess, then drives it
-with an asyncio + httpx client at each concurrency: a fixed number of requests, each with the
-click history of a real dev impression of the corpus. Prints p50/p99 latency, requests/s and
-errors (and exits 1 on any error), the server's CPU time per request, the GET /health round trip
-and CPU time (the floor under any request) and the server's resident memory.
+a reranker at the "cpu" preset (--model, default fast_rec_transformer) trained for a few steps
+(its weights do not change the cost of a request), starts `mmnewsrec serve` on 127.0.0.1 in a
+subprocess, then drives it with an asyncio + httpx client at each concurrency: a fixed number of
+requests, each with the click history of a real dev impression of the corpus. Prints p50/p99
+latency, requests/s and errors (and exits 1 on any error), the server's CPU time per request, the
+GET /health round trip and CPU time (the floor under any request) and the server's resident memory.
 
 --compare-src DIR serves a second checkout of the package (DIR/src first on its PYTHONPATH, e.g.
 the main branch) beside this one and drives the two in alternation, in --rounds slices of the
 requests, so that both meet the same load on a shared machine.
 
-    python benchmarks/serve.py [--news 100000] [--requests 1000] [--concurrency 1 16]
+    python benchmarks/serve.py [--news 100000] [--requests 1000] [--concurrency 1 16] [--model M]
         [--recall-backend auto|exact|faiss_flat|faiss_hnsw] [--threads 1] [--parallel 1]
         [--compare-src DIR] [--rounds 5]
 """
@@ -35,17 +35,17 @@ import httpx
 import numpy as np
 
 
-def build_run(work: Path, news: int, dim: int) -> Path:
-    """Synthetic store, random vectors and a briefly trained ranker under `work` (cached)."""
-    from mmnewsrec.config import load_config
+def build_run(work: Path, news: int, dim: int, model: str) -> Path:
+    """Synthetic store, random vectors and a briefly trained `model` under `work` (cached)."""
     from mmnewsrec.data.store import build_store
     from mmnewsrec.data.synthetic import SynthConfig, generate
     from mmnewsrec.formats.vectors import NewsVectors
-    from mmnewsrec.rank.train import run_training
 
-    run = work / "run"
+    run = work / ("run" if model == "fast_rec_transformer" else f"run-{model}")
     if (run / "checkpoint.pt").is_file():
         return run
+    if (work / "emb" / "manifest.json").is_file():  # the corpus of another model's run
+        return train_run(work, run, model)
     config = SynthConfig(news=news, users=5000, impressions=5000, image_share=0.0)
     generate(work / "data", config)
     store = build_store(work / "data", work / "store")
@@ -60,6 +60,14 @@ def build_run(work: Path, news: int, dim: int) -> Path:
         "fusion": {"method": "random (benchmark)"},
     }
     NewsVectors(vectors, np.zeros(news + 1, dtype=bool), manifest).save(work / "emb")
+    return train_run(work, run, model)
+
+
+def train_run(work: Path, run: Path, model: str) -> Path:
+    """`model` at its "cpu" preset trained for a few steps on the store and vectors in `work`."""
+    from mmnewsrec.config import load_config
+    from mmnewsrec.rank.train import run_training
+
     values = {
         "data.store_dir": work / "store",
         "data.vectors_dir": work / "emb",
@@ -67,6 +75,7 @@ def build_run(work: Path, news: int, dim: int) -> Path:
         "run.out_dir": run,
         "run.max_steps": 5,
         "run.progress": False,
+        "model.name": model,
     }
     run_training(load_config("train_cpu", values=values))
     return run
@@ -204,11 +213,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="serve --threads")
     parser.add_argument("--parallel", type=int, default=1, help="serve --parallel")
     parser.add_argument("--device", default="cpu", help="serve --device (the model's)")
+    parser.add_argument("--model", default="fast_rec_transformer", help="the reranker trained")
     parser.add_argument("--compare-src", type=Path, help="another checkout, served beside")
     parser.add_argument("--rounds", type=int, default=5, help="slices driven in alternation")
     args = parser.parse_args()
 
-    run = build_run(args.work / f"news{args.news}-dim{args.dim}", args.news, args.dim)
+    work = args.work / f"news{args.news}-dim{args.dim}"
+    run = build_run(work, args.news, args.dim, args.model)
     bodies = request_bodies(run.parent, args.requests, args.k)
     options = ["--recall-k", str(args.recall_k), "--recall-backend", args.recall_backend]
     options += ["--threads", str(args.threads), "--parallel", str(args.parallel)]

@@ -3,6 +3,7 @@ import torch
 
 from mmnewsrec.csr import (
     csr_offsets,
+    isin_sorted,
     mean_user_vectors,
     pad_rows,
     padded_to_csr,
@@ -28,6 +29,17 @@ def test_offsets_and_segment_ids():
     np.testing.assert_array_equal(segment_ids(offsets), [0, 0, 2, 3, 3, 3])
     np.testing.assert_array_equal(tensor_segment_ids(torch.from_numpy(offsets)), [0, 0, 2, 3, 3, 3])
     assert len(segment_ids(csr_offsets(np.zeros(0, dtype=np.int64)))) == 0
+    unbased = torch.from_numpy(offsets[1:])  # rows 1..3 of the same arrays, not rebased to 0
+    np.testing.assert_array_equal(tensor_segment_ids(unbased), [1, 2, 2, 2])
+    assert len(tensor_segment_ids(torch.zeros(1, dtype=torch.int64))) == 0
+
+
+def test_isin_sorted_is_isin():
+    generator = torch.Generator().manual_seed(0)
+    elements = torch.randint(0, 50, (4, 30), generator=generator)
+    for size in (0, 1, 7, 200):
+        pool = torch.randint(0, 50, (size,), generator=generator)  # unsorted, with repeats
+        assert torch.equal(isin_sorted(elements, pool), torch.isin(elements, pool))
 
 
 def test_pad_rows_places_every_value_and_fills_the_rest():

@@ -61,6 +61,11 @@ def test_rows_are_centred_unit_parts_times_their_weights():
     assert not rows[0].any()  # padding
     users = torch.randn(3, TEXT_DIM + IMAGE_DIM)
     np.testing.assert_allclose(space.scores(users, matrix).numpy(), users @ rows.T, atol=1e-5)
+    ids = torch.tensor(
+        [[3, 0, 7], [50, 1, 1], [2, 9, 4]]
+    )  # a few rows per user, from the plain rows
+    expected = np.take_along_axis((users @ rows.T).numpy(), ids.numpy(), 1)
+    np.testing.assert_allclose(space.score_rows(users, matrix, ids).numpy(), expected, atol=1e-5)
 
 
 def test_plain_cosine_without_centring_and_parts_from_the_manifest():

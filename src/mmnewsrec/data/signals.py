@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from mmnewsrec.csr import csr_offsets, segment_ids
-from mmnewsrec.formats.store import SIGNAL_NAMES, Behaviors, first_appearance
+from mmnewsrec.formats.store import DAY, SIGNAL_NAMES, Behaviors, first_appearance
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,6 @@ def log_share(count: np.ndarray, total: np.ndarray) -> np.ndarray:
 def candidate_times(behaviors: Behaviors) -> np.ndarray:
     """(C,) the time of each candidate's impression."""
     return np.asarray(behaviors.times)[segment_ids(behaviors.candidate_offsets)]
-
-
-DAY = 86_400  # seconds
 
 
 def popularity(behaviors: Behaviors, train: Behaviors | None) -> np.ndarray:

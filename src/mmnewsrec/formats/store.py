@@ -26,6 +26,7 @@ from mmnewsrec.csr import csr_offsets, segment_ids
 FORMAT_VERSION = 1
 # Columns of signals/<split>.npy, computed at impression time by `mmnewsrec.data.signals`.
 NEVER = np.iinfo(np.int64).max  # the first appearance of a news item absent from the logs
+DAY = 86_400  # seconds: impression times are unix seconds
 SIGNAL_NAMES = ("popularity", "exposures", "freshness", "coclick", "history_len")
 
 

@@ -47,6 +47,7 @@ from mmnewsrec.formats.runs import (
     check_vectors_hash,
     read_checkpoint,
 )
+from mmnewsrec.formats.store import DAY
 from mmnewsrec.rank.batches import Batch, ClickDataset, ResumableSampler, collate
 from mmnewsrec.rank.ranker import score_behaviors
 
@@ -124,9 +125,6 @@ def ranking_loss(scores: torch.Tensor, batch: Batch, kind: str) -> torch.Tensor:
         return F.cross_entropy(logits, batch.labels.argmax(dim=1))
     loss = F.binary_cross_entropy_with_logits(scores, batch.labels, reduction="none")
     return (loss * real).sum() / real.sum()
-
-
-DAY = 86_400
 
 
 def valid_mask(times: np.ndarray, rule: str) -> np.ndarray:

@@ -20,11 +20,9 @@ from typing import Any
 import numpy as np
 
 from mmnewsrec.csr import segment_ids
-from mmnewsrec.formats.store import NEVER, first_appearance
+from mmnewsrec.formats.store import DAY, NEVER, first_appearance
 
 logger = logging.getLogger(__name__)
-
-DAY = 86_400
 
 
 @dataclass(frozen=True)

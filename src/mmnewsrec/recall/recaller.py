@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mmnewsrec.csr import (
+    isin_sorted,
     mean_user_vectors,
     padded_to_csr,
     pair_keys,
@@ -347,7 +348,7 @@ class Recaller:
         quota = min(k, round(self.popular_share * k)) if self.channel_ is not None else 0
         if quota == 0:
             return scores, ids
-        return self._merge(users, ids, quota, ex_offsets, ex_items, times)
+        return self._merge(users, scores, ids, quota, ex_offsets, ex_items, times)
 
     def _search_exact(
         self, users: Tensor, k: int, ex_offsets: Tensor, ex_items: Tensor
@@ -383,7 +384,7 @@ class Recaller:
         ids = torch.from_numpy(found).long() + 1  # FAISS -1 (none) -> 0
         width = self.num_news_ + 1
         keys = torch.arange(len(ids))[:, None] * width + ids
-        excluded = torch.isin(keys, pair_keys(ex_offsets, ex_items, width))
+        excluded = isin_sorted(keys, pair_keys(ex_offsets, ex_items, width))
         scores = self._rescore(users, ids.masked_fill(excluded, 0))
         top, order = scores.topk(k, dim=1)
         return top, ids.gather(1, order).masked_fill(top == -torch.inf, 0)
@@ -393,7 +394,7 @@ class Recaller:
         gathered a block of users at a time: (b, n, D) at once would be gigabytes."""
         step = max(1, SCORE_BLOCK // max(1, ids.shape[1] * self.vectors_.shape[1]))
         blocks = [
-            torch.einsum("ud,ufd->uf", users[s : s + step], self.space_.rows(self.vectors_, block))
+            self.space_.score_rows(users[s : s + step], self.vectors_, block)
             for s, block in zip(range(0, len(ids), step), ids.split(step), strict=True)
         ]
         scores = torch.cat(blocks) if blocks else ids.new_zeros(ids.shape, dtype=torch.float32)
@@ -402,6 +403,7 @@ class Recaller:
     def _merge(
         self,
         users: Tensor,
+        scores: Tensor,
         ids: Tensor,
         quota: int,
         ex_offsets: Tensor,
@@ -409,16 +411,19 @@ class Recaller:
         times: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """The content top k (b, k) with its last `quota` places given to the channel's best
-        news not already above them; places the channel cannot fill go back to content."""
+        news not already above them; places the channel cannot fill go back to content.
+        Only the channel's news are scored here: the content news keep their `scores`."""
         k = ids.shape[1]
         head, tail = ids[:, : k - quota], ids[:, k - quota :]
         popular = self._channel_top(quota, head, ex_offsets, ex_items, times)
         rows = torch.arange(len(ids))[:, None] * (self.num_news_ + 1)
-        repeated = torch.isin(rows + tail, (rows + popular)[popular > 0])
+        repeated = isin_sorted(rows + tail, (rows + popular)[popular > 0])
         merged = torch.cat([head, popular, tail.masked_fill(repeated, 0)], dim=1)
+        merged_scores = torch.cat(
+            [scores[:, : k - quota], self._rescore(users, popular), scores[:, k - quota :]], dim=1
+        ).masked_fill(merged == 0, -torch.inf)
         order = torch.argsort((merged == 0).to(torch.int8), dim=1, stable=True)[:, :k]
-        merged = merged.gather(1, order)
-        return self._rescore(users, merged), merged
+        return merged_scores.gather(1, order), merged.gather(1, order)
 
     def _channel_top(
         self,
@@ -454,7 +459,7 @@ class Recaller:
         width = self.num_news_ + 1
         rows = torch.arange(len(taken))[:, None] * width
         blocked = torch.cat([(rows + taken).ravel(), pair_keys(ex_offsets, ex_items, width)])
-        found = pool.expand(len(taken), -1).masked_fill(torch.isin(rows + pool, blocked), 0)
+        found = pool.expand(len(taken), -1).masked_fill(isin_sorted(rows + pool, blocked), 0)
         order = torch.argsort((found == 0).to(torch.int8), dim=1, stable=True)[:, :quota]
         picked = found.gather(1, order)
         return torch.cat([picked, picked.new_zeros(len(taken), quota - picked.shape[1])], 1)

@@ -11,8 +11,8 @@ import numpy as np
 
 from mmnewsrec.csr import csr_offsets, pad_rows
 from mmnewsrec.data.synthetic.vocabulary import TIERS, Topics
+from mmnewsrec.formats.store import DAY
 
-DAY = 86_400
 START = int(datetime(2019, 11, 9, tzinfo=UTC).timestamp())  # first train impression
 TRAIN_DAYS, DEV_DAYS = 5, 1
 WINDOW_DAYS = 2  # candidates are news published in the last WINDOW_DAYS
