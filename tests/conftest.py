@@ -1,5 +1,6 @@
 import hashlib
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,13 @@ def mind_samples() -> Path:
     if not path.is_dir():
         pytest.skip(f"real MIND samples not found at {path}")
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 TINY_HISTORY_LEN = 8
