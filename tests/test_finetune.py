@@ -200,6 +200,30 @@ def test_evaluate_and_serve_use_the_runs_vectors(data, run):
     assert recommender.recommend([recommender.store.news["news_id"][0]], k=3)
 
 
+def test_the_fine_tuned_path_runs_under_bf16_autocast_with_fp32_outputs(data, tmp_path):
+    """The mixed precision that training and scoring use on CUDA (CPU has no autocast in the
+    recipe; its bf16 autocast runs the same code path here)."""
+    recipe = TrainRecipe(train_config(data, tmp_path / "r"), torch.device("cpu"))
+    recipe.setup()
+    model, batch = recipe.model, next(iter(recipe.loader))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model(batch.history, batch.candidates)
+    assert scores.dtype == torch.float32
+    scores.logsumexp(dim=1).sum().backward()
+    grads = [p.grad for p in model.text.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+    model.eval()
+    with torch.inference_mode():
+        exact_table, exact = model.full_table(), model(batch.history, batch.candidates)
+    model.eval()  # drops the table: the next one is computed under autocast
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        table, scores = model.full_table(), model(batch.history, batch.candidates)
+    assert table.dtype == scores.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(table[1:], exact_table[1:]).min() > 0.99
+    torch.testing.assert_close(scores, exact, rtol=0.1, atol=0.1)  # bf16 body, close to fp32
+
+
 @pytest.mark.parametrize(
     ("override", "vectors", "message"),
     [
