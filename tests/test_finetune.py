@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, with_random_image_part
 
 from mmnewsrec.config import ConfigError, TrainConfig, load_config
 from mmnewsrec.data.store import build_store
@@ -36,15 +36,9 @@ def data(tmp_path_factory) -> Path:
     with a random 'image' part (emb_concat)."""
     root = tmp_path_factory.mktemp("finetune")
     generate(root / "data", SynthConfig.quick())
-    store = build_store(root / "data", root / "store")
+    build_store(root / "data", root / "store")
     text = encode_store(root / "store", root / "emb", EncodeConfig(image_encoder="none"))
-    image = np.random.default_rng(0).normal(size=(store.num_news + 1, IMAGE_DIM))
-    image[0] = 0
-    fused = np.hstack([text.vectors, image]).astype(np.float16)
-    has_image = np.arange(store.num_news + 1) % 2 == 1
-    fusion = {"method": "concat", "text_dim": text.dim, "image_dim": IMAGE_DIM}
-    manifest = text.manifest | {"hash": "concat-test", "fusion": fusion}
-    NewsVectors(fused, has_image, manifest).save(root / "emb_concat")
+    with_random_image_part(text, root / "emb_concat", IMAGE_DIM)
     return root
 
 
