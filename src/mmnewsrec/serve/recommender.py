@@ -279,6 +279,10 @@ class Recommender:
             raise ValueError(f"news id {news.news_id!r} is already served")
         index = len(self._images)  # the new row's news index
         row = torch.as_tensor(vector, dtype=torch.float32).reshape(1, -1)
+        if row.shape[1] != self.recaller.vectors_.shape[1]:
+            raise ValueError(
+                f"a news vector of {row.shape[1]} values; the news have {self.vectors.dim}"
+            )
         matrix = torch.cat([self.recaller.vectors_, row])
         new = copy.copy(self)
         new.ranker = ranker_with_news(self.ranker, matrix, self.recaller.vectors_)
