@@ -1,5 +1,6 @@
 import hashlib
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,13 @@ def mind_samples() -> Path:
     if not path.is_dir():
         pytest.skip(f"real MIND samples not found at {path}")
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 TINY_HISTORY_LEN = 8
@@ -40,6 +48,28 @@ def topic_vectors(store, dim: int = 32, seed: int = 0):
         "fusion": {"method": "random topic centres (tests)"},
     }
     return NewsVectors(vectors, has_image, manifest)
+
+
+def with_random_image_part(text, out: Path, image_dim: int = 8):
+    """`text` vectors (a NewsVectors) concatenated with a random 'image' part, which the odd
+    news indices have, saved to `out` as a concat fusion."""
+    from mmnewsrec.formats.vectors import NewsVectors
+
+    image = np.random.default_rng(0).normal(size=(len(text.vectors), image_dim))
+    image[0] = 0
+    has_image = np.arange(len(text.vectors)) % 2 == 1
+    image[~has_image] = 0
+    fused = np.hstack([text.vectors, image]).astype(np.float16)
+    fusion = {"method": "concat", "text_dim": text.dim, "image_dim": image_dim}
+    image_part = {"encoder": {"id": "random (tests)"}}
+    manifest = text.manifest | {
+        "hash": f"concat-{text.hash}",
+        "fusion": fusion,
+        "image": image_part,
+    }
+    vectors = NewsVectors(fused, has_image, manifest)
+    vectors.save(out)
+    return vectors
 
 
 def build_tiny_run(root: Path) -> Path:

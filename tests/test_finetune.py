@@ -2,23 +2,28 @@
 shipped MiniLM and the quick synthetic data."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+from conftest import free_port, with_random_image_part
 
-from mmnewsrec.config import ConfigError, load_config
+from mmnewsrec.config import ConfigError, TrainConfig, load_config
 from mmnewsrec.data.store import build_store
 from mmnewsrec.data.synthetic import SynthConfig, generate
+from mmnewsrec.encode import finetune
 from mmnewsrec.encode.finetune import TextTower, load_sentence_model, token_states
 from mmnewsrec.encode.pipeline import EncodeConfig, encode_store, news_texts
 from mmnewsrec.formats.runs import read_checkpoint
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
+from mmnewsrec.rank import news_encoder
 from mmnewsrec.rank.news_encoder import STATES_DIR, FineTunedRanker
 from mmnewsrec.rank.ranker import load_ranker
-from mmnewsrec.rank.train import TrainRecipe, run_training
+from mmnewsrec.rank.train import DistInfo, TrainRecipe, init_distributed, run_training
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 IMAGE_DIM = 8
@@ -31,15 +36,9 @@ def data(tmp_path_factory) -> Path:
     with a random 'image' part (emb_concat)."""
     root = tmp_path_factory.mktemp("finetune")
     generate(root / "data", SynthConfig.quick())
-    store = build_store(root / "data", root / "store")
+    build_store(root / "data", root / "store")
     text = encode_store(root / "store", root / "emb", EncodeConfig(image_encoder="none"))
-    image = np.random.default_rng(0).normal(size=(store.num_news + 1, IMAGE_DIM))
-    image[0] = 0
-    fused = np.hstack([text.vectors, image]).astype(np.float16)
-    has_image = np.arange(store.num_news + 1) % 2 == 1
-    fusion = {"method": "concat", "text_dim": text.dim, "image_dim": IMAGE_DIM}
-    manifest = text.manifest | {"hash": "concat-test", "fusion": fusion}
-    NewsVectors(fused, has_image, manifest).save(root / "emb_concat")
+    with_random_image_part(text, root / "emb_concat", IMAGE_DIM)
     return root
 
 
@@ -195,6 +194,30 @@ def test_evaluate_and_serve_use_the_runs_vectors(data, run):
     assert recommender.recommend([recommender.store.news["news_id"][0]], k=3)
 
 
+def test_the_fine_tuned_path_runs_under_bf16_autocast_with_fp32_outputs(data, tmp_path):
+    """The mixed precision that training and scoring use on CUDA (CPU has no autocast in the
+    recipe; its bf16 autocast runs the same code path here)."""
+    recipe = TrainRecipe(train_config(data, tmp_path / "r"), torch.device("cpu"))
+    recipe.setup()
+    model, batch = recipe.model, next(iter(recipe.loader))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model(batch.history, batch.candidates)
+    assert scores.dtype == torch.float32
+    scores.logsumexp(dim=1).sum().backward()
+    grads = [p.grad for p in model.text.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+    model.eval()
+    with torch.inference_mode():
+        exact_table, exact = model.full_table(), model(batch.history, batch.candidates)
+    model.eval()  # drops the table: the next one is computed under autocast
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        table, scores = model.full_table(), model(batch.history, batch.candidates)
+    assert table.dtype == scores.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(table[1:], exact_table[1:]).min() > 0.99
+    torch.testing.assert_close(scores, exact, rtol=0.1, atol=0.1)  # bf16 body, close to fp32
+
+
 @pytest.mark.parametrize(
     ("override", "vectors", "message"),
     [
@@ -260,3 +283,68 @@ def test_a_fine_tuned_ranker_reads_the_behaviour_signals(data, tmp_path):
     assert ranker.model.signal_head.out.weight.abs().sum() > 0  # trained through the wrapper
     selected = read_checkpoint(out / "checkpoint.pt")["metrics"]
     assert evaluate_run(out)["auc"] == pytest.approx(selected["auc"], abs=2e-3)
+
+
+def ddp_worker(rank: int, world: int, port: int, config: dict, out: str) -> None:
+    """One rank of a fine-tuning run: saves its final weights, its table of every news item and
+    how often it wrote the token states and the run's vectors."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    info, device = DistInfo.from_env(), torch.device("cpu")
+    init_distributed(device, info)
+    recipe = TrainRecipe(TrainConfig.model_validate(config), device, info)
+    writes = {"write_states": 0, "export_run": 0}
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            count_calls(patch, finetune, "write_states", writes)
+            count_calls(patch, news_encoder, "export_run", writes)
+            recipe.setup()
+            recipe.train()
+        model = recipe.model.eval()
+        state = {"model": model.state_dict(), "table": model.full_table(), "writes": writes}
+        torch.save(state, Path(out) / f"rank{rank}.pt")
+    finally:
+        recipe.cleanup()
+
+
+def count_calls(patch: pytest.MonkeyPatch, module, name: str, counts: dict[str, int]) -> None:
+    """Count the calls of module.name in counts[name]."""
+    function = getattr(module, name)
+
+    def call(*args, **kwargs):
+        counts[name] += 1
+        return function(*args, **kwargs)
+
+    patch.setattr(module, name, call)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_the_same_tower_and_rank_0_writes_the_run(data, tmp_path):
+    """Two gloo processes: one all-reduced gradient per step, so both ranks end with bit-equal
+    tower and ranker weights; rank 0 alone caches the token states and exports the run."""
+    source = NewsVectors.load(data / "emb")  # a copy: no token states cached beside it yet
+    NewsVectors(np.array(source.vectors), np.array(source.has_image), source.manifest).save(
+        data / "emb_ddp"
+    )
+    out = tmp_path / "run"
+    selection = ("data.valid_split=dev", "model.args.dropout=0.1")
+    config = train_config(data, out, *selection, vectors="emb_ddp").to_dict()
+    mp.spawn(ddp_worker, args=(2, free_port(), config, str(tmp_path)), nprocs=2, join=True)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["writes"] for r in ranks] == [
+        {"write_states": 1, "export_run": 1},
+        {"write_states": 0, "export_run": 0},
+    ]
+    weights = [r["model"] for r in ranks]
+    assert any(k.startswith("text.layers.") for k in weights[0])
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    tuned = NewsVectors.load(out / "vectors")  # rank 0's export: the weights both ranks hold
+    assert tuned.manifest["finetuned"]["step"] == 4
+    np.testing.assert_array_equal(tuned.vectors, ranks[1]["table"].numpy().astype(np.float16))
+    moved = np.abs(tuned.vectors[1:].astype(np.float32) - source.vectors[1:])
+    assert moved.max() > 1e-2

@@ -4,6 +4,8 @@ import torch
 
 from mmnewsrec.formats.store import Behaviors
 from mmnewsrec.recall import Recaller
+from mmnewsrec.recall.channels import ItemStats
+from mmnewsrec.recall.space import Part
 
 
 def random_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -203,3 +205,28 @@ def test_recall_at_k_on_a_hand_built_case():
     with pytest.raises(ValueError, match="unlabelled"):
         split.labelled = False
         recaller.recall_at_k(split)
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss_hnsw"])
+def test_appended_rows_are_recalled_and_the_original_recaller_is_unchanged(backend):
+    vectors = torch.from_numpy(random_vectors(600, 16, seed=8).astype(np.float32))
+    parts = (Part("text", 0, 10), Part("image", 10, 16))
+    stats = ItemStats(np.arange(601.0), np.zeros(601, dtype=np.int64), end=0, half_life_days=1)
+    recaller = Recaller(k=5, backend=backend, popular_share=0.4)
+    recaller.fit(vectors, parts=parts, stats=stats)
+    copy_of = vectors[[7, 8]].clone()
+    copy_of[1, 10:] = 0  # no image part
+    grown = recaller.appended(torch.cat([vectors, copy_of]))
+    assert recaller.num_news_ == 600 and len(recaller.space_.scales_) == 601
+    if backend == "faiss_hnsw":
+        assert recaller.index_.ntotal == 600 and grown.index_.ntotal == 602
+    # a copy of a news item scores as the item: first for a user who clicked only the item
+    scores, found = grown.search(grown.user_vectors(np.array([[7], [8]])), exclude=[[7], [8]])
+    assert found[:, 0].tolist() == [601, 602]
+    torch.testing.assert_close(grown.space_.scales_[601], recaller.space_.scales_[7])
+    assert grown.space_.scales_[602, 1] == 0
+    # the channel never offers the new news (no clicks); the fitted space keeps its means
+    assert not np.isin(found[:, 3:], [601, 602]).any()
+    assert grown.space_.means_ is recaller.space_.means_
+    with pytest.raises(ValueError, match="rows of width"):
+        recaller.appended(vectors[:, :8])

@@ -1,7 +1,6 @@
 import csv
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
@@ -408,12 +408,6 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False)) and f[99] > 0.1
     assert lr_factor(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
     assert lr_factor(90, 0, 100, "constant", 0.0) == 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def on_device_only(collective, device: torch.device):

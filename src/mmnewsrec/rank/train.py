@@ -433,9 +433,7 @@ class TrainRecipe:
         self.model_args = model.model_args
         self.model: nn.Module = model
         if cfg.model.finetune_layers:
-            from mmnewsrec.rank.news_encoder import fine_tuned
-
-            self.model = fine_tuned(model, cfg, self.vectors, self.device)
+            self.model = self._fine_tuned(model)
         self.model.to(self.device)
         self.trainable = any(p.requires_grad for p in self.model.parameters())
         self.ddp: nn.Module = self.model
@@ -445,6 +443,18 @@ class TrainRecipe:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids, forward_sync_buffers=False
             )
+
+    def _fine_tuned(self, ranker: Any) -> nn.Module:
+        """`ranker` with a trainable text tower. Under DDP rank 0 builds the token-state cache
+        while the other ranks wait, then they read it: one writer per cache folder."""
+        from mmnewsrec.rank.news_encoder import fine_tuned
+
+        if self.dist.distributed and not self.dist.is_main:
+            dist.barrier()
+        model = fine_tuned(ranker, self.config, self.vectors, self.device)
+        if self.dist.distributed and self.dist.is_main:
+            dist.barrier()
+        return model
 
     def _fit_gbdt(self, model: Any) -> None:
         """Fit a GBDT ranker on the training impressions (early stopping on the selection

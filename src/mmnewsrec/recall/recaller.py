@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from mmnewsrec.csr import (
     tensor_segment_ids,
 )
 from mmnewsrec.files import atomic_file
+from mmnewsrec.formats.store import NEVER
 from mmnewsrec.recall.channels import ItemStats, store_item_stats
 from mmnewsrec.recall.space import Part, RecallSpace, vector_parts
 
@@ -181,6 +183,29 @@ class Recaller:
         place[order] = -np.arange(len(order), dtype=np.float32)
         self.channel_, self.channel_order_ = torch.from_numpy(place), torch.from_numpy(order)
         self.first_seen_ = torch.from_numpy(stats.first_seen)
+
+    def appended(self, matrix: Tensor) -> Recaller:
+        """A copy of this fitted recaller over `matrix` (N+1+n, D) float32: its news vectors
+        followed by n new rows, scaled by the fitted space and, having no clicks yet, never
+        offered by the popularity channel. A FAISS index is copied before the new rows are
+        added, so searches still running on this recaller see it unchanged."""
+        start = len(self.vectors_)
+        if matrix.shape[1] != self.vectors_.shape[1] or len(matrix) <= start:
+            raise ValueError(f"expected {start}+n rows of width {self.vectors_.shape[1]}")
+        new = copy.copy(self)
+        new.vectors_, new.num_news_ = matrix, len(matrix) - 1
+        new.space_ = self.space_.appended(matrix[start:])
+        if self.index_ is not None:
+            import faiss
+
+            new.index_ = faiss.clone_index(self.index_)
+            new.index_.add(new._unit_rows(torch.arange(start, len(matrix))))
+        if self.channel_ is not None:
+            n = len(matrix) - start
+            new.channel_ = torch.cat([self.channel_, self.channel_.new_full((n,), -torch.inf)])
+            never = self.first_seen_.new_full((n,), NEVER)  # absent from the logs
+            new.first_seen_ = torch.cat([self.first_seen_, never])
+        return new
 
     def user_vectors(self, histories: Any) -> np.ndarray:
         """Unit user vectors (U, D) from histories: padded (U, L) or (offsets, items)."""

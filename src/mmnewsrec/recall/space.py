@@ -13,6 +13,7 @@ use, so the float32 news matrix is never copied.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -68,20 +69,36 @@ class RecallSpace:
         """Derive the part means and row scales of `matrix` (N+1, D); row 0 is padding."""
         self.means_: list[Tensor] = []
         scales = []
-        for part in self.parts:
+        for p, part in enumerate(self.parts):
             block = matrix[:, part.start : part.stop]
             norms = torch.linalg.vector_norm(block, dim=1)
             present = norms > 0
             present[0] = False
             mean = block[present].sum(0) / max(int(present.sum()), 1) if self.centre else None
             self.means_.append(torch.zeros(block.shape[1]) if mean is None else mean)
-            if mean is not None:
-                norms = centred_norms(block, mean)
-            weight = self.weights.get(part.name, 1.0)
-            scales.append(torch.where(present, weight / norms.clamp_min(1e-12), 0.0))
+            scales.append(self._scales(p, block, present, norms))
         self.scales_ = torch.stack(scales, dim=1)  # (N+1, P)
         logger.info("recall space %s over %d rows", self.key, len(matrix))
         return self
+
+    def _scales(self, p: int, block: Tensor, present: Tensor, norms: Tensor) -> Tensor:
+        """(n,) weight / norm of each row's centred part p (`block`); 0 where absent."""
+        if self.centre:
+            norms = centred_norms(block, self.means_[p])
+        weight = self.weights.get(self.parts[p].name, 1.0)
+        return torch.where(present, weight / norms.clamp_min(1e-12), 0.0)
+
+    def appended(self, rows: Tensor) -> RecallSpace:
+        """A copy of this fitted space that also covers `rows` (n, D), new rows after the
+        fitted ones: their scales by the fitted means (which stay as they are)."""
+        scales = []
+        for p, part in enumerate(self.parts):
+            block = rows[:, part.start : part.stop]
+            norms = torch.linalg.vector_norm(block, dim=1)
+            scales.append(self._scales(p, block, norms > 0, norms))
+        space = copy.copy(self)
+        space.scales_ = torch.cat([self.scales_, torch.stack(scales, dim=1)])
+        return space
 
     def rows(self, matrix: Tensor, ids: Tensor) -> Tensor:
         """Transformed rows `ids` (any shape) of `matrix`: (*ids.shape, D) float32."""

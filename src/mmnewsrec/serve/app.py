@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import asdict
 from functools import partial
 from importlib.resources import files
@@ -16,6 +17,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
+from mmnewsrec.serve.new_news import NewNews, NewsItemEncoder, NotEncodable
 from mmnewsrec.serve.recommender import Recommendation, Recommender
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,23 @@ class NewsOut(BaseModel):
 class NewsDetailOut(NewsOut):
     abstract: str
     url: str
+
+
+class NewsIn(BaseModel):
+    """A news item to serve from now on (held in memory; the store on disk does not change)."""
+
+    model_config = ConfigDict(extra="forbid")
+    news_id: NewsId
+    title: str = Field(min_length=1, max_length=1000)
+    abstract: str = Field("", max_length=10_000)
+    category: str = Field("", max_length=200)
+    subcategory: str = Field("", max_length=200)
+    url: str = Field("", max_length=2000)
+    image_url: str | None = Field(
+        None,
+        description="The item's image: refused (422) when the run's news vectors have an image "
+        "part, which the server does not compute; ignored otherwise.",
+    )
 
 
 class RecommendedOut(NewsOut):
@@ -154,6 +173,37 @@ def search_news(
     return [asdict(recommender.summary(i)) for i in indices]
 
 
+@news_router.post("", response_model=NewsDetailOut, status_code=201)
+async def add_news(body: NewsIn, request: Request, limiter: LimiterDep) -> dict[str, Any]:
+    """Encode a new news item as the run's news were and serve it from now on: a following
+    /recommend can return it. 409: the id is known; 422: an image the server cannot encode;
+    501: the run's news vectors cannot be computed for a new item (joint or image encoders)."""
+    news = NewNews(**body.model_dump(exclude={"image_url"}))
+    job = partial(add_to_app, request.app.state, news, body.image_url is not None)
+    updated = await run_sync(job, limiter=limiter)
+    return asdict(updated.detail(updated.index_of(news.news_id)))
+
+
+def add_to_app(state: Any, news: NewNews, has_image: bool) -> Recommender:
+    """Swap in the app's recommender with `news` added (one writer at a time: requests keep the
+    recommender they started with). The encoder is loaded on first use."""
+    with state.news_lock:
+        current: Recommender = state.recommender
+        if current.index_of(news.news_id):
+            raise HTTPException(409, f"news id {news.news_id!r} is already served")
+        try:
+            if state.news_encoder is None:
+                state.news_encoder = NewsItemEncoder(current.ranker.path.parent, current.vectors)
+        except NotEncodable as err:
+            raise HTTPException(501, str(err)) from None
+        try:
+            vector = state.news_encoder.encode(news, has_image)
+        except NotEncodable as err:
+            raise HTTPException(422, str(err)) from None
+        state.recommender = current.with_news(news, vector)
+        return state.recommender
+
+
 @news_router.get("/{news_id}", response_model=NewsDetailOut)
 def get_news(news_id: str, recommender: RecommenderDep) -> dict[str, Any]:
     """One news item's metadata."""
@@ -184,6 +234,7 @@ def create_app(recommender: Recommender, settings: ServeSettings | None = None) 
     app.state.recommender = recommender
     app.state.settings = settings = settings or ServeSettings()
     app.state.limiter = CapacityLimiter(settings.parallel)
+    app.state.news_lock, app.state.news_encoder = threading.Lock(), None  # for POST /news
     for router in (recommend_router, news_router, health_router):
         app.include_router(router)
     static = Path(str(files("mmnewsrec.serve") / "static"))

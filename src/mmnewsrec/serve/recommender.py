@@ -3,12 +3,14 @@ trained model, fall back to the most clicked news when nothing in the history is
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from mmnewsrec.formats.store import Store
     from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import TrainedRanker
+    from mmnewsrec.serve.new_news import NewNews
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +265,38 @@ class Recommender:
     def _item(self, index: int, score: float, stage: str, rank: int | None) -> RecommendedNews:
         return RecommendedNews(*self._fields(int(index)), float(score), stage, rank)
 
+    # ------------------------------------------------------------------ new news
+
+    def with_news(self, news: NewNews, vector: np.ndarray) -> Recommender:
+        """A recommender that also serves `news`, of news vector `vector` (D,): a new row of
+        the news matrix that recall and the reranker share, of the recall index and of the
+        metadata, with no clicks and no image. This one stays as it is for the requests still
+        running on it; a server swaps the new one in. The store on disk does not change."""
+        import polars as pl
+        import torch
+
+        if news.news_id in self._index:
+            raise ValueError(f"news id {news.news_id!r} is already served")
+        index = len(self._images)  # the new row's news index
+        row = torch.as_tensor(vector, dtype=torch.float32).reshape(1, -1)
+        if row.shape[1] != self.recaller.vectors_.shape[1]:
+            raise ValueError(
+                f"a news vector of {row.shape[1]} values; the news have {self.vectors.dim}"
+            )
+        matrix = torch.cat([self.recaller.vectors_, row])
+        new = copy.copy(self)
+        new.ranker = ranker_with_news(self.ranker, matrix, self.recaller.vectors_)
+        new.recaller = self.recaller.appended(matrix)
+        new._index = self._index | {news.news_id: index}
+        new._columns = {k: [*v, getattr(news, k)] for k, v in self._columns.items()}
+        new._images = [*self._images, None]
+        new._titles_lower = pl.concat([self._titles_lower, pl.Series([news.title.lower()])])
+        new.clicks = np.append(self.clicks, 0)
+        new._popular = np.append(self._popular, index)  # last of the news with no clicks
+        added = self._counts.get("added_news", 0) + 1
+        new._counts = self._counts | {"news": self._counts["news"] + 1, "added_news": added}
+        return new
+
 
 def shared_news_matrix(ranker: TrainedRanker, vectors: NewsVectors) -> Any:
     """The reranker's float32 news matrix when it lives in CPU memory (recall then uses it, no
@@ -270,6 +305,33 @@ def shared_news_matrix(ranker: TrainedRanker, vectors: NewsVectors) -> Any:
     if matrix is not None and matrix.device.type == "cpu" and matrix.shape == vectors.vectors.shape:
         return matrix
     return vectors.vectors
+
+
+def ranker_with_news(ranker: TrainedRanker, matrix: Any, recall_matrix: Any) -> TrainedRanker:
+    """`ranker` over a news table with new rows (no image) after its own: `matrix`, if the
+    ranker's table was `recall_matrix` (shared), else its own table extended by the same rows.
+    The weights are shared; per-news caches are computed again, the trace made again."""
+    import torch
+
+    from mmnewsrec.rank.model import PopularityRanker, Ranker
+
+    model = ranker.model
+    if not isinstance(model, Ranker):
+        raise ValueError(f"{ranker.path}: a {type(model).__name__} cannot take new news")
+    old = model.news_vectors
+    if old is not recall_matrix:
+        matrix = torch.cat([old, matrix[len(old) :].to(old.device)])
+    flags = torch.cat([model.has_image, model.has_image.new_zeros(len(matrix) - len(old))])
+    memo: dict[int, Any] = {id(p): p for p in model.parameters()}  # shared, not copied
+    copied = copy.deepcopy(model, memo | {id(old): matrix, id(model.has_image): flags})
+    if isinstance(copied, PopularityRanker):  # train clicks per news: none for new news
+        counts = cast(torch.Tensor, model.counts)
+        copied.counts = torch.cat([counts, counts.new_zeros(len(matrix) - len(old))])
+    copied.cache_news_tokens()
+    new = dataclasses.replace(ranker, model=copied, traced=None)
+    if ranker.traced is not None:
+        new.trace()
+    return new
 
 
 def check_same_news(store: Store, vectors: NewsVectors) -> None:
