@@ -311,15 +311,14 @@ def test_demo_grid_for_the_im_mind_layout_maps_and_crops_the_cards(tmp_path):
 
 
 def test_demo_grids_train_settings(tmp_path):
-    """The default demo trains 2 epochs over the last 30 clicks and scores the held-out day
-    once, at the end; the quick demo keeps 3 epochs over 50 clicks, scored after each."""
+    """The default demo trains 2 epochs and scores the held-out day once, at the end; the
+    quick demo keeps 3 epochs, scored after each."""
     from mmnewsrec.demo import demo_files
 
-    for quick, epochs, history_len, each_epoch in [(False, 2, 30, False), (True, 3, 50, True)]:
+    for quick, epochs, each_epoch in [(False, 2, False), (True, 3, True)]:
         path = tmp_path / "experiment.toml"
         path.write_text(demo_files(tmp_path, quick=quick)[1])
         config = load_experiment(path)
         train = load_config(config.train_config, config.train_overrides)
         assert train.optim.epochs == epochs
-        assert train.data.history_len == history_len
         assert train.run.eval_each_epoch is each_epoch
