@@ -308,3 +308,17 @@ def test_demo_grid_for_the_im_mind_layout_maps_and_crops_the_cards(tmp_path):
         assert config.encoders["minilm"].image_crop is None
     bad = CliRunner().invoke(app, ["demo", "--image-layout", "cards", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "image layout must be one of plain, im-mind" in bad.output
+
+
+def test_demo_grids_train_settings(tmp_path):
+    """The default demo trains 2 epochs and scores the held-out day once, at the end; the
+    quick demo keeps 3 epochs, scored after each."""
+    from mmnewsrec.demo import demo_files
+
+    for quick, epochs, each_epoch in [(False, 2, False), (True, 3, True)]:
+        path = tmp_path / "experiment.toml"
+        path.write_text(demo_files(tmp_path, quick=quick)[1])
+        config = load_experiment(path)
+        train = load_config(config.train_config, config.train_overrides)
+        assert train.optim.epochs == epochs
+        assert train.run.eval_each_epoch is each_epoch
