@@ -187,3 +187,23 @@ def test_page_and_assets(client):
     assert client.get("/static/style.css").status_code == 200
     assert client.get("/nothing-here").status_code == 404
     assert client.get("/static/../recommender.py").status_code == 404
+
+
+@pytest.mark.parametrize("parallel, on_the_loop", [(1, True), (3, False)])
+def test_one_at_a_time_runs_on_the_event_loop(rec, ids, monkeypatch, parallel, on_the_loop):
+    import asyncio
+
+    seen = []
+
+    def recommend(*args):
+        try:
+            asyncio.get_running_loop()
+            seen.append(True)
+        except RuntimeError:  # a worker thread has no running loop
+            seen.append(False)
+        return Recommendation([], [], [], {})
+
+    monkeypatch.setattr(rec, "recommend", recommend)
+    client = TestClient(create_app(rec, ServeSettings(parallel=parallel)))
+    assert client.post("/recommend", json={"history": ids[:2]}).status_code == 200
+    assert seen == [on_the_loop]
