@@ -532,7 +532,12 @@ def serve(
     recall_popular_share: RecallPopularShare = None,
     device: Device = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="CPU threads per request.")] = 1,
-    parallel: Annotated[int, typer.Option(min=1, help="Requests computed at once.")] = 1,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Requests computed at once, in worker threads; 1: on the event loop."
+        ),
+    ] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Serve recommendations over HTTP (POST /recommend) with a web page at /."""
