@@ -105,19 +105,14 @@ def log_share(count: np.ndarray, total: np.ndarray) -> np.ndarray:
     return np.log1p(count) - np.log1p(total)
 
 
-def candidate_times(behaviors: Behaviors) -> np.ndarray:
-    """(C,) the time of each candidate's impression."""
-    return np.asarray(behaviors.times)[segment_ids(behaviors.candidate_offsets)]
-
-
 def popularity(behaviors: Behaviors, train: Behaviors | None) -> np.ndarray:
     """Train clicks on each candidate before the impression's day began, as a log share."""
     items = np.asarray(behaviors.candidate_items)
     if train is None:
         return log_share(np.zeros(len(items)), np.zeros(len(items)))
     clicked = np.asarray(train.candidate_labels) == 1
-    click_time = candidate_times(train)[clicked]
-    query_time = candidate_times(behaviors) // DAY * DAY  # 00:00 UTC of the impression's day
+    click_time = train.item_times()[clicked]
+    query_time = behaviors.item_times() // DAY * DAY  # 00:00 UTC of the impression's day
     rank, ranks = time_ranks(np.concatenate([click_time, query_time]))
     click_rank, query_rank = rank[: len(click_time)], rank[len(click_time) :]
     click_item = np.asarray(train.candidate_items)[clicked]
@@ -143,14 +138,14 @@ class Exposures:
             return cls(empty, empty, empty)
         times = np.unique(np.concatenate([np.asarray(b.times) for b in parts]))
         item = np.concatenate([np.asarray(b.candidate_items) for b in parts]).astype(np.int64)
-        rank = np.searchsorted(times, np.concatenate([candidate_times(b) for b in parts]))
+        rank = np.searchsorted(times, np.concatenate([b.item_times() for b in parts]))
         impression_rank = np.searchsorted(times, np.concatenate([b.times for b in parts]))
         keys = item * (len(times) + 1) + rank
         return cls(times, np.sort(keys), np.sort(impression_rank))
 
     def share(self, behaviors: Behaviors) -> np.ndarray:
         """Earlier impressions of any log that showed each candidate, as a log share."""
-        rank = np.searchsorted(self.times, candidate_times(behaviors))
+        rank = np.searchsorted(self.times, behaviors.item_times())
         item = np.asarray(behaviors.candidate_items).astype(np.int64) * (len(self.times) + 1)
         keys = self.shown_keys
         count = np.searchsorted(keys, item + rank) - np.searchsorted(keys, item)
@@ -160,7 +155,7 @@ class Exposures:
 
 def freshness(behaviors: Behaviors, first_seen: np.ndarray) -> np.ndarray:
     """log1p(hours from the candidate's first appearance to the impression)."""
-    times = candidate_times(behaviors)
+    times = behaviors.item_times()
     first = first_seen[np.asarray(behaviors.candidate_items)]
     return np.log1p(np.maximum(times - first, 0) / 3600.0)
 

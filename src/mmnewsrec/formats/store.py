@@ -80,6 +80,11 @@ class Behaviors:
         s = slice(self.candidate_offsets[i], self.candidate_offsets[i + 1])
         return self.candidate_items[s], self.candidate_labels[s]
 
+    def item_times(self, kind: str = "candidate") -> np.ndarray:
+        """(nnz,) the impression time of each candidate (kind "candidate") or history click
+        (kind "history"), in the order of the CSR items."""
+        return np.asarray(self.times)[segment_ids(getattr(self, f"{kind}_offsets"))]
+
     def save(self, folder: Path) -> None:
         """Write each array as folder/<name>.npy."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -126,12 +131,8 @@ def first_appearance(logs: Iterable[Behaviors], num_news: int) -> np.ndarray:
     as a candidate or in a history; NEVER for a news item in no log."""
     first = np.full(num_news + 1, NEVER, dtype=np.int64)
     for b in logs:
-        times = np.asarray(b.times, dtype=np.int64)
         for kind in ("candidate", "history"):
-            offsets = getattr(b, f"{kind}_offsets")
-            np.minimum.at(
-                first, np.asarray(getattr(b, f"{kind}_items")), times[segment_ids(offsets)]
-            )
+            np.minimum.at(first, np.asarray(getattr(b, f"{kind}_items")), b.item_times(kind))
     return first
 
 

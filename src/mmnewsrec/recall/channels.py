@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from mmnewsrec.csr import segment_ids
 from mmnewsrec.formats.store import DAY, NEVER, first_appearance
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ def item_stats(
     first_seen = first_appearance(logs, num_news)
     end = int(max((np.max(log.times) for log in logs if len(log.times)), default=0))
     clicked = np.asarray(clicks.candidate_labels) == 1
-    click_times = np.asarray(clicks.times)[segment_ids(clicks.candidate_offsets)][clicked]
+    click_times = clicks.item_times()[clicked]
     decay = 0.5 ** ((end - click_times) / (half_life_days * DAY))
     items = np.asarray(clicks.candidate_items)[clicked]
     popularity = np.bincount(items, weights=decay, minlength=num_news + 1)
