@@ -15,6 +15,7 @@ the same seeds and step budget for every N; dev AUC mean +- std over the seeds. 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -93,10 +94,13 @@ def ablation(args: argparse.Namespace) -> None:
             for seed in args.seeds:
                 run = args.out / name / "runs" / f"n{layers}-seed{seed}"
                 values = settings(store, vectors, run, layers, args) | {"run.seed": seed}
-                if not (run / "metrics.json").is_file():
+                scored = run / "metrics.json"  # written by evaluate_run: a rerun skips the run
+                if scored.is_file():
+                    metrics = json.loads(scored.read_text())
+                else:
                     run_training(load_config("train_cpu", values=values), resume=True)
-                    evaluate_run(run)
-                aucs.setdefault(layers, []).append(evaluate_run(run)["auc"])
+                    metrics = evaluate_run(run)
+                aucs.setdefault(layers, []).append(metrics["auc"])
         report(name, aucs, time.perf_counter() - started)
 
 

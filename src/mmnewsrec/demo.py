@@ -12,8 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.data.synthetic.images import PHOTO_BOX
 from mmnewsrec.evaluate.experiment import Stopwatch, load_experiment, run_experiment
@@ -67,6 +65,8 @@ def demo_files(out: Path, quick: bool, image_layout: str = "plain") -> tuple[Syn
     store maps them and the image encoder sees the photo box only."""
     synth = SynthConfig.quick() if quick else SynthConfig()
     overrides = json.dumps(TRAIN_OVERRIDES["quick" if quick else "default"])
+    import torch
+
     jobs = min(2, torch.get_num_threads())  # two runs at a time, each on its own cores
     header = f"""# The demo grid; re-run with: mmnewsrec experiment {out / "experiment.toml"}
 title = "mmnewsrec demo: synthetic MIND data ({"quick" if quick else "default"} size)"
