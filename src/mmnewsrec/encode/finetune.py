@@ -221,8 +221,8 @@ def write_states(
     bottom = bottom_model(model, frozen).to(device)
     hidden = bottom.config.hidden_size
     shape = (len(lengths), int(lengths.max(initial=1)), hidden)
+    # a new file, zero-filled: padding and the tail of each row beyond its text stay zero
     states = np.lib.format.open_memmap(out / "states.npy", "w+", np.float16, shape)
-    states[0] = 0
     order = np.argsort(-lengths[1:], kind="stable")
     for start in tqdm(range(0, len(order), batch_size), desc="token states", leave=False):
         rows = order[start : start + batch_size]
@@ -231,7 +231,6 @@ def write_states(
             out_states = bottom(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state
         width = out_states.shape[1]
         states[1 + rows, :width] = out_states.float().cpu().numpy()
-        states[1 + rows, width:] = 0
     states.flush()
 
 
