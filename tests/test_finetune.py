@@ -15,8 +15,10 @@ from mmnewsrec.config import ConfigError, TrainConfig, load_config
 from mmnewsrec.data.store import build_store
 from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.encode import finetune
+from mmnewsrec.encode.base import model_identity
 from mmnewsrec.encode.finetune import TextTower, load_sentence_model, token_states
 from mmnewsrec.encode.pipeline import EncodeConfig, encode_store, news_texts
+from mmnewsrec.encode.text import text_model_path
 from mmnewsrec.formats.runs import read_checkpoint
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
@@ -26,6 +28,13 @@ from mmnewsrec.rank.ranker import load_ranker
 from mmnewsrec.rank.train import DistInfo, TrainRecipe, init_distributed, run_training
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def minilm_identity() -> dict:
+    """The identity token_states keys its cache by."""
+    return model_identity(MINILM, text_model_path(MINILM))
+
+
 IMAGE_DIM = 8
 TINY = {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 1}
 
@@ -87,7 +96,8 @@ def texts(data: Path) -> list[str]:
 def test_the_tower_starts_at_the_frozen_vectors(data, minilm):
     store = Store.load(data / "store")
     cache = data / "cache"
-    states = token_states(minilm, MINILM, texts(data), store.content_hash, 2, 32, cache, "cpu")
+    args = (minilm, minilm_identity(), texts(data), store.content_hash)
+    states = token_states(*args, 2, 32, cache, "cpu")
     tower = TextTower(minilm, 2).eval()
     with torch.no_grad():
         out = tower(*states.rows(torch.arange(1, store.num_news + 1)))
@@ -98,7 +108,7 @@ def test_the_tower_starts_at_the_frozen_vectors(data, minilm):
 def test_token_states_are_cached_once_per_model_split_and_length(data, minilm, monkeypatch):
     store = Store.load(data / "store")
     cache = data / "cache-keys"
-    args = (minilm, MINILM, texts(data), store.content_hash)
+    args = (minilm, minilm_identity(), texts(data), store.content_hash)
     first = token_states(*args, 1, 16, cache, "cpu")
     assert first.states.dtype == np.float16 and first.states.shape[0] == store.num_news + 1
     assert first.states.shape[1:] == (16, 384)

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmnewsrec.encode.base import model_identity
 from mmnewsrec.encode.text import text_model_path
 from mmnewsrec.files import atomic_dir, sha256_json, write_json
 
@@ -175,7 +174,7 @@ def cache_key(
 
 def token_states(
     model: SentenceTransformer,
-    name: str,
+    identity: dict,
     texts: Sequence[str],
     store_hash: str,
     trainable: int,
@@ -185,9 +184,9 @@ def token_states(
     batch_size: int = 64,
 ) -> TokenStates:
     """The states of `texts` (news 1..N) after the frozen layers, from `cache_dir` or computed
-    and written there (atomically). `model` is not changed."""
+    and written there (atomically). `model` (of `identity`, `encode.base.model_identity`) is
+    not changed."""
     frozen = check_split(model, trainable)
-    identity = model_identity(name, text_model_path(name))
     key = cache_key(store_hash, texts, identity, frozen, max_tokens)
     path = cache_dir / key
     if (path / "manifest.json").is_file():

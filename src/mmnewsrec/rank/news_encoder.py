@@ -38,6 +38,7 @@ from mmnewsrec.rank.model import Ranker, standardisation
 
 if TYPE_CHECKING:
     from mmnewsrec.encode.finetune import TextTower, TokenStates
+    from mmnewsrec.formats.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -152,20 +153,18 @@ class FineTunedRanker(nn.Module):
 
 
 def fine_tuned(
-    ranker: Ranker, config: TrainConfig, vectors: NewsVectors, device: torch.device
+    ranker: Ranker, config: TrainConfig, store: Store, vectors: NewsVectors, device: torch.device
 ) -> FineTunedRanker:
     """Wrap `ranker` for `model.finetune_layers` (the token states cached under the vectors)."""
     from mmnewsrec.encode.finetune import FineTuneError, TextTower, load_sentence_model
-    from mmnewsrec.formats.store import Store
 
     if not ranker.trainable:
         raise ConfigError(f"model.finetune_layers: {ranker.name} has no weights to train")
     name, text_dim = text_source(vectors, config)
-    check_same_model(name, vectors)
-    store = Store.load(config.data.store_dir)
+    identity = check_same_model(name, vectors)
     try:
         base = load_sentence_model(name)
-        states = news_states(base, name, store, vectors, config, device)
+        states = news_states(base, identity, store, vectors, config, device)
         tower = TextTower(base, config.model.finetune_layers)
     except FineTuneError as err:
         raise ConfigError(f"model.finetune_layers: {err}") from None
@@ -195,8 +194,9 @@ def text_source(vectors: NewsVectors, config: TrainConfig) -> tuple[str, int]:
     return config.model.text_encoder or encoder["id"], int(fusion["text_dim"])
 
 
-def check_same_model(name: str, vectors: NewsVectors) -> None:
-    """Refuse a text model with other weights than the one the vectors were encoded with."""
+def check_same_model(name: str, vectors: NewsVectors) -> dict:
+    """The identity of text model `name` (`encode.base.model_identity`); refuse one with other
+    weights than the model the vectors were encoded with."""
     from mmnewsrec.encode.base import model_identity
     from mmnewsrec.encode.text import text_model_path
 
@@ -209,10 +209,11 @@ def check_same_model(name: str, vectors: NewsVectors) -> None:
             f"model.text_encoder {name!r} is not the model the vectors' text part was encoded "
             f"with ({recorded}); give that model (a local path: model.text_encoder=PATH)"
         )
+    return actual
 
 
 def news_states(
-    base: Any, name: str, store: Any, vectors: NewsVectors, config: TrainConfig, device: Any
+    base: Any, identity: dict, store: Store, vectors: NewsVectors, config: TrainConfig, device: Any
 ) -> TokenStates:
     """The cached token states of the texts the vectors were encoded from."""
     from mmnewsrec.encode.finetune import token_states
@@ -220,7 +221,7 @@ def news_states(
 
     texts = news_texts(store.news, vectors.manifest["text"]["fields"]).to_list()
     return token_states(
-        base, name, texts, store.content_hash, config.model.finetune_layers,
+        base, identity, texts, store.content_hash, config.model.finetune_layers,
         config.model.finetune_max_tokens, Path(config.data.vectors_dir) / STATES_DIR, device,
     )  # fmt: skip
 

@@ -320,6 +320,7 @@ class TrainRecipe:
         for split in (cfg.train_split, cfg.dev_split):
             if split and split not in store.splits:
                 raise ConfigError(f"{cfg.store_dir}: no split {split!r} (has {store.splits})")
+        self.store = store
         self.num_news = store.num_news
         self.store_hash = store.content_hash
         self.train_behaviors = store.behaviors(cfg.train_split)
@@ -451,7 +452,7 @@ class TrainRecipe:
 
         if self.dist.distributed and not self.dist.is_main:
             dist.barrier()
-        model = fine_tuned(ranker, self.config, self.vectors, self.device)
+        model = fine_tuned(ranker, self.config, self.store, self.vectors, self.device)
         if self.dist.distributed and self.dist.is_main:
             dist.barrier()
         return model
