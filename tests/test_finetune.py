@@ -249,6 +249,16 @@ def test_what_cannot_be_fine_tuned_is_refused(data, tmp_path, override, vectors,
         TrainRecipe(config, torch.device("cpu")).setup()
 
 
+def test_a_gbdt_asked_to_fine_tune_is_refused_before_it_is_fitted(data, tmp_path, monkeypatch):
+    def no_fit(*args):
+        raise AssertionError("fitted a model that cannot be fine-tuned")
+
+    monkeypatch.setattr(TrainRecipe, "_fit_gbdt", no_fit)
+    config = train_config(data, tmp_path / "r", "model.name=gbdt")
+    with pytest.raises(ConfigError, match="gbdt has no weights to train"):
+        TrainRecipe(config, torch.device("cpu")).setup()
+
+
 def test_a_stopped_fine_tuning_run_resumes_to_the_same_weights(data, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -158,8 +158,6 @@ def fine_tuned(
     """Wrap `ranker` for `model.finetune_layers` (the token states cached under the vectors)."""
     from mmnewsrec.encode.finetune import FineTuneError, TextTower, load_sentence_model
 
-    if not ranker.trainable:
-        raise ConfigError(f"model.finetune_layers: {ranker.name} has no weights to train")
     name, text_dim = text_source(vectors, config)
     identity = check_same_model(name, vectors)
     try:

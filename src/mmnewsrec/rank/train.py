@@ -425,6 +425,8 @@ class TrainRecipe:
                 f"model.args.max_history ({history_cap}) differs from data.history_len "
                 f"({cfg.data.history_len}); set data.history_len only"
             )
+        if cfg.model.finetune_layers and not model.trainable:  # before any fit is paid for
+            raise ConfigError(f"model.finetune_layers: {model.name} has no weights to train")
         if isinstance(model, PopularityRanker):
             model.fit_counts(click_counts(self.train_behaviors, self.num_news))
         if model.signal_head is not None and self.train_signals is not None:
