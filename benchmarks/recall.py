@@ -15,22 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmnewsrec.evaluate.experiment import clicked_image_share, news_with_image
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.recall import ItemStats, Recaller
 
 KS = [10, 50, 200]
-
-
-def clicked_image_share(store: Store, split: str) -> float:
-    """Share of news with an image among the clicked candidates of `split`."""
-    behaviors = store.behaviors(split)
-    clicked = np.asarray(behaviors.candidate_items)[np.asarray(behaviors.candidate_labels) == 1]
-    return float(store_has_image(store)[clicked].mean())
-
-
-def store_has_image(store: Store) -> np.ndarray:
-    return np.concatenate([[False], store.news["image_path"].is_not_null().to_numpy()])
 
 
 def settings(args: argparse.Namespace) -> list[dict]:
@@ -80,7 +70,7 @@ def main() -> None:
     if args.store is None or args.vectors is None:
         parser.error("--store and --vectors are needed (or --latency-news)")
     store = Store.load(args.store)
-    behaviors, has_image = store.behaviors(args.split), store_has_image(store)
+    behaviors, has_image = store.behaviors(args.split), news_with_image(store)
     print(
         f"{args.split}: clicked image share {clicked_image_share(store, args.split):.3f}, "
         f"news image share {has_image[1:].mean():.3f}"

@@ -155,7 +155,7 @@ def test_serving_and_evaluation_recall_alike(run_dir, rec, tmp_path):
         rankers={"random": {"model": "random"}},
         recall_k=[5, 20],
     )
-    evaluated = _recall(rec.store.path, Path(rec.ranker.config.data.vectors_dir), config)
+    evaluated = _recall(rec.store, Path(rec.ranker.config.data.vectors_dir), config)
     dev = rec.store.behaviors("dev")
     served = rec.recaller.recall_stats(dev, [5, 20], news_with_image(rec.store))
     assert served == evaluated

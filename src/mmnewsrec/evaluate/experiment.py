@@ -351,8 +351,11 @@ def run_experiment(
         with watch.phase(f"encode {name}"):
             vectors_dirs[name] = _encode(config, store_dir, name)
     with watch.phase("recall"):
-        recall = {name: _recall(store_dir, path, config) for name, path in vectors_dirs.items()}
-        clicked_share = _clicked_image_share(store_dir, config.dev_split)
+        from mmnewsrec.formats.store import Store
+
+        store = Store.load(store_dir)
+        recall = {name: _recall(store, path, config) for name, path in vectors_dirs.items()}
+        clicked_share = clicked_image_share(store, config.dev_split)
     cells = grid_cells(config)
     with watch.phase("train"):
         trained = _train_cells(config, cells, store_dir, vectors_dirs)
@@ -461,15 +464,13 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
 
 
 def _recall(
-    store_dir: Path, vectors_dir: Path, config: ExperimentConfig
+    store: Store, vectors_dir: Path, config: ExperimentConfig
 ) -> dict[int, dict[str, float]]:
     """Per K: recall@K on the dev split and the share of recalled news with an image, with
     the recaller fitted as serving fits it."""
-    from mmnewsrec.formats.store import Store
     from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
 
-    store = Store.load(store_dir)
     share = config.recall_popular_share
     recaller = Recaller(
         k=max(config.recall_k),
@@ -497,11 +498,8 @@ def news_with_image(store: Store) -> np.ndarray:
     return np.concatenate([[False], store.news["image_path"].is_not_null().to_numpy()])
 
 
-def _clicked_image_share(store_dir: Path, split: str) -> float:
+def clicked_image_share(store: Store, split: str) -> float:
     """Share of the clicked candidates of `split` that have an image."""
-    from mmnewsrec.formats.store import Store
-
-    store = Store.load(store_dir)
     behaviors = store.behaviors(split)
     clicked = np.asarray(behaviors.candidate_items)[np.asarray(behaviors.candidate_labels) == 1]
     return float(news_with_image(store)[clicked].mean()) if len(clicked) else float("nan")
