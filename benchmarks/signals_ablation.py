@@ -10,8 +10,8 @@ as MovieLens' last train day holds 65 impressions); dev is never seen in trainin
         [--ranker additive_attention] [--combined fast_rec_transformer] [--epochs 2]
         [--threads 1] [--jobs 2]
 
-`--jobs N` trains the rows in N processes (after one pass prepares and encodes), then one more
-pass gathers every finished run into the report.
+`--jobs N` trains the rows in N processes (the experiment's `jobs`), which share the
+`--threads` (at least one each).
 """
 
 from __future__ import annotations
@@ -19,21 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from mmnewsrec.data.synthetic import SynthConfig, generate
-from mmnewsrec.evaluate.experiment import (
-    _encode,
-    _prepare,
-    load_experiment,
-    oracle_auc,
-    run_experiment,
-)
+from mmnewsrec.evaluate.experiment import load_experiment, oracle_auc, run_experiment
 from mmnewsrec.formats.store import SIGNAL_NAMES
 
 MOVIELENS = Path(__file__).resolve().parents[1].parent / "shared/data/movielens-100k-mind"
@@ -45,6 +37,7 @@ train_config = "train_cpu"
 train_overrides = ["optim.epochs={epochs}", "data.valid_split=0.1", "run.progress=false"]
 seeds = [0]
 recall_k = [10]
+jobs = {jobs}
 
 [encoders.minilm]
 image_encoder = "none"
@@ -77,36 +70,12 @@ def rows(ranker: str, combined: list[str]) -> list[tuple[str, str, list[str]]]:
     return out + [(f"{model}_all_signals", model, list(SIGNAL_NAMES)) for model in combined]
 
 
-def experiment_text(
-    name: str, data: Path, args: argparse.Namespace, part: int = 0, parts: int = 1
-) -> str:
-    """The grid (every `parts`-th neural row from `part` on; the baselines with part 0)."""
-    header = HEADER.format(name=name, data=data, epochs=args.epochs)
-    text = header if part == 0 else header.split("[rankers.")[0]
-    for key, model, signals in rows(args.ranker, args.combined)[part::parts]:
+def experiment_text(name: str, data: Path, args: argparse.Namespace) -> str:
+    """The grid: the baselines, the ablation rows and the combined models."""
+    text = HEADER.format(name=name, data=data, epochs=args.epochs, jobs=args.jobs)
+    for key, model, signals in rows(args.ranker, args.combined):
         text += RANKER.format(key=key, model=model, signals=json.dumps(signals))
     return text
-
-
-def run_parts(name: str, data: Path, out: Path, args: argparse.Namespace) -> None:
-    """Prepare and encode once, then train the rows in `args.jobs` processes."""
-    config = load_experiment(out / "experiment.toml")
-    store_dir, _ = _prepare(config)
-    _encode(config, store_dir, "minilm")
-    procs = []
-    for part in range(args.jobs):
-        path = out / f"experiment-part{part}.toml"
-        path.write_text(experiment_text(name, data, args, part, args.jobs))
-        code = (
-            f"import torch; torch.set_num_threads({args.threads}); "
-            "from pathlib import Path; "
-            "from mmnewsrec.evaluate.experiment import load_experiment, run_experiment; "
-            f"p = Path({str(path)!r}); run_experiment(load_experiment(p), p)"
-        )
-        log = (out / f"part{part}.log").open("w")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log))
-    if any(p.wait() for p in procs):
-        raise SystemExit(f"a part failed: see {out}/part*.log")
 
 
 def run_data_set(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -115,8 +84,6 @@ def run_data_set(name: str, data: Path, out: Path, args: argparse.Namespace) -> 
     path = out / "experiment.toml"
     path.write_text(experiment_text(name, data, args))
     started = time.perf_counter()
-    if args.jobs > 1:
-        run_parts(name, data, out, args)
     report = run_experiment(load_experiment(path), path)
     auc = {r["ranker"]: r["auc"] for r in json.loads((out / "results.json").read_text())}
     oracle = data / "dev" / "oracle.tsv"
