@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from serve import request_bodies
 
+from mmnewsrec.csr import csr_offsets
 from mmnewsrec.recall import Recaller
-from mmnewsrec.serve.recommender import Recommender, one_row
+from mmnewsrec.serve.recommender import Recommender
 
 
 def cpu_ms(job: Callable[[], object], calls: int, repeats: int = 3) -> float:
@@ -42,8 +43,7 @@ def request_split(rec: Recommender, histories: list[np.ndarray], bodies: list[di
 
     def recall_all() -> None:
         for history in histories:
-            user = recaller.user_vectors(one_row(history))
-            recaller.search(user, k=rec.recall_k, exclude=one_row(np.unique(history)))
+            recaller.search_one(history, rec.recall_k, np.unique(history))
 
     def recommend_all() -> None:
         for body in bodies:
@@ -84,7 +84,8 @@ def hnsw_overlap(rec: Recommender, histories: list[np.ndarray], k: int, ms: list
     """Per HNSW M: CPU ms per user (batched search + exact rescoring) and the share of the
     exact top-k it finds."""
     base = rec.recaller
-    users = np.concatenate([base.user_vectors(one_row(h)) for h in histories])
+    offsets = csr_offsets(np.array([len(h) for h in histories]))
+    users = base.user_vectors((offsets, np.concatenate(histories)))
     exact = Recaller(k, "exact").fit(base.vectors_, parts=base.space_.parts)
     _, truth = exact.search(users, k=k)
     for m in ms:

@@ -3,6 +3,7 @@ import torch
 
 from mmnewsrec.csr import (
     csr_offsets,
+    isin_small,
     isin_sorted,
     mean_user_vectors,
     pad_rows,
@@ -78,3 +79,10 @@ def test_mean_user_vectors_against_a_loop():
         norm = np.linalg.norm(mean)
         expected = mean / norm if hi > lo else np.zeros(3)
         np.testing.assert_allclose(users[u].numpy(), expected, atol=1e-12)
+
+
+def test_isin_small_is_np_isin():
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 7, 40):
+        elements, pool = rng.integers(0, 60, 250), rng.integers(1, 60, size)
+        np.testing.assert_array_equal(isin_small(elements, pool), np.isin(elements, pool))

@@ -6,6 +6,7 @@ from test_recall import behaviors
 
 from mmnewsrec.recall import ItemStats, Recaller, item_stats
 from mmnewsrec.recall.channels import DAY, NEVER
+from mmnewsrec.recall.space import Part
 
 T0 = 1_700_000_000
 
@@ -107,3 +108,26 @@ def test_merged_scores_are_the_same_when_rescored_a_few_users_at_a_time(monkeypa
     scores, ids = recaller.search(users)
     np.testing.assert_array_equal(ids, whole[1])
     np.testing.assert_allclose(scores, whole[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss_flat", "faiss_hnsw"])
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_one_users_search_is_the_batched_search(backend, share):
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(81, 12)).astype(np.float32)
+    vectors[0], vectors[60:, 8:] = 0, 0  # news 60.. have no image part
+    popularity = rng.integers(0, 3, 81).astype(float)
+    first_seen = np.where(rng.random(81) < 0.15, T0, NEVER)  # the channel runs dry at times
+    stats = ItemStats(popularity, first_seen, T0, 1.0)
+    parts = (Part("text", 0, 8), Part("image", 8, 12))
+    recaller = Recaller(k=30, backend=backend, popular_share=share, recency_weighting=0.9)
+    recaller.fit(vectors, parts=parts, stats=stats)
+    for history in [*rng.integers(1, 81, size=(25, 12)), np.array([5, 5, 7])]:
+        exclude = np.unique(history)
+        users = recaller.user_vectors((np.array([0, len(history)]), history))
+        for k in (30, 7):
+            batched = recaller.search(users, k, exclude=(np.array([0, len(exclude)]), exclude))
+            scores, ids = recaller.search_one(history, k, exclude)
+            np.testing.assert_array_equal(ids, batched[1][0])
+            np.testing.assert_allclose(scores, batched[0][0], rtol=1e-5, atol=1e-6)
+            assert not np.isin(ids, exclude).any()

@@ -39,6 +39,15 @@ def pad_rows(
     return dense, (row, col)
 
 
+def isin_small(elements: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """np.isin(elements, pool) by a binary search in the sorted pool: several times faster than
+    np.isin on the few hundred news of one request."""
+    if len(pool) == 0:
+        return np.zeros(len(elements), dtype=bool)
+    pool = np.sort(pool)
+    return pool[np.searchsorted(pool, elements).clip(max=len(pool) - 1)] == elements
+
+
 def tensor_segment_ids(offsets: Tensor) -> Tensor:
     """Row id of every element of a CSR array (torch, on the offsets' device)."""
     import torch

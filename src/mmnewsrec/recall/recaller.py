@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mmnewsrec.csr import (
+    isin_small,
     isin_sorted,
     mean_user_vectors,
     padded_to_csr,
@@ -249,6 +250,63 @@ class Recaller:
             torch.cat(indices).numpy() if indices else np.zeros((0, width), np.int64),
         )
 
+    def search_one(
+        self, history: np.ndarray, k: int | None = None, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One user's recall, as `search(user_vectors(one_row(history)), k, one_row(exclude))`
+        (same news, same order, scores within float32 rounding) without the batching glue:
+        a serving request's path. history: the clicks (int64 news indices, oldest first);
+        exclude: sorted unique news indices to leave out. Returns (k,) scores and indices."""
+        items = torch.from_numpy(np.asarray(history, dtype=np.int64))
+        user = self._users(torch.tensor([0, len(items)]), items)  # (1, D)
+        excluded = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+        k = min(k or self.k, self.num_news_)
+        if self.index_ is None:
+            ex = torch.from_numpy(excluded)
+            top, found = self._search_exact(user, k, torch.tensor([0, len(ex)]), ex)
+            scores, ids = top[0].numpy(), found[0].numpy()
+        else:
+            scores, ids = self._search_faiss_one(user, k, excluded)
+        quota = min(k, round(self.popular_share * k)) if self.channel_ is not None else 0
+        if quota == 0:
+            return scores, ids
+        return self._merge_one(user, scores, ids, quota, excluded)
+
+    def _search_faiss_one(
+        self, user: Tensor, k: int, excluded: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`_search_faiss` for one user (1, D): (k,) scores and news indices."""
+        fetch = min(k + len(excluded), self.num_news_)
+        found = self._faiss_ids(user.numpy(), fetch)[0] + 1  # FAISS -1 (none) -> 0
+        found[isin_small(found, excluded)] = 0
+        scores = self._rescore_one(user, found)
+        order = np.argsort(-scores, kind="stable")[:k]
+        top, ids = scores[order], found[order]
+        ids[top == -np.inf] = 0
+        return top, ids
+
+    def _rescore_one(self, user: Tensor, ids: np.ndarray) -> np.ndarray:
+        """`_rescore` for one user (1, D) and news `ids` (n,): (n,) scores, -inf for id 0."""
+        scores = self.space_.score_one(user[0].numpy(), self.vectors_.numpy(), ids)
+        return np.where(ids == 0, -np.inf, scores).astype(np.float32)
+
+    def _merge_one(
+        self, user: Tensor, scores: np.ndarray, ids: np.ndarray, quota: int, excluded: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`_merge` for one user without times: the channel's best `quota` news not in the
+        content head nor excluded take the last places; the tail keeps what they do not
+        repeat; places left empty go last."""
+        head = len(ids) - quota
+        pool = self.channel_order_.numpy()[: quota + head + len(excluded)]
+        popular = pool[~isin_small(pool, np.concatenate([ids[:head], excluded]))][:quota]
+        tail = np.where(isin_small(ids[head:], popular), 0, ids[head:])
+        merged = np.concatenate([ids[:head], popular, tail])
+        popular_scores = self._rescore_one(user, popular)
+        merged_scores = np.concatenate([scores[:head], popular_scores, scores[head:]])
+        merged_scores[merged == 0] = -np.inf
+        order = np.argsort(merged == 0, kind="stable")[: len(ids)]
+        return merged_scores[order], merged[order]
+
     def recall_at_k(
         self, behaviors: Any, k: int | None = None, exclude_history: bool = True
     ) -> float:
@@ -394,25 +452,27 @@ class Recaller:
         matrix, excluded ones dropped, best k kept."""
         extra = int(ex_offsets.diff().max()) if len(ex_items) else 0
         fetch = min(k + extra, self.num_news_)
-        index = self.index_
-        assert index is not None
-        query = np.ascontiguousarray(users.numpy())
-        if self.backend_ == "faiss_hnsw":
-            import faiss
-
-            # per-call parameters: concurrent searches never share a mutated efSearch
-            ef_search = max(self.hnsw_ef_search, fetch)
-            params = faiss.SearchParametersHNSW(efSearch=ef_search)  # type: ignore[attr-defined]
-            _, found = index.search(query, fetch, params=params)
-        else:
-            _, found = index.search(query, fetch)
-        ids = torch.from_numpy(found).long() + 1  # FAISS -1 (none) -> 0
+        ids = torch.from_numpy(self._faiss_ids(users.numpy(), fetch)) + 1  # FAISS -1 -> 0
         width = self.num_news_ + 1
         keys = torch.arange(len(ids))[:, None] * width + ids
         excluded = isin_sorted(keys, pair_keys(ex_offsets, ex_items, width))
         scores = self._rescore(users, ids.masked_fill(excluded, 0))
         top, order = scores.topk(k, dim=1)
         return top, ids.gather(1, order).masked_fill(top == -torch.inf, 0)
+
+    def _faiss_ids(self, users: np.ndarray, fetch: int) -> np.ndarray:
+        """The FAISS index's `fetch` nearest news per user (b, fetch), int64, -1 = none."""
+        index = self.index_
+        assert index is not None
+        query = np.ascontiguousarray(users, dtype=np.float32)
+        if self.backend_ != "faiss_hnsw":
+            return index.search(query, fetch)[1].astype(np.int64, copy=False)
+        import faiss
+
+        # per-call parameters: concurrent searches never share a mutated efSearch
+        ef_search = max(self.hnsw_ef_search, fetch)
+        params = faiss.SearchParametersHNSW(efSearch=ef_search)  # type: ignore[attr-defined]
+        return index.search(query, fetch, params=params)[1].astype(np.int64, copy=False)
 
     def _rescore(self, users: Tensor, ids: Tensor) -> Tensor:
         """Exact scores (b, n) of news `ids` (b, n); -inf where an id is 0 (none). The rows are

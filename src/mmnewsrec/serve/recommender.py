@@ -239,12 +239,9 @@ class Recommender:
         self, history: np.ndarray, exclude: np.ndarray, k: int, timings: dict[str, float]
     ) -> list[RecommendedNews]:
         start = time.perf_counter()
-        user = self.recaller.user_vectors(one_row(history))  # (1, D)
-        recall_scores, found = self.recaller.search(
-            user, k=max(k, self.recall_k), exclude=one_row(exclude)
-        )
-        keep = found[0] > 0  # 0 = no result (corpus smaller than asked)
-        recall_scores, found = recall_scores[0][keep], found[0][keep]
+        recall_scores, found = self.recaller.search_one(history, max(k, self.recall_k), exclude)
+        keep = found > 0  # 0 = no result (corpus smaller than asked)
+        recall_scores, found = recall_scores[keep], found[keep]
         timings["recall"] = _ms(start)
 
         start = time.perf_counter()
@@ -342,11 +339,6 @@ def check_same_news(store: Store, vectors: NewsVectors) -> None:
             f"news vectors ({len(vectors.vectors)} rows, store {encoded[:12]}) do not match the "
             f"store {store.path} ({store.num_news} news + padding, {store.content_hash[:12]})"
         )
-
-
-def one_row(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One user's news as a CSR pair (offsets, items): no padding for recall to strip."""
-    return np.array([0, len(items)]), items
 
 
 def _ms(start: float) -> float:
