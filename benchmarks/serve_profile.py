@@ -3,7 +3,8 @@ the reranker's forward part by part, and the HNSW graph's M against the exact to
 
 Uses the run `benchmarks/serve.py` builds (run it once first; the same --work, --news, --dim).
 Times are CPU time on one thread, the best of 3 repeats: figures the machine's load inflates less
-than wall-clock latency.
+than wall-clock latency. Last, the pause of a full garbage collection, before and after the
+loaded objects are frozen out of the collector's sight as `mmnewsrec serve` does.
 
     python benchmarks/serve_profile.py [--work /tmp/mmnewsrec-bench-serve] [--model M]
         [--requests 300] [--hnsw-m 32 16]
@@ -12,6 +13,7 @@ than wall-clock latency.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -98,6 +100,20 @@ def hnsw_overlap(rec: Recommender, histories: list[np.ndarray], k: int, ms: list
         print(f"HNSW M {m}: {per_user:.2f} ms per user, {overlap:.4f} of the exact top-{k}")
 
 
+def collection_pause(rec: Recommender) -> None:
+    """Wall ms of a full garbage collection with the run loaded, before and after
+    `gc.freeze()` (what `mmnewsrec serve` does once loaded): a request that meets one waits."""
+    times = []
+    for freeze in (False, True):
+        if freeze:
+            gc.freeze()
+        start = time.perf_counter()
+        gc.collect()
+        times.append((time.perf_counter() - start) * 1000)
+    gc.unfreeze()
+    print(f"a full garbage collection: {times[0]:.1f} ms, {times[1]:.1f} ms after gc.freeze()")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/mmnewsrec-bench-serve"))
@@ -124,6 +140,8 @@ def main() -> None:
     for width in args.widths:
         forward_parts(rec, median, width)
     hnsw_overlap(rec, histories, args.recall_k, args.hnsw_m)
+    gc.collect()
+    collection_pause(rec)
     print(f"load average {os.getloadavg()[0]:.1f}")
 
 

@@ -541,6 +541,8 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Serve recommendations over HTTP (POST /recommend) with a web page at /."""
+    import gc
+
     import torch
     import uvicorn
 
@@ -553,9 +555,14 @@ def serve(
         import faiss
 
         faiss.omp_set_num_threads(threads)
+    service = create_app(recommender, settings)
+    # What is loaded lives as long as the process: frozen out of the garbage collector's
+    # sight, so that a full collection no longer walks it (over 100 ms at 100k news).
+    gc.collect()
+    gc.freeze()
     typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/")
     uvicorn.run(
-        create_app(recommender, settings),
+        service,
         host=settings.host,
         port=settings.port,
         access_log=access_log,
