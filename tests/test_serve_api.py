@@ -235,3 +235,23 @@ def test_light_requests_never_hop_to_a_worker_thread(rec, ids):
     assert client.get("/health").status_code == 200
     assert client.get(f"/news/{ids[0]}").status_code == 200
     assert len(on_the_loop) >= 4 and all(on_the_loop)
+
+
+def test_serve_freezes_the_loaded_run_before_it_listens(tiny_run, monkeypatch):
+    """`mmnewsrec serve` hides what it loaded from the garbage collector, whose full
+    collection would otherwise walk it (over 100 ms at 100k news) in the middle of requests."""
+    import gc
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from mmnewsrec.cli import app as cli
+
+    frozen = []
+    monkeypatch.setattr(uvicorn, "run", lambda service, **_: frozen.append(gc.get_freeze_count()))
+    try:
+        result = CliRunner().invoke(cli, ["serve", str(tiny_run), "--port", "0"])
+    finally:
+        gc.unfreeze()
+    assert result.exit_code == 0, result.output
+    assert len(frozen) == 1 and frozen[0] > 0
