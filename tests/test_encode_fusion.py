@@ -108,3 +108,17 @@ def test_image_fusion_and_text_fusion(parts):
 def test_invalid_fusions(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Fusion(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["concat", "hadamard", "mean", "text", "image"])
+def test_a_fusion_is_read_back_from_its_manifest_entry(method):
+    fusion = Fusion(method, 0 if method == "image" else 6, 0 if method == "text" else 4, seed=3)
+    read = Fusion.from_manifest(fusion.describe(), "m.json")
+    assert read.describe() == fusion.describe()
+    rng = np.random.default_rng(0)
+    text, image, has_image = rng.normal(size=(5, 6)), rng.normal(size=(5, 4)), np.arange(5) < 3
+    np.testing.assert_array_equal(read(text, image, has_image), fusion(text, image, has_image))
+    with pytest.raises(ValueError, match="m.json.*text_dim"):
+        Fusion.from_manifest({"method": "concat", "image_dim": 4}, "m.json")
+    with pytest.raises(ValueError, match="m.json.*fusion must be one of"):
+        Fusion.from_manifest({"method": "sum", "text_dim": 6}, "m.json")

@@ -109,3 +109,15 @@ def test_vectors_without_a_text_model_part_cannot_take_new_news(tiny_run):
     client = TestClient(create_app(Recommender.from_run(tiny_run)))
     response = client.post("/news", json={"news_id": "NEW3", "title": "a title"})
     assert response.status_code == 501 and "text-model part" in response.text
+
+
+@pytest.mark.parametrize("field", ["text_dim", "method"])
+def test_a_malformed_fusion_entry_is_named_with_its_file(runs, field):
+    rec = Recommender.from_run(runs["frozen"], recall_k=20)
+    rec.vectors.manifest["fusion"] = dict(rec.vectors.manifest["fusion"])
+    del rec.vectors.manifest["fusion"][field]
+    client = TestClient(create_app(rec))
+    response = client.post("/news", json={"news_id": "BAD1", "title": "a title"})
+    detail = response.json()["detail"]
+    assert response.status_code == 500 and "manifest.json" in detail and field in detail
+    assert rec.index_of("BAD1") == 0 and client.get("/health").status_code == 200

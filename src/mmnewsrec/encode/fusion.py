@@ -72,6 +72,20 @@ class Fusion:
         if self.dim is not None and self.method not in ("hadamard", "mean"):
             raise ValueError("a fusion dimension applies to hadamard and mean only")
 
+    @classmethod
+    def from_manifest(cls, entry: dict, source: str) -> Fusion:
+        """The fusion a vectors manifest's "fusion" entry describes (`describe`'s inverse);
+        a missing or malformed field is a ValueError naming `source` (the file) and the field."""
+        try:
+            method = entry["method"]
+            dim = int(entry["dim"]) if method in ("hadamard", "mean") else None
+            seed = int((entry.get("projection") or {}).get("seed", 0))
+            return cls(method, int(entry["text_dim"]), int(entry.get("image_dim") or 0), dim, seed)
+        except KeyError as err:
+            raise ValueError(f'{source}: the "fusion" entry has no field {err}') from None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f'{source}: the "fusion" entry {entry!r}: {err}') from None
+
     @property
     def common_dim(self) -> int:
         return self.dim or min(self.text_dim, self.image_dim)

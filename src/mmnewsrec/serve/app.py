@@ -204,9 +204,14 @@ def add_to_app(state: Any, news: NewNews, has_image: bool) -> Recommender:
             raise HTTPException(409, f"news id {news.news_id!r} is already served")
         try:
             if state.news_encoder is None:
-                state.news_encoder = NewsItemEncoder(current.ranker.path.parent, current.vectors)
+                manifest = Path(current.ranker.config.data.vectors_dir) / "manifest.json"
+                state.news_encoder = NewsItemEncoder(
+                    current.ranker.path.parent, current.vectors, str(manifest)
+                )
         except NotEncodable as err:
             raise HTTPException(501, str(err)) from None
+        except ValueError as err:  # a malformed manifest: the server's fault, said plainly
+            raise HTTPException(500, str(err)) from None
         try:
             vector = state.news_encoder.encode(news, has_image)
         except NotEncodable as err:

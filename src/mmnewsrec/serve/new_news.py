@@ -45,7 +45,9 @@ class NewNews:
 class NewsItemEncoder:
     """One news vector (D,) float32, rounded to float16 as stored vectors are, per new item."""
 
-    def __init__(self, run_dir: Path, vectors: NewsVectors) -> None:
+    def __init__(self, run_dir: Path, vectors: NewsVectors, source: str = "manifest.json") -> None:
+        """run_dir: the run (a fine-tuned one keeps its text encoder there); vectors: the news
+        vectors it was trained on; source: their manifest file, named in errors."""
         from mmnewsrec.encode.fusion import Fusion
         from mmnewsrec.encode.text import SentenceEncoder
 
@@ -57,6 +59,9 @@ class NewsItemEncoder:
                 f"the run's news vectors ({manifest.get('hash', '?')[:12]}) have no separate "
                 "text-model part that the server could compute for a new news item"
             )
+        self.fusion = Fusion.from_manifest(fusion, source)  # before a model loads
+        if "fields" not in text or "id" not in encoder:
+            raise ValueError(f'{source}: the "text" entry needs "fields" and "encoder": {{"id"}}')
         self.fields: list[str] = list(text["fields"])
         self.reads_images = bool(manifest.get("image"))
         self.constant: dict[str, list] = {"dims": [], "values": []}
@@ -66,12 +71,6 @@ class NewsItemEncoder:
             saved = json.loads((run_dir / "text_encoder" / "manifest.json").read_text())
             self.constant = saved.get("constant_dims", self.constant)
         self.model: SentenceEncoder = SentenceEncoder(name)
-        seed = (fusion.get("projection") or {}).get("seed", 0)
-        common = fusion["dim"] if fusion["method"] in ("hadamard", "mean") else None
-        self.fusion = Fusion(
-            fusion["method"], int(fusion["text_dim"]), int(fusion.get("image_dim") or 0), common,
-            seed,
-        )  # fmt: skip
         logger.info("new news encoded by %s (fields %s)", name, self.fields)
 
     def encode(self, news: NewNews, has_image: bool = False) -> np.ndarray:
