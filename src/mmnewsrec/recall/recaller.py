@@ -253,7 +253,7 @@ class Recaller:
     def search_one(
         self, history: np.ndarray, k: int | None = None, exclude: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One user's recall, as `search(user_vectors(one_row(history)), k, one_row(exclude))`
+        """One user's recall, as `search` of the user vector of `history` excluding `exclude`
         (same news, same order, scores within float32 rounding) without the batching glue:
         a serving request's path. history: the clicks (int64 news indices, oldest first);
         exclude: sorted unique news indices to leave out. Returns (k,) scores and indices."""
