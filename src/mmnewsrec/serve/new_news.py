@@ -45,7 +45,7 @@ class NewNews:
 class NewsItemEncoder:
     """One news vector (D,) float32, rounded to float16 as stored vectors are, per new item."""
 
-    def __init__(self, run_dir: Path, vectors: NewsVectors, source: str = "manifest.json") -> None:
+    def __init__(self, run_dir: Path, vectors: NewsVectors, source: str) -> None:
         """run_dir: the run (a fine-tuned one keeps its text encoder there); vectors: the news
         vectors it was trained on; source: their manifest file, named in errors."""
         from mmnewsrec.encode.fusion import Fusion
