@@ -23,9 +23,10 @@ from mmnewsrec.formats.runs import read_checkpoint
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.rank import news_encoder
+from mmnewsrec.rank.distributed import DistInfo, init_distributed
 from mmnewsrec.rank.news_encoder import STATES_DIR, FineTunedRanker
 from mmnewsrec.rank.ranker import load_ranker
-from mmnewsrec.rank.train import DistInfo, TrainRecipe, init_distributed, run_training
+from mmnewsrec.rank.train import TrainRecipe, run_training
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

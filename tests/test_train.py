@@ -18,15 +18,8 @@ from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.metrics import evaluate_scores
 from mmnewsrec.rank import CheckpointError, load_ranker
 from mmnewsrec.rank.batches import Batch
-from mmnewsrec.rank.train import (
-    DistInfo,
-    TrainRecipe,
-    init_distributed,
-    lr_factor,
-    ranking_loss,
-    run_training,
-    valid_mask,
-)
+from mmnewsrec.rank.distributed import DistInfo, init_distributed
+from mmnewsrec.rank.train import TrainRecipe, lr_factor, ranking_loss, run_training, valid_mask
 
 TOPICS, NEWS, DIM = 6, 240, 12
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
