@@ -61,10 +61,8 @@ def write_vectors(folder: Path, store_hash: str, seed: int, tag: str) -> None:
     NewsVectors(vectors.astype(np.float16), has_image, manifest).save(folder)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """A small store (train: 2 clicks per impression, dev) and two sets of vectors."""
-    root = tmp_path_factory.mktemp("mind")
+def build_data(root: Path) -> Path:
+    """A small store (train: 2 clicks per impression, dev) and two sets of vectors in root."""
     rng = np.random.default_rng(0)
     write_mind(root / "raw" / "train", 160, rng, clicks=2, first_day=11)  # Nov 11-14
     write_mind(root / "raw" / "dev", 60, rng, clicks=1, first_day=15)
@@ -74,8 +72,14 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_transformer"):
-    """Selection on dev unless an override says otherwise: these tests compare with dev."""
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build_data(tmp_path_factory.mktemp("mind"))
+
+
+def settings(model: str = "fast_rec_transformer") -> list[str]:
+    """The overrides every run of these tests starts from. Selection on dev unless an override
+    says otherwise: these tests compare with dev."""
     base = [
         "data.valid_split=dev",
         f"model.name={model}",
@@ -88,12 +92,17 @@ def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_t
     ]
     if model.endswith("transformer"):
         base += [f"model.args.{k}={v}" for k, v in TINY.items()]
+    return base
+
+
+def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_transformer"):
+    """The test settings, then `overrides`, on the store and vectors of `data`."""
     values = {
         "data.store_dir": data / "store",
         "data.vectors_dir": data / "emb",
         "run.out_dir": out,
     }
-    return load_config(None, [*base, *overrides], values)
+    return load_config(None, [*settings(model), *overrides], values)
 
 
 def read_log(run: Path) -> list[dict]:

@@ -9,6 +9,7 @@ what it computes differs (`check_resumable`, `check_same_store`).
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ RESUME_FREE = {
     "run.log_every",
     "run.progress",
     "run.stop_after",
+    "run.checkpoint_minutes",
     "data.store_dir",
     "data.vectors_dir",
 }
@@ -62,9 +64,12 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename it into place."""
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed into place:
+    a crash at any moment leaves the previous file or the new one."""
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -60,6 +60,16 @@ def init_distributed(device: torch.device, dist_info: DistInfo) -> None:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
+def any_rank(values: list[float], dist_info: DistInfo, device: torch.device) -> list[float]:
+    """The largest of each value over all ranks (each rank's own values outside a process
+    group): what one rank saw, every rank acts on at the same step."""
+    if not dist_info.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def gather_scores(
     scores: np.ndarray, offsets: np.ndarray, dist_info: DistInfo, device: torch.device
 ) -> np.ndarray:

@@ -59,6 +59,14 @@ class Window:
         self.losses.append(loss)
         self.samples += samples
 
+    def state(self) -> torch.Tensor:
+        """(n,) the losses added since the last reset, on the CPU (for last.pt)."""
+        return torch.stack(self.losses).float().cpu() if self.losses else torch.zeros(0)
+
+    def restore(self, losses: torch.Tensor, device: torch.device) -> None:
+        """Continue from what `state` returned: the next row averages them too."""
+        self.losses = [loss.to(device) for loss in losses]
+
     def mean_loss(self) -> float:
         return torch.stack(self.losses).mean().item() if self.losses else float("nan")
 

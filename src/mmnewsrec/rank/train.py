@@ -10,8 +10,9 @@ impressions by `data.valid_split` (by default their last day, MIND's convention)
 split that `evaluate` reports stays unseen. `data.valid_split = "dev"` selects on dev instead;
 the checkpoint then says so (`selection`), and so do the reports.
 
-A run stopped after step s and resumed ends with the same weights as one that never stopped
-(see `rank.checkpoints`).
+last.pt is written at every evaluation, at least every `run.checkpoint_minutes` and when
+SIGTERM or SIGINT stops the run after a step (`rank.interrupt`); a run stopped or killed after
+step s and resumed ends with the same weights as one that never stopped (`rank.checkpoints`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -45,7 +47,14 @@ from mmnewsrec.rank.checkpoints import (
     seed_everything,
     set_rng_state,
 )
-from mmnewsrec.rank.distributed import DistInfo, gather_scores, init_distributed, shard
+from mmnewsrec.rank.distributed import (
+    DistInfo,
+    any_rank,
+    gather_scores,
+    init_distributed,
+    shard,
+)
+from mmnewsrec.rank.interrupt import StopSignals, TrainingInterrupted
 from mmnewsrec.rank.ranker import score_behaviors
 from mmnewsrec.rank.run_log import Window, append_log, reset_log, truncate_log
 
@@ -151,6 +160,9 @@ class TrainRecipe:
         self.out_dir = self.config.run.out_dir
         self.progress = Progress()
         self.stopped_early = False
+        self.window = Window()  # the losses since the last log row, kept in last.pt
+        self.signals = StopSignals()
+        self.last_saved = time.monotonic()
 
     # ------------------------------------------------------------------ setup
 
@@ -436,6 +448,8 @@ class TrainRecipe:
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         set_rng_state(state["rng"][self.dist.rank])
+        if "window" in state:  # absent from runs saved before it was kept
+            self.window.restore(state["window"][self.dist.rank], self.device)
         if self.dist.is_main:
             truncate_log(self.out_dir / "log.csv", self.progress.step)
         logger.info(
@@ -445,7 +459,8 @@ class TrainRecipe:
     # ------------------------------------------------------------------ train
 
     def train(self) -> TrainResult:
-        """Run to the end of the schedule (or early stop, or `run.stop_after`)."""
+        """Run to the end of the schedule (or early stop, `run.stop_after`, or SIGTERM / SIGINT:
+        see `rank.interrupt`)."""
         p = self.progress
         if not self.trainable:
             return self._finish()
@@ -456,35 +471,52 @@ class TrainRecipe:
             disable=not (self.dist.is_main and self.config.run.progress),
             dynamic_ncols=True,
         )
-        window = Window()
-        stop_after = self.config.run.stop_after
-        while not p.finished and p.step < self.total_steps:
-            self.dataset.set_epoch(p.epoch)
-            self.sampler.set_epoch(p.epoch)
-            self.sampler.set_start(p.batch_in_epoch * self.batch_size)
-            for batch in self.loader:
-                window.add(self._train_step(batch), len(batch) * self.dist.world_size)
-                p.step += 1
-                p.batch_in_epoch += 1
-                bar.update(1)
-                if p.step % self.config.run.log_every == 0:
-                    self._log_window(window, bar)
-                if self.config.run.eval_every and p.step % self.config.run.eval_every == 0:
-                    self._evaluate_and_track()
-                if p.finished or p.step >= self.total_steps or p.step == stop_after:
-                    break
-            if p.batch_in_epoch >= self.steps_per_epoch:
-                p.epoch += 1
-                p.batch_in_epoch = 0
-                if self.config.run.eval_each_epoch and not p.finished:
-                    self._evaluate_and_track()
-            if p.step == stop_after and not p.finished:
-                self.save_last()
-                bar.close()
-                logger.info("stopped after step %d as asked; resume with --resume", p.step)
-                return self._result(finished=False)
-        bar.close()
+        stopped_by = 0
+        with bar, self.signals:
+            while not (p.finished or p.step >= self.total_steps or stopped_by):
+                self.dataset.set_epoch(p.epoch)
+                self.sampler.set_epoch(p.epoch)
+                self.sampler.set_start(p.batch_in_epoch * self.batch_size)
+                for batch in self.loader:
+                    self.window.add(self._train_step(batch), len(batch) * self.dist.world_size)
+                    p.step += 1
+                    p.batch_in_epoch += 1
+                    bar.update(1)
+                    if p.step % self.config.run.log_every == 0:
+                        self._log_window(bar)
+                    stopped_by = self._end_of_step()
+                    if stopped_by or p.finished or p.step >= self.total_steps:
+                        break
+        if stopped_by > 0:
+            raise TrainingInterrupted(stopped_by, p.step, self.out_dir)
+        if stopped_by:
+            logger.info("stopped after step %d as asked; resume with --resume", p.step)
+            return self._result(finished=False)
         return self._finish()
+
+    def _end_of_step(self) -> int:
+        """Evaluate and end the epoch when due; write last.pt at every evaluation, every
+        `run.checkpoint_minutes` and before a stop. Returns why the run stops here: the number
+        of a signal one of the ranks received, -1 for `run.stop_after`, 0 to go on."""
+        p, run = self.progress, self.config.run
+        evaluated = bool(run.eval_every) and p.step % run.eval_every == 0
+        if evaluated:
+            self._evaluate_and_track()
+        if p.batch_in_epoch >= self.steps_per_epoch:
+            p.epoch += 1
+            p.batch_in_epoch = 0
+            if run.eval_each_epoch and not (p.finished or evaluated):
+                self._evaluate_and_track()
+                evaluated = True
+        if p.finished or p.step >= self.total_steps:
+            return 0  # _finish writes last.pt
+        minutes = run.checkpoint_minutes
+        timed = bool(minutes) and time.monotonic() - self.last_saved >= 60 * minutes
+        signum, due = any_rank([self.signals.received, timed], self.dist, self.device)
+        stop = int(signum) or (-1 if p.step == run.stop_after else 0)
+        if evaluated or due or stop:
+            self.save_last()
+        return stop
 
     def _train_step(self, batch: Batch) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
@@ -621,16 +653,20 @@ class TrainRecipe:
         atomic_save(self._meta() | {"metrics": metrics}, path)
 
     def save_last(self) -> None:
-        """Everything a resume needs to continue exactly (RNG states of every rank)."""
-        rngs: list[Any] = [rng_state()]
+        """Everything a resume needs to continue exactly: the RNG states and the losses not yet
+        logged of every rank (rank 0 writes it)."""
+        self.last_saved = time.monotonic()
+        mine = (rng_state(), self.window.state())
+        ranks: list[Any] = [mine]
         if self.dist.distributed:
-            rngs = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, rng_state())
+            ranks = [None] * self.dist.world_size
+            dist.all_gather_object(ranks, mine)
         if not self.dist.is_main:
             return
         state = self._meta() | {
             "progress": vars(self.progress).copy(),
-            "rng": rngs,
+            "rng": [rng for rng, _ in ranks],
+            "window": [losses for _, losses in ranks],
             "world_size": self.dist.world_size,
         }
         if self.trainable:
@@ -658,7 +694,8 @@ class TrainRecipe:
         row |= {k: (metrics or {}).get(k) for k in ("auc", "mrr", "ndcg5", "ndcg10")}
         append_log(self.out_dir / "log.csv", row)
 
-    def _log_window(self, window: Window, bar: tqdm) -> None:
+    def _log_window(self, bar: tqdm) -> None:
+        window = self.window
         loss = window.mean_loss()
         if self.dist.distributed:
             t = torch.tensor([loss], device=self.device)
