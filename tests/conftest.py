@@ -12,13 +12,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def beside_checkout(path: Path, what: str) -> Path:
+    """`path`, data kept outside the repository. Absent, the test is skipped; but under CI
+    (the variable CI set, as CI services set it) it fails, so that a missing folder cannot
+    turn the tests that read it into skips."""
+    if path.is_dir():
+        return path
+    message = f"{what} not found at {path}"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{message}; CI is set, so the tests that read it must run")
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def mind_samples() -> Path:
     """Real MIND rows kept beside the checkout (../shared/data/mind-samples)."""
     path = Path(os.environ.get("MMNEWSREC_SAMPLES", REPO.parent / "shared/data/mind-samples"))
-    if not path.is_dir():
-        pytest.skip(f"real MIND samples not found at {path}")
-    return path
+    return beside_checkout(path, "real MIND samples")
 
 
 def free_port() -> int:
