@@ -114,3 +114,17 @@ def build_tiny_run(root: Path) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """A trained run shared by the evaluation and serving tests (built once per session)."""
     return build_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+def check_prediction(path: Path, behaviors, metrics: dict, folder: Path) -> None:
+    """A leaderboard prediction file of `behaviors`: one line per impression with its id, in the
+    split's order, as many ranks as candidates, and scored against the split's truth it gives
+    `metrics` (those of `evaluate`)."""
+    from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_truth
+
+    prediction = read_prediction(path)
+    assert prediction.impression_ids.tolist() == [str(i) for i in behaviors.impression_ids]
+    np.testing.assert_array_equal(prediction.sizes, np.diff(behaviors.candidate_offsets))
+    scored = score_files(write_truth(folder / "truth.txt", behaviors), path)
+    for key in ("auc", "mrr", "ndcg5", "ndcg10"):
+        assert scored[key] == pytest.approx(metrics[key], abs=1e-9), key

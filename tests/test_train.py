@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import check_prediction, free_port
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
@@ -352,7 +352,9 @@ def test_signals_go_through_training_evaluation_and_prediction(data, tmp_path):
     assert head.out.weight.abs().sum() > 0  # trained away from the content score
     metrics = evaluate_run(run)  # reads the store's dev signals
     assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
-    assert predict_run(run, None, tmp_path / "prediction.txt", "dev").is_file()
+    prediction = predict_run(run, None, tmp_path / "prediction.txt", "dev")
+    dev = Store.load(data / "store").behaviors("dev")
+    check_prediction(prediction, dev, metrics, tmp_path)
 
 
 def test_gbdt_trains_on_every_signal_and_the_content_cosine(data, tmp_path):
