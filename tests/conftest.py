@@ -24,6 +24,18 @@ def beside_checkout(path: Path, what: str) -> Path:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """Tests that change torch's thread count (`serve` sets it, one-thread comparisons) leave
+    it as they found it, so that later tests do not run on one thread by accident."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mind_samples() -> Path:
     """Real MIND rows kept beside the checkout (../shared/data/mind-samples)."""

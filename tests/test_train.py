@@ -510,11 +510,8 @@ def exclude_zero_gradient(key: str, value: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
     common = ("optim.epochs=1", "run.eval_every=4", "run.patience=0")
-    torch.set_num_threads(1)
-    try:
-        run_training(make_config(data, tmp_path / "single", *common))
-    finally:
-        torch.set_num_threads(2)
+    torch.set_num_threads(1)  # put back by conftest's keep_torch_threads
+    run_training(make_config(data, tmp_path / "single", *common))
     cfg = make_config(data, tmp_path / "ddp", *common).to_dict()
     mp.spawn(ddp_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
 
