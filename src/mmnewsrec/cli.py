@@ -35,6 +35,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     )
 
 
+def __getattr__(name: str) -> object:
+    """`click_command`: the app as a click command (for the generated CLI reference), built
+    on access so that it lists every command however late it was added."""
+    if name == "click_command":
+        return typer.main.get_command(app)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def fail(message: str) -> NoReturn:
     """Print a user-facing error and exit with status 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
