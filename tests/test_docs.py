@@ -4,7 +4,8 @@ The convention (stated in docs/index.md): every ```bash and ```python block of d
 ```text, ```toml and ```json blocks are shown only (they need the network, a GPU, real MIND or
 minutes of work, or they start a server). The blocks of a page run in order, in one folder per
 page, the Python blocks in one namespace. Every folder starts as Getting started leaves it: its
-blocks run first, once per session, on a small synthetic data set.
+blocks run first, once per session, on a small synthetic data set. The commands run on one
+CPU thread each (OMP_NUM_THREADS=1): two threads of a small model mostly wait for each other.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def run_block(block: Block, folder: Path, namespace: dict) -> None:
 
 
 def run_bash(block: Block, folder: Path) -> None:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = os.environ | {"PATH": path, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         ["bash", "-e", "-o", "pipefail", "-c", block.code],
         cwd=folder,
@@ -179,3 +181,23 @@ def test_every_code_block_says_whether_it_runs():
     unmarked = [block.id for block in ALL_BLOCKS if block.lang not in RUN + SHOWN]
     assert not unmarked, f"code blocks without bash, python, {', '.join(SHOWN)}: {unmarked}"
     assert len(RUNNABLE) >= 20, "the guides lost their examples"
+
+
+@pytest.mark.slow
+def test_cli_reference_is_every_commands_help():
+    """The CLI reference page is built from `--help`: every command, with its options."""
+    import importlib.util
+
+    from mmnewsrec.cli import app
+
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", REPO / "mkdocs_hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    page = (DOCS / "reference/cli.md").read_text()
+    reference = hooks.on_page_markdown(page, None, None, None)
+    names = [command.callback.__name__ for command in app.registered_commands]
+    assert hooks.MARKER not in reference
+    for name in names:
+        assert f"## mmnewsrec {name}\n" in reference
+    assert "--recall-popular-share" in reference and "--image-map-columns" in reference

@@ -35,14 +35,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     )
 
 
-def __getattr__(name: str) -> object:
-    """`click_command`: the app as a click command (for the generated CLI reference), built
-    on access so that it lists every command however late it was added."""
-    if name == "click_command":
-        return typer.main.get_command(app)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def fail(message: str) -> NoReturn:
     """Print a user-facing error and exit with status 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -281,7 +273,7 @@ def train(
         list[str] | None, typer.Option("--set", help="section.key=value (repeatable).")
     ] = None,
 ) -> None:
-    """Train a ranker (or fit a baseline) and keep the best checkpoint by dev AUC.
+    """Train a ranker (or fit a baseline); keep the best checkpoint by validation AUC.
 
     Several processes: torchrun --nproc-per-node N --no-python mmnewsrec train ...
     """
