@@ -326,7 +326,7 @@ def train(
 def score(
     truth_path: Annotated[Path, typer.Argument(help="Truth file: `impression_id [0,1,...]`.")],
     prediction_path: Annotated[
-        Path, typer.Argument(help="Prediction file or zip: `impression_id \\[r1,r2,...]`.")
+        Path, typer.Argument(help="Prediction file or zip: `impression_id [3,1,2,...]`.")
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
@@ -412,7 +412,7 @@ def predict(
     ] = False,
     device: Device = "cpu",
 ) -> None:
-    """Write `impression_id \\[r1,r2,...]` lines (leaderboard format) for a split."""
+    """Write `impression_id [3,1,2,...]` lines (leaderboard format) for a split."""
     from mmnewsrec.evaluate.experiment import predict_run, run_store
     from mmnewsrec.formats.runs import CheckpointError
     from mmnewsrec.formats.store import StoreError
