@@ -196,6 +196,19 @@ def test_experiment_file_errors_name_the_problem(tmp_path):
     path.write_text('data_dir = "d"\nout_dir = "o"\n[encoders.a]\nimage_crop = [1, 2, 3]\n')
     with pytest.raises(ExperimentError, match="image_crop"):
         load_experiment(path)
+    grid = 'data_dir = "d"\nout_dir = "o"\n[encoders.a]\n[encoders.b]\n'
+    grid += '[rankers.r]\nmodel = "mean_cosine"\n[rankers.p]\nmodel = "popularity"\n'
+    grid += "per_encoder = false\n"
+    for baseline, problem in (
+        ("nope", "names no ranker"),
+        ("r", "name its encoder"),
+        ("p/a", "runs once"),
+    ):
+        path.write_text(f'baseline = "{baseline}"\n{grid}')
+        with pytest.raises(ExperimentError, match=problem):
+            load_experiment(path)
+    path.write_text(f'baseline = "r/b"\n{grid}')
+    assert load_experiment(path).baseline == "r/b"
 
 
 def test_experiment_file_image_map_and_crop(tmp_path):

@@ -174,6 +174,23 @@ def by_candidate_age(
     return out
 
 
+def list_metrics(
+    lists: np.ndarray,
+    vectors: np.ndarray,
+    categories: np.ndarray,
+    popularity: np.ndarray,
+    has_image: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Per list (row of `lists`): diversity, category entropy, novelty and image share; the
+    per-news arrays are indexed by news index (for serving: the lists /recommend returned)."""
+    return {
+        "diversity": intra_list_diversity(lists, vectors),
+        "category_entropy": category_entropy(lists, categories),
+        "novelty": novelty(lists, popularity),
+        "image_share": image_share(lists, has_image),
+    }
+
+
 def describe_rankings(
     scores: np.ndarray,
     behaviors: Behaviors,
@@ -198,10 +215,7 @@ def describe_rankings(
         "impression_id": np.asarray(behaviors.impression_ids),
         **{name: getattr(accuracy, name) for name in METRICS},
         "history_len": np.diff(np.asarray(behaviors.history_offsets)),
-        "diversity": intra_list_diversity(lists, vectors),
-        "category_entropy": category_entropy(lists, categories),
-        "novelty": novelty(lists, popularity),
-        "image_share": image_share(lists, has_image),
+        **list_metrics(lists, vectors, categories, popularity, has_image),
     }
     summary: dict = {
         "k": k,

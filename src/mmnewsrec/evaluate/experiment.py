@@ -222,15 +222,19 @@ def evaluate_run(
 def _describe(
     ranker: TrainedRanker, store: Store, split: str, scores: np.ndarray
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """`describe_rankings` of a run's scores on a split of `store`."""
+    """`describe_rankings` of a run's scores on a split of `store`; diversity over the first
+    part of the run's news vectors (the text part of a concat fusion), so that rows with and
+    without an image part are measured in the same space."""
     from mmnewsrec.evaluate.beyond_accuracy import describe_rankings, store_arrays
     from mmnewsrec.formats.vectors import NewsVectors
+    from mmnewsrec.recall.space import vector_parts
 
     vectors = NewsVectors.load(ranker.config.data.vectors_dir)
+    first = vector_parts(vectors.manifest, vectors.dim)[0]
     return describe_rankings(
         scores,
         store.behaviors(split),
-        vectors.vectors,
+        vectors.vectors[:, first.start : first.stop],
         news_with_image(store),
         *store_arrays(store, split, ranker.config.data.train_split),
     )
