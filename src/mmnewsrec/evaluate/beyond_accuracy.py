@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 TOP_K = 10
 HISTORY_BUCKETS = (("0", 0, 0), ("1-5", 1, 5), ("6-20", 6, 20), (">20", 21, None))
 AGE_BUCKETS = (("<6 h", 0.0, 6.0), ("6-24 h", 6.0, 24.0), (">24 h", 24.0, None))
-LIST_CHUNK = 65_536  # lists whose vectors are gathered at once
+LIST_CHUNK = 8192  # lists whose vectors are gathered at once (8192 x 10 x 384 float32: 126 MB)
 
 
 def top_k_lists(
