@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 TOP_K = 10
 HISTORY_BUCKETS = (("0", 0, 0), ("1-5", 1, 5), ("6-20", 6, 20), (">20", 21, None))
 AGE_BUCKETS = (("<6 h", 0.0, 6.0), ("6-24 h", 6.0, 24.0), (">24 h", 24.0, None))
+BEYOND_COLUMNS = ("diversity", "category_entropy", "novelty", "image_share")  # per list
 LIST_CHUNK = 8192  # lists whose vectors are gathered at once (8192 x 10 x 384 float32: 126 MB)
 
 
@@ -204,13 +205,12 @@ def describe_rankings(
     """The beyond-accuracy summary of one scored split (the metrics above, the breakdowns) and
     its per-impression columns (accuracy, history length, diversity, entropy, novelty, image
     share), from arrays indexed by news index (row 0: padding)."""
-    labels, offsets = (
-        np.asarray(behaviors.candidate_labels),
-        np.asarray(behaviors.candidate_offsets),
-    )
+    labels = np.asarray(behaviors.candidate_labels)
+    offsets = np.asarray(behaviors.candidate_offsets)
     accuracy = impression_metrics(scores, labels, offsets)
     lists = top_k_lists(scores, behaviors.candidate_items, offsets, k)
     clicked = np.asarray(behaviors.candidate_items)[labels == 1]
+    clicked_share = float(np.asarray(has_image)[clicked].mean()) if len(clicked) else None
     columns = {
         "impression_id": np.asarray(behaviors.impression_ids),
         **{name: getattr(accuracy, name) for name in METRICS},
@@ -222,17 +222,12 @@ def describe_rankings(
         **{name: _mean(columns[name]) for name in BEYOND_COLUMNS},
         "coverage": coverage(lists, behaviors.candidate_items),
         "personalisation": personalisation(lists),
-        "clicked_image_share": float(np.asarray(has_image)[clicked].mean())
-        if len(clicked)
-        else None,
+        "clicked_image_share": clicked_share,
     }
     breakdowns = {"by_history": by_history(columns, columns["history_len"])}
     if age_hours is not None:
         breakdowns["by_candidate_age"] = by_candidate_age(scores, labels, offsets, age_hours)
     return {"beyond_accuracy": summary, **breakdowns}, columns
-
-
-BEYOND_COLUMNS = ("diversity", "category_entropy", "novelty", "image_share")
 
 
 def _mean(values: np.ndarray) -> float | None:
