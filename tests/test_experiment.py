@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 import pytest
-from conftest import topic_vectors
+from conftest import check_prediction, topic_vectors
 from mind_reference import reference_means
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -22,7 +22,7 @@ from mmnewsrec.evaluate.experiment import (
     oracle_auc,
     predict_run,
 )
-from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_truth
+from mmnewsrec.evaluate.leaderboard import read_prediction
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
 from mmnewsrec.formats.store import Store
 from mmnewsrec.metrics import impression_metrics
@@ -75,15 +75,8 @@ def test_prediction_file_scores_like_the_run(tiny_run, tmp_path):
     store = Store.load(load_ranker(tiny_run).config.data.store_dir)
     dev = store.behaviors("dev")
     path = predict_run(tiny_run, None, tmp_path / "prediction.txt", "dev", zip=True)
-    prediction = read_prediction(path)
-    assert len(prediction) == dev.num_impressions
-    assert np.array_equal(prediction.sizes, np.diff(dev.candidate_offsets))
-    assert (tmp_path / "prediction.zip").is_file()
-    truth = write_truth(tmp_path / "truth.txt", dev)
-    from_files = score_files(truth, path)
-    direct = evaluate_run(tiny_run)
-    for key in ("auc", "mrr", "ndcg5", "ndcg10"):
-        assert from_files[key] == pytest.approx(direct[key], abs=1e-9)
+    assert path == tmp_path / "prediction.zip"
+    check_prediction(path, dev, evaluate_run(tiny_run), tmp_path)
 
 
 def test_a_run_refuses_another_store(tiny_run, tmp_path, mind_samples):
@@ -102,7 +95,9 @@ def test_evaluate_and_predict_commands(tiny_run, tmp_path):
     out = tmp_path / "p.txt"
     result = runner.invoke(app, ["predict", str(tiny_run), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "'dev'" in result.output and out.is_file()
+    assert "'dev'" in result.output
+    dev = Store.load(load_ranker(tiny_run).config.data.store_dir).behaviors("dev")
+    check_prediction(out, dev, evaluate_run(tiny_run), tmp_path)
     bad = runner.invoke(app, ["evaluate", str(tmp_path)])
     assert bad.exit_code == 2
 

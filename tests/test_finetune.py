@@ -23,9 +23,10 @@ from mmnewsrec.formats.runs import read_checkpoint
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.rank import news_encoder
+from mmnewsrec.rank.distributed import DistInfo, init_distributed
 from mmnewsrec.rank.news_encoder import STATES_DIR, FineTunedRanker
 from mmnewsrec.rank.ranker import load_ranker
-from mmnewsrec.rank.train import DistInfo, TrainRecipe, init_distributed, run_training
+from mmnewsrec.rank.train import TrainRecipe, run_training
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -201,7 +202,21 @@ def test_evaluate_and_serve_use_the_runs_vectors(data, run):
     assert metrics["auc"] == pytest.approx(selected["auc"], abs=2e-3)
     recommender = Recommender.from_run(run, recall_k=20)
     assert recommender.vectors.hash == NewsVectors.load(run / "vectors").hash
-    assert recommender.recommend([recommender.store.news["news_id"][0]], k=3)
+    # a dev history: the served top 5 are the recalled 20 ordered by the ranker's own scores
+    # on the run's exported vectors
+    store = recommender.store
+    dev = store.behaviors("dev")
+    history = next(h for h in map(dev.history, range(dev.num_impressions)) if len(h) >= 3)
+    news_ids = store.news["news_id"].to_numpy()
+    served = recommender.recommend(news_ids[history - 1].tolist(), k=5).items
+    ranker = load_ranker(run, vectors=NewsVectors.load(run / "vectors"))
+    used = history[-ranker.history_len :]
+    _, recalled = recommender.recaller.search_one(used, 20, np.unique(history))
+    scores = ranker.score_items(used, recalled, width=len(recalled))
+    best = np.argsort(-scores, kind="stable")[:5]
+    assert [item.news_id for item in served] == news_ids[recalled[best] - 1].tolist()
+    assert [item.stage for item in served] == ["rerank"] * 5
+    np.testing.assert_allclose([item.score for item in served], scores[best], rtol=1e-4, atol=1e-5)
 
 
 def test_the_fine_tuned_path_runs_under_bf16_autocast_with_fp32_outputs(data, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import check_prediction, free_port
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
@@ -18,15 +18,8 @@ from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.metrics import evaluate_scores
 from mmnewsrec.rank import CheckpointError, load_ranker
 from mmnewsrec.rank.batches import Batch
-from mmnewsrec.rank.train import (
-    DistInfo,
-    TrainRecipe,
-    init_distributed,
-    lr_factor,
-    ranking_loss,
-    run_training,
-    valid_mask,
-)
+from mmnewsrec.rank.distributed import DistInfo, init_distributed
+from mmnewsrec.rank.train import TrainRecipe, lr_factor, ranking_loss, run_training, valid_mask
 
 TOPICS, NEWS, DIM = 6, 240, 12
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
@@ -68,10 +61,8 @@ def write_vectors(folder: Path, store_hash: str, seed: int, tag: str) -> None:
     NewsVectors(vectors.astype(np.float16), has_image, manifest).save(folder)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """A small store (train: 2 clicks per impression, dev) and two sets of vectors."""
-    root = tmp_path_factory.mktemp("mind")
+def build_data(root: Path) -> Path:
+    """A small store (train: 2 clicks per impression, dev) and two sets of vectors in root."""
     rng = np.random.default_rng(0)
     write_mind(root / "raw" / "train", 160, rng, clicks=2, first_day=11)  # Nov 11-14
     write_mind(root / "raw" / "dev", 60, rng, clicks=1, first_day=15)
@@ -81,8 +72,14 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_transformer"):
-    """Selection on dev unless an override says otherwise: these tests compare with dev."""
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build_data(tmp_path_factory.mktemp("mind"))
+
+
+def settings(model: str = "fast_rec_transformer") -> list[str]:
+    """The overrides every run of these tests starts from. Selection on dev unless an override
+    says otherwise: these tests compare with dev."""
     base = [
         "data.valid_split=dev",
         f"model.name={model}",
@@ -95,12 +92,17 @@ def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_t
     ]
     if model.endswith("transformer"):
         base += [f"model.args.{k}={v}" for k, v in TINY.items()]
+    return base
+
+
+def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_transformer"):
+    """The test settings, then `overrides`, on the store and vectors of `data`."""
     values = {
         "data.store_dir": data / "store",
         "data.vectors_dir": data / "emb",
         "run.out_dir": out,
     }
-    return load_config(None, [*base, *overrides], values)
+    return load_config(None, [*settings(model), *overrides], values)
 
 
 def read_log(run: Path) -> list[dict]:
@@ -350,7 +352,9 @@ def test_signals_go_through_training_evaluation_and_prediction(data, tmp_path):
     assert head.out.weight.abs().sum() > 0  # trained away from the content score
     metrics = evaluate_run(run)  # reads the store's dev signals
     assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
-    assert predict_run(run, None, tmp_path / "prediction.txt", "dev").is_file()
+    prediction = predict_run(run, None, tmp_path / "prediction.txt", "dev")
+    dev = Store.load(data / "store").behaviors("dev")
+    check_prediction(prediction, dev, metrics, tmp_path)
 
 
 def test_gbdt_trains_on_every_signal_and_the_content_cosine(data, tmp_path):
@@ -506,11 +510,8 @@ def exclude_zero_gradient(key: str, value: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
     common = ("optim.epochs=1", "run.eval_every=4", "run.patience=0")
-    torch.set_num_threads(1)
-    try:
-        run_training(make_config(data, tmp_path / "single", *common))
-    finally:
-        torch.set_num_threads(2)
+    torch.set_num_threads(1)  # put back by conftest's keep_torch_threads
+    run_training(make_config(data, tmp_path / "single", *common))
     cfg = make_config(data, tmp_path / "ddp", *common).to_dict()
     mp.spawn(ddp_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
 

@@ -7,6 +7,7 @@ Heavy modules (torch, transformers, polars) are imported inside the commands so 
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -293,6 +294,7 @@ def train(
     from mmnewsrec.formats.runs import CheckpointError
     from mmnewsrec.formats.store import StoreError
     from mmnewsrec.formats.vectors import VectorsError
+    from mmnewsrec.rank.interrupt import TrainingInterrupted
     from mmnewsrec.rank.train import run_training
 
     options = {
@@ -310,6 +312,9 @@ def train(
         result = run_training(cfg, resume=resume)
     except (ConfigError, CheckpointError, StoreError, VectorsError) as err:
         fail(str(err))
+    except TrainingInterrupted as stop:
+        typer.secho(str(stop), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(stop.exit_code) from None
     if result.is_main:
         typer.echo(result.summary())
 
@@ -323,7 +328,7 @@ def score(
     prediction_paths: Annotated[
         list[Path],
         typer.Argument(
-            help="Prediction files or zips: `impression_id [r1,r2,...]`. Several: compared "
+            help="Prediction files or zips: `impression_id [3,1,2,...]`. Several: compared "
             "pairwise (paired bootstrap interval, paired t-test, Holm's correction)."
         ),
     ],
@@ -429,7 +434,7 @@ def predict(
     ] = False,
     device: Device = "cpu",
 ) -> None:
-    """Write `impression_id [r1,r2,...]` lines (leaderboard format) for a split."""
+    """Write `impression_id [3,1,2,...]` lines (leaderboard format) for a split."""
     from mmnewsrec.evaluate.experiment import predict_run, run_store
     from mmnewsrec.formats.runs import CheckpointError
     from mmnewsrec.formats.store import StoreError
@@ -451,11 +456,21 @@ def experiment(
 ) -> None:
     """Run an experiment grid with cached vectors and runs; write report.md with plots."""
     from mmnewsrec.evaluate.experiment import ExperimentError, load_experiment, run_experiment
+    from mmnewsrec.rank.interrupt import TrainingInterrupted
 
     try:
         report = run_experiment(load_experiment(config), config)
     except ExperimentError as err:
         fail(str(err))
+    except TrainingInterrupted as stop:
+        typer.secho(
+            f"stopped by {signal.Signals(stop.signum).name} after step {stop.step} of "
+            f"{stop.out_dir}; run the same command again to continue (finished runs are reused, "
+            "this one resumes from its last.pt)",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(stop.exit_code) from None
     typer.echo(f"report: {report}")
 
 

@@ -174,6 +174,9 @@ class RunConfig(Section):
         0, ge=0, description="cap on optimiser steps (sets the schedule); 0 = off"
     )
     stop_after: int = Field(0, ge=0, description="checkpoint and stop after this step; 0 = off")
+    checkpoint_minutes: float = Field(
+        10, ge=0, description="write last.pt at least this often (and at every evaluation); 0 = off"
+    )
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
     progress: bool = Field(True, description="show progress bars")
 
