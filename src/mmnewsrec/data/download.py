@@ -3,11 +3,11 @@
 `download_mind("small", out)` fetches MINDsmall_train.zip and MINDsmall_dev.zip into
 out/<archive>.part from the first host that serves it (HOSTS: the public host, then the former
 one; `base_url` names a mirror instead) with HTTP range requests (an interrupted download resumes
-where it stopped), checks the size (against the table, when known, and against what the server announced), the
-sha256 (when known) and the zip itself (`testzip`), extracts it to a temporary folder and renames
-that to out/train, out/dev (out/test for large) — the layout `prepare` reads. A split folder that
-already holds news.tsv and behaviors.tsv is skipped. A corrupt or truncated archive is deleted and
-reported as a `DownloadError`.
+where it stopped), checks the size (against the table, when known, and against what the server
+announced), the sha256 (when known) and the zip itself (`testzip`), extracts it to a temporary
+folder and renames that to out/train, out/dev (out/test for large) — the layout `prepare` reads.
+A split folder that already holds news.tsv and behaviors.tsv is skipped. A corrupt or truncated
+archive is deleted and reported as a `DownloadError`.
 """
 
 from __future__ import annotations
