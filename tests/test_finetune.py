@@ -19,7 +19,7 @@ from mmnewsrec.encode.base import model_identity
 from mmnewsrec.encode.finetune import TextTower, load_sentence_model, token_states
 from mmnewsrec.encode.pipeline import EncodeConfig, encode_store, news_texts
 from mmnewsrec.encode.text import text_model_path
-from mmnewsrec.formats.runs import read_checkpoint
+from mmnewsrec.formats.runs import CheckpointError, read_checkpoint
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.rank import news_encoder
@@ -278,6 +278,18 @@ def test_a_stopped_fine_tuning_run_resumes_to_the_same_weights(data, tmp_path):
         NewsVectors.load(tmp_path / "full" / "vectors").vectors,
         NewsVectors.load(tmp_path / "cut" / "vectors").vectors,
     )
+
+
+def test_a_checkpoint_before_the_export_is_refused_with_what_to_run(data, tmp_path):
+    out = tmp_path / "cut"
+    run_training(train_config(data, out, "run.stop_after=2", "run.eval_every=1"))
+    assert "finetune" in read_checkpoint(out / "checkpoint.pt")  # selected, not exported
+    with pytest.raises(
+        CheckpointError, match="before the run's news vectors were exported.*--resume"
+    ):
+        load_ranker(out)
+    run_training(train_config(data, out, "run.eval_every=1"), resume=True)
+    assert load_ranker(out).vectors_hash == NewsVectors.load(out / "vectors").hash
 
 
 def test_the_tower_has_its_own_learning_rate_and_clipping(data, tmp_path):
