@@ -40,7 +40,7 @@ def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert metrics["split"] == "dev"
     assert metrics["selected_on"] == "valid" and not metrics["selected_on_reported_split"]
-    assert metrics["selection"]["rule"] == "last-day"
+    assert metrics["selection"]["rule"] == "auto" and metrics["selection"]["applied"] == "last-day"
     assert json.loads((tiny_run / "metrics.json").read_text()) == metrics
     clicks = np.add.reduceat(labels, offsets[:-1])
     scored = int(((clicks > 0) & (clicks < np.diff(offsets))).sum())

@@ -24,6 +24,7 @@ from mmnewsrec.rank.train import (
     init_distributed,
     lr_factor,
     ranking_loss,
+    resolve_valid_rule,
     run_training,
     valid_mask,
 )
@@ -152,6 +153,48 @@ def test_valid_mask_cuts_by_day_or_fraction(data, rule, n_valid):
     assert valid_mask(times[:0], str(rule)).shape == (0,)  # an empty split holds nothing out
 
 
+def test_the_default_validation_is_the_last_day_unless_it_is_thin():
+    day = 86_400
+    days = np.repeat(np.arange(18_000, 18_004), [300, 300, 300, 100]) * day  # last day: 10%
+    assert resolve_valid_rule(days, "auto") == "last-day"
+    assert valid_mask(days, "auto").sum() == 100
+    thin = np.append(days[:-100], days[-1])  # the last day holds one of 901 impressions
+    assert resolve_valid_rule(thin, "auto") == "0.1"
+    mask = valid_mask(thin, "auto")
+    assert mask.sum() == 91 and thin[mask].min() >= thin[~mask].max()  # the latest tenth
+    assert (
+        resolve_valid_rule(thin, "last-day") == "last-day"
+        and valid_mask(thin, "last-day").sum() == 1
+    )
+
+
+def test_a_thin_last_day_is_not_the_validation_split_and_a_small_one_is_warned(tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    write_mind(tmp_path / "raw" / "train", 161, rng, clicks=1, first_day=11)  # Nov 15: 1 of 161
+    store = build_store(tmp_path / "raw", tmp_path / "store")
+    write_vectors(tmp_path / "emb", store.content_hash, seed=1, tag="vectors")
+    cfg = make_config(tmp_path, tmp_path / "run", "data.valid_split=auto", 'data.dev_split=""')
+    recipe = TrainRecipe(cfg, torch.device("cpu"))
+    with caplog.at_level("INFO", logger="mmnewsrec.rank.train"):
+        recipe.setup()
+    assert recipe.selection == {
+        "split": "valid",
+        "rule": "auto",
+        "applied": "0.1",
+        "held_out_of": "train",
+        "impressions": 17,
+        "clicks": 17,
+    }
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert (
+        "INFO",
+        "validation (valid_split 'auto': 0.1): 17 of 161 train impressions, 17 clicks",
+    ) in messages
+    assert any(
+        level == "WARNING" and "only 17 impressions (17 clicks)" in m for level, m in messages
+    )
+
+
 def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_path):
     run = tmp_path / "run"
     cfg = make_config(data, run, "data.valid_split=last-day", "run.patience=0")
@@ -173,8 +216,10 @@ def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_
     assert saved["selection"] == {
         "split": "valid",
         "rule": "last-day",
+        "applied": "last-day",
         "held_out_of": "train",
         "impressions": 40,
+        "clicks": 80,
     }
 
 

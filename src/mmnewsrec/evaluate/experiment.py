@@ -182,7 +182,7 @@ def evaluate_run(
     if peeked:
         logger.warning(
             "%s: the checkpoint was selected on %r, the split reported: these metrics are "
-            "optimistic (train with data.valid_split = 'last-day' for an unseen report)",
+            "optimistic (train with data.valid_split = 'auto' for an unseen report)",
             run_dir, split,
         )  # fmt: skip
     metrics = {

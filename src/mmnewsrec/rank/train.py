@@ -127,10 +127,24 @@ def ranking_loss(scores: torch.Tensor, batch: Batch, kind: str) -> torch.Tensor:
     return (loss * real).sum() / real.sum()
 
 
+AUTO_MIN_LAST_DAY = 0.05  # 'auto' holds out the last day if it has this share of train
+AUTO_FRACTION = "0.1"  # otherwise the latest tenth
+MIN_VALID_IMPRESSIONS = 200  # fewer select a checkpoint by noise: a warning
+
+
+def resolve_valid_rule(times: np.ndarray, rule: str) -> str:
+    """The rule that `rule` stands for on impressions at `times`: 'auto' is 'last-day' when
+    the last UTC day holds at least AUTO_MIN_LAST_DAY of them, else AUTO_FRACTION."""
+    if rule != "auto":
+        return rule
+    thin = len(times) == 0 or valid_mask(times, "last-day").mean() < AUTO_MIN_LAST_DAY
+    return AUTO_FRACTION if thin else "last-day"
+
+
 def valid_mask(times: np.ndarray, rule: str) -> np.ndarray:
     """(I,) bool: the impressions at `times` (unix seconds) that a held-out `data.valid_split`
-    rule ('last-day', 'YYYY-MM-DD' or a fraction) puts in the validation split."""
-    cut = valid_cut(rule)
+    rule ('auto', 'last-day', 'YYYY-MM-DD' or a fraction) puts in the validation split."""
+    cut = valid_cut(resolve_valid_rule(times, rule))
     times = np.asarray(times)
     if cut == "last-day":
         last_day = times.max() // DAY * DAY if len(times) else 0
@@ -369,7 +383,8 @@ class TrainRecipe:
         """Split the train impressions into training and validation by `data.valid_split`."""
         cfg = self.config.data
         train = self.train_behaviors
-        is_valid = valid_mask(train.times, cfg.valid_split)
+        rule = resolve_valid_rule(train.times, cfg.valid_split)
+        is_valid = valid_mask(train.times, rule)
         n_valid = int(is_valid.sum())
         if n_valid in (0, train.num_impressions):
             raise ConfigError(
@@ -383,12 +398,19 @@ class TrainRecipe:
             in_valid = np.repeat(is_valid, np.diff(train.candidate_offsets))
             self.select_signals = self.train_signals[in_valid]
             self.train_signals = self.train_signals[~in_valid]
-        self.selection["split"] = "valid"
-        self.selection["held_out_of"] = cfg.train_split
+        clicks = int(np.asarray(self.select_behaviors.candidate_labels).sum())
+        self.selection |= {"split": "valid", "held_out_of": cfg.train_split}
+        self.selection |= {"applied": rule, "clicks": clicks}
         logger.info(
-            "validation: %d of %d %s impressions (valid_split %r) select the checkpoint",
-            n_valid, train.num_impressions, cfg.train_split, cfg.valid_split,
+            "validation (valid_split %r: %s): %d of %d %s impressions, %d clicks",
+            cfg.valid_split, rule, n_valid, train.num_impressions, cfg.train_split, clicks,
         )  # fmt: skip
+        if n_valid < MIN_VALID_IMPRESSIONS:
+            logger.warning(
+                "validation holds only %d impressions (%d clicks): the checkpoint it selects is "
+                "a noisy choice; hold out more with data.valid_split (e.g. '0.2')",
+                n_valid, clicks,
+            )  # fmt: skip
 
     def _build_model(self) -> None:
         from mmnewsrec.rank.model import (
