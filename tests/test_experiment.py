@@ -25,6 +25,7 @@ from mmnewsrec.evaluate.experiment import (
 from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_truth
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
 from mmnewsrec.formats.store import Store
+from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.rank.ranker import load_ranker
 from mmnewsrec.rank.train import run_training
 
@@ -102,6 +103,26 @@ def test_oracle_auc_equals_the_auc_of_the_raw_files(tiny_run):
     summary = json.loads((data / "manifest.json").read_text())["summary"]
     assert auc == pytest.approx(summary["oracle_auc"], abs=1e-6)  # exact probabilities, rounded
     assert 0.6 < auc < 1
+
+
+def test_image_shares_count_the_news_the_image_encoder_found_an_image_for(tiny_run):
+    """On IM-MIND every news has a card file, photo or not: what has an image is what the
+    image encoder found (its has_image), not the store's image paths."""
+    from mmnewsrec.evaluate.experiment import clicked_image_share, news_with_image
+
+    store = Store.load(load_ranker(tiny_run).config.data.store_dir)
+    with_file = news_with_image(store)
+    text = NewsVectors.load(load_ranker(tiny_run).config.data.vectors_dir)
+    assert not text.manifest.get("image")
+    found = with_file & (np.arange(len(with_file)) % 3 > 0)  # blank cards: every third news
+    image = NewsVectors(text.vectors, found, text.manifest | {"image": {"encoder": "test"}})
+    np.testing.assert_array_equal(news_with_image(store, [text, image]), found)
+    np.testing.assert_array_equal(news_with_image(store, [text]), with_file)
+    dev = store.behaviors("dev")
+    clicked = np.asarray(dev.candidate_items)[np.asarray(dev.candidate_labels) == 1]
+    share = clicked_image_share(store, "dev", news_with_image(store, [text, image]))
+    assert share == pytest.approx(found[clicked].mean(), abs=1e-12)
+    assert share < clicked_image_share(store, "dev") - 0.1
 
 
 def test_report_summarises_seeds_and_writes_plots(tmp_path):

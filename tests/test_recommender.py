@@ -155,9 +155,10 @@ def test_serving_and_evaluation_recall_alike(run_dir, rec, tmp_path):
         rankers={"random": {"model": "random"}},
         recall_k=[5, 20],
     )
-    evaluated = _recall(rec.store, Path(rec.ranker.config.data.vectors_dir), config)
+    has_image = news_with_image(rec.store, [rec.vectors])
+    evaluated = _recall(rec.store, rec.vectors, config, has_image)
     dev = rec.store.behaviors("dev")
-    served = rec.recaller.recall_stats(dev, [5, 20], news_with_image(rec.store))
+    served = rec.recaller.recall_stats(dev, [5, 20], has_image)
     assert served == evaluated
     assert rec.recaller.popular_share > 0 and 0 < served[20]["recall"] < 1
 

@@ -37,7 +37,7 @@ import shlex
 import shutil
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +52,7 @@ from mmnewsrec.files import write_json
 
 if TYPE_CHECKING:
     from mmnewsrec.formats.store import Behaviors, Store
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import TrainedRanker
 
 logger = logging.getLogger(__name__)
@@ -352,10 +353,13 @@ def run_experiment(
             vectors_dirs[name] = _encode(config, store_dir, name)
     with watch.phase("recall"):
         from mmnewsrec.formats.store import Store
+        from mmnewsrec.formats.vectors import NewsVectors
 
         store = Store.load(store_dir)
-        recall = {name: _recall(store, path, config) for name, path in vectors_dirs.items()}
-        clicked_share = clicked_image_share(store, config.dev_split)
+        vectors = {name: NewsVectors.load(path) for name, path in vectors_dirs.items()}
+        has_image = news_with_image(store, vectors.values())
+        recall = {name: _recall(store, v, config, has_image) for name, v in vectors.items()}
+        clicked_share = clicked_image_share(store, config.dev_split, has_image)
     cells = grid_cells(config)
     with watch.phase("train"):
         trained = _train_cells(config, cells, store_dir, vectors_dirs)
@@ -464,11 +468,10 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
 
 
 def _recall(
-    store: Store, vectors_dir: Path, config: ExperimentConfig
+    store: Store, vectors: NewsVectors, config: ExperimentConfig, has_image: np.ndarray
 ) -> dict[int, dict[str, float]]:
-    """Per K: recall@K on the dev split and the share of recalled news with an image, with
-    the recaller fitted as serving fits it."""
-    from mmnewsrec.formats.vectors import NewsVectors
+    """Per K: recall@K on the dev split and the share of recalled news with an image
+    (`has_image`), with the recaller fitted as serving fits it."""
     from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
 
     share = config.recall_popular_share
@@ -476,9 +479,9 @@ def _recall(
         k=max(config.recall_k),
         popular_share=DEFAULT_POPULAR_SHARE if share is None else share,
     )
-    recaller.fit_store(NewsVectors.load(vectors_dir), store, config.train_split)
+    recaller.fit_store(vectors, store, config.train_split)
     behaviors = store.behaviors(config.dev_split)
-    return recaller.recall_stats(behaviors, config.recall_k, news_with_image(store))
+    return recaller.recall_stats(behaviors, config.recall_k, has_image)
 
 
 def _recall_note(config: ExperimentConfig) -> str:
@@ -493,16 +496,23 @@ def _recall_note(config: ExperimentConfig) -> str:
     )
 
 
-def news_with_image(store: Store) -> np.ndarray:
-    """(N+1,) bool: the store has an image for the news index (row 0, padding: False)."""
+def news_with_image(store: Store, vectors: Iterable[NewsVectors] = ()) -> np.ndarray:
+    """(N+1,) bool (row 0, padding: False): the news with an image as the image encoders of
+    `vectors` found it (an IM-MIND card whose photo box is blank has none), or, when none of
+    them read images, the news the store has an image file for."""
+    found = [np.asarray(v.has_image, dtype=bool) for v in vectors if v.manifest.get("image")]
+    if found:
+        return np.logical_or.reduce(found)
     return np.concatenate([[False], store.news["image_path"].is_not_null().to_numpy()])
 
 
-def clicked_image_share(store: Store, split: str) -> float:
-    """Share of the clicked candidates of `split` that have an image."""
+def clicked_image_share(store: Store, split: str, has_image: np.ndarray | None = None) -> float:
+    """Share of the clicked candidates of `split` that have an image (`has_image`, by default
+    the store's image files)."""
+    has_image = news_with_image(store) if has_image is None else has_image
     behaviors = store.behaviors(split)
     clicked = np.asarray(behaviors.candidate_items)[np.asarray(behaviors.candidate_labels) == 1]
-    return float(news_with_image(store)[clicked].mean()) if len(clicked) else float("nan")
+    return float(has_image[clicked].mean()) if len(clicked) else float("nan")
 
 
 def _train(
