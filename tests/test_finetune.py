@@ -220,11 +220,14 @@ def test_the_fine_tuned_path_runs_under_bf16_autocast_with_fp32_outputs(data, tm
     model.eval()
     with torch.inference_mode():
         exact_table, exact = model.full_table(), model(batch.history, batch.candidates)
-    model.eval()  # drops the table: the next one is computed under autocast
+    exact_stats = model.mean.clone(), model.scale.clone()
+    model.eval()  # drops the table: the next one is computed under autocast, in fp32
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        table, scores = model.full_table(), model(batch.history, batch.candidates)
-    assert table.dtype == scores.dtype == torch.float32
-    assert torch.nn.functional.cosine_similarity(table[1:], exact_table[1:]).min() > 0.99
+        scores = model(batch.history, batch.candidates)
+        table = model.table
+    assert table is not None and table.dtype == scores.dtype == torch.float32
+    torch.testing.assert_close(table, exact_table, rtol=1e-6, atol=1e-6)  # what the export writes
+    torch.testing.assert_close((model.mean, model.scale), exact_stats, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(scores, exact, rtol=0.1, atol=0.1)  # bf16 body, close to fp32
 
 
