@@ -13,7 +13,7 @@ MAY_IMPORT = {
     "data": set(),
     "encode": set(),
     "recall": set(),
-    "rank": {"encode"},  # fine-tuning the text encoder's top layers with a ranker
+    "rank": {"encode", "recall"},  # fine-tuning the text encoder; mean_cosine's recall space
     "evaluate": {"data", "encode", "recall", "rank"},  # the experiment grid runs them all
     "serve": {"recall", "rank", "encode"},  # encoding news added while serving (POST /news)
 }

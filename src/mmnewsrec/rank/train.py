@@ -421,6 +421,7 @@ class TrainRecipe:
             canonical_name,
             click_counts,
         )
+        from mmnewsrec.recall.space import vector_parts
 
         cfg = self.config
         args = dict(cfg.model.args)
@@ -432,6 +433,10 @@ class TrainRecipe:
             keys = {f.name for f in fields(MODELS[self.model_name].config_class)}
             if "max_history" in keys:
                 args.setdefault("max_history", cfg.data.history_len)
+            if "text_dim" in keys:  # scores in the recall space: the vectors' text part
+                args.setdefault(
+                    "text_dim", vector_parts(self.vectors.manifest, self.vectors.dim)[0].stop
+                )
             if self.signal_names and "signals" not in keys:
                 raise ValueError(f"{self.model_name} reads no signals; unset model.signals")
             if "signals" in keys:
