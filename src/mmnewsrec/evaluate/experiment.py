@@ -485,14 +485,16 @@ def _recall(
 
 
 def _recall_note(config: ExperimentConfig) -> str:
-    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
+    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, EXACT_MAX_NEWS, Recaller
 
     share = config.recall_popular_share
     share = DEFAULT_POPULAR_SHARE if share is None else share
     return (
         "Each part of the news vectors (text, image) centred on its mean and unit-scaled, the"
         f" image part weighted {Recaller().image_weight:g}; {100 * share:g}% of K from the"
-        " popularity/freshness channel. Image share: news with an image among all recalled news."
+        " popularity/freshness channel. Searched as `serve` searches: exactly up to"
+        f" {EXACT_MAX_NEWS:,} news, in an HNSW graph (approximate) beyond. Image share: news"
+        " with an image among all recalled news."
     )
 
 
