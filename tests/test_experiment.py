@@ -343,3 +343,26 @@ def test_demo_grids_train_settings(tmp_path):
         train = load_config(config.train_config, config.train_overrides)
         assert train.optim.epochs == epochs
         assert train.run.eval_each_epoch is each_epoch
+
+
+def slot_after_a_while() -> int:
+    import time
+
+    from mmnewsrec.evaluate import experiment
+
+    time.sleep(1.0)  # both processes get a task
+    return experiment._worker_slot
+
+
+def test_each_training_process_has_a_bar_line_of_its_own():
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mmnewsrec.evaluate.experiment import _init_worker
+
+    context = multiprocessing.get_context("spawn")
+    args = (1, logging.WARNING, context.Value("i", 0))
+    with ProcessPoolExecutor(2, context, _init_worker, args) as pool:
+        slots = [pool.submit(slot_after_a_while) for _ in range(2)]
+        assert sorted(s.result() for s in slots) == [0, 1]

@@ -195,6 +195,22 @@ def test_a_thin_last_day_is_not_the_validation_split_and_a_small_one_is_warned(t
     )
 
 
+def test_the_progress_bar_takes_a_label_and_a_line(data, tmp_path, monkeypatch):
+    from mmnewsrec.rank import train
+
+    bars, tqdm = [], train.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bars.append(kwargs)
+        return tqdm(*args, **kwargs | {"disable": True})
+
+    monkeypatch.setattr(train, "tqdm", recording_tqdm)
+    cfg = make_config(data, tmp_path / "run", "optim.epochs=1", "run.progress=true")
+    run_training(cfg, bar_label="minilm fast_rec_transformer seed0", bar_position=1)
+    (bar,) = bars
+    assert bar["desc"] == "train minilm fast_rec_transformer seed0" and bar["position"] == 1
+
+
 def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_path):
     run = tmp_path / "run"
     cfg = make_config(data, run, "data.valid_split=last-day", "run.patience=0")

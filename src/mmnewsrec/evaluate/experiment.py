@@ -297,6 +297,10 @@ class Cell:
     seed: int
     run_dir: Path
 
+    def describe(self) -> str:
+        """Encoder, ranker and seed, as a progress bar names the run."""
+        return f"{self.label} {self.ranker_name} seed{self.seed}"
+
 
 def grid_cells(config: ExperimentConfig) -> list[Cell]:
     """The runs of the grid in the file's order: rankers, then encoders, then seeds."""
@@ -402,7 +406,8 @@ def _train_cells(
     """(metrics, wall s, CPU s) of every cell, in order; `config.jobs` processes at a time, each
     with an equal share of torch's threads (one process: in this one)."""
     args = [
-        (config, c.ranker, store_dir, vectors_dirs[c.encoder], c.run_dir, c.seed) for c in cells
+        (config, c.ranker, store_dir, vectors_dirs[c.encoder], c.run_dir, c.seed, c.describe())
+        for c in cells
     ]
     if config.jobs == 1:
         return [_timed_train(*a) for a in args]
@@ -412,19 +417,27 @@ def _train_cells(
 
     threads = max(1, torch.get_num_threads() // config.jobs)
     level = logging.getLogger().getEffectiveLevel()
+    context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         config.jobs,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=context,
         initializer=_init_worker,
-        initargs=(threads, level),
+        initargs=(threads, level, context.Value("i", 0)),
     ) as pool:
         futures = [pool.submit(_timed_train, *a) for a in args]
         return [future.result() for future in futures]
 
 
-def _init_worker(threads: int, log_level: int) -> None:
+_worker_slot = 0  # this training process's number among the experiment's jobs: its bar's line
+
+
+def _init_worker(threads: int, log_level: int, slots: Any) -> None:
+    """Set up a training process: its share of threads, logging, and a slot of its own."""
     import torch
 
+    global _worker_slot
+    with slots.get_lock():
+        _worker_slot, slots.value = slots.value, slots.value + 1
     torch.set_num_threads(threads)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -524,7 +537,9 @@ def _train(
     vectors_dir: Path,
     run_dir: Path,
     seed: int,
+    label: str | None = None,
 ) -> dict[str, float]:
+    """Train one cell (or reuse its run) and evaluate it; `label` names its progress bar."""
     from mmnewsrec.config import load_config
     from mmnewsrec.rank.train import run_training
 
@@ -549,7 +564,7 @@ def _train(
     if run_dir.exists() and not same:
         logger.warning("%s holds a run of another configuration: starting it again", run_dir)
         shutil.rmtree(run_dir)
-    run_training(train_config, resume=same)
+    run_training(train_config, same, bar_label=label, bar_position=_worker_slot)
     return evaluate_run(run_dir, split=config.dev_split, device=str(config.device))
 
 

@@ -285,6 +285,8 @@ class TrainRecipe:
         self.out_dir = self.config.run.out_dir
         self.progress = Progress()
         self.stopped_early = False
+        self.bar_label: str | None = None  # the progress bar's description, by default the model
+        self.bar_position = 0  # its line: runs at once in several processes keep their own
 
     # ------------------------------------------------------------------ setup
 
@@ -599,7 +601,8 @@ class TrainRecipe:
         bar = tqdm(
             total=self.total_steps,
             initial=p.step,
-            desc=f"train {self.model_name}",
+            desc=f"train {self.bar_label or self.model_name}",
+            position=self.bar_position,
             disable=not (self.dist.is_main and self.config.run.progress),
             dynamic_ncols=True,
         )
@@ -892,8 +895,11 @@ def init_distributed(device: torch.device, dist_info: DistInfo) -> None:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train with the device and process group taken from the config and the environment."""
+def run_training(
+    config: TrainConfig, resume: bool = False, bar_label: str | None = None, bar_position: int = 0
+) -> TrainResult:
+    """Train with the device and process group taken from the config and the environment;
+    `bar_label`, `bar_position`: the progress bar's description and line."""
     dist_info = DistInfo.from_env()
     try:
         device = resolve_device(config.run.device, dist_info.local_rank)
@@ -901,6 +907,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
         raise ConfigError(str(err)) from None
     init_distributed(device, dist_info)
     recipe = TrainRecipe(config, device, dist_info)
+    recipe.bar_label, recipe.bar_position = bar_label, bar_position
     try:
         recipe.setup(resume=resume)
         return recipe.train()
