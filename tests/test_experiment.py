@@ -25,6 +25,7 @@ from mmnewsrec.evaluate.experiment import (
 from mmnewsrec.evaluate.leaderboard import read_prediction
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
 from mmnewsrec.formats.store import Store
+from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.metrics import impression_metrics
 from mmnewsrec.rank.ranker import load_ranker
 from mmnewsrec.rank.train import run_training
@@ -41,7 +42,7 @@ def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert metrics["split"] == "dev"
     assert metrics["selected_on"] == "valid" and not metrics["selected_on_reported_split"]
-    assert metrics["selection"]["rule"] == "last-day"
+    assert metrics["selection"]["rule"] == "auto" and metrics["selection"]["applied"] == "last-day"
     assert json.loads((tiny_run / "metrics.json").read_text()) == metrics
     clicks = np.add.reduceat(labels, offsets[:-1])
     scored = int(((clicks > 0) & (clicks < np.diff(offsets))).sum())
@@ -121,6 +122,26 @@ def test_oracle_auc_equals_the_auc_of_the_raw_files(tiny_run):
     summary = json.loads((data / "manifest.json").read_text())["summary"]
     assert auc == pytest.approx(summary["oracle_auc"], abs=1e-6)  # exact probabilities, rounded
     assert 0.6 < auc < 1
+
+
+def test_image_shares_count_the_news_the_image_encoder_found_an_image_for(tiny_run):
+    """On IM-MIND every news has a card file, photo or not: what has an image is what the
+    image encoder found (its has_image), not the store's image paths."""
+    from mmnewsrec.evaluate.experiment import clicked_image_share, news_with_image
+
+    store = Store.load(load_ranker(tiny_run).config.data.store_dir)
+    with_file = news_with_image(store)
+    text = NewsVectors.load(load_ranker(tiny_run).config.data.vectors_dir)
+    assert not text.manifest.get("image")
+    found = with_file & (np.arange(len(with_file)) % 3 > 0)  # blank cards: every third news
+    image = NewsVectors(text.vectors, found, text.manifest | {"image": {"encoder": "test"}})
+    np.testing.assert_array_equal(news_with_image(store, [text, image]), found)
+    np.testing.assert_array_equal(news_with_image(store, [text]), with_file)
+    dev = store.behaviors("dev")
+    clicked = np.asarray(dev.candidate_items)[np.asarray(dev.candidate_labels) == 1]
+    share = clicked_image_share(store, "dev", news_with_image(store, [text, image]))
+    assert share == pytest.approx(found[clicked].mean(), abs=1e-12)
+    assert share < clicked_image_share(store, "dev") - 0.1
 
 
 def test_report_summarises_seeds_and_writes_plots(tmp_path):
@@ -385,3 +406,26 @@ def test_demo_grids_train_settings(tmp_path):
         train = load_config(config.train_config, config.train_overrides)
         assert train.optim.epochs == epochs
         assert train.run.eval_each_epoch is each_epoch
+
+
+def slot_after_a_while() -> int:
+    import time
+
+    from mmnewsrec.evaluate import experiment
+
+    time.sleep(1.0)  # both processes get a task
+    return experiment._worker_slot
+
+
+def test_each_training_process_has_a_bar_line_of_its_own():
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mmnewsrec.evaluate.experiment import _init_worker
+
+    context = multiprocessing.get_context("spawn")
+    args = (1, logging.WARNING, context.Value("i", 0))
+    with ProcessPoolExecutor(2, context, _init_worker, args) as pool:
+        slots = [pool.submit(slot_after_a_while) for _ in range(2)]
+        assert sorted(s.result() for s in slots) == [0, 1]

@@ -19,7 +19,7 @@ from mmnewsrec.encode.base import model_identity
 from mmnewsrec.encode.finetune import TextTower, load_sentence_model, token_states
 from mmnewsrec.encode.pipeline import EncodeConfig, encode_store, news_texts
 from mmnewsrec.encode.text import text_model_path
-from mmnewsrec.formats.runs import read_checkpoint
+from mmnewsrec.formats.runs import CheckpointError, read_checkpoint
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.rank import news_encoder
@@ -235,11 +235,14 @@ def test_the_fine_tuned_path_runs_under_bf16_autocast_with_fp32_outputs(data, tm
     model.eval()
     with torch.inference_mode():
         exact_table, exact = model.full_table(), model(batch.history, batch.candidates)
-    model.eval()  # drops the table: the next one is computed under autocast
+    exact_stats = model.mean.clone(), model.scale.clone()
+    model.eval()  # drops the table: the next one is computed under autocast, in fp32
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        table, scores = model.full_table(), model(batch.history, batch.candidates)
-    assert table.dtype == scores.dtype == torch.float32
-    assert torch.nn.functional.cosine_similarity(table[1:], exact_table[1:]).min() > 0.99
+        scores = model(batch.history, batch.candidates)
+        table = model.table
+    assert table is not None and table.dtype == scores.dtype == torch.float32
+    torch.testing.assert_close(table, exact_table, rtol=1e-6, atol=1e-6)  # what the export writes
+    torch.testing.assert_close((model.mean, model.scale), exact_stats, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(scores, exact, rtol=0.1, atol=0.1)  # bf16 body, close to fp32
 
 
@@ -293,6 +296,18 @@ def test_a_stopped_fine_tuning_run_resumes_to_the_same_weights(data, tmp_path):
         NewsVectors.load(tmp_path / "full" / "vectors").vectors,
         NewsVectors.load(tmp_path / "cut" / "vectors").vectors,
     )
+
+
+def test_a_checkpoint_before_the_export_is_refused_with_what_to_run(data, tmp_path):
+    out = tmp_path / "cut"
+    run_training(train_config(data, out, "run.stop_after=2", "run.eval_every=1"))
+    assert "finetune" in read_checkpoint(out / "checkpoint.pt")  # selected, not exported
+    with pytest.raises(
+        CheckpointError, match="before the run's news vectors were exported.*--resume"
+    ):
+        load_ranker(out)
+    run_training(train_config(data, out, "run.eval_every=1"), resume=True)
+    assert load_ranker(out).vectors_hash == NewsVectors.load(out / "vectors").hash
 
 
 def test_the_tower_has_its_own_learning_rate_and_clipping(data, tmp_path):

@@ -316,6 +316,16 @@ def test_cli_score_warns_on_tied_ranks(tmp_path, caplog):
     assert "p.txt: 1 of 2 lines are not permutations of 1..n (first: line 1, rank 1 " in caplog.text
 
 
+def test_tied_ranks_put_the_later_candidate_first_and_the_warning_says_so(tmp_path, caplog):
+    truth = write(tmp_path / "t.txt", "1 [1,0]\n2 [0,1,0]\n")
+    pred = write(tmp_path / "p.txt", "1 [1,1]\n2 [2,1,1]\n")
+    with caplog.at_level(logging.WARNING, logger="mmnewsrec.evaluate.leaderboard"):
+        got = score_files(truth, pred)
+    assert got["mrr"] == pytest.approx((1 / 2 + 1 / 2) / 2)  # the non-clicks tied after come first
+    assert "MRR and nDCG rank the later of tied candidates first" in caplog.text
+    assert "may order them otherwise" in caplog.text
+
+
 def test_write_prediction_reads_its_text_back_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"p\.txt:2: impression id '8', expected ' 8'"):
         write_prediction(tmp_path / "p.txt", np.array(["7", " 8"]), [1, 1], [0, 1, 2])

@@ -19,7 +19,14 @@ from mmnewsrec.metrics import evaluate_scores
 from mmnewsrec.rank import CheckpointError, load_ranker
 from mmnewsrec.rank.batches import Batch
 from mmnewsrec.rank.distributed import DistInfo, init_distributed
-from mmnewsrec.rank.train import TrainRecipe, lr_factor, ranking_loss, run_training, valid_mask
+from mmnewsrec.rank.train import (
+    TrainRecipe,
+    lr_factor,
+    ranking_loss,
+    resolve_valid_rule,
+    run_training,
+    valid_mask,
+)
 
 TOPICS, NEWS, DIM = 6, 240, 12
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0}
@@ -154,6 +161,64 @@ def test_valid_mask_cuts_by_day_or_fraction(data, rule, n_valid):
     assert valid_mask(times[:0], str(rule)).shape == (0,)  # an empty split holds nothing out
 
 
+def test_the_default_validation_is_the_last_day_unless_it_is_thin():
+    day = 86_400
+    days = np.repeat(np.arange(18_000, 18_004), [300, 300, 300, 100]) * day  # last day: 10%
+    assert resolve_valid_rule(days, "auto") == "last-day"
+    assert valid_mask(days, "auto").sum() == 100
+    thin = np.append(days[:-100], days[-1])  # the last day holds one of 901 impressions
+    assert resolve_valid_rule(thin, "auto") == "0.1"
+    mask = valid_mask(thin, "auto")
+    assert mask.sum() == 91 and thin[mask].min() >= thin[~mask].max()  # the latest tenth
+    assert (
+        resolve_valid_rule(thin, "last-day") == "last-day"
+        and valid_mask(thin, "last-day").sum() == 1
+    )
+
+
+def test_a_thin_last_day_is_not_the_validation_split_and_a_small_one_is_warned(tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    write_mind(tmp_path / "raw" / "train", 161, rng, clicks=1, first_day=11)  # Nov 15: 1 of 161
+    store = build_store(tmp_path / "raw", tmp_path / "store")
+    write_vectors(tmp_path / "emb", store.content_hash, seed=1, tag="vectors")
+    cfg = make_config(tmp_path, tmp_path / "run", "data.valid_split=auto", 'data.dev_split=""')
+    recipe = TrainRecipe(cfg, torch.device("cpu"))
+    with caplog.at_level("INFO", logger="mmnewsrec.rank.train"):
+        recipe.setup()
+    assert recipe.selection == {
+        "split": "valid",
+        "rule": "auto",
+        "applied": "0.1",
+        "held_out_of": "train",
+        "impressions": 17,
+        "clicks": 17,
+    }
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert (
+        "INFO",
+        "validation (valid_split 'auto': 0.1): 17 of 161 train impressions, 17 clicks",
+    ) in messages
+    assert any(
+        level == "WARNING" and "only 17 impressions (17 clicks)" in m for level, m in messages
+    )
+
+
+def test_the_progress_bar_takes_a_label_and_a_line(data, tmp_path, monkeypatch):
+    from mmnewsrec.rank import train
+
+    bars, tqdm = [], train.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bars.append(kwargs)
+        return tqdm(*args, **kwargs | {"disable": True})
+
+    monkeypatch.setattr(train, "tqdm", recording_tqdm)
+    cfg = make_config(data, tmp_path / "run", "optim.epochs=1", "run.progress=true")
+    run_training(cfg, bar_label="minilm fast_rec_transformer seed0", bar_position=1)
+    (bar,) = bars
+    assert bar["desc"] == "train minilm fast_rec_transformer seed0" and bar["position"] == 1
+
+
 def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_path):
     run = tmp_path / "run"
     cfg = make_config(data, run, "data.valid_split=last-day", "run.patience=0")
@@ -175,8 +240,10 @@ def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_
     assert saved["selection"] == {
         "split": "valid",
         "rule": "last-day",
+        "applied": "last-day",
         "held_out_of": "train",
         "impressions": 40,
+        "clicks": 80,
     }
 
 

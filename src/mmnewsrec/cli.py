@@ -83,7 +83,9 @@ def synth(
 def download(
     name: Annotated[str, typer.Argument(help="demo, small or large.")],
     out: Annotated[Path, typer.Option(help="Output directory (train/, dev/[, test/]).")],
-    base_url: Annotated[str | None, typer.Option(help="Mirror of the MIND archives.")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="Mirror of the MIND archives, instead of the public hosts.")
+    ] = None,
 ) -> None:
     """Download and extract an official MIND archive set (resumable, verified)."""
     from mmnewsrec.data.download import DownloadError, download_mind

@@ -37,7 +37,7 @@ import logging
 import shutil
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +53,7 @@ from mmnewsrec.metrics import METRICS
 
 if TYPE_CHECKING:
     from mmnewsrec.formats.store import Behaviors, Store
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import TrainedRanker
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def evaluate_run(
     if peeked:
         logger.warning(
             "%s: the checkpoint was selected on %r, the split reported: these metrics are "
-            "optimistic (train with data.valid_split = 'last-day' for an unseen report)",
+            "optimistic (train with data.valid_split = 'auto' for an unseen report)",
             run_dir, split,
         )  # fmt: skip
     scored = ~np.isnan(per_impression["auc"])
@@ -246,7 +247,7 @@ def _describe(
         scores,
         store.behaviors(split),
         vectors.vectors[:, first.start : first.stop],
-        news_with_image(store),
+        news_with_image(store, [vectors]),
         *store_arrays(store, split, ranker.config.data.train_split),
     )
 
@@ -368,6 +369,10 @@ class Cell:
     seed: int
     run_dir: Path
 
+    def describe(self) -> str:
+        """Encoder, ranker and seed, as a progress bar names the run."""
+        return f"{self.label} {self.ranker_name} seed{self.seed}"
+
 
 def grid_cells(config: ExperimentConfig) -> list[Cell]:
     """The runs of the grid in the file's order: rankers, then encoders, then seeds."""
@@ -424,10 +429,13 @@ def run_experiment(
             vectors_dirs[name] = _encode(config, store_dir, name)
     with watch.phase("recall"):
         from mmnewsrec.formats.store import Store
+        from mmnewsrec.formats.vectors import NewsVectors
 
         store = Store.load(store_dir)
-        recall = {name: _recall(store, path, config) for name, path in vectors_dirs.items()}
-        clicked_share = clicked_image_share(store, config.dev_split)
+        vectors = {name: NewsVectors.load(path) for name, path in vectors_dirs.items()}
+        has_image = news_with_image(store, vectors.values())
+        recall = {name: _recall(store, v, config, has_image) for name, v in vectors.items()}
+        clicked_share = clicked_image_share(store, config.dev_split, has_image)
     cells = grid_cells(config)
     with watch.phase("train"):
         trained = _train_cells(config, cells, store_dir, vectors_dirs)
@@ -538,7 +546,8 @@ def _train_cells(
     """(metrics, wall s, CPU s) of every cell, in order; `config.jobs` processes at a time, each
     with an equal share of torch's threads (one process: in this one)."""
     args = [
-        (config, c.ranker, store_dir, vectors_dirs[c.encoder], c.run_dir, c.seed) for c in cells
+        (config, c.ranker, store_dir, vectors_dirs[c.encoder], c.run_dir, c.seed, c.describe())
+        for c in cells
     ]
     if config.jobs == 1:
         return [_timed_train(*a) for a in args]
@@ -548,19 +557,27 @@ def _train_cells(
 
     threads = max(1, torch.get_num_threads() // config.jobs)
     level = logging.getLogger().getEffectiveLevel()
+    context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         config.jobs,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=context,
         initializer=_init_worker,
-        initargs=(threads, level),
+        initargs=(threads, level, context.Value("i", 0)),
     ) as pool:
         futures = [pool.submit(_timed_train, *a) for a in args]
         return [future.result() for future in futures]
 
 
-def _init_worker(threads: int, log_level: int) -> None:
+_worker_slot = 0  # this training process's number among the experiment's jobs: its bar's line
+
+
+def _init_worker(threads: int, log_level: int, slots: Any) -> None:
+    """Set up a training process: its share of threads, logging, and a slot of its own."""
     import torch
 
+    global _worker_slot
+    with slots.get_lock():
+        _worker_slot, slots.value = slots.value, slots.value + 1
     torch.set_num_threads(threads)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -624,11 +641,10 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
 
 
 def _recall(
-    store: Store, vectors_dir: Path, config: ExperimentConfig
+    store: Store, vectors: NewsVectors, config: ExperimentConfig, has_image: np.ndarray
 ) -> dict[int, dict[str, float]]:
-    """Per K: recall@K on the dev split and the share of recalled news with an image, with
-    the recaller fitted as serving fits it."""
-    from mmnewsrec.formats.vectors import NewsVectors
+    """Per K: recall@K on the dev split and the share of recalled news with an image
+    (`has_image`), with the recaller fitted as serving fits it."""
     from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
 
     share = config.recall_popular_share
@@ -636,33 +652,42 @@ def _recall(
         k=max(config.recall_k),
         popular_share=DEFAULT_POPULAR_SHARE if share is None else share,
     )
-    recaller.fit_store(NewsVectors.load(vectors_dir), store, config.train_split)
+    recaller.fit_store(vectors, store, config.train_split)
     behaviors = store.behaviors(config.dev_split)
-    return recaller.recall_stats(behaviors, config.recall_k, news_with_image(store))
+    return recaller.recall_stats(behaviors, config.recall_k, has_image)
 
 
 def _recall_note(config: ExperimentConfig) -> str:
-    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
+    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, EXACT_MAX_NEWS, Recaller
 
     share = config.recall_popular_share
     share = DEFAULT_POPULAR_SHARE if share is None else share
     return (
         "Each part of the news vectors (text, image) centred on its mean and unit-scaled, the"
         f" image part weighted {Recaller().image_weight:g}; {100 * share:g}% of K from the"
-        " popularity/freshness channel. Image share: news with an image among all recalled news."
+        " popularity/freshness channel. Searched as `serve` searches: exactly up to"
+        f" {EXACT_MAX_NEWS:,} news, in an HNSW graph (approximate) beyond. Image share: news"
+        " with an image among all recalled news."
     )
 
 
-def news_with_image(store: Store) -> np.ndarray:
-    """(N+1,) bool: the store has an image for the news index (row 0, padding: False)."""
+def news_with_image(store: Store, vectors: Iterable[NewsVectors] = ()) -> np.ndarray:
+    """(N+1,) bool (row 0, padding: False): the news with an image as the image encoders of
+    `vectors` found it (an IM-MIND card whose photo box is blank has none), or, when none of
+    them read images, the news the store has an image file for."""
+    found = [np.asarray(v.has_image, dtype=bool) for v in vectors if v.manifest.get("image")]
+    if found:
+        return np.logical_or.reduce(found)
     return np.concatenate([[False], store.news["image_path"].is_not_null().to_numpy()])
 
 
-def clicked_image_share(store: Store, split: str) -> float:
-    """Share of the clicked candidates of `split` that have an image."""
+def clicked_image_share(store: Store, split: str, has_image: np.ndarray | None = None) -> float:
+    """Share of the clicked candidates of `split` that have an image (`has_image`, by default
+    the store's image files)."""
+    has_image = news_with_image(store) if has_image is None else has_image
     behaviors = store.behaviors(split)
     clicked = np.asarray(behaviors.candidate_items)[np.asarray(behaviors.candidate_labels) == 1]
-    return float(news_with_image(store)[clicked].mean()) if len(clicked) else float("nan")
+    return float(has_image[clicked].mean()) if len(clicked) else float("nan")
 
 
 def _train(
@@ -672,7 +697,9 @@ def _train(
     vectors_dir: Path,
     run_dir: Path,
     seed: int,
+    label: str | None = None,
 ) -> dict[str, float]:
+    """Train one cell (or reuse its run) and evaluate it; `label` names its progress bar."""
     from mmnewsrec.config import load_config
     from mmnewsrec.rank.train import run_training
 
@@ -688,7 +715,7 @@ def _train(
     if run_dir.exists() and not same:
         logger.warning("%s holds a run of another configuration: starting it again", run_dir)
         shutil.rmtree(run_dir)
-    run_training(train_config, resume=same)
+    run_training(train_config, same, bar_label=label, bar_position=_worker_slot)
     return evaluate_run(**evaluate_params(config, run_dir))
 
 

@@ -87,10 +87,24 @@ def ranking_loss(scores: torch.Tensor, batch: Batch, kind: str) -> torch.Tensor:
     return (loss * real).sum() / real.sum()
 
 
+AUTO_MIN_LAST_DAY = 0.05  # 'auto' holds out the last day if it has this share of train
+AUTO_FRACTION = "0.1"  # otherwise the latest tenth
+MIN_VALID_IMPRESSIONS = 200  # fewer select a checkpoint by noise: a warning
+
+
+def resolve_valid_rule(times: np.ndarray, rule: str) -> str:
+    """The rule that `rule` stands for on impressions at `times`: 'auto' is 'last-day' when
+    the last UTC day holds at least AUTO_MIN_LAST_DAY of them, else AUTO_FRACTION."""
+    if rule != "auto":
+        return rule
+    thin = len(times) == 0 or valid_mask(times, "last-day").mean() < AUTO_MIN_LAST_DAY
+    return AUTO_FRACTION if thin else "last-day"
+
+
 def valid_mask(times: np.ndarray, rule: str) -> np.ndarray:
     """(I,) bool: the impressions at `times` (unix seconds) that a held-out `data.valid_split`
-    rule ('last-day', 'YYYY-MM-DD' or a fraction) puts in the validation split."""
-    cut = valid_cut(rule)
+    rule ('auto', 'last-day', 'YYYY-MM-DD' or a fraction) puts in the validation split."""
+    cut = valid_cut(resolve_valid_rule(times, rule))
     times = np.asarray(times)
     if cut == "last-day":
         last_day = times.max() // DAY * DAY if len(times) else 0
@@ -163,6 +177,8 @@ class TrainRecipe:
         self.window = Window()  # the losses since the last log row, kept in last.pt
         self.signals = StopSignals()
         self.last_saved = time.monotonic()
+        self.bar_label: str | None = None  # the progress bar's description, by default the model
+        self.bar_position = 0  # its line: runs at once in several processes keep their own
 
     # ------------------------------------------------------------------ setup
 
@@ -261,7 +277,8 @@ class TrainRecipe:
         """Split the train impressions into training and validation by `data.valid_split`."""
         cfg = self.config.data
         train = self.train_behaviors
-        is_valid = valid_mask(train.times, cfg.valid_split)
+        rule = resolve_valid_rule(train.times, cfg.valid_split)
+        is_valid = valid_mask(train.times, rule)
         n_valid = int(is_valid.sum())
         if n_valid in (0, train.num_impressions):
             raise ConfigError(
@@ -275,12 +292,19 @@ class TrainRecipe:
             in_valid = np.repeat(is_valid, np.diff(train.candidate_offsets))
             self.select_signals = self.train_signals[in_valid]
             self.train_signals = self.train_signals[~in_valid]
-        self.selection["split"] = "valid"
-        self.selection["held_out_of"] = cfg.train_split
+        clicks = int(np.asarray(self.select_behaviors.candidate_labels).sum())
+        self.selection |= {"split": "valid", "held_out_of": cfg.train_split}
+        self.selection |= {"applied": rule, "clicks": clicks}
         logger.info(
-            "validation: %d of %d %s impressions (valid_split %r) select the checkpoint",
-            n_valid, train.num_impressions, cfg.train_split, cfg.valid_split,
+            "validation (valid_split %r: %s): %d of %d %s impressions, %d clicks",
+            cfg.valid_split, rule, n_valid, train.num_impressions, cfg.train_split, clicks,
         )  # fmt: skip
+        if n_valid < MIN_VALID_IMPRESSIONS:
+            logger.warning(
+                "validation holds only %d impressions (%d clicks): the checkpoint it selects is "
+                "a noisy choice; hold out more with data.valid_split (e.g. '0.2')",
+                n_valid, clicks,
+            )  # fmt: skip
 
     def _build_model(self) -> None:
         from mmnewsrec.rank.model import (
@@ -291,6 +315,7 @@ class TrainRecipe:
             canonical_name,
             click_counts,
         )
+        from mmnewsrec.recall.space import vector_parts
 
         cfg = self.config
         args = dict(cfg.model.args)
@@ -302,6 +327,10 @@ class TrainRecipe:
             keys = {f.name for f in fields(MODELS[self.model_name].config_class)}
             if "max_history" in keys:
                 args.setdefault("max_history", cfg.data.history_len)
+            if "text_dim" in keys:  # scores in the recall space: the vectors' text part
+                args.setdefault(
+                    "text_dim", vector_parts(self.vectors.manifest, self.vectors.dim)[0].stop
+                )
             if self.signal_names and "signals" not in keys:
                 raise ValueError(f"{self.model_name} reads no signals; unset model.signals")
             if "signals" in keys:
@@ -467,7 +496,8 @@ class TrainRecipe:
         bar = tqdm(
             total=self.total_steps,
             initial=p.step,
-            desc=f"train {self.model_name}",
+            desc=f"train {self.bar_label or self.model_name}",
+            position=self.bar_position,
             disable=not (self.dist.is_main and self.config.run.progress),
             dynamic_ncols=True,
         )
@@ -713,7 +743,9 @@ class TrainRecipe:
             dist.destroy_process_group()
 
 
-def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
+def run_training(
+    config: TrainConfig, resume: bool = False, bar_label: str | None = None, bar_position: int = 0
+) -> TrainResult:
     """Train a run: what `mmnewsrec train` does.
 
     The device comes from `config.run.device` and, under torchrun, the process group and
@@ -722,6 +754,8 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
     Args:
         config: The training configuration (see `load_config`).
         resume: Continue the run in `config.run.out_dir` from its `last.pt`.
+        bar_label: The progress bar's description (default: the model's name).
+        bar_position: The progress bar's line: runs at once in several processes keep their own.
 
     Returns:
         The run's outcome: best metrics on the selection split, steps, the run folder.
@@ -737,6 +771,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
         raise ConfigError(str(err)) from None
     init_distributed(device, dist_info)
     recipe = TrainRecipe(config, device, dist_info)
+    recipe.bar_label, recipe.bar_position = bar_label, bar_position
     try:
         recipe.setup(resume=resume)
         return recipe.train()
