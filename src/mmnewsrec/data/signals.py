@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ from mmnewsrec.formats.store import DAY, NEVER, SIGNAL_NAMES, Behaviors, first_a
 
 logger = logging.getLogger(__name__)
 
-COCLICK_HISTORY = 20  # clicks of a history (and of a user profile) that co-clicks look at
+COCLICK_HISTORY = 10  # clicks of a history (and of a user profile) that co-clicks look at
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
 SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
@@ -67,22 +68,18 @@ def build_signals(
     train = splits.get(train_split)
     train = train if train is not None and train.labelled else None
     logs = list(splits.values())
-    first_seen = first_appearance(logs, num_news)
-    shown = Exposures.fit(logs)
-    coclick = coclick_affinities(logs, num_news, lag, history)
-    for (name, behaviors), affinity in zip(splits.items(), coclick, strict=True):
-        table = np.stack(
-            [
-                popularity(behaviors, train, lag),
-                shown.share(behaviors),
-                freshness(behaviors, first_seen),
-                affinity,
-                history_length(behaviors),
-            ],
-            axis=1,
-        ).astype(np.float32)
-        np.save(folder / f"{name}.npy", table)
-        logger.info("signals of %s: %d candidates x %d", name, *table.shape)
+    imps = Impressions.concat(logs, [b is train for b in logs])
+    table = np.empty((len(imps.candidate_items), len(SIGNAL_NAMES)), dtype=np.float32)
+    per_period_signals(imps, num_news, lag, history, table)
+    first = first_appearance(logs, num_news)[imps.candidate_items]
+    times = imps.times[imps.candidate_impression]
+    table[:, 2] = np.log1p(np.maximum(times - first, 0) / 3600.0)
+    sizes = np.diff(imps.history_offsets)
+    table[:, 4] = np.log1p(sizes[imps.candidate_impression])
+    bounds = csr_offsets(np.array([len(b.candidate_items) for b in logs]))
+    for i, name in enumerate(splits):
+        np.save(folder / f"{name}.npy", table[bounds[i] : bounds[i + 1]])
+        logger.info("signals of %s: %d candidates", name, bounds[i + 1] - bounds[i])
     logger.info("signals computed in %.1f s", time.perf_counter() - started)
     return {
         "names": list(SIGNAL_NAMES),
@@ -93,90 +90,9 @@ def build_signals(
     }
 
 
-def time_ranks(times: np.ndarray) -> tuple[np.ndarray, int]:
-    """Dense rank of each time (0 = earliest) and the number of distinct times."""
-    unique, rank = np.unique(np.asarray(times), return_inverse=True)
-    return rank.astype(np.int64), len(unique)
-
-
-def counts_before(
-    event_item: np.ndarray,
-    event_rank: np.ndarray,
-    query_item: np.ndarray,
-    query_rank: np.ndarray,
-    ranks: int,
-) -> np.ndarray:
-    """For each query (item, time rank): events of that item with a strictly smaller rank."""
-    width = ranks + 1
-    keys = np.sort(event_item.astype(np.int64) * width + event_rank)
-    item = query_item.astype(np.int64) * width
-    return np.searchsorted(keys, item + query_rank) - np.searchsorted(keys, item)
-
-
-def log_share(count: np.ndarray, total: np.ndarray) -> np.ndarray:
+def log_share(count: np.ndarray, total: np.ndarray | int) -> np.ndarray:
     """log((count + 1) / (total + 1))."""
     return np.log1p(count) - np.log1p(total)
-
-
-def popularity(behaviors: Behaviors, train: Behaviors | None, lag: int = LAG) -> np.ndarray:
-    """Train clicks on each candidate before the impression's cutoff, as a log share."""
-    items = np.asarray(behaviors.candidate_items)
-    if train is None:
-        return log_share(np.zeros(len(items)), np.zeros(len(items)))
-    clicked = np.asarray(train.candidate_labels) == 1
-    click_time = train.item_times()[clicked]
-    query_time = behaviors.item_times() // lag * lag  # the cutoff: start of the period
-    rank, ranks = time_ranks(np.concatenate([click_time, query_time]))
-    click_rank, query_rank = rank[: len(click_time)], rank[len(click_time) :]
-    click_item = np.asarray(train.candidate_items)[clicked]
-    count = counts_before(click_item, click_rank, items, query_rank, ranks)
-    total = np.searchsorted(np.sort(click_rank), query_rank)
-    return log_share(count, total)
-
-
-@dataclass
-class Exposures:
-    """Impressions of all logs together, to count those before a time that showed an item."""
-
-    times: np.ndarray  # (T,) sorted distinct impression times of all logs
-    shown_keys: np.ndarray  # sorted item * (T + 1) + time rank of every candidate shown
-    impression_ranks: np.ndarray  # sorted time rank of every impression
-
-    @classmethod
-    def fit(cls, logs: Sequence[Behaviors]) -> Exposures:
-        """Every candidate of every log (labels are not read)."""
-        parts = [b for b in logs if b.num_impressions]
-        if not parts:
-            empty = np.zeros(0, dtype=np.int64)
-            return cls(empty, empty, empty)
-        times = np.unique(np.concatenate([np.asarray(b.times) for b in parts]))
-        item = np.concatenate([np.asarray(b.candidate_items) for b in parts]).astype(np.int64)
-        rank = np.searchsorted(times, np.concatenate([b.item_times() for b in parts]))
-        impression_rank = np.searchsorted(times, np.concatenate([b.times for b in parts]))
-        keys = item * (len(times) + 1) + rank
-        return cls(times, np.sort(keys), np.sort(impression_rank))
-
-    def share(self, behaviors: Behaviors) -> np.ndarray:
-        """Earlier impressions of any log that showed each candidate, as a log share."""
-        rank = np.searchsorted(self.times, behaviors.item_times())
-        item = np.asarray(behaviors.candidate_items).astype(np.int64) * (len(self.times) + 1)
-        keys = self.shown_keys
-        count = np.searchsorted(keys, item + rank) - np.searchsorted(keys, item)
-        total = np.searchsorted(self.impression_ranks, rank)
-        return log_share(count, total)
-
-
-def freshness(behaviors: Behaviors, first_seen: np.ndarray) -> np.ndarray:
-    """log1p(hours from the candidate's first appearance to the impression)."""
-    times = behaviors.item_times()
-    first = first_seen[np.asarray(behaviors.candidate_items)]
-    return np.log1p(np.maximum(times - first, 0) / 3600.0)
-
-
-def history_length(behaviors: Behaviors) -> np.ndarray:
-    """log1p(history length) of each candidate's impression."""
-    sizes = np.diff(behaviors.history_offsets)
-    return np.log1p(sizes[segment_ids(behaviors.candidate_offsets)]).astype(np.float64)
 
 
 def last_clicks(
@@ -191,9 +107,16 @@ def last_clicks(
     return out, pos
 
 
+def group_by_rank(rank: np.ndarray, ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions sorted by rank, stable; (ranks + 1,) bounds of each rank's positions)."""
+    small = rank.astype(np.uint16) if ranks < 2**16 else rank  # radix sort
+    order = np.argsort(small, kind="stable")
+    return order, np.searchsorted(rank[order], np.arange(ranks + 1))
+
+
 @dataclass
 class Impressions:
-    """The impressions of several logs as one, in log order (for the co-click pass)."""
+    """The impressions of several logs as one, in log order."""
 
     times: np.ndarray  # (I,) int64
     users: np.ndarray  # (I,) int64
@@ -201,22 +124,38 @@ class Impressions:
     history_items: np.ndarray  # (H,) int64
     candidate_offsets: np.ndarray  # (I+1,)
     candidate_items: np.ndarray  # (C,) int64
+    counted: np.ndarray  # (C,) bool: a click that counts (a label 1 of the train split)
 
     @classmethod
-    def concat(cls, logs: Sequence[Behaviors]) -> Impressions:
-        def ragged(kind: str) -> tuple[np.ndarray, np.ndarray]:
-            sizes = [np.diff(getattr(b, f"{kind}_offsets")) for b in logs]
-            items = [np.asarray(getattr(b, f"{kind}_items")) for b in logs]
-            empty = np.zeros(0, dtype=np.int64)
-            return csr_offsets(np.concatenate([empty, *sizes])), np.concatenate(
-                [empty, *items]
-            ).astype(np.int64)
+    def concat(cls, logs: Sequence[Behaviors], counted: Sequence[bool]) -> Impressions:
+        """`counted`: per log, whether its clicks count."""
+        empty = np.zeros(0, dtype=np.int64)
 
         def flat(name: str) -> np.ndarray:
             parts = [np.asarray(getattr(b, name)) for b in logs]
-            return np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
+            return np.concatenate([empty, *parts]).astype(np.int64)
 
-        return cls(flat("times"), flat("user_index"), *ragged("history"), *ragged("candidate"))
+        def offsets(kind: str) -> np.ndarray:
+            sizes = [np.diff(getattr(b, f"{kind}_offsets")) for b in logs]
+            return csr_offsets(np.concatenate([empty, *sizes]))
+
+        clicks = [
+            (np.asarray(b.candidate_labels) == 1) & c for b, c in zip(logs, counted, strict=True)
+        ]
+        return cls(
+            flat("times"),
+            flat("user_index"),
+            offsets("history"),
+            flat("history_items"),
+            offsets("candidate"),
+            flat("candidate_items"),
+            np.concatenate([np.zeros(0, dtype=bool), *clicks]),
+        )
+
+    @cached_property
+    def candidate_impression(self) -> np.ndarray:
+        """(C,) the impression of each candidate."""
+        return segment_ids(self.candidate_offsets)
 
 
 def profile_events(
@@ -239,8 +178,7 @@ def profile_events(
     owner = np.repeat(np.arange(len(version)), np.diff(offsets))
     keys = np.unique(owner * width + imps.history_items[pos])  # a set per profile, sorted
     owner, item = np.divmod(keys, width)
-    sizes = np.bincount(owner, minlength=len(version))
-    starts = csr_offsets(sizes)
+    starts = csr_offsets(np.bincount(owner, minlength=len(version)))
     # every (x, y) of one profile with x <= y: x at position i pairs with positions i..end
     after = starts[owner + 1] - np.arange(len(item))
     first = np.repeat(np.arange(len(item)), after)
@@ -256,85 +194,139 @@ def profile_events(
     return keys, periods, signs
 
 
-@dataclass
-class PairCounts:
-    """n(x, y) before a period, from the events of `profile_events`."""
+class PairTable:
+    """Counts of int64 keys >= 0 in an open-addressing hash table (linear probing), read and
+    updated a whole array of keys at a time."""
 
-    keys: np.ndarray  # sorted pair * ranks + period rank of every event
-    cumulative: np.ndarray  # (E+1,) running sum of the events' signs, 0 first
-    periods: np.ndarray  # sorted distinct periods of the events and queries
-    width: int
+    def __init__(self, capacity: int) -> None:
+        self.bits = max(10, (2 * capacity).bit_length())
+        self.keys = np.full(1 << self.bits, -1, dtype=np.int64)
+        self.counts = np.zeros(1 << self.bits, dtype=np.int64)
 
-    @classmethod
-    def fit(
-        cls,
-        keys: np.ndarray,
-        periods: np.ndarray,
-        signs: np.ndarray,
-        query_periods: np.ndarray,
-        width: int,
-    ) -> PairCounts:
-        """Events (pair key, period, sign) and the periods that will be asked about."""
-        all_periods = np.unique(np.concatenate([periods, query_periods]))
-        composite = keys * (len(all_periods) + 1) + np.searchsorted(all_periods, periods)
-        order = np.argsort(composite, kind="stable")
-        cumulative = np.zeros(len(order) + 1, np.int64)
-        np.cumsum(signs[order], out=cumulative[1:])
-        return cls(composite[order], cumulative, all_periods, width)
+    def _slots(self, keys: np.ndarray) -> np.ndarray:
+        mixed = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps: Fibonacci hash
+        return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
 
-    def before(self, x: np.ndarray, y: np.ndarray, period: np.ndarray) -> np.ndarray:
-        """n(x, y) counted over the profiles of the periods before `period`."""
-        lo, hi = np.minimum(x, y), np.maximum(x, y)
-        base = (lo * self.width + hi) * (len(self.periods) + 1)
-        rank = np.searchsorted(self.periods, period)
-        return (
-            self.cumulative[np.searchsorted(self.keys, base + rank)]
-            - self.cumulative[np.searchsorted(self.keys, base)]
-        )
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        """The count of each key (0 if absent)."""
+        out = np.zeros(len(keys), dtype=np.int64)
+        todo, slot = np.arange(len(keys)), self._slots(keys)
+        mask = (1 << self.bits) - 1
+        while len(todo):
+            held = self.keys[slot]
+            found = held == keys[todo]
+            out[todo[found]] = self.counts[slot[found]]
+            going = ~found & (held != -1)
+            todo, slot = todo[going], (slot[going] + 1) & mask
+        return out
+
+    def add(self, keys: np.ndarray, deltas: np.ndarray) -> None:
+        """counts[key] += delta (a key may come several times)."""
+        todo, slot = np.arange(len(keys)), self._slots(keys)
+        mask = (1 << self.bits) - 1
+        while len(todo):
+            empty = self.keys[slot] == -1
+            self.keys[slot[empty]] = keys[todo[empty]]  # among keys after one slot, one wins
+            found = self.keys[slot] == keys[todo]
+            np.add.at(self.counts, slot[found], deltas[todo[found]])
+            moving = ~found & ~empty  # a slot held by another key; losers look again
+            slot = np.where(moving, (slot + 1) & mask, slot)[~found]
+            todo = todo[~found]
 
 
-def coclick_affinities(
-    logs: Sequence[Behaviors], num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY
-) -> list[np.ndarray]:
-    """The coclick signal of every candidate of each log (see the module docstring)."""
-    imps = Impressions.concat(logs)
+def per_period_signals(
+    imps: Impressions, num_news: int, lag: int, history: int, table: np.ndarray
+) -> None:
+    """Fill popularity, exposures and coclick of `table` (C, 5), one period at a time: what
+    the impressions of a period see, then what they add."""
     width = num_news + 1
     period = imps.times // lag
-    counts = PairCounts.fit(*profile_events(imps, period, width, history), period, width)
-    out = np.zeros(len(imps.candidate_items), dtype=np.float64)
-    imp_of = segment_ids(imps.candidate_offsets)
-    per_candidate = np.diff(imps.history_offsets).clip(max=history)[imp_of]
-    ends = np.cumsum(per_candidate)
-    lo = 0
-    while lo < len(out):
-        hi = int(np.searchsorted(ends, ends[lo] - per_candidate[lo] + PAIR_CHUNK, "right"))
-        hi = max(hi, lo + 1)
-        out[lo:hi] = affinity_chunk(imps, counts, period, imp_of[lo:hi], np.arange(lo, hi), history)
-        lo = hi
-    bounds = csr_offsets(np.array([len(b.candidate_items) for b in logs]))
-    return [out[bounds[i] : bounds[i + 1]] for i in range(len(logs))]
+    periods = np.unique(period)
+    keys, event_period, signs = profile_events(imps, period, width, history)
+    event_order, event_bounds = group_by_rank(np.searchsorted(periods, event_period), len(periods))
+    imp_order, imp_bounds = group_by_rank(np.searchsorted(periods, period), len(periods))
+    times = np.unique(imps.times)
+    earlier = np.searchsorted(np.sort(imps.times), imps.times)  # impressions strictly before
+    clicks, shown = np.zeros(width, np.int64), np.zeros(width, np.int64)
+    total_clicks = 0
+    profiles = np.zeros(width, np.int64)  # n(x): profiles holding x
+    pairs = PairTable(int(((keys // width != keys % width) & (signs > 0)).sum()))
+    for r in range(len(periods)):
+        rows = imp_order[imp_bounds[r] : imp_bounds[r + 1]]
+        cand_offsets, cand = last_clicks(imps.candidate_offsets, rows, len(imps.candidate_items))
+        items = imps.candidate_items[cand]
+        table[cand, 0] = log_share(clicks[items], total_clicks)
+        within = earlier_within(items, np.searchsorted(times, imps.times[rows]), cand_offsets)
+        count = shown[items] + within
+        table[cand, 1] = log_share(count, np.repeat(earlier[rows], np.diff(cand_offsets)))
+        table[cand, 3] = coclick(imps, rows, cand_offsets, cand, profiles, pairs, history)
+        counted = imps.counted[cand]
+        clicks += np.bincount(items[counted], minlength=width)
+        total_clicks += int(counted.sum())
+        shown += np.bincount(items, minlength=width)
+        events = event_order[event_bounds[r] : event_bounds[r + 1]]
+        apply_events(keys[events], signs[events], width, profiles, pairs)
 
 
-def affinity_chunk(
+def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """For candidates of impressions with `time_rank` (CSR `offsets`): how many candidates of
+    those impressions with a strictly smaller time rank have the same item."""
+    rank = np.repeat(time_rank, np.diff(offsets))
+    key = items * (int(time_rank.max(initial=0)) + 1) + rank
+    order = np.argsort(key, kind="stable")
+    key, item = key[order], items[order]
+    position = np.arange(len(key))
+    item_start = np.maximum.accumulate(np.where(np.r_[True, item[1:] != item[:-1]], position, 0))
+    run_start = np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], position, 0))
+    out = np.empty(len(key), np.int64)
+    out[order] = run_start - item_start
+    return out
+
+
+def apply_events(
+    keys: np.ndarray, signs: np.ndarray, width: int, profiles: np.ndarray, pairs: PairTable
+) -> None:
+    """Add the +1/-1 events of profile pairs: the diagonal to `profiles`, the rest to `pairs`."""
+    x, y = np.divmod(keys, width)
+    diagonal = x == y
+    profiles += np.bincount(x[diagonal], signs[diagonal], minlength=width).astype(np.int64)
+    pairs.add(keys[~diagonal], signs[~diagonal])
+
+
+def coclick(
     imps: Impressions,
-    counts: PairCounts,
-    period: np.ndarray,
-    imp: np.ndarray,
+    rows: np.ndarray,
+    cand_offsets: np.ndarray,
     cand: np.ndarray,
+    profiles: np.ndarray,
+    pairs: PairTable,
     history: int,
 ) -> np.ndarray:
-    """Mean cosine of candidates at flat positions `cand` (impressions `imp`) with the last
-    `history` clicks of their impressions."""
-    offsets, pos = last_clicks(imps.history_offsets, imp, history)
-    sizes = np.diff(offsets)
-    owner = np.repeat(np.arange(len(cand)), sizes)
-    c = imps.candidate_items[cand][owner]
-    h = imps.history_items[pos]
-    p = period[imp][owner]
-    n_ch = counts.before(c, h, p)
-    n_c, n_h = counts.before(c, c, p), counts.before(h, h, p)
-    cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0.0)
-    return np.bincount(owner, cos, minlength=len(cand)) / np.maximum(sizes, 1)
+    """Mean cosine of each candidate (flat positions `cand` of impressions `rows`, CSR
+    `cand_offsets`) with its impression's last `history` clicks, in chunks of pairs."""
+    out = np.zeros(len(cand))
+    width = len(profiles)
+    per_row = np.diff(imps.history_offsets)[rows].clip(max=history)
+    per_candidate = np.repeat(per_row, np.diff(cand_offsets))
+    ends = np.cumsum(per_candidate)
+    imp = np.repeat(rows, np.diff(cand_offsets))
+    lo = 0
+    while lo < len(cand):
+        hi = int(np.searchsorted(ends, ends[lo] - per_candidate[lo] + PAIR_CHUNK, "right"))
+        hi = max(hi, lo + 1)
+        offsets, pos = last_clicks(imps.history_offsets, imp[lo:hi], history)
+        sizes = np.diff(offsets)
+        owner = np.repeat(np.arange(hi - lo), sizes)
+        c = imps.candidate_items[cand[lo:hi]][owner]
+        h = imps.history_items[pos]
+        n_c, n_h = profiles[c], profiles[h]
+        look = np.flatnonzero((n_c > 0) & (n_h > 0) & (c != h))  # else n(c, h) = 0 or n(c)
+        n_ch = np.where(c == h, n_c, 0)
+        n_ch[look] = pairs.get(np.minimum(c[look], h[look]) * width + np.maximum(c[look], h[look]))
+        cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0)
+        out[lo:hi] = np.bincount(owner, cos, minlength=hi - lo) / np.maximum(sizes, 1)
+        lo = hi
+    return out
 
 
 class SignalState:
