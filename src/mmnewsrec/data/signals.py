@@ -356,7 +356,8 @@ class SignalState:
         self.impressions = 0
         self.first_seen = np.full(1, NEVER, np.int64)
         self.profiles: dict[int, frozenset[int]] = {}
-        self.pairs: dict[tuple[int, int], int] = {}  # n(x, y) with x <= y, over the profiles
+        self.holders = np.zeros(1, np.int64)  # n(x): profiles holding x
+        self.pairs: dict[int, int] = {}  # n(x, y) of x < y as x << 32 | y, over the profiles
         self.time: int | None = None  # the latest time observed or asked for
         self._period_clicks: list[np.ndarray] = []  # clicks of the current period
         self._period_profiles: dict[int, np.ndarray] = {}  # latest history of each user in it
@@ -376,6 +377,7 @@ class SignalState:
         self.clicks = np.r_[self.clicks, np.zeros(extra, np.int64)]
         self.shown = np.r_[self.shown, np.zeros(extra, np.int64)]
         self.first_seen = np.r_[self.first_seen, np.full(extra, NEVER, np.int64)]
+        self.holders = np.r_[self.holders, np.zeros(extra, np.int64)]
         self.num_news = num_news
 
     def observe(
@@ -421,18 +423,15 @@ class SignalState:
         """Mean cosine of each candidate with the clicks `history` over the profiles."""
         if not len(history):
             return np.zeros(len(candidates))
-        pairs = self.pairs
-        n_h = [pairs.get((h, h), 0) for h in history.tolist()]
-        out = np.zeros(len(candidates))
-        for i, c in enumerate(candidates.tolist()):
-            n_c = pairs.get((c, c), 0)
-            total = 0.0
-            for h, n in zip(history.tolist(), n_h, strict=True):
-                n_ch = pairs.get((min(c, h), max(c, h)), 0)
-                if n_ch:
-                    total += n_ch / np.sqrt(float(n_c * n))
-            out[i] = total / len(history)
-        return out
+        c, h = np.repeat(candidates, len(history)), np.tile(history, len(candidates))
+        n_c, n_h = self.holders[c], self.holders[h]
+        look = np.flatnonzero((n_c > 0) & (n_h > 0) & (c != h))  # else n(c, h) = 0 or n(c)
+        n_ch = np.where(c == h, n_c, 0)
+        keys = np.minimum(c[look], h[look]) << 32 | np.maximum(c[look], h[look])
+        get = self.pairs.get
+        n_ch[look] = [get(key, 0) for key in keys.tolist()]
+        cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0)
+        return cos.reshape(len(candidates), len(history)).sum(axis=1) / len(history)
 
     def _advance(self, time: int) -> None:
         """Move to `time`: what happened before it, and before its period, now counts."""
@@ -454,13 +453,14 @@ class SignalState:
         self.time = time
 
     def _set_profile(self, user: int, new: frozenset[int]) -> None:
-        """Replace a user's profile, updating the pair counts of the items that changed."""
+        """Replace a user's profile, updating the counts of the items and pairs that changed."""
         old = self.profiles.get(user, frozenset())
         for gone, within, step in ((old - new, old, -1), (new - old, new, 1)):
             for x in gone:
+                self.holders[x] += step
                 for y in within:
-                    if y not in gone or x <= y:  # each changed pair once
-                        key = (min(x, y), max(x, y))
+                    if y != x and (y not in gone or x < y):  # each changed pair once
+                        key = min(x, y) << 32 | max(x, y)
                         count = self.pairs.get(key, 0) + step
                         if count:
                             self.pairs[key] = count
