@@ -26,10 +26,10 @@ appearances) count everything strictly earlier. Labels of dev and test never cou
   history of their latest impression (any log) before the cutoff. 0 for an item in no profile.
 - history_len: log1p(clicks in the impression's history), the same for all its candidates.
 
-The batch face: counts before a time by searchsorted on sorted (item, time rank) keys; the
-profiles' co-occurrences as +1/-1 events per (item pair, period) (a profile enters the counts
-after its period and leaves them after the period of the user's next profile), summed before
-each query's period by a searchsorted on sorted (pair, period) keys, in chunks of candidates.
+The batch face walks the periods in order over all logs at once: the impressions of a period
+read dense per-item counts (clicks, exposures, profile holders) and a vectorised hash table of
+profile pair counts, then add their own clicks, exposures and profiles. Exposures within a period
+come from one sort of its candidates by (item, time); co-click pairs are looked up in chunks.
 """
 
 from __future__ import annotations
@@ -158,47 +158,30 @@ class Impressions:
         return segment_ids(self.candidate_offsets)
 
 
-def profile_events(
-    imps: Impressions, period: np.ndarray, width: int, history: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pair key, period, +1/-1) of every change of the profiles' co-occurrence counts.
-
-    A user's profile of period p is the set of the last `history` clicks of their latest
-    impression in p; it counts for the periods after p, until the period of their next profile.
-    Pair keys x * width + y with x <= y (x == y: the profiles holding x)."""
-    n = len(imps.times)
-    order = np.lexsort((np.arange(n), imps.times, imps.users))
-    user, per = imps.users[order], period[order]
-    is_last = np.r_[(user[1:] != user[:-1]) | (per[1:] != per[:-1]), True]
-    version = order[is_last]  # per user, periods ascending
-    v_user, v_period = imps.users[version], period[version]
-    has_next = np.r_[v_user[1:] == v_user[:-1], False]
-    v_end = np.r_[v_period[1:], 0]
-    offsets, pos = last_clicks(imps.history_offsets, version, history)
-    owner = np.repeat(np.arange(len(version)), np.diff(offsets))
+def profile_pairs(imps: Impressions, rows: np.ndarray, width: int, history: int) -> np.ndarray:
+    """Pair keys x * width + y, x <= y, of the profile (the set of the last `history` clicks)
+    of each impression of `rows`, all together (x == y: the profile holds x)."""
+    offsets, pos = last_clicks(imps.history_offsets, rows, history)
+    owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
     keys = np.unique(owner * width + imps.history_items[pos])  # a set per profile, sorted
     owner, item = np.divmod(keys, width)
-    starts = csr_offsets(np.bincount(owner, minlength=len(version)))
-    # every (x, y) of one profile with x <= y: x at position i pairs with positions i..end
-    after = starts[owner + 1] - np.arange(len(item))
+    ends = csr_offsets(np.bincount(owner, minlength=len(rows)))[owner + 1]
+    # x at position i pairs with positions i .. the end of its profile
+    after = ends - np.arange(len(item))
     first = np.repeat(np.arange(len(item)), after)
-    second = np.arange(len(first)) - np.repeat(
-        csr_offsets(after)[:-1] - np.arange(len(item)), after
-    )
-    pair = item[first] * width + item[second]
-    pair_owner = owner[first]
-    ends = has_next[pair_owner]
-    keys = np.concatenate([pair, pair[ends]])
-    periods = np.concatenate([v_period[pair_owner], v_end[pair_owner][ends]])
-    signs = np.concatenate([np.ones(len(pair), np.int64), -np.ones(int(ends.sum()), np.int64)])
-    return keys, periods, signs
+    second = first + np.arange(len(first)) - np.repeat(csr_offsets(after)[:-1], after)
+    return item[first] * width + item[second]
 
 
 class PairTable:
     """Counts of int64 keys >= 0 in an open-addressing hash table (linear probing), read and
     updated a whole array of keys at a time."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int = 0) -> None:
+        self._empty(capacity)
+
+    def _empty(self, capacity: int) -> None:
+        """An empty table with room for `capacity` keys, at most half full."""
         self.bits = max(10, (2 * capacity).bit_length())
         self.keys = np.full(1 << self.bits, -1, dtype=np.int64)
         self.counts = np.zeros(1 << self.bits, dtype=np.int64)
@@ -222,6 +205,12 @@ class PairTable:
 
     def add(self, keys: np.ndarray, deltas: np.ndarray) -> None:
         """counts[key] += delta (a key may come several times)."""
+        held = self.keys != -1
+        if 2 * (int(held.sum()) + len(keys)) > len(self.keys):  # rebuild, dropping zeros
+            live = held & (self.counts != 0)
+            old_keys, old_counts = self.keys[live], self.counts[live]
+            self._empty(len(old_keys) + len(keys))
+            self.add(old_keys, old_counts)
         todo, slot = np.arange(len(keys)), self._slots(keys)
         mask = (1 << self.bits) - 1
         while len(todo):
@@ -242,15 +231,14 @@ def per_period_signals(
     width = num_news + 1
     period = imps.times // lag
     periods = np.unique(period)
-    keys, event_period, signs = profile_events(imps, period, width, history)
-    event_order, event_bounds = group_by_rank(np.searchsorted(periods, event_period), len(periods))
     imp_order, imp_bounds = group_by_rank(np.searchsorted(periods, period), len(periods))
     times = np.unique(imps.times)
     earlier = np.searchsorted(np.sort(imps.times), imps.times)  # impressions strictly before
     clicks, shown = np.zeros(width, np.int64), np.zeros(width, np.int64)
     total_clicks = 0
-    profiles = np.zeros(width, np.int64)  # n(x): profiles holding x
-    pairs = PairTable(int(((keys // width != keys % width) & (signs > 0)).sum()))
+    holders = np.zeros(width, np.int64)  # n(x): profiles holding x
+    pairs = PairTable()  # n(x, y), x < y
+    profile_of = np.full(int(imps.users.max(initial=-1)) + 1, -1)  # impression per user
     for r in range(len(periods)):
         rows = imp_order[imp_bounds[r] : imp_bounds[r + 1]]
         cand_offsets, cand = last_clicks(imps.candidate_offsets, rows, len(imps.candidate_items))
@@ -259,13 +247,22 @@ def per_period_signals(
         within = earlier_within(items, np.searchsorted(times, imps.times[rows]), cand_offsets)
         count = shown[items] + within
         table[cand, 1] = log_share(count, np.repeat(earlier[rows], np.diff(cand_offsets)))
-        table[cand, 3] = coclick(imps, rows, cand_offsets, cand, profiles, pairs, history)
+        table[cand, 3] = coclick(imps, rows, cand_offsets, cand, holders, pairs, history)
         counted = imps.counted[cand]
         clicks += np.bincount(items[counted], minlength=width)
         total_clicks += int(counted.sum())
         shown += np.bincount(items, minlength=width)
-        events = event_order[event_bounds[r] : event_bounds[r + 1]]
-        apply_events(keys[events], signs[events], width, profiles, pairs)
+        # each user's latest impression of the period (log order among equal times)
+        latest = rows[np.lexsort((rows, imps.times[rows], imps.users[rows]))]
+        users = imps.users[latest]
+        latest = latest[np.r_[users[1:] != users[:-1], True]]
+        replaced = profile_of[imps.users[latest]]
+        for version, sign in ((replaced[replaced >= 0], -1), (latest, 1)):
+            keys = profile_pairs(imps, version, width, history)
+            x, y = np.divmod(keys, width)
+            holders += sign * np.bincount(x[x == y], minlength=width)
+            pairs.add(keys[x != y], np.full(int((x != y).sum()), sign, np.int64))
+        profile_of[imps.users[latest]] = latest
 
 
 def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -283,29 +280,19 @@ def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray
     return out
 
 
-def apply_events(
-    keys: np.ndarray, signs: np.ndarray, width: int, profiles: np.ndarray, pairs: PairTable
-) -> None:
-    """Add the +1/-1 events of profile pairs: the diagonal to `profiles`, the rest to `pairs`."""
-    x, y = np.divmod(keys, width)
-    diagonal = x == y
-    profiles += np.bincount(x[diagonal], signs[diagonal], minlength=width).astype(np.int64)
-    pairs.add(keys[~diagonal], signs[~diagonal])
-
-
 def coclick(
     imps: Impressions,
     rows: np.ndarray,
     cand_offsets: np.ndarray,
     cand: np.ndarray,
-    profiles: np.ndarray,
+    holders: np.ndarray,
     pairs: PairTable,
     history: int,
 ) -> np.ndarray:
     """Mean cosine of each candidate (flat positions `cand` of impressions `rows`, CSR
     `cand_offsets`) with its impression's last `history` clicks, in chunks of pairs."""
     out = np.zeros(len(cand))
-    width = len(profiles)
+    width = len(holders)
     per_row = np.diff(imps.history_offsets)[rows].clip(max=history)
     per_candidate = np.repeat(per_row, np.diff(cand_offsets))
     ends = np.cumsum(per_candidate)
@@ -319,7 +306,7 @@ def coclick(
         owner = np.repeat(np.arange(hi - lo), sizes)
         c = imps.candidate_items[cand[lo:hi]][owner]
         h = imps.history_items[pos]
-        n_c, n_h = profiles[c], profiles[h]
+        n_c, n_h = holders[c], holders[h]
         look = np.flatnonzero((n_c > 0) & (n_h > 0) & (c != h))  # else n(c, h) = 0 or n(c)
         n_ch = np.where(c == h, n_c, 0)
         n_ch[look] = pairs.get(np.minimum(c[look], h[look]) * width + np.maximum(c[look], h[look]))
