@@ -163,7 +163,10 @@ def profile_pairs(imps: Impressions, rows: np.ndarray, width: int, history: int)
     of each impression of `rows`, all together (x == y: the profile holds x)."""
     offsets, pos = last_clicks(imps.history_offsets, rows, history)
     owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
-    keys = np.unique(owner * width + imps.history_items[pos])  # a set per profile, sorted
+    keys = np.sort(owner * width + imps.history_items[pos])
+    first_of = np.ones(len(keys), dtype=bool)
+    first_of[1:] = keys[1:] != keys[:-1]
+    keys = keys[first_of]  # a set per profile, sorted
     owner, item = np.divmod(keys, width)
     ends = csr_offsets(np.bincount(owner, minlength=len(rows)))[owner + 1]
     # x at position i pairs with positions i .. the end of its profile
@@ -181,8 +184,9 @@ class PairTable:
         self._empty(capacity)
 
     def _empty(self, capacity: int) -> None:
-        """An empty table with room for `capacity` keys, at most half full."""
-        self.bits = max(10, (2 * capacity).bit_length())
+        """An empty table with room for `capacity` keys, at most a quarter full (a key absent
+        from a quarter-full table is found absent after 1.4 slots on average)."""
+        self.bits = max(10, (4 * capacity).bit_length())
         self.keys = np.full(1 << self.bits, -1, dtype=np.int64)
         self.counts = np.zeros(1 << self.bits, dtype=np.int64)
 
@@ -206,7 +210,7 @@ class PairTable:
     def add(self, keys: np.ndarray, deltas: np.ndarray) -> None:
         """counts[key] += delta (a key may come several times)."""
         held = self.keys != -1
-        if 2 * (int(held.sum()) + len(keys)) > len(self.keys):  # rebuild, dropping zeros
+        if 4 * (int(held.sum()) + len(keys)) > len(self.keys):  # rebuild, dropping zeros
             live = held & (self.counts != 0)
             old_keys, old_counts = self.keys[live], self.counts[live]
             self._empty(len(old_keys) + len(keys))
@@ -257,11 +261,12 @@ def per_period_signals(
         users = imps.users[latest]
         latest = latest[np.r_[users[1:] != users[:-1], True]]
         replaced = profile_of[imps.users[latest]]
-        for version, sign in ((replaced[replaced >= 0], -1), (latest, 1)):
-            keys = profile_pairs(imps, version, width, history)
-            x, y = np.divmod(keys, width)
-            holders += sign * np.bincount(x[x == y], minlength=width)
-            pairs.add(keys[x != y], np.full(int((x != y).sum()), sign, np.int64))
+        gone = profile_pairs(imps, replaced[replaced >= 0], width, history)
+        keys = np.r_[gone, profile_pairs(imps, latest, width, history)]
+        signs = np.r_[np.full(len(gone), -1), np.ones(len(keys) - len(gone), np.int64)]
+        x, y = np.divmod(keys, width)
+        holders += np.bincount(x[x == y], signs[x == y], minlength=width).astype(np.int64)
+        pairs.add(keys[x != y], signs[x != y])
         profile_of[imps.users[latest]] = latest
 
 
@@ -307,11 +312,14 @@ def coclick(
         c = imps.candidate_items[cand[lo:hi]][owner]
         h = imps.history_items[pos]
         n_c, n_h = holders[c], holders[h]
-        look = np.flatnonzero((n_c > 0) & (n_h > 0) & (c != h))  # else n(c, h) = 0 or n(c)
-        n_ch = np.where(c == h, n_c, 0)
-        n_ch[look] = pairs.get(np.minimum(c[look], h[look]) * width + np.maximum(c[look], h[look]))
-        cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0)
-        out[lo:hi] = np.bincount(owner, cos, minlength=hi - lo) / np.maximum(sizes, 1)
+        same = c == h  # cos(c, c) = 1 for an item in a profile
+        look = np.flatnonzero((n_c > 0) & (n_h > 0) & ~same)  # else n(c, h) = 0
+        n_ch = pairs.get(np.minimum(c[look], h[look]) * width + np.maximum(c[look], h[look]))
+        hit = look[n_ch > 0]
+        cos = n_ch[n_ch > 0] / np.sqrt((n_c[hit] * n_h[hit]).astype(np.float64))
+        total = np.bincount(owner[hit], cos, minlength=hi - lo)
+        total += np.bincount(owner[same & (n_c > 0)], minlength=hi - lo)
+        out[lo:hi] = total / np.maximum(sizes, 1)
         lo = hi
     return out
 
