@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from mmnewsrec.csr import csr_offsets
-from mmnewsrec.data.signals import COCLICK_HISTORY, SIGNALS_VERSION, SignalState, build_signals
+from mmnewsrec.data.signals import (
+    COCLICK_HISTORY,
+    SIGNALS_VERSION,
+    PairTable,
+    SignalState,
+    build_signals,
+)
 from mmnewsrec.data.store import build_store
 from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.formats.store import SIGNAL_NAMES, Behaviors, Store, StoreError
@@ -238,3 +244,17 @@ def test_replay_through_the_state_gives_the_batch_values_movielens(tmp_path):
     if not MOVIELENS.is_dir():
         pytest.skip(f"{MOVIELENS} not found")
     assert_replay_matches(build_store(MOVIELENS, tmp_path / "store"))
+
+
+def test_pair_table_counts_like_a_dict_through_collisions_and_growth():
+    rng = np.random.default_rng(0)
+    table, expected = PairTable(), {}
+    for _ in range(5):  # 3,000 distinct keys grow the 1,024 slots; repeated keys add up
+        keys = rng.integers(0, 3_000, 2_000) * 7_919  # spread: many share a slot
+        deltas = rng.choice([-1, 1, 2], len(keys))
+        table.add(keys, deltas)
+        for key, delta in zip(keys.tolist(), deltas.tolist(), strict=True):
+            expected[key] = expected.get(key, 0) + delta
+    queries = np.r_[np.array(list(expected), dtype=np.int64), np.arange(1, 500) * 7_919 + 1]
+    want = [expected.get(key, 0) for key in queries.tolist()]
+    np.testing.assert_array_equal(table.get(queries), want)
