@@ -121,9 +121,9 @@ class Impressions:
     times: np.ndarray  # (I,) int64
     users: np.ndarray  # (I,) int64
     history_offsets: np.ndarray  # (I+1,)
-    history_items: np.ndarray  # (H,) int64
+    history_items: np.ndarray  # (H,) int32
     candidate_offsets: np.ndarray  # (I+1,)
-    candidate_items: np.ndarray  # (C,) int64
+    candidate_items: np.ndarray  # (C,) int32
     counted: np.ndarray  # (C,) bool: a click that counts (a label 1 of the train split)
 
     @classmethod
@@ -131,9 +131,9 @@ class Impressions:
         """`counted`: per log, whether its clicks count."""
         empty = np.zeros(0, dtype=np.int64)
 
-        def flat(name: str) -> np.ndarray:
-            parts = [np.asarray(getattr(b, name)) for b in logs]
-            return np.concatenate([empty, *parts]).astype(np.int64)
+        def flat(name: str, dtype: type[np.integer] = np.int64) -> np.ndarray:
+            parts: list[np.ndarray] = [np.asarray(getattr(b, name), dtype=dtype) for b in logs]
+            return np.concatenate([np.zeros(0, dtype=dtype), *parts])
 
         def offsets(kind: str) -> np.ndarray:
             sizes = [np.diff(getattr(b, f"{kind}_offsets")) for b in logs]
@@ -146,9 +146,9 @@ class Impressions:
             flat("times"),
             flat("user_index"),
             offsets("history"),
-            flat("history_items"),
+            flat("history_items", np.int32),
             offsets("candidate"),
-            flat("candidate_items"),
+            flat("candidate_items", np.int32),
             np.concatenate([np.zeros(0, dtype=bool), *clicks]),
         )
 
@@ -274,7 +274,7 @@ def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray
     """For candidates of impressions with `time_rank` (CSR `offsets`): how many candidates of
     those impressions with a strictly smaller time rank have the same item."""
     rank = np.repeat(time_rank, np.diff(offsets))
-    key = items * (int(time_rank.max(initial=0)) + 1) + rank
+    key = items.astype(np.int64) * (int(time_rank.max(initial=0)) + 1) + rank
     order = np.argsort(key, kind="stable")
     key, item = key[order], items[order]
     position = np.arange(len(key))
@@ -314,7 +314,8 @@ def coclick(
         n_c, n_h = holders[c], holders[h]
         same = c == h  # cos(c, c) = 1 for an item in a profile
         look = np.flatnonzero((n_c > 0) & (n_h > 0) & ~same)  # else n(c, h) = 0
-        n_ch = pairs.get(np.minimum(c[look], h[look]) * width + np.maximum(c[look], h[look]))
+        low = np.minimum(c[look], h[look]).astype(np.int64)
+        n_ch = pairs.get(low * width + np.maximum(c[look], h[look]))
         hit = look[n_ch > 0]
         cos = n_ch[n_ch > 0] / np.sqrt((n_c[hit] * n_h[hit]).astype(np.float64))
         total = np.bincount(owner[hit], cos, minlength=hi - lo)
