@@ -25,6 +25,7 @@ from mmnewsrec.evaluate.experiment import (
 from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_truth
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
 from mmnewsrec.formats.store import Store
+from mmnewsrec.metrics import impression_metrics
 from mmnewsrec.rank.ranker import load_ranker
 from mmnewsrec.rank.train import run_training
 
@@ -45,6 +46,29 @@ def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
     clicks = np.add.reduceat(labels, offsets[:-1])
     scored = int(((clicks > 0) & (clicks < np.diff(offsets))).sum())
     assert (metrics["impressions"], metrics["skipped"]) == (scored, dev.num_impressions - scored)
+
+
+def test_evaluate_run_keeps_per_impression_metrics_and_describes_the_top_10(tiny_run):
+    metrics = evaluate_run(tiny_run)
+    ranker = load_ranker(tiny_run)
+    dev = Store.load(ranker.config.data.store_dir).behaviors("dev")
+    scores = ranker.score(dev)
+    labels, offsets = np.asarray(dev.candidate_labels), np.asarray(dev.candidate_offsets)
+    expected = impression_metrics(scores, labels, offsets)
+    table = pl.read_parquet(tiny_run / "impressions.parquet")
+    assert table["impression_id"].to_list() == np.asarray(dev.impression_ids).tolist()
+    for name in ("auc", "mrr", "ndcg5", "ndcg10"):
+        np.testing.assert_allclose(table[name].to_numpy(), getattr(expected, name), atol=1e-12)
+    history = np.diff(np.asarray(dev.history_offsets))
+    assert table["history_len"].to_list() == history.tolist()
+    beyond = metrics["beyond_accuracy"]
+    assert beyond["k"] == 10 and 0 < beyond["coverage"] <= 1 and 0 <= beyond["personalisation"] <= 1
+    assert beyond["diversity"] == pytest.approx(np.nanmean(table["diversity"].to_numpy()))
+    assert beyond["novelty"] > 0 and 0 <= beyond["image_share"] <= 1
+    buckets = metrics["by_history"]
+    assert list(buckets) == ["0", "1-5", "6-20", ">20"]
+    assert sum(b["impressions"] for b in buckets.values()) == metrics["impressions"]
+    assert list(metrics["by_candidate_age"]) == ["<6 h", "6-24 h", ">24 h"]
 
 
 def test_prediction_file_scores_like_the_run(tiny_run, tmp_path):
@@ -131,6 +155,34 @@ def test_report_summarises_seeds_and_writes_plots(tmp_path):
         assert (tmp_path / "report" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_marks_rows_tied_with_the_best_and_shows_beyond_accuracy(tmp_path):
+    scores = {"auc": 0.6, "mrr": 0.3, "ndcg5": 0.3, "ndcg10": 0.4}
+    beyond = {"k": 10, "diversity": 0.5, "category_entropy": 1.0, "novelty": 3.0}
+    beyond |= {"image_share": 0.25, "coverage": 0.5, "personalisation": 0.9}
+    history = {"0": {**scores, "impressions": 3}, ">20": {**scores, "impressions": 7}}
+    described = {"beyond_accuracy": beyond | {"clicked_image_share": 0.5}, "by_history": history}
+    results = [
+        RunResult("text", "a", 0, scores | described),
+        RunResult("text", "b", 0, scores | {"auc": 0.59} | described),
+        RunResult("-", "c", 0, scores | {"auc": 0.5} | described),
+    ]
+    entry = {"diff": -0.01, "low": -0.03, "high": 0.01, "p": 0.2, "p_holm": 0.4}
+    entry |= {"significant": False, "noise": "-"}
+    inputs = ReportInputs("t", "data", ["x"])
+    inputs.significance = {
+        ("text", "b"): {"auc_vs_best": entry, "tied_with_best": True},
+        ("-", "c"): {"auc_vs_best": entry | {"diff": -0.1, "significant": True}},
+    }
+    report = write_report(tmp_path, results, inputs).read_text()
+    assert "| text | b ≈ |" in report and "| - | c |" in report and "| text | a |" in report
+    assert "| -0.0100 [-0.0300, +0.0100] | 0.4 (n.s.) |" in report
+    assert "| -0.1000 [-0.0300, +0.0100] | 0.4 |" in report
+    assert "## Beyond accuracy (top-10 of each dev ranking)" in report
+    assert "| text | a | 0.500 | 1.000 | 50.0% | 3.00 | 0.900 | 25.0% |" in report
+    assert "among the dev clicks: 50.0%" in report
+    assert "| encoder | ranker | 0 (3) | >20 (7) |" in report
+
+
 def test_experiment_file_errors_name_the_problem(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text('out_dir = "o"\n[encoders.a]\n[rankers.r]\nmodel = "random"\n')
@@ -144,6 +196,19 @@ def test_experiment_file_errors_name_the_problem(tmp_path):
     path.write_text('data_dir = "d"\nout_dir = "o"\n[encoders.a]\nimage_crop = [1, 2, 3]\n')
     with pytest.raises(ExperimentError, match="image_crop"):
         load_experiment(path)
+    grid = 'data_dir = "d"\nout_dir = "o"\n[encoders.a]\n[encoders.b]\n'
+    grid += '[rankers.r]\nmodel = "mean_cosine"\n[rankers.p]\nmodel = "popularity"\n'
+    grid += "per_encoder = false\n"
+    for baseline, problem in (
+        ("nope", "names no ranker"),
+        ("r", "name its encoder"),
+        ("p/a", "runs once"),
+    ):
+        path.write_text(f'baseline = "{baseline}"\n{grid}')
+        with pytest.raises(ExperimentError, match=problem):
+            load_experiment(path)
+    path.write_text(f'baseline = "r/b"\n{grid}')
+    assert load_experiment(path).baseline == "r/b"
 
 
 def test_experiment_file_image_map_and_crop(tmp_path):
@@ -199,6 +264,9 @@ def test_a_grid_in_two_jobs_gives_the_results_of_one_and_times_its_phases(tiny_r
         run = phases["train additive_attention text seed0"]
         assert run["wall_s"] > 0 and run["cpu_s"] > 0
         assert "training job(s) at a time" in (out / "report.md").read_text()
+        assert "## Significance (dev AUC)" in (out / "report.md").read_text()
+        worst = results[jobs][-1]
+        assert worst["auc_vs_best"]["low"] <= worst["auc_vs_best"]["diff"] <= 0
     for one, two in zip(results[1], results[2], strict=True):
         assert (one["encoder"], one["ranker"]) == (two["encoder"], two["ranker"])
         # other thread counts sum in another order: equal up to rounding

@@ -320,20 +320,42 @@ def train(
 @app.command()
 def score(
     truth_path: Annotated[Path, typer.Argument(help="Truth file: `impression_id [0,1,...]`.")],
-    prediction_path: Annotated[
-        Path, typer.Argument(help="Prediction file or zip: `impression_id [r1,r2,...]`.")
+    prediction_paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Prediction files or zips: `impression_id [r1,r2,...]`. Several: compared "
+            "pairwise (paired bootstrap interval, paired t-test, Holm's correction)."
+        ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    baseline: Annotated[
+        int | None,
+        typer.Option(help="Several predictions: the one (0 = first) every file is compared with."),
+    ] = None,
+    per_impression: Annotated[
+        Path | None, typer.Option(help="Write the per-impression metrics to this parquet file.")
+    ] = None,
 ) -> None:
-    """Score a prediction file against a truth file, as the MIND leaderboard does."""
+    """Score prediction files against a truth file, as the MIND leaderboard does."""
     import json
 
-    from mmnewsrec.evaluate.leaderboard import ScoreFileError, score_files
+    from mmnewsrec.evaluate.leaderboard import ScoreFileError, compare_files
+    from mmnewsrec.files import write_columns
 
+    if baseline is not None and not 0 <= baseline < len(prediction_paths):
+        fail(f"--baseline must index one of the {len(prediction_paths)} prediction files")
     try:
-        metrics = score_files(truth_path, prediction_path)
+        rows, columns = compare_files(truth_path, prediction_paths, baseline)
     except ScoreFileError as err:
         fail(str(err))
+    if per_impression is not None:
+        write_columns(per_impression, columns)
+    if len(rows) > 1:
+        from mmnewsrec.evaluate.report import significance_table
+
+        typer.echo(json.dumps(rows) if as_json else significance_table(rows, ("prediction",)))
+        return
+    metrics = {key: value for key, value in rows[0].items() if key != "prediction"}
     if as_json:
         typer.echo(json.dumps(metrics))
         return

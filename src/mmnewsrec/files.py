@@ -50,6 +50,14 @@ def write_json(path: Path | str, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+def write_columns(path: Path | str, columns: dict[str, Any]) -> None:
+    """Write equally long named columns (numpy arrays) as a parquet file, atomically."""
+    import polars as pl
+
+    with atomic_file(path) as tmp:
+        pl.DataFrame(columns).write_parquet(tmp)
+
+
 @contextlib.contextmanager
 def atomic_dir(
     out: Path,
