@@ -37,18 +37,28 @@ WRITE_ROWS = 200_000  # impressions generated and written at once
 # it shared between fork and exec, and the parent holds the generated data.
 CHILD = """
 import sys, time
+import mmnewsrec.data.store as store_module
 from mmnewsrec.data.mind import MindFormatError
 from mmnewsrec.data.store import build_store
-start = time.perf_counter()
+signals = [0.0, 0.0]  # wall and CPU seconds in build_signals
+compute = store_module.build_signals
+def timed(*args, **kwargs):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = compute(*args, **kwargs)
+    signals[0] += time.perf_counter() - wall
+    signals[1] += time.process_time() - cpu
+    return out
+store_module.build_signals = timed
+start, start_cpu = time.perf_counter(), time.process_time()
 try:
     store = build_store(sys.argv[1], sys.argv[2])
     print(store.summary(), file=sys.stderr)
 except MindFormatError as err:
     print(f"error: {err}", file=sys.stderr)
-seconds = time.perf_counter() - start
+seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
 status = open("/proc/self/status").read()
 hwm_kib = int(status.split("VmHWM:")[1].split()[0])
-print(seconds, hwm_kib)
+print(seconds, hwm_kib, cpu, *signals)
 """
 
 # The same arrays as the store's behaviors, parsed line by line in plain Python.
@@ -242,11 +252,15 @@ def main() -> None:
         )
         print(f"before prepare: {load()}")
         wall, cpu, done = run_child(CHILD, str(data), str(root / "store"))
-        seconds, hwm_kib = done.stdout.split()
+        seconds, hwm_kib, store_cpu, signals_wall, signals_cpu = map(float, done.stdout.split())
         print(done.stderr.strip())
         print(
-            f"build_store: {float(seconds):.2f} s; whole process incl. imports {wall:.2f} s "
-            f"wall, {cpu:.2f} s CPU"
+            f"build_store: {seconds:.2f} s wall, {store_cpu:.2f} s CPU; whole process incl. "
+            f"imports {wall:.2f} s wall, {cpu:.2f} s CPU"
+        )
+        print(
+            f"behaviour signals: {signals_wall:.2f} s wall ({signals_wall / seconds:.0%} of "
+            f"build_store), {signals_cpu:.2f} s CPU ({signals_cpu / store_cpu:.0%})"
         )
         print(f"peak RSS: {int(hwm_kib) / 2**10:.0f} MiB (whole process, incl. imports)")
         if (root / "store").is_dir():

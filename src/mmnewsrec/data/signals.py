@@ -1,169 +1,98 @@
 """Behaviour signals of every (impression, candidate), computed at impression time.
 
-One float32 row per candidate, columns `formats.store.SIGNAL_NAMES`, written by `prepare` to
-STORE/signals/<split>.npy (read memory-mapped by `Store.signals`). Each value uses only what was
-known when the impression was shown, and never a label of the split it describes:
+One float32 row per candidate, columns `formats.store.SIGNAL_NAMES`. One definition, two faces:
+`build_signals`, the vectorised pass `prepare` runs over whole logs into
+STORE/signals/<split>.npy (read memory-mapped by `Store.signals`), and `SignalState`, which
+takes one impression at a time and answers the same values for any candidates (the server's
+face). Replaying the logs through `SignalState` in time order (train with its clicks, dev and
+test without theirs) gives the batch values.
 
-- popularity: log((c + 1) / (T + 1)), c = clicks on the candidate in the train split and T = all
-  train clicks, both counting only clicks strictly before the start (00:00 UTC) of the
-  impression's day, in every split alike. A dev or test impression of a later day so sees every
-  train click, and a train impression sees what dev sees: a lag to the day before, never its own
-  click nor another click of the same day.
+The rule: a value at an impression depends only on what happened before it. Clicks (a
+candidate clicked, or an item in a history) count only from impressions before the
+impression's cutoff, the start of its period of `lag` seconds (default one day: 00:00 UTC of
+the impression's day), in every split alike; label-free counts (impressions shown, first
+appearances) count everything strictly earlier. Labels of dev and test never count.
+
+- popularity: log((c + 1) / (T + 1)), c = clicks on the candidate before the cutoff and T = all
+  clicks before the cutoff (the batch face counts the train split's clicks).
 - exposures: log((e + 1) / (E + 1)), e = earlier impressions (strictly earlier time) of all logs
-  together (train, dev, test in time order) that showed the candidate, E = those earlier
-  impressions. No labels needed, so dev continues the count where train ends instead of
-  starting from zero.
-- freshness: log1p(hours since the item first appeared in any log of any split), as a candidate
-  or a history click (dated by its impression). The impression itself is such an appearance, so
-  the value is >= 0 and later logs never change it.
+  that showed the candidate, E = those earlier impressions.
+- freshness: log1p(hours since the item first appeared in any log, as a candidate or a history
+  click dated by its impression). The impression itself is such an appearance, so the value is
+  >= 0 and later logs never change it.
 - coclick: item-kNN affinity of the candidate with the history: the mean over the history's last
-  `COCLICK_HISTORY` clicks h of cos(c, h) = n(c, h) / sqrt(n(c) n(h)), where n counts train users
-  whose profile (the history of their latest train impression, last `COCLICK_HISTORY` clicks)
-  holds the items. The user of the impression is left out of every count (their own profile may
-  hold this impression's clicks), in every split alike. 0 for an item no other user clicked.
+  `history` clicks h of cos(c, h) = n(c, h) / sqrt(n(c) n(h)), where n counts the users whose
+  profile holds the items. A user's profile is the set of the last `history` clicks of the
+  history of their latest impression (any log) before the cutoff. 0 for an item in no profile.
 - history_len: log1p(clicks in the impression's history), the same for all its candidates.
 
-Everything is vectorised: counts before a time by searchsorted on sorted (item, time rank) keys,
-co-occurrence as a sparse item x item matrix looked up by sorted keys, in chunks of candidates.
+The batch face walks the periods in order over all logs at once: the impressions of a period
+read dense per-item counts (clicks, exposures, profile holders) and a vectorised hash table of
+profile pair counts, then add their own clicks, exposures and profiles. Exposures within a period
+come from one sort of its candidates by (item, time); co-click pairs are looked up in chunks.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from mmnewsrec.csr import csr_offsets, segment_ids
-from mmnewsrec.formats.store import DAY, SIGNAL_NAMES, Behaviors, first_appearance
+from mmnewsrec.formats.store import DAY, NEVER, SIGNAL_NAMES, Behaviors, first_appearance
 
 logger = logging.getLogger(__name__)
 
-COCLICK_HISTORY = 50  # clicks of a history (and of a user profile) that co-clicks look at
+COCLICK_HISTORY = 10  # clicks of a history (and of a user profile) that co-clicks look at
+LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
-SIGNALS_VERSION = 2  # 2: exposures over all logs, popularity up to the impression's day
+SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
 
 
 def build_signals(
-    splits: Mapping[str, Behaviors], num_news: int, folder: Path, train_split: str = "train"
+    splits: Mapping[str, Behaviors],
+    num_news: int,
+    folder: Path,
+    train_split: str = "train",
+    lag: int = LAG,
+    history: int = COCLICK_HISTORY,
 ) -> dict[str, object]:
     """Compute every split's signals into folder/<split>.npy; returns the manifest entry."""
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     train = splits.get(train_split)
     train = train if train is not None and train.labelled else None
-    first_seen = first_appearance(splits.values(), num_news)
-    shown = Exposures.fit(splits.values())
-    coclick = CoClicks.fit(train, num_news)
-    for name, behaviors in splits.items():
-        table = np.stack(
-            [
-                popularity(behaviors, train),
-                shown.share(behaviors),
-                freshness(behaviors, first_seen),
-                coclick.affinity(behaviors),
-                history_length(behaviors),
-            ],
-            axis=1,
-        ).astype(np.float32)
-        np.save(folder / f"{name}.npy", table)
-        logger.info("signals of %s: %d candidates x %d", name, *table.shape)
+    logs = list(splits.values())
+    imps = Impressions.concat(logs, [b is train for b in logs])
+    table = np.empty((len(imps.candidate_items), len(SIGNAL_NAMES)), dtype=np.float32)
+    per_period_signals(imps, num_news, lag, history, table)
+    first = first_appearance(logs, num_news)[imps.candidate_items]
+    times = imps.times[imps.candidate_impression]
+    table[:, 2] = np.log1p(np.maximum(times - first, 0) / 3600.0)
+    sizes = np.diff(imps.history_offsets)
+    table[:, 4] = np.log1p(sizes[imps.candidate_impression])
+    bounds = csr_offsets(np.array([len(b.candidate_items) for b in logs]))
+    for i, name in enumerate(splits):
+        np.save(folder / f"{name}.npy", table[bounds[i] : bounds[i + 1]])
+        logger.info("signals of %s: %d candidates", name, bounds[i + 1] - bounds[i])
     logger.info("signals computed in %.1f s", time.perf_counter() - started)
     return {
         "names": list(SIGNAL_NAMES),
         "train_split": train_split if train else None,
         "version": SIGNALS_VERSION,
+        "lag": lag,
+        "history": history,
     }
 
 
-def time_ranks(times: np.ndarray) -> tuple[np.ndarray, int]:
-    """Dense rank of each time (0 = earliest) and the number of distinct times."""
-    unique, rank = np.unique(np.asarray(times), return_inverse=True)
-    return rank.astype(np.int64), len(unique)
-
-
-def counts_before(
-    event_item: np.ndarray,
-    event_rank: np.ndarray,
-    query_item: np.ndarray,
-    query_rank: np.ndarray,
-    ranks: int,
-) -> np.ndarray:
-    """For each query (item, time rank): events of that item with a strictly smaller rank."""
-    width = ranks + 1
-    keys = np.sort(event_item.astype(np.int64) * width + event_rank)
-    item = query_item.astype(np.int64) * width
-    return np.searchsorted(keys, item + query_rank) - np.searchsorted(keys, item)
-
-
-def log_share(count: np.ndarray, total: np.ndarray) -> np.ndarray:
+def log_share(count: np.ndarray, total: np.ndarray | int) -> np.ndarray:
     """log((count + 1) / (total + 1))."""
     return np.log1p(count) - np.log1p(total)
-
-
-def popularity(behaviors: Behaviors, train: Behaviors | None) -> np.ndarray:
-    """Train clicks on each candidate before the impression's day began, as a log share."""
-    items = np.asarray(behaviors.candidate_items)
-    if train is None:
-        return log_share(np.zeros(len(items)), np.zeros(len(items)))
-    clicked = np.asarray(train.candidate_labels) == 1
-    click_time = train.item_times()[clicked]
-    query_time = behaviors.item_times() // DAY * DAY  # 00:00 UTC of the impression's day
-    rank, ranks = time_ranks(np.concatenate([click_time, query_time]))
-    click_rank, query_rank = rank[: len(click_time)], rank[len(click_time) :]
-    click_item = np.asarray(train.candidate_items)[clicked]
-    count = counts_before(click_item, click_rank, items, query_rank, ranks)
-    total = np.searchsorted(np.sort(click_rank), query_rank)
-    return log_share(count, total)
-
-
-@dataclass
-class Exposures:
-    """Impressions of all logs together, to count those before a time that showed an item."""
-
-    times: np.ndarray  # (T,) sorted distinct impression times of all logs
-    shown_keys: np.ndarray  # sorted item * (T + 1) + time rank of every candidate shown
-    impression_ranks: np.ndarray  # sorted time rank of every impression
-
-    @classmethod
-    def fit(cls, logs: Iterable[Behaviors]) -> Exposures:
-        """Every candidate of every log (labels are not read)."""
-        parts = [b for b in logs if b.num_impressions]
-        if not parts:
-            empty = np.zeros(0, dtype=np.int64)
-            return cls(empty, empty, empty)
-        times = np.unique(np.concatenate([np.asarray(b.times) for b in parts]))
-        item = np.concatenate([np.asarray(b.candidate_items) for b in parts]).astype(np.int64)
-        rank = np.searchsorted(times, np.concatenate([b.item_times() for b in parts]))
-        impression_rank = np.searchsorted(times, np.concatenate([b.times for b in parts]))
-        keys = item * (len(times) + 1) + rank
-        return cls(times, np.sort(keys), np.sort(impression_rank))
-
-    def share(self, behaviors: Behaviors) -> np.ndarray:
-        """Earlier impressions of any log that showed each candidate, as a log share."""
-        rank = np.searchsorted(self.times, behaviors.item_times())
-        item = np.asarray(behaviors.candidate_items).astype(np.int64) * (len(self.times) + 1)
-        keys = self.shown_keys
-        count = np.searchsorted(keys, item + rank) - np.searchsorted(keys, item)
-        total = np.searchsorted(self.impression_ranks, rank)
-        return log_share(count, total)
-
-
-def freshness(behaviors: Behaviors, first_seen: np.ndarray) -> np.ndarray:
-    """log1p(hours from the candidate's first appearance to the impression)."""
-    times = behaviors.item_times()
-    first = first_seen[np.asarray(behaviors.candidate_items)]
-    return np.log1p(np.maximum(times - first, 0) / 3600.0)
-
-
-def history_length(behaviors: Behaviors) -> np.ndarray:
-    """log1p(history length) of each candidate's impression."""
-    sizes = np.diff(behaviors.history_offsets)
-    return np.log1p(sizes[segment_ids(behaviors.candidate_offsets)]).astype(np.float64)
 
 
 def last_clicks(
@@ -178,94 +107,359 @@ def last_clicks(
     return out, pos
 
 
-def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(whether each key is in `sorted_keys`, its position there; clipped where it is not)."""
-    if not len(sorted_keys):
-        return np.zeros(len(keys), dtype=bool), np.zeros(0, dtype=np.int64)
-    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return sorted_keys[at] == keys, at
+def group_by_rank(rank: np.ndarray, ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions sorted by rank, stable; (ranks + 1,) bounds of each rank's positions)."""
+    small = rank.astype(np.uint16) if ranks < 2**16 else rank  # radix sort
+    order = np.argsort(small, kind="stable")
+    return order, np.searchsorted(rank[order], np.arange(ranks + 1))
 
 
 @dataclass
-class CoClicks:
-    """Item co-occurrence over train user profiles, with lookups that leave a user out."""
+class Impressions:
+    """The impressions of several logs as one, in log order."""
 
-    profile_keys: np.ndarray  # sorted user * width + item of every profile click
-    pair_keys: np.ndarray  # sorted c * width + h with n(c, h) > 0
-    pair_counts: np.ndarray  # n(c, h)
-    item_counts: np.ndarray  # (width,) n(c): profiles holding c
-    width: int  # N + 1
+    times: np.ndarray  # (I,) int64
+    users: np.ndarray  # (I,) int64
+    history_offsets: np.ndarray  # (I+1,)
+    history_items: np.ndarray  # (H,) int32
+    candidate_offsets: np.ndarray  # (I+1,)
+    candidate_items: np.ndarray  # (C,) int32
+    counted: np.ndarray  # (C,) bool: a click that counts (a label 1 of the train split)
 
     @classmethod
-    def fit(cls, train: Behaviors | None, num_news: int) -> CoClicks:
-        """Profiles: each train user's latest history (last COCLICK_HISTORY clicks)."""
-        width = num_news + 1
+    def concat(cls, logs: Sequence[Behaviors], counted: Sequence[bool]) -> Impressions:
+        """`counted`: per log, whether its clicks count."""
         empty = np.zeros(0, dtype=np.int64)
-        if train is None or train.num_impressions == 0:
-            return cls(empty, empty, empty, np.zeros(width, dtype=np.int64), width)
-        users = np.asarray(train.user_index).astype(np.int64)
-        order = np.lexsort((np.asarray(train.times), users))
-        is_last = np.r_[users[order][1:] != users[order][:-1], True]
-        latest = order[is_last]  # (U',) each user's latest impression
-        offsets, pos = last_clicks(np.asarray(train.history_offsets), latest, COCLICK_HISTORY)
-        user = np.repeat(users[latest], np.diff(offsets))
-        item = np.asarray(train.history_items)[pos].astype(np.int64)
-        profile_keys = np.unique(user * width + item)
-        if not len(profile_keys):
-            return cls(empty, empty, empty, np.zeros(width, dtype=np.int64), width)
-        user, item = np.divmod(profile_keys, width)
-        rows = np.searchsorted(np.unique(user), user)
-        x = sp.csr_matrix(
-            (np.ones(len(item), np.int64), (rows, item)), shape=(rows.max() + 1, width)
+
+        def flat(name: str, dtype: type[np.integer] = np.int64) -> np.ndarray:
+            parts: list[np.ndarray] = [np.asarray(getattr(b, name), dtype=dtype) for b in logs]
+            return np.concatenate([np.zeros(0, dtype=dtype), *parts])
+
+        def offsets(kind: str) -> np.ndarray:
+            sizes = [np.diff(getattr(b, f"{kind}_offsets")) for b in logs]
+            return csr_offsets(np.concatenate([empty, *sizes]))
+
+        clicks = [
+            (np.asarray(b.candidate_labels) == 1) & c for b, c in zip(logs, counted, strict=True)
+        ]
+        return cls(
+            flat("times"),
+            flat("user_index"),
+            offsets("history"),
+            flat("history_items", np.int32),
+            offsets("candidate"),
+            flat("candidate_items", np.int32),
+            np.concatenate([np.zeros(0, dtype=bool), *clicks]),
         )
-        co = (x.T @ x).tocoo()
-        keys = co.row.astype(np.int64) * width + co.col
-        order = np.argsort(keys)
-        item_counts = np.bincount(item, minlength=width)
-        return cls(profile_keys, keys[order], co.data[order].astype(np.int64), item_counts, width)
 
-    def in_profile(self, user: np.ndarray, item: np.ndarray) -> np.ndarray:
-        """Whether each (user, item) is in the user's profile."""
-        found, _ = find_sorted(self.profile_keys, user.astype(np.int64) * self.width + item)
-        return found
+    @cached_property
+    def candidate_impression(self) -> np.ndarray:
+        """(C,) the impression of each candidate."""
+        return segment_ids(self.candidate_offsets)
 
-    def pair_count(self, c: np.ndarray, h: np.ndarray) -> np.ndarray:
-        """n(c, h) for each pair."""
-        found, at = find_sorted(self.pair_keys, c.astype(np.int64) * self.width + h)
-        return np.where(found, self.pair_counts[at], 0) if len(at) else np.zeros(len(c), np.int64)
 
-    def cosine(self, user: np.ndarray, c: np.ndarray, h: np.ndarray) -> np.ndarray:
-        """cos(c, h) over the profiles of all train users but `user`."""
-        own_c, own_h = self.in_profile(user, c), self.in_profile(user, h)
-        n_ch = self.pair_count(c, h) - (own_c & own_h)
-        n_c = self.item_counts[c] - own_c
-        n_h = self.item_counts[h] - own_h
-        denominator = np.sqrt(np.maximum(n_c, 1) * np.maximum(n_h, 1).astype(np.float64))
-        return np.where((n_c > 0) & (n_h > 0), n_ch / denominator, 0.0)
+def profile_pairs(imps: Impressions, rows: np.ndarray, width: int, history: int) -> np.ndarray:
+    """Pair keys x * width + y, x <= y, of the profile (the set of the last `history` clicks)
+    of each impression of `rows`, all together (x == y: the profile holds x)."""
+    offsets, pos = last_clicks(imps.history_offsets, rows, history)
+    owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
+    keys = np.sort(owner * width + imps.history_items[pos])
+    first_of = np.ones(len(keys), dtype=bool)
+    first_of[1:] = keys[1:] != keys[:-1]
+    keys = keys[first_of]  # a set per profile, sorted
+    owner, item = np.divmod(keys, width)
+    ends = csr_offsets(np.bincount(owner, minlength=len(rows)))[owner + 1]
+    # x at position i pairs with positions i .. the end of its profile
+    after = ends - np.arange(len(item))
+    first = np.repeat(np.arange(len(item)), after)
+    second = first + np.arange(len(first)) - np.repeat(csr_offsets(after)[:-1], after)
+    return item[first] * width + item[second]
 
-    def affinity(self, behaviors: Behaviors) -> np.ndarray:
-        """Mean cosine of each candidate with its impression's last COCLICK_HISTORY clicks."""
-        cand_offsets = np.asarray(behaviors.candidate_offsets)
-        out = np.zeros(int(cand_offsets[-1]), dtype=np.float64)
-        imp_of = segment_ids(cand_offsets)
-        hist = np.diff(behaviors.history_offsets).clip(max=COCLICK_HISTORY)
-        per_candidate = hist[imp_of]
-        ends = np.cumsum(per_candidate)
-        lo = 0
-        while lo < len(out):
-            hi = int(np.searchsorted(ends, ends[lo] - per_candidate[lo] + PAIR_CHUNK, "right"))
-            hi = max(hi, lo + 1)
-            out[lo:hi] = self._chunk(behaviors, imp_of[lo:hi], np.arange(lo, hi))
-            lo = hi
+
+class PairTable:
+    """Counts of int64 keys >= 0 in an open-addressing hash table (linear probing), read and
+    updated a whole array of keys at a time."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        self._empty(capacity)
+
+    def _empty(self, capacity: int) -> None:
+        """An empty table with room for `capacity` keys, at most a quarter full (a key absent
+        from a quarter-full table is found absent after 1.4 slots on average)."""
+        self.bits = max(10, (4 * capacity).bit_length())
+        self.keys = np.full(1 << self.bits, -1, dtype=np.int64)
+        self.counts = np.zeros(1 << self.bits, dtype=np.int64)
+
+    def _slots(self, keys: np.ndarray) -> np.ndarray:
+        mixed = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps: Fibonacci hash
+        return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        """The count of each key (0 if absent)."""
+        out = np.zeros(len(keys), dtype=np.int64)
+        todo, slot = np.arange(len(keys)), self._slots(keys)
+        mask = (1 << self.bits) - 1
+        while len(todo):
+            held = self.keys[slot]
+            found = held == keys[todo]
+            out[todo[found]] = self.counts[slot[found]]
+            going = ~found & (held != -1)
+            todo, slot = todo[going], (slot[going] + 1) & mask
         return out
 
-    def _chunk(self, b: Behaviors, imp: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        """Affinity of candidates at flat positions `cand` (impressions `imp`)."""
-        offsets, pos = last_clicks(np.asarray(b.history_offsets), imp, COCLICK_HISTORY)
+    def add(self, keys: np.ndarray, deltas: np.ndarray) -> None:
+        """counts[key] += delta (a key may come several times)."""
+        held = self.keys != -1
+        if 4 * (int(held.sum()) + len(keys)) > len(self.keys):  # rebuild, dropping zeros
+            live = held & (self.counts != 0)
+            old_keys, old_counts = self.keys[live], self.counts[live]
+            self._empty(len(old_keys) + len(keys))
+            self.add(old_keys, old_counts)
+        todo, slot = np.arange(len(keys)), self._slots(keys)
+        mask = (1 << self.bits) - 1
+        while len(todo):
+            empty = self.keys[slot] == -1
+            self.keys[slot[empty]] = keys[todo[empty]]  # among keys after one slot, one wins
+            found = self.keys[slot] == keys[todo]
+            np.add.at(self.counts, slot[found], deltas[todo[found]])
+            moving = ~found & ~empty  # a slot held by another key; losers look again
+            slot = np.where(moving, (slot + 1) & mask, slot)[~found]
+            todo = todo[~found]
+
+
+def per_period_signals(
+    imps: Impressions, num_news: int, lag: int, history: int, table: np.ndarray
+) -> None:
+    """Fill popularity, exposures and coclick of `table` (C, 5), one period at a time: what
+    the impressions of a period see, then what they add."""
+    width = num_news + 1
+    period = imps.times // lag
+    periods = np.unique(period)
+    imp_order, imp_bounds = group_by_rank(np.searchsorted(periods, period), len(periods))
+    times = np.unique(imps.times)
+    earlier = np.searchsorted(np.sort(imps.times), imps.times)  # impressions strictly before
+    clicks, shown = np.zeros(width, np.int64), np.zeros(width, np.int64)
+    total_clicks = 0
+    holders = np.zeros(width, np.int64)  # n(x): profiles holding x
+    pairs = PairTable()  # n(x, y), x < y
+    profile_of = np.full(int(imps.users.max(initial=-1)) + 1, -1)  # impression per user
+    for r in range(len(periods)):
+        rows = imp_order[imp_bounds[r] : imp_bounds[r + 1]]
+        cand_offsets, cand = last_clicks(imps.candidate_offsets, rows, len(imps.candidate_items))
+        items = imps.candidate_items[cand]
+        table[cand, 0] = log_share(clicks[items], total_clicks)
+        within = earlier_within(items, np.searchsorted(times, imps.times[rows]), cand_offsets)
+        count = shown[items] + within
+        table[cand, 1] = log_share(count, np.repeat(earlier[rows], np.diff(cand_offsets)))
+        table[cand, 3] = coclick(imps, rows, cand_offsets, cand, holders, pairs, history)
+        counted = imps.counted[cand]
+        clicks += np.bincount(items[counted], minlength=width)
+        total_clicks += int(counted.sum())
+        shown += np.bincount(items, minlength=width)
+        # each user's latest impression of the period (log order among equal times)
+        latest = rows[np.lexsort((rows, imps.times[rows], imps.users[rows]))]
+        users = imps.users[latest]
+        latest = latest[np.r_[users[1:] != users[:-1], True]]
+        replaced = profile_of[imps.users[latest]]
+        gone = profile_pairs(imps, replaced[replaced >= 0], width, history)
+        keys = np.r_[gone, profile_pairs(imps, latest, width, history)]
+        signs = np.r_[np.full(len(gone), -1), np.ones(len(keys) - len(gone), np.int64)]
+        x, y = np.divmod(keys, width)
+        holders += np.bincount(x[x == y], signs[x == y], minlength=width).astype(np.int64)
+        pairs.add(keys[x != y], signs[x != y])
+        profile_of[imps.users[latest]] = latest
+
+
+def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """For candidates of impressions with `time_rank` (CSR `offsets`): how many candidates of
+    those impressions with a strictly smaller time rank have the same item."""
+    rank = np.repeat(time_rank, np.diff(offsets))
+    key = items.astype(np.int64) * (int(time_rank.max(initial=0)) + 1) + rank
+    order = np.argsort(key, kind="stable")
+    key, item = key[order], items[order]
+    position = np.arange(len(key))
+    item_start = np.maximum.accumulate(np.where(np.r_[True, item[1:] != item[:-1]], position, 0))
+    run_start = np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], position, 0))
+    out = np.empty(len(key), np.int64)
+    out[order] = run_start - item_start
+    return out
+
+
+def coclick(
+    imps: Impressions,
+    rows: np.ndarray,
+    cand_offsets: np.ndarray,
+    cand: np.ndarray,
+    holders: np.ndarray,
+    pairs: PairTable,
+    history: int,
+) -> np.ndarray:
+    """Mean cosine of each candidate (flat positions `cand` of impressions `rows`, CSR
+    `cand_offsets`) with its impression's last `history` clicks, in chunks of pairs."""
+    out = np.zeros(len(cand))
+    width = len(holders)
+    per_row = np.diff(imps.history_offsets)[rows].clip(max=history)
+    per_candidate = np.repeat(per_row, np.diff(cand_offsets))
+    ends = np.cumsum(per_candidate)
+    imp = np.repeat(rows, np.diff(cand_offsets))
+    lo = 0
+    while lo < len(cand):
+        hi = int(np.searchsorted(ends, ends[lo] - per_candidate[lo] + PAIR_CHUNK, "right"))
+        hi = max(hi, lo + 1)
+        offsets, pos = last_clicks(imps.history_offsets, imp[lo:hi], history)
         sizes = np.diff(offsets)
-        owner = np.repeat(np.arange(len(cand)), sizes)
-        c = np.asarray(b.candidate_items)[cand][owner]
-        h = np.asarray(b.history_items)[pos]
-        user = np.asarray(b.user_index)[imp][owner]
-        total = np.bincount(owner, self.cosine(user, c, h), minlength=len(cand))
-        return total / np.maximum(sizes, 1)
+        owner = np.repeat(np.arange(hi - lo), sizes)
+        c = imps.candidate_items[cand[lo:hi]][owner]
+        h = imps.history_items[pos]
+        n_c, n_h = holders[c], holders[h]
+        same = c == h  # cos(c, c) = 1 for an item in a profile
+        look = np.flatnonzero((n_c > 0) & (n_h > 0) & ~same)  # else n(c, h) = 0
+        low = np.minimum(c[look], h[look]).astype(np.int64)
+        n_ch = pairs.get(low * width + np.maximum(c[look], h[look]))
+        hit = look[n_ch > 0]
+        cos = n_ch[n_ch > 0] / np.sqrt((n_c[hit] * n_h[hit]).astype(np.float64))
+        total = np.bincount(owner[hit], cos, minlength=hi - lo)
+        total += np.bincount(owner[same & (n_c > 0)], minlength=hi - lo)
+        out[lo:hi] = total / np.maximum(sizes, 1)
+        lo = hi
+    return out
+
+
+class SignalState:
+    """Incremental face: the same definitions as build_signals, one impression at a time.
+
+    `observe` takes impressions in time order (times never decrease; equal times are fine);
+    `signals` answers for a time at or after the last one observed, counting what came before
+    it exactly as the batch face does: clicks of impressions before the cutoff (the start of
+    the time's period of `lag` seconds), impressions shown strictly before the time. Asking at
+    a time, then observing impressions of that same time, then asking again at it, gives the
+    same answer. A time earlier than the latest one seen is refused (ValueError). `user` is the
+    user's index; a user unseen so far is fine (the current signals do not depend on it).
+
+    Held in memory: per news item click, exposure and first-appearance counts (numpy), the
+    user profiles and the co-occurrence counts of their items (dicts; about `history` ** 2
+    pairs per user).
+    """
+
+    def __init__(self, num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY) -> None:
+        if lag <= 0 or history <= 0:
+            raise ValueError(f"lag and history must be > 0, got {lag} and {history}")
+        self.lag, self.history = lag, history
+        self.num_news = 0
+        self.clicks = np.zeros(1, np.int64)  # clicks before the current period
+        self.total_clicks = 0
+        self.shown = np.zeros(1, np.int64)  # impressions before the current time showing each
+        self.impressions = 0
+        self.first_seen = np.full(1, NEVER, np.int64)
+        self.profiles: dict[int, frozenset[int]] = {}
+        self.holders = np.zeros(1, np.int64)  # n(x): profiles holding x
+        self.pairs: dict[int, int] = {}  # n(x, y) of x < y as x << 32 | y, over the profiles
+        self.time: int | None = None  # the latest time observed or asked for
+        self._period_clicks: list[np.ndarray] = []  # clicks of the current period
+        self._period_profiles: dict[int, np.ndarray] = {}  # latest history of each user in it
+        self._now_shown: list[np.ndarray] = []  # impressions of the current time
+        self.grow(num_news)
+
+    @classmethod
+    def empty(cls, num_news: int, **settings: int) -> SignalState:
+        """A state that has seen nothing; settings: `lag` (seconds), `history` (clicks)."""
+        return cls(num_news, **settings)
+
+    def grow(self, num_news: int) -> None:
+        """Make room for news indices up to `num_news` (news added at serving time)."""
+        extra = num_news - self.num_news
+        if extra < 0:
+            raise ValueError(f"cannot shrink from {self.num_news} to {num_news} news")
+        self.clicks = np.r_[self.clicks, np.zeros(extra, np.int64)]
+        self.shown = np.r_[self.shown, np.zeros(extra, np.int64)]
+        self.first_seen = np.r_[self.first_seen, np.full(extra, NEVER, np.int64)]
+        self.holders = np.r_[self.holders, np.zeros(extra, np.int64)]
+        self.num_news = num_news
+
+    def observe(
+        self,
+        user: int,
+        time: int,
+        history: np.ndarray,
+        shown: np.ndarray,
+        clicked: np.ndarray,
+    ) -> None:
+        """Take one impression (time = seconds since epoch UTC, int news indices; clicked a
+        subset of shown, may be empty)."""
+        self._advance(time)
+        history, shown = np.asarray(history, np.int64), np.asarray(shown, np.int64)
+        self._now_shown.append(shown)
+        self._period_clicks.append(np.asarray(clicked, np.int64))
+        self._period_profiles[int(user)] = history[-self.history :]
+        for items in (shown, history):
+            np.minimum.at(self.first_seen, items, time)
+
+    def signals(
+        self, user: int, time: int, history: np.ndarray, candidates: np.ndarray
+    ) -> np.ndarray:
+        """float32 (len(candidates), len(SIGNAL_NAMES)) for these candidates shown to this user
+        at this time."""
+        self._advance(time)
+        c = np.asarray(candidates, np.int64)
+        history = np.asarray(history, np.int64)
+        first = np.minimum(self.first_seen[c], time)
+        table = np.stack(
+            [
+                log_share(self.clicks[c], np.full(len(c), self.total_clicks)),
+                log_share(self.shown[c], np.full(len(c), self.impressions)),
+                np.log1p((time - first) / 3600.0),
+                self._coclick(history[-self.history :], c),
+                np.full(len(c), np.log1p(len(history))),
+            ],
+            axis=1,
+        )
+        return table.astype(np.float32)
+
+    def _coclick(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Mean cosine of each candidate with the clicks `history` over the profiles."""
+        if not len(history):
+            return np.zeros(len(candidates))
+        c, h = np.repeat(candidates, len(history)), np.tile(history, len(candidates))
+        n_c, n_h = self.holders[c], self.holders[h]
+        look = np.flatnonzero((n_c > 0) & (n_h > 0) & (c != h))  # else n(c, h) = 0 or n(c)
+        n_ch = np.where(c == h, n_c, 0)
+        keys = np.minimum(c[look], h[look]) << 32 | np.maximum(c[look], h[look])
+        get = self.pairs.get
+        n_ch[look] = [get(key, 0) for key in keys.tolist()]
+        cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0)
+        return cos.reshape(len(candidates), len(history)).sum(axis=1) / len(history)
+
+    def _advance(self, time: int) -> None:
+        """Move to `time`: what happened before it, and before its period, now counts."""
+        if self.time is not None and time < self.time:
+            raise ValueError(f"time {time} is before the latest time seen, {self.time}")
+        if self.time is None or time > self.time:
+            for shown in self._now_shown:
+                np.add.at(self.shown, shown, 1)
+            self.impressions += len(self._now_shown)
+            self._now_shown = []
+        if self.time is None or time // self.lag > self.time // self.lag:
+            for clicked in self._period_clicks:
+                np.add.at(self.clicks, clicked, 1)
+                self.total_clicks += len(clicked)
+            self._period_clicks = []
+            for user, history in self._period_profiles.items():
+                self._set_profile(user, frozenset(history.tolist()))
+            self._period_profiles = {}
+        self.time = time
+
+    def _set_profile(self, user: int, new: frozenset[int]) -> None:
+        """Replace a user's profile, updating the counts of the items and pairs that changed."""
+        old = self.profiles.get(user, frozenset())
+        for gone, within, step in ((old - new, old, -1), (new - old, new, 1)):
+            for x in gone:
+                self.holders[x] += step
+                for y in within:
+                    if y != x and (y not in gone or x < y):  # each changed pair once
+                        key = min(x, y) << 32 | max(x, y)
+                        count = self.pairs.get(key, 0) + step
+                        if count:
+                            self.pairs[key] = count
+                        else:
+                            del self.pairs[key]
+        self.profiles[user] = new
