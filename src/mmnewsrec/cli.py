@@ -442,6 +442,10 @@ def demo(
     table = report.read_text().split("## Results (dev)", 1)[1].split("![", 1)[0]
     typer.echo(table.strip())
     typer.echo(f"\nreport: {report}")
+    from mmnewsrec.demo import best_run
+
+    if (best := best_run(out)) is not None:
+        typer.echo(f"serve the best run (dev AUC {best[1]:.4f}): mmnewsrec serve {best[0]}")
 
 
 # ---------------------------------------------------------------------------- serve
@@ -520,6 +524,28 @@ def recommend(
             f"{item.category}/{item.subcategory}  {item.title}"
         )
     typer.echo(f"{len(result.history_used)} clicks used, {result.timings_ms['total']:.1f} ms")
+
+
+@app.command("export-events")
+def export_events(
+    state: Annotated[Path, typer.Argument(help="A server's --state folder.")],
+    out: Annotated[Path, typer.Option(help="Folder to write behaviors.tsv and news.tsv to.")],
+    store: Annotated[
+        Path | None, typer.Option(help="The served store [default: the one the state records].")
+    ] = None,
+) -> None:
+    """Write a server's logged impressions (and its news) as MIND tsv files for `prepare`."""
+    from mmnewsrec.formats.store import StoreError
+    from mmnewsrec.serve.export import export_events as export
+    from mmnewsrec.serve.state import StateError
+
+    if not (state / "state.sqlite").is_file():
+        fail(f"{state}: no state.sqlite here (a folder given to `serve --state`)")
+    try:
+        counts = export(state, out, store)
+    except (OSError, ValueError, StoreError, StateError) as err:
+        fail(str(err))
+    typer.echo(f"{counts['impressions']} impressions, {counts['news']} news -> {out}")
 
 
 @app.command()

@@ -278,7 +278,9 @@ def open_live(
     """The state kept in `folder` (created if new) for `recommender`'s store and vectors, and
     the recommender with its added news."""
     identity = {"store": recommender.store.content_hash, "vectors": recommender.vectors.hash}
-    live = LiveState(recommender, SQLiteState(folder, identity, synchronous))
+    where = {"store_path": str(recommender.store.path.resolve())}  # for export-events
+    state = SQLiteState(folder, identity | where, synchronous)
+    live = LiveState(recommender, state)
     return live.restore(recommender), live
 
 

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS news (
 );
 """
 SYNCHRONOUS = ("full", "normal")
+CHECKED = ("store", "vectors")  # identity entries a state must match (the content hashes)
 READ_CHUNK = 10_000  # rows fetched at once when replaying the log
 
 
@@ -100,18 +101,21 @@ class StateStore(Protocol):
 
 class SQLiteState:
     """`StateStore` in STATE_DIR/state.sqlite, bound to one store and one set of vectors
-    (`identity`: their hashes, checked at every open)."""
+    (`identity`: their hashes, checked at every open, and where the store was)."""
 
     def __init__(
-        self, folder: Path | str, identity: dict[str, str], synchronous: str = "full"
+        self, folder: Path | str, identity: dict[str, str] | None, synchronous: str = "full"
     ) -> None:
+        """identity: the hashes of the data served (None: open a state whatever its data,
+        to read it)."""
         if synchronous not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, got {synchronous!r}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / STATE_FILE
         self.db = self._connect(synchronous)
-        self._check_identity(identity)
+        if identity is not None:
+            self._check_identity(identity)
         self._lock = threading.Lock()  # the connection: writer thread and readers
         self._queue: queue.SimpleQueue[tuple[Sequence[Impression], Future] | None]
         self._queue = queue.SimpleQueue()
@@ -128,6 +132,11 @@ class SQLiteState:
             raise StateError(f"{self.path}: cannot open the state database ({err})") from None
         return db
 
+    def meta(self) -> dict[str, str]:
+        """What the state records of the data it was written for."""
+        with self._lock:
+            return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
     def _check_identity(self, identity: dict[str, str]) -> None:
         """Record `identity` in a new state; refuse a state written for other data."""
         rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -135,7 +144,7 @@ class SQLiteState:
             self.db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(identity.items()))
             return
         for key, value in identity.items():
-            if rows.get(key) != value:
+            if key in CHECKED and rows.get(key) != value:
                 raise StateError(
                     f"{self.path} was written for {key} {rows.get(key)!r}, not {value!r}: "
                     "give the served run its own --state folder"
