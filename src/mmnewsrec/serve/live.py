@@ -56,6 +56,9 @@ class Users:
             index = self._index[user_id] = len(self._index)
         return index
 
+    def __len__(self) -> int:
+        return len(self._index)
+
     def known(self, user_id: str) -> bool:
         return user_id in self._index
 
@@ -217,6 +220,11 @@ class LiveState:
         split = recommender.ranker.config.data.train_split
         self.popularity = Popularity(store, split, COLD_START_HALF_LIFE_DAYS)
         self.popularity.grow(recommender.num_news)
+        self.logged = {"logged_impressions": 0, "logged_clicks": 0}  # learned from so far
+
+    def counts(self) -> dict[str, int]:
+        """Impressions and clicks learned from the event log, and users it knows."""
+        return self.logged | {"users": len(self.users)}
 
     def restore(self, recommender: Recommender) -> Recommender:
         """`recommender` with the added news of the state, and this state caught up with its
@@ -253,6 +261,8 @@ class LiveState:
             self.users.observe(imp.user_id, imp.time, history, clicks)
             seen.append(np.concatenate([history, shown]))
             clicked.append(clicks)
+        self.logged["logged_impressions"] += len(impressions)
+        self.logged["logged_clicks"] += sum(len(c) for c in clicked)
         times = np.array([imp.time for imp in impressions], dtype=np.int64)
         self.popularity.observe(
             np.concatenate(seen),
