@@ -299,7 +299,7 @@ class LiveState:
         start = time.perf_counter()
         history = self.users.history(user_id)
         return recommender.recommend_known(
-            history, k, exclude_history, start=start, cold_start=self.popularity
+            history, k, exclude_history, start=start, cold_start=self.popularity, user=user_id
         )
 
 
