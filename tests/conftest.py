@@ -12,13 +12,35 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def beside_checkout(path: Path, what: str) -> Path:
+    """`path`, data kept outside the repository. Absent, the test is skipped; but under CI
+    (the variable CI set, as CI services set it) it fails, so that a missing folder cannot
+    turn the tests that read it into skips."""
+    if path.is_dir():
+        return path
+    message = f"{what} not found at {path}"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{message}; CI is set, so the tests that read it must run")
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """Tests that change torch's thread count (`serve` sets it, one-thread comparisons) leave
+    it as they found it, so that later tests do not run on one thread by accident."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mind_samples() -> Path:
     """Real MIND rows kept beside the checkout (../shared/data/mind-samples)."""
     path = Path(os.environ.get("MMNEWSREC_SAMPLES", REPO.parent / "shared/data/mind-samples"))
-    if not path.is_dir():
-        pytest.skip(f"real MIND samples not found at {path}")
-    return path
+    return beside_checkout(path, "real MIND samples")
 
 
 def free_port() -> int:
@@ -104,3 +126,17 @@ def build_tiny_run(root: Path) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """A trained run shared by the evaluation and serving tests (built once per session)."""
     return build_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+def check_prediction(path: Path, behaviors, metrics: dict, folder: Path) -> None:
+    """A leaderboard prediction file of `behaviors`: one line per impression with its id, in the
+    split's order, as many ranks as candidates, and scored against the split's truth it gives
+    `metrics` (those of `evaluate`)."""
+    from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_truth
+
+    prediction = read_prediction(path)
+    assert prediction.impression_ids.tolist() == [str(i) for i in behaviors.impression_ids]
+    np.testing.assert_array_equal(prediction.sizes, np.diff(behaviors.candidate_offsets))
+    scored = score_files(write_truth(folder / "truth.txt", behaviors), path)
+    for key in ("auc", "mrr", "ndcg5", "ndcg10"):
+        assert scored[key] == pytest.approx(metrics[key], abs=1e-9), key

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from mmnewsrec.data import download
 from mmnewsrec.data.download import (
-    OFFICIAL_URL,
+    FORMER_URL,
+    PUBLIC_URL,
     Archive,
     DownloadError,
     download_mind,
@@ -220,10 +222,11 @@ def test_http_error_is_reported(server, tmp_path):
 
 def test_archive_table():
     small = mind_archives("small")
-    assert [(a.split, a.url) for a in small] == [
-        ("train", f"{OFFICIAL_URL}/MINDsmall_train.zip"),
-        ("dev", f"{OFFICIAL_URL}/MINDsmall_dev.zip"),
+    assert [(a.split, a.url, a.fallbacks) for a in small] == [
+        ("train", f"{PUBLIC_URL}/MINDsmall_train.zip", (f"{FORMER_URL}/MINDsmall_train.zip",)),
+        ("dev", f"{PUBLIC_URL}/MINDsmall_dev.zip", (f"{FORMER_URL}/MINDsmall_dev.zip",)),
     ]
+    assert PUBLIC_URL == "https://recodatasets.z20.web.core.windows.net/newsrec"
     assert [a.filename for a in mind_archives("large")] == [
         "MINDlarge_train.zip",
         "MINDlarge_dev.zip",
@@ -232,5 +235,37 @@ def test_archive_table():
     assert all("MINDdemo_" in a.url and "newsrec" in a.url for a in mind_archives("demo"))
     mirror = mind_archives("small", base_url="http://mirror.example/mind/")
     assert mirror[0].url == "http://mirror.example/mind/MINDsmall_train.zip"
+    assert mirror[0].fallbacks == ()
     with pytest.raises(DownloadError, match="unknown MIND data set"):
         mind_archives("huge")
+
+
+@pytest.fixture
+def hosts(server, monkeypatch):
+    """The default hosts pointed at the test server: the public one, then the former one."""
+    served, base = server
+    monkeypatch.setattr(download, "HOSTS", (f"{base}/public", f"{base}/former"))
+    return served
+
+
+def test_default_host_first_then_the_former_one(hosts, tmp_path):
+    hosts.files["former/MINDsmall_train.zip"] = mind_zip("train")
+    hosts.files["public/MINDsmall_dev.zip"] = mind_zip("dev")
+    download_mind("small", tmp_path)
+    assert [name for name, _ in hosts.requests] == [
+        "public/MINDsmall_train.zip",
+        "former/MINDsmall_train.zip",
+        "public/MINDsmall_dev.zip",
+    ]
+    assert extracted(tmp_path, "train") and extracted(tmp_path, "dev")
+
+
+def test_error_names_every_host_tried(hosts, tmp_path):
+    with pytest.raises(DownloadError) as caught:
+        download_mind("small", tmp_path)
+    public, former = download.HOSTS
+    assert str(caught.value) == (
+        "no host served MINDsmall_train.zip; tried, in order:\n"
+        f"  HTTP 404 for {public}/MINDsmall_train.zip\n"
+        f"  HTTP 404 for {former}/MINDsmall_train.zip"
+    )

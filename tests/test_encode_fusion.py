@@ -61,6 +61,22 @@ def test_hadamard_and_mean_fall_back_to_the_projected_text_without_an_image(part
     np.testing.assert_allclose(hadamard(text, image, has_image)[has_image], expected[has_image])
 
 
+def test_mean_and_hadamard_combine_the_projections_computed_here(parts):
+    """Rows with an image against the parts projected in the test: the 8-wide text is the common
+    width (unit rows, kept); the 12-wide image goes through the seed-0 projection to 8."""
+    text, image, has_image = parts
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    t, i = unit(text[has_image]), unit(image[has_image] @ projection(12, 8, seed=0))
+    mean = Fusion("mean", 8, 12)(text, image, has_image)
+    np.testing.assert_allclose(mean[has_image], unit(t + i), atol=1e-6)
+    hadamard = Fusion("hadamard", 8, 12)(text, image, has_image)
+    np.testing.assert_allclose(hadamard[has_image], unit(t * i), atol=1e-6)
+    assert np.abs(mean[has_image] - t).max() > 0.1  # the image moves the vector
+
+
 def test_only_the_wider_side_is_projected(parts):
     text, image, _ = parts
     fusion = Fusion("mean", 8, 12)

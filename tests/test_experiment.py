@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 import pytest
-from conftest import topic_vectors
+from conftest import check_prediction, topic_vectors
 from mind_reference import reference_means
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -22,9 +22,11 @@ from mmnewsrec.evaluate.experiment import (
     oracle_auc,
     predict_run,
 )
-from mmnewsrec.evaluate.leaderboard import read_prediction, score_files, write_truth
+from mmnewsrec.evaluate.leaderboard import read_prediction
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
 from mmnewsrec.formats.store import Store
+from mmnewsrec.formats.vectors import NewsVectors
+from mmnewsrec.metrics import impression_metrics
 from mmnewsrec.rank.ranker import load_ranker
 from mmnewsrec.rank.train import run_training
 
@@ -40,26 +42,42 @@ def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert metrics["split"] == "dev"
     assert metrics["selected_on"] == "valid" and not metrics["selected_on_reported_split"]
-    assert metrics["selection"]["rule"] == "last-day"
+    assert metrics["selection"]["rule"] == "auto" and metrics["selection"]["applied"] == "last-day"
     assert json.loads((tiny_run / "metrics.json").read_text()) == metrics
     clicks = np.add.reduceat(labels, offsets[:-1])
     scored = int(((clicks > 0) & (clicks < np.diff(offsets))).sum())
     assert (metrics["impressions"], metrics["skipped"]) == (scored, dev.num_impressions - scored)
 
 
+def test_evaluate_run_keeps_per_impression_metrics_and_describes_the_top_10(tiny_run):
+    metrics = evaluate_run(tiny_run)
+    ranker = load_ranker(tiny_run)
+    dev = Store.load(ranker.config.data.store_dir).behaviors("dev")
+    scores = ranker.score(dev)
+    labels, offsets = np.asarray(dev.candidate_labels), np.asarray(dev.candidate_offsets)
+    expected = impression_metrics(scores, labels, offsets)
+    table = pl.read_parquet(tiny_run / "impressions.parquet")
+    assert table["impression_id"].to_list() == np.asarray(dev.impression_ids).tolist()
+    for name in ("auc", "mrr", "ndcg5", "ndcg10"):
+        np.testing.assert_allclose(table[name].to_numpy(), getattr(expected, name), atol=1e-12)
+    history = np.diff(np.asarray(dev.history_offsets))
+    assert table["history_len"].to_list() == history.tolist()
+    beyond = metrics["beyond_accuracy"]
+    assert beyond["k"] == 10 and 0 < beyond["coverage"] <= 1 and 0 <= beyond["personalisation"] <= 1
+    assert beyond["diversity"] == pytest.approx(np.nanmean(table["diversity"].to_numpy()))
+    assert beyond["novelty"] > 0 and 0 <= beyond["image_share"] <= 1
+    buckets = metrics["by_history"]
+    assert list(buckets) == ["0", "1-5", "6-20", ">20"]
+    assert sum(b["impressions"] for b in buckets.values()) == metrics["impressions"]
+    assert list(metrics["by_candidate_age"]) == ["<6 h", "6-24 h", ">24 h"]
+
+
 def test_prediction_file_scores_like_the_run(tiny_run, tmp_path):
     store = Store.load(load_ranker(tiny_run).config.data.store_dir)
     dev = store.behaviors("dev")
     path = predict_run(tiny_run, None, tmp_path / "prediction.txt", "dev", zip=True)
-    prediction = read_prediction(path)
-    assert len(prediction) == dev.num_impressions
-    assert np.array_equal(prediction.sizes, np.diff(dev.candidate_offsets))
-    assert (tmp_path / "prediction.zip").is_file()
-    truth = write_truth(tmp_path / "truth.txt", dev)
-    from_files = score_files(truth, path)
-    direct = evaluate_run(tiny_run)
-    for key in ("auc", "mrr", "ndcg5", "ndcg10"):
-        assert from_files[key] == pytest.approx(direct[key], abs=1e-9)
+    assert path == tmp_path / "prediction.zip"
+    check_prediction(path, dev, evaluate_run(tiny_run), tmp_path)
 
 
 def test_a_run_refuses_another_store(tiny_run, tmp_path, mind_samples):
@@ -78,7 +96,9 @@ def test_evaluate_and_predict_commands(tiny_run, tmp_path):
     out = tmp_path / "p.txt"
     result = runner.invoke(app, ["predict", str(tiny_run), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "'dev'" in result.output and out.is_file()
+    assert "'dev'" in result.output
+    dev = Store.load(load_ranker(tiny_run).config.data.store_dir).behaviors("dev")
+    check_prediction(out, dev, evaluate_run(tiny_run), tmp_path)
     bad = runner.invoke(app, ["evaluate", str(tmp_path)])
     assert bad.exit_code == 2
 
@@ -102,6 +122,26 @@ def test_oracle_auc_equals_the_auc_of_the_raw_files(tiny_run):
     summary = json.loads((data / "manifest.json").read_text())["summary"]
     assert auc == pytest.approx(summary["oracle_auc"], abs=1e-6)  # exact probabilities, rounded
     assert 0.6 < auc < 1
+
+
+def test_image_shares_count_the_news_the_image_encoder_found_an_image_for(tiny_run):
+    """On IM-MIND every news has a card file, photo or not: what has an image is what the
+    image encoder found (its has_image), not the store's image paths."""
+    from mmnewsrec.evaluate.experiment import clicked_image_share, news_with_image
+
+    store = Store.load(load_ranker(tiny_run).config.data.store_dir)
+    with_file = news_with_image(store)
+    text = NewsVectors.load(load_ranker(tiny_run).config.data.vectors_dir)
+    assert not text.manifest.get("image")
+    found = with_file & (np.arange(len(with_file)) % 3 > 0)  # blank cards: every third news
+    image = NewsVectors(text.vectors, found, text.manifest | {"image": {"encoder": "test"}})
+    np.testing.assert_array_equal(news_with_image(store, [text, image]), found)
+    np.testing.assert_array_equal(news_with_image(store, [text]), with_file)
+    dev = store.behaviors("dev")
+    clicked = np.asarray(dev.candidate_items)[np.asarray(dev.candidate_labels) == 1]
+    share = clicked_image_share(store, "dev", news_with_image(store, [text, image]))
+    assert share == pytest.approx(found[clicked].mean(), abs=1e-12)
+    assert share < clicked_image_share(store, "dev") - 0.1
 
 
 def test_report_summarises_seeds_and_writes_plots(tmp_path):
@@ -131,6 +171,34 @@ def test_report_summarises_seeds_and_writes_plots(tmp_path):
         assert (tmp_path / "report" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_marks_rows_tied_with_the_best_and_shows_beyond_accuracy(tmp_path):
+    scores = {"auc": 0.6, "mrr": 0.3, "ndcg5": 0.3, "ndcg10": 0.4}
+    beyond = {"k": 10, "diversity": 0.5, "category_entropy": 1.0, "novelty": 3.0}
+    beyond |= {"image_share": 0.25, "coverage": 0.5, "personalisation": 0.9}
+    history = {"0": {**scores, "impressions": 3}, ">20": {**scores, "impressions": 7}}
+    described = {"beyond_accuracy": beyond | {"clicked_image_share": 0.5}, "by_history": history}
+    results = [
+        RunResult("text", "a", 0, scores | described),
+        RunResult("text", "b", 0, scores | {"auc": 0.59} | described),
+        RunResult("-", "c", 0, scores | {"auc": 0.5} | described),
+    ]
+    entry = {"diff": -0.01, "low": -0.03, "high": 0.01, "p": 0.2, "p_holm": 0.4}
+    entry |= {"significant": False, "noise": "-"}
+    inputs = ReportInputs("t", "data", ["x"])
+    inputs.significance = {
+        ("text", "b"): {"auc_vs_best": entry, "tied_with_best": True},
+        ("-", "c"): {"auc_vs_best": entry | {"diff": -0.1, "significant": True}},
+    }
+    report = write_report(tmp_path, results, inputs).read_text()
+    assert "| text | b ≈ |" in report and "| - | c |" in report and "| text | a |" in report
+    assert "| -0.0100 [-0.0300, +0.0100] | 0.4 (n.s.) |" in report
+    assert "| -0.1000 [-0.0300, +0.0100] | 0.4 |" in report
+    assert "## Beyond accuracy (top-10 of each dev ranking)" in report
+    assert "| text | a | 0.500 | 1.000 | 50.0% | 3.00 | 0.900 | 25.0% |" in report
+    assert "among the dev clicks: 50.0%" in report
+    assert "| encoder | ranker | 0 (3) | >20 (7) |" in report
+
+
 def test_experiment_file_errors_name_the_problem(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text('out_dir = "o"\n[encoders.a]\n[rankers.r]\nmodel = "random"\n')
@@ -144,6 +212,19 @@ def test_experiment_file_errors_name_the_problem(tmp_path):
     path.write_text('data_dir = "d"\nout_dir = "o"\n[encoders.a]\nimage_crop = [1, 2, 3]\n')
     with pytest.raises(ExperimentError, match="image_crop"):
         load_experiment(path)
+    grid = 'data_dir = "d"\nout_dir = "o"\n[encoders.a]\n[encoders.b]\n'
+    grid += '[rankers.r]\nmodel = "mean_cosine"\n[rankers.p]\nmodel = "popularity"\n'
+    grid += "per_encoder = false\n"
+    for baseline, problem in (
+        ("nope", "names no ranker"),
+        ("r", "name its encoder"),
+        ("p/a", "runs once"),
+    ):
+        path.write_text(f'baseline = "{baseline}"\n{grid}')
+        with pytest.raises(ExperimentError, match=problem):
+            load_experiment(path)
+    path.write_text(f'baseline = "r/b"\n{grid}')
+    assert load_experiment(path).baseline == "r/b"
 
 
 def test_experiment_file_image_map_and_crop(tmp_path):
@@ -199,6 +280,9 @@ def test_a_grid_in_two_jobs_gives_the_results_of_one_and_times_its_phases(tiny_r
         run = phases["train additive_attention text seed0"]
         assert run["wall_s"] > 0 and run["cpu_s"] > 0
         assert "training job(s) at a time" in (out / "report.md").read_text()
+        assert "## Significance (dev AUC)" in (out / "report.md").read_text()
+        worst = results[jobs][-1]
+        assert worst["auc_vs_best"]["low"] <= worst["auc_vs_best"]["diff"] <= 0
     for one, two in zip(results[1], results[2], strict=True):
         assert (one["encoder"], one["ranker"]) == (two["encoder"], two["ranker"])
         # other thread counts sum in another order: equal up to rounding
@@ -329,3 +413,26 @@ def test_demo_grids_train_settings(tmp_path):
         train = load_config(config.train_config, config.train_overrides)
         assert train.optim.epochs == epochs
         assert train.run.eval_each_epoch is each_epoch
+
+
+def slot_after_a_while() -> int:
+    import time
+
+    from mmnewsrec.evaluate import experiment
+
+    time.sleep(1.0)  # both processes get a task
+    return experiment._worker_slot
+
+
+def test_each_training_process_has_a_bar_line_of_its_own():
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mmnewsrec.evaluate.experiment import _init_worker
+
+    context = multiprocessing.get_context("spawn")
+    args = (1, logging.WARNING, context.Value("i", 0))
+    with ProcessPoolExecutor(2, context, _init_worker, args) as pool:
+        slots = [pool.submit(slot_after_a_while) for _ in range(2)]
+        assert sorted(s.result() for s in slots) == [0, 1]

@@ -1,3 +1,8 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from mmnewsrec.files import atomic_dir, atomic_file, sha256_json, write_json
@@ -56,3 +61,61 @@ def test_json_hash_ignores_key_order_only():
     assert sha256_json({"a": 1, "b": [1, 2]}) == sha256_json({"b": [1, 2], "a": 1})
     assert sha256_json({"a": 1, "b": [1, 2]}) != sha256_json({"a": 1, "b": [2, 1]})
     assert len(sha256_json(None)) == 64
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from mmnewsrec.files import atomic_dir, write_text
+out, flags, exit_early = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "crash"
+with atomic_dir(out) as tmp:
+    write_text(tmp / "first.txt", "writer")
+    (flags / "started").touch()
+    if exit_early:
+        import os; os._exit(0)  # killed mid-write: its temporary folder stays behind
+    while not (flags / "go").exists():
+        time.sleep(0.01)
+    write_text(tmp / "second.txt", "writer")
+    (tmp / "manifest.json").write_text("{}")
+"""
+
+
+def start_writer(out: Path, flags: Path, how: str = "finish") -> subprocess.Popen:
+    """A process writing `out` through atomic_dir; it waits inside for flags/go."""
+    flags.mkdir(exist_ok=True)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(flags), how])
+    deadline = time.monotonic() + 60
+    while not (flags / "started").exists():
+        assert writer.poll() in (None, 0) and time.monotonic() < deadline
+        time.sleep(0.01)
+    return writer
+
+
+def test_atomic_dir_leaves_another_process_temporary_folder_alone(tmp_path):
+    out, flags = tmp_path / "cache", tmp_path / "flags"
+    writer = start_writer(out, flags)
+    with atomic_dir(out) as tmp:  # a second writer of the same folder, while the first writes
+        (tmp / "first.txt").write_text("test")
+        (tmp / "second.txt").write_text("test")
+        (tmp / "manifest.json").write_text("{}")
+    (flags / "go").touch()
+    assert writer.wait(60) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["first.txt", "manifest.json", "second.txt"]
+    assert (out / "first.txt").read_text() == (out / "second.txt").read_text() == "writer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "flags"]
+
+
+def test_atomic_dir_removes_the_folder_of_a_process_that_is_gone(tmp_path):
+    out, flags = tmp_path / "cache", tmp_path / "flags"
+    assert start_writer(out, flags, "crash").wait(60) == 0
+    (left,) = tmp_path.glob(".cache.tmp-*")
+    assert (left / "first.txt").is_file()
+    with atomic_dir(out) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "flags"]
+
+
+def test_atomic_dir_nests(tmp_path):
+    with atomic_dir(tmp_path / "out") as tmp, atomic_dir(tmp / "inner") as inner:
+        (inner / "manifest.json").write_text("{}")
+    assert (tmp_path / "out" / "inner" / "manifest.json").is_file()

@@ -19,13 +19,14 @@ from mmnewsrec.encode.base import model_identity
 from mmnewsrec.encode.finetune import TextTower, load_sentence_model, token_states
 from mmnewsrec.encode.pipeline import EncodeConfig, encode_store, news_texts
 from mmnewsrec.encode.text import text_model_path
-from mmnewsrec.formats.runs import read_checkpoint
+from mmnewsrec.formats.runs import CheckpointError, read_checkpoint
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.rank import news_encoder
+from mmnewsrec.rank.distributed import DistInfo, init_distributed
 from mmnewsrec.rank.news_encoder import STATES_DIR, FineTunedRanker
 from mmnewsrec.rank.ranker import load_ranker
-from mmnewsrec.rank.train import DistInfo, TrainRecipe, init_distributed, run_training
+from mmnewsrec.rank.train import TrainRecipe, run_training
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -201,7 +202,21 @@ def test_evaluate_and_serve_use_the_runs_vectors(data, run):
     assert metrics["auc"] == pytest.approx(selected["auc"], abs=2e-3)
     recommender = Recommender.from_run(run, recall_k=20)
     assert recommender.vectors.hash == NewsVectors.load(run / "vectors").hash
-    assert recommender.recommend([recommender.store.news["news_id"][0]], k=3)
+    # a dev history: the served top 5 are the recalled 20 ordered by the ranker's own scores
+    # on the run's exported vectors
+    store = recommender.store
+    dev = store.behaviors("dev")
+    history = next(h for h in map(dev.history, range(dev.num_impressions)) if len(h) >= 3)
+    news_ids = store.news["news_id"].to_numpy()
+    served = recommender.recommend(news_ids[history - 1].tolist(), k=5).items
+    ranker = load_ranker(run, vectors=NewsVectors.load(run / "vectors"))
+    used = history[-ranker.history_len :]
+    _, recalled = recommender.recaller.search_one(used, 20, np.unique(history))
+    scores = ranker.score_items(used, recalled, width=len(recalled))
+    best = np.argsort(-scores, kind="stable")[:5]
+    assert [item.news_id for item in served] == news_ids[recalled[best] - 1].tolist()
+    assert [item.stage for item in served] == ["rerank"] * 5
+    np.testing.assert_allclose([item.score for item in served], scores[best], rtol=1e-4, atol=1e-5)
 
 
 def test_the_fine_tuned_path_runs_under_bf16_autocast_with_fp32_outputs(data, tmp_path):
@@ -220,11 +235,14 @@ def test_the_fine_tuned_path_runs_under_bf16_autocast_with_fp32_outputs(data, tm
     model.eval()
     with torch.inference_mode():
         exact_table, exact = model.full_table(), model(batch.history, batch.candidates)
-    model.eval()  # drops the table: the next one is computed under autocast
+    exact_stats = model.mean.clone(), model.scale.clone()
+    model.eval()  # drops the table: the next one is computed under autocast, in fp32
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        table, scores = model.full_table(), model(batch.history, batch.candidates)
-    assert table.dtype == scores.dtype == torch.float32
-    assert torch.nn.functional.cosine_similarity(table[1:], exact_table[1:]).min() > 0.99
+        scores = model(batch.history, batch.candidates)
+        table = model.table
+    assert table is not None and table.dtype == scores.dtype == torch.float32
+    torch.testing.assert_close(table, exact_table, rtol=1e-6, atol=1e-6)  # what the export writes
+    torch.testing.assert_close((model.mean, model.scale), exact_stats, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(scores, exact, rtol=0.1, atol=0.1)  # bf16 body, close to fp32
 
 
@@ -278,6 +296,18 @@ def test_a_stopped_fine_tuning_run_resumes_to_the_same_weights(data, tmp_path):
         NewsVectors.load(tmp_path / "full" / "vectors").vectors,
         NewsVectors.load(tmp_path / "cut" / "vectors").vectors,
     )
+
+
+def test_a_checkpoint_before_the_export_is_refused_with_what_to_run(data, tmp_path):
+    out = tmp_path / "cut"
+    run_training(train_config(data, out, "run.stop_after=2", "run.eval_every=1"))
+    assert "finetune" in read_checkpoint(out / "checkpoint.pt")  # selected, not exported
+    with pytest.raises(
+        CheckpointError, match="before the run's news vectors were exported.*--resume"
+    ):
+        load_ranker(out)
+    run_training(train_config(data, out, "run.eval_every=1"), resume=True)
+    assert load_ranker(out).vectors_hash == NewsVectors.load(out / "vectors").hash
 
 
 def test_the_tower_has_its_own_learning_rate_and_clipping(data, tmp_path):

@@ -5,6 +5,7 @@ import logging
 import zipfile
 
 import numpy as np
+import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -22,7 +23,7 @@ from mmnewsrec.evaluate.leaderboard import (
     write_truth,
 )
 from mmnewsrec.formats.store import Behaviors
-from mmnewsrec.metrics import evaluate_scores
+from mmnewsrec.metrics import evaluate_scores, impression_metrics
 
 SAMPLE_PREDICTIONS = [
     "official_sample_prediction/prediction.txt",
@@ -315,6 +316,16 @@ def test_cli_score_warns_on_tied_ranks(tmp_path, caplog):
     assert "p.txt: 1 of 2 lines are not permutations of 1..n (first: line 1, rank 1 " in caplog.text
 
 
+def test_tied_ranks_put_the_later_candidate_first_and_the_warning_says_so(tmp_path, caplog):
+    truth = write(tmp_path / "t.txt", "1 [1,0]\n2 [0,1,0]\n")
+    pred = write(tmp_path / "p.txt", "1 [1,1]\n2 [2,1,1]\n")
+    with caplog.at_level(logging.WARNING, logger="mmnewsrec.evaluate.leaderboard"):
+        got = score_files(truth, pred)
+    assert got["mrr"] == pytest.approx((1 / 2 + 1 / 2) / 2)  # the non-clicks tied after come first
+    assert "MRR and nDCG rank the later of tied candidates first" in caplog.text
+    assert "may order them otherwise" in caplog.text
+
+
 def test_write_prediction_reads_its_text_back_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"p\.txt:2: impression id '8', expected ' 8'"):
         write_prediction(tmp_path / "p.txt", np.array(["7", " 8"]), [1, 1], [0, 1, 2])
@@ -353,3 +364,39 @@ def test_cli_truth_of_a_store(tmp_path):
     result = CliRunner().invoke(app, ["truth", str(store), "--out", str(out), "--split", "test"])
     assert result.exit_code == 2
     assert "split 'test' has no click labels" in result.output
+
+
+def test_several_predictions_are_compared_pairwise_and_kept_per_impression(tmp_path):
+    scores, labels, offsets = random_lists(5, num=400)
+    ids = np.arange(1, len(offsets))
+    truth = write_truth(tmp_path / "t.txt", make_behaviors(np.split(labels, offsets[1:-1]), ids))
+    rng = np.random.default_rng(0)
+    good = labels + 1.5 * rng.random(len(labels))  # mostly right
+    also_good = labels + 1.5 * rng.random(len(labels))  # as good, other noise
+    paths = []
+    for name, s in (("random", scores), ("good", good), ("also_good", also_good)):
+        paths.append(
+            write_prediction(tmp_path / f"{name}.txt", ids, ranks_from_scores(s, offsets), offsets)
+        )
+    out = tmp_path / "per_impression.parquet"
+    args = ["score", str(truth), *map(str, paths), "--baseline", "0", "--per-impression", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()[2:]}
+    assert "≈" in table[str(paths[2])] or "≈" in table[str(paths[1])]  # the two good ones tie
+    assert "(baseline)" in table[str(paths[0])] and "(n.s.)" not in table[str(paths[0])]
+    rows = json.loads(CliRunner().invoke(app, [*args[:5], "--json"]).stdout)
+    assert rows[-1]["prediction"] == str(paths[0])  # random ranks last
+    assert rows[-1]["auc_vs_best"]["significant"] and rows[-1]["auc_vs_best"]["high"] < 0
+    assert rows[0]["auc"] == pytest.approx(score_files(truth, rows[0]["prediction"])["auc"])
+    columns = pl.read_parquet(out)
+    assert columns["impression_id"].to_list() == [str(i) for i in ids]
+    expected = impression_metrics(scores, labels, offsets).auc  # file 0: the random scores
+    np.testing.assert_allclose(columns["auc_0"].to_numpy(), expected, atol=1e-12)
+
+
+def test_score_refuses_a_baseline_index_out_of_range(tmp_path):
+    truth = write(tmp_path / "t.txt", "1 [1,0]\n")
+    pred = write(tmp_path / "p.txt", "1 [1,2]\n")
+    result = CliRunner().invoke(app, ["score", str(truth), str(pred), "--baseline", "1"])
+    assert result.exit_code == 2 and "--baseline" in result.output

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mmnewsrec.formats.store import Behaviors
-from mmnewsrec.recall import Recaller
+from mmnewsrec.recall import EXACT_MAX_NEWS, Recaller
 from mmnewsrec.recall.channels import ItemStats
 from mmnewsrec.recall.space import Part
 
@@ -166,6 +166,10 @@ def test_a_float32_matrix_is_shared_not_copied():
 
 
 def test_auto_backend_by_corpus_size():
+    """One threshold for evaluation and serving: both build a default Recaller."""
+    assert Recaller().fit(random_vectors(EXACT_MAX_NEWS, 4)).backend_ == "exact"
+    assert Recaller().fit(random_vectors(EXACT_MAX_NEWS + 1, 4)).backend_ == "faiss_hnsw"
+    assert EXACT_MAX_NEWS == 20_000  # an exact scan at 100k news is over serving's budget
     vectors = random_vectors(50, 4)
     assert Recaller().fit(vectors).backend_ == "exact"
     assert Recaller(exact_max_news=10).fit(vectors).backend_ == "faiss_hnsw"

@@ -255,3 +255,31 @@ def test_serve_freezes_the_loaded_run_before_it_listens(tiny_run, monkeypatch):
         gc.unfreeze()
     assert result.exit_code == 0, result.output
     assert len(frozen) == 1 and frozen[0] > 0
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_parsed(rec, ids):
+    client = TestClient(create_app(rec, ServeSettings(max_body_bytes=2000)))
+    history = {"history": ids[:3]}
+    assert client.post("/recommend", json=history).status_code == 200
+    big = {"history": ids[:3], "padding": "x" * 2000}  # also a 422, were it parsed
+    response = client.post("/recommend", json=big)
+    assert response.status_code == 413 and response.json() == {
+        "detail": "request body over 2,000 bytes"
+    }
+    chunked = client.post("/recommend", content=(b"x" * 500 for _ in range(5)))
+    assert chunked.status_code == 413
+    news = {"news_id": "NEW1", "title": "t", "abstract": "a" * 3000}
+    assert client.post("/news", json=news).status_code == 413
+
+
+def test_every_string_field_of_a_body_is_bounded():
+    from mmnewsrec.serve.app import NewsIn, RecommendRequest
+
+    for model in (NewsIn, RecommendRequest):
+        for name, field in model.model_json_schema()["properties"].items():
+            for option in field.get("anyOf", [field]):
+                option = option.get("items", option)  # a list's items
+                assert option.get("type") != "string" or "maxLength" in option, name
+    long_url = {"news_id": "NEW1", "title": "t", "image_url": "http://x/" + "a" * 2000}
+    with pytest.raises(ValueError, match="image_url"):
+        NewsIn.model_validate(long_url)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import check_prediction, free_port
 from typer.testing import CliRunner
 
 from mmnewsrec.cli import app
@@ -18,12 +18,12 @@ from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.metrics import evaluate_scores
 from mmnewsrec.rank import CheckpointError, load_ranker
 from mmnewsrec.rank.batches import Batch
+from mmnewsrec.rank.distributed import DistInfo, init_distributed
 from mmnewsrec.rank.train import (
-    DistInfo,
     TrainRecipe,
-    init_distributed,
     lr_factor,
     ranking_loss,
+    resolve_valid_rule,
     run_training,
     valid_mask,
 )
@@ -68,10 +68,8 @@ def write_vectors(folder: Path, store_hash: str, seed: int, tag: str) -> None:
     NewsVectors(vectors.astype(np.float16), has_image, manifest).save(folder)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """A small store (train: 2 clicks per impression, dev) and two sets of vectors."""
-    root = tmp_path_factory.mktemp("mind")
+def build_data(root: Path) -> Path:
+    """A small store (train: 2 clicks per impression, dev) and two sets of vectors in root."""
     rng = np.random.default_rng(0)
     write_mind(root / "raw" / "train", 160, rng, clicks=2, first_day=11)  # Nov 11-14
     write_mind(root / "raw" / "dev", 60, rng, clicks=1, first_day=15)
@@ -81,8 +79,14 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_transformer"):
-    """Selection on dev unless an override says otherwise: these tests compare with dev."""
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build_data(tmp_path_factory.mktemp("mind"))
+
+
+def settings(model: str = "fast_rec_transformer") -> list[str]:
+    """The overrides every run of these tests starts from. Selection on dev unless an override
+    says otherwise: these tests compare with dev."""
     base = [
         "data.valid_split=dev",
         f"model.name={model}",
@@ -95,12 +99,17 @@ def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_t
     ]
     if model.endswith("transformer"):
         base += [f"model.args.{k}={v}" for k, v in TINY.items()]
+    return base
+
+
+def make_config(data: Path, out: Path, *overrides: str, model: str = "fast_rec_transformer"):
+    """The test settings, then `overrides`, on the store and vectors of `data`."""
     values = {
         "data.store_dir": data / "store",
         "data.vectors_dir": data / "emb",
         "run.out_dir": out,
     }
-    return load_config(None, [*base, *overrides], values)
+    return load_config(None, [*settings(model), *overrides], values)
 
 
 def read_log(run: Path) -> list[dict]:
@@ -152,6 +161,64 @@ def test_valid_mask_cuts_by_day_or_fraction(data, rule, n_valid):
     assert valid_mask(times[:0], str(rule)).shape == (0,)  # an empty split holds nothing out
 
 
+def test_the_default_validation_is_the_last_day_unless_it_is_thin():
+    day = 86_400
+    days = np.repeat(np.arange(18_000, 18_004), [300, 300, 300, 100]) * day  # last day: 10%
+    assert resolve_valid_rule(days, "auto") == "last-day"
+    assert valid_mask(days, "auto").sum() == 100
+    thin = np.append(days[:-100], days[-1])  # the last day holds one of 901 impressions
+    assert resolve_valid_rule(thin, "auto") == "0.1"
+    mask = valid_mask(thin, "auto")
+    assert mask.sum() == 91 and thin[mask].min() >= thin[~mask].max()  # the latest tenth
+    assert (
+        resolve_valid_rule(thin, "last-day") == "last-day"
+        and valid_mask(thin, "last-day").sum() == 1
+    )
+
+
+def test_a_thin_last_day_is_not_the_validation_split_and_a_small_one_is_warned(tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    write_mind(tmp_path / "raw" / "train", 161, rng, clicks=1, first_day=11)  # Nov 15: 1 of 161
+    store = build_store(tmp_path / "raw", tmp_path / "store")
+    write_vectors(tmp_path / "emb", store.content_hash, seed=1, tag="vectors")
+    cfg = make_config(tmp_path, tmp_path / "run", "data.valid_split=auto", 'data.dev_split=""')
+    recipe = TrainRecipe(cfg, torch.device("cpu"))
+    with caplog.at_level("INFO", logger="mmnewsrec.rank.train"):
+        recipe.setup()
+    assert recipe.selection == {
+        "split": "valid",
+        "rule": "auto",
+        "applied": "0.1",
+        "held_out_of": "train",
+        "impressions": 17,
+        "clicks": 17,
+    }
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert (
+        "INFO",
+        "validation (valid_split 'auto': 0.1): 17 of 161 train impressions, 17 clicks",
+    ) in messages
+    assert any(
+        level == "WARNING" and "only 17 impressions (17 clicks)" in m for level, m in messages
+    )
+
+
+def test_the_progress_bar_takes_a_label_and_a_line(data, tmp_path, monkeypatch):
+    from mmnewsrec.rank import train
+
+    bars, tqdm = [], train.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bars.append(kwargs)
+        return tqdm(*args, **kwargs | {"disable": True})
+
+    monkeypatch.setattr(train, "tqdm", recording_tqdm)
+    cfg = make_config(data, tmp_path / "run", "optim.epochs=1", "run.progress=true")
+    run_training(cfg, bar_label="minilm fast_rec_transformer seed0", bar_position=1)
+    (bar,) = bars
+    assert bar["desc"] == "train minilm fast_rec_transformer seed0" and bar["position"] == 1
+
+
 def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_path):
     run = tmp_path / "run"
     cfg = make_config(data, run, "data.valid_split=last-day", "run.patience=0")
@@ -173,8 +240,10 @@ def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_
     assert saved["selection"] == {
         "split": "valid",
         "rule": "last-day",
+        "applied": "last-day",
         "held_out_of": "train",
         "impressions": 40,
+        "clicks": 80,
     }
 
 
@@ -350,7 +419,9 @@ def test_signals_go_through_training_evaluation_and_prediction(data, tmp_path):
     assert head.out.weight.abs().sum() > 0  # trained away from the content score
     metrics = evaluate_run(run)  # reads the store's dev signals
     assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
-    assert predict_run(run, None, tmp_path / "prediction.txt", "dev").is_file()
+    prediction = predict_run(run, None, tmp_path / "prediction.txt", "dev")
+    dev = Store.load(data / "store").behaviors("dev")
+    check_prediction(prediction, dev, metrics, tmp_path)
 
 
 def test_gbdt_trains_on_every_signal_and_the_content_cosine(data, tmp_path):
@@ -506,11 +577,8 @@ def exclude_zero_gradient(key: str, value: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
     common = ("optim.epochs=1", "run.eval_every=4", "run.patience=0")
-    torch.set_num_threads(1)
-    try:
-        run_training(make_config(data, tmp_path / "single", *common))
-    finally:
-        torch.set_num_threads(2)
+    torch.set_num_threads(1)  # put back by conftest's keep_torch_threads
+    run_training(make_config(data, tmp_path / "single", *common))
     cfg = make_config(data, tmp_path / "ddp", *common).to_dict()
     mp.spawn(ddp_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
 

@@ -7,6 +7,7 @@ Heavy modules (torch, transformers, polars) are imported inside the commands so 
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -82,7 +83,9 @@ def synth(
 def download(
     name: Annotated[str, typer.Argument(help="demo, small or large.")],
     out: Annotated[Path, typer.Option(help="Output directory (train/, dev/[, test/]).")],
-    base_url: Annotated[str | None, typer.Option(help="Mirror of the MIND archives.")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="Mirror of the MIND archives, instead of the public hosts.")
+    ] = None,
 ) -> None:
     """Download and extract an official MIND archive set (resumable, verified)."""
     from mmnewsrec.data.download import DownloadError, download_mind
@@ -293,6 +296,7 @@ def train(
     from mmnewsrec.formats.runs import CheckpointError
     from mmnewsrec.formats.store import StoreError
     from mmnewsrec.formats.vectors import VectorsError
+    from mmnewsrec.rank.interrupt import TrainingInterrupted
     from mmnewsrec.rank.train import run_training
 
     options = {
@@ -310,6 +314,9 @@ def train(
         result = run_training(cfg, resume=resume)
     except (ConfigError, CheckpointError, StoreError, VectorsError) as err:
         fail(str(err))
+    except TrainingInterrupted as stop:
+        typer.secho(str(stop), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(stop.exit_code) from None
     if result.is_main:
         typer.echo(result.summary())
 
@@ -320,20 +327,42 @@ def train(
 @app.command()
 def score(
     truth_path: Annotated[Path, typer.Argument(help="Truth file: `impression_id [0,1,...]`.")],
-    prediction_path: Annotated[
-        Path, typer.Argument(help="Prediction file or zip: `impression_id [r1,r2,...]`.")
+    prediction_paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Prediction files or zips: `impression_id [3,1,2,...]`. Several: compared "
+            "pairwise (paired bootstrap interval, paired t-test, Holm's correction)."
+        ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    baseline: Annotated[
+        int | None,
+        typer.Option(help="Several predictions: the one (0 = first) every file is compared with."),
+    ] = None,
+    per_impression: Annotated[
+        Path | None, typer.Option(help="Write the per-impression metrics to this parquet file.")
+    ] = None,
 ) -> None:
-    """Score a prediction file against a truth file, as the MIND leaderboard does."""
+    """Score prediction files against a truth file, as the MIND leaderboard does."""
     import json
 
-    from mmnewsrec.evaluate.leaderboard import ScoreFileError, score_files
+    from mmnewsrec.evaluate.leaderboard import ScoreFileError, compare_files
+    from mmnewsrec.files import write_columns
 
+    if baseline is not None and not 0 <= baseline < len(prediction_paths):
+        fail(f"--baseline must index one of the {len(prediction_paths)} prediction files")
     try:
-        metrics = score_files(truth_path, prediction_path)
+        rows, columns = compare_files(truth_path, prediction_paths, baseline)
     except ScoreFileError as err:
         fail(str(err))
+    if per_impression is not None:
+        write_columns(per_impression, columns)
+    if len(rows) > 1:
+        from mmnewsrec.evaluate.report import significance_table
+
+        typer.echo(json.dumps(rows) if as_json else significance_table(rows, ("prediction",)))
+        return
+    metrics = {key: value for key, value in rows[0].items() if key != "prediction"}
     if as_json:
         typer.echo(json.dumps(metrics))
         return
@@ -407,7 +436,7 @@ def predict(
     ] = False,
     device: Device = "cpu",
 ) -> None:
-    """Write `impression_id [r1,r2,...]` lines (leaderboard format) for a split."""
+    """Write `impression_id [3,1,2,...]` lines (leaderboard format) for a split."""
     from mmnewsrec.evaluate.experiment import predict_run, run_store
     from mmnewsrec.formats.runs import CheckpointError
     from mmnewsrec.formats.store import StoreError
@@ -429,11 +458,21 @@ def experiment(
 ) -> None:
     """Run an experiment grid with cached vectors and runs; write report.md with plots."""
     from mmnewsrec.evaluate.experiment import ExperimentError, load_experiment, run_experiment
+    from mmnewsrec.rank.interrupt import TrainingInterrupted
 
     try:
         report = run_experiment(load_experiment(config), config)
     except ExperimentError as err:
         fail(str(err))
+    except TrainingInterrupted as stop:
+        typer.secho(
+            f"stopped by {signal.Signals(stop.signum).name} after step {stop.step} of "
+            f"{stop.out_dir}; run the same command again to continue (finished runs are reused, "
+            "this one resumes from its last.pt)",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(stop.exit_code) from None
     typer.echo(f"report: {report}")
 
 

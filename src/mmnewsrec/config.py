@@ -54,9 +54,10 @@ class DataConfig(Section):
         "cross-entropy per candidate",
     )
     valid_split: str = Field(
-        "last-day",
+        "auto",
         description="what selects the best checkpoint and stops early: impressions held out of "
-        "train_split ('last-day': its last UTC day, MIND's convention; 'YYYY-MM-DD': that day "
+        "train_split ('auto': its last UTC day when that holds at least 5% of them, else its "
+        "latest tenth; 'last-day': its last UTC day, MIND's convention; 'YYYY-MM-DD': that day "
         "on; a fraction such as '0.1': its latest tenth), 'dev' (dev_split, which is then also "
         "the reported split) or '' (none: the last weights)",
     )
@@ -76,8 +77,9 @@ class DataConfig(Section):
 
 
 def valid_cut(rule: str) -> str | date | float | None:
-    """The validation rule as 'last-day', 'dev', a date, a fraction in (0, 1), or None for ''."""
-    if rule in ("last-day", "dev"):
+    """The validation rule as 'auto', 'last-day', 'dev', a date, a fraction in (0, 1), or None
+    for ''."""
+    if rule in ("auto", "last-day", "dev"):
         return rule
     if not rule:
         return None
@@ -91,7 +93,7 @@ def valid_cut(rule: str) -> str | date | float | None:
         fraction = math.nan
     if not 0 < fraction < 1:
         raise ValueError(
-            f"valid_split {rule!r}: expected 'last-day', 'dev', '', a date YYYY-MM-DD "
+            f"valid_split {rule!r}: expected 'auto', 'last-day', 'dev', '', a date YYYY-MM-DD "
             "or a fraction between 0 and 1"
         )
     return fraction
@@ -174,6 +176,9 @@ class RunConfig(Section):
         0, ge=0, description="cap on optimiser steps (sets the schedule); 0 = off"
     )
     stop_after: int = Field(0, ge=0, description="checkpoint and stop after this step; 0 = off")
+    checkpoint_minutes: float = Field(
+        10, ge=0, description="write last.pt at least this often (and at every evaluation); 0 = off"
+    )
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
     progress: bool = Field(True, description="show progress bars")
 

@@ -80,6 +80,7 @@ seeds = [0]
 recall_k = [10, 50, 200]
 device = "auto"
 jobs = {jobs}
+baseline = "popularity"
 """
     crop = ""
     if image_layout == "im-mind":

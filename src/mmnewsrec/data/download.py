@@ -1,12 +1,13 @@
 """Download the official MIND archives: resumable, verified, extracted atomically.
 
 `download_mind("small", out)` fetches MINDsmall_train.zip and MINDsmall_dev.zip into
-out/<archive>.part with HTTP range requests (an interrupted download resumes where it stopped),
-checks the size (against the table, when known, and against what the server announced), the
-sha256 (when known) and the zip itself (`testzip`), extracts it to a temporary folder and renames
-that to out/train, out/dev (out/test for large) — the layout `prepare` reads. A split folder that
-already holds news.tsv and behaviors.tsv is skipped. A corrupt or truncated archive is deleted and
-reported as a `DownloadError`.
+out/<archive>.part from the first host that serves it (HOSTS: the public host, then the former
+one; `base_url` names a mirror instead) with HTTP range requests (an interrupted download resumes
+where it stopped), checks the size (against the table, when known, and against what the server
+announced), the sha256 (when known) and the zip itself (`testzip`), extracts it to a temporary
+folder and renames that to out/train, out/dev (out/test for large) — the layout `prepare` reads.
+A split folder that already holds news.tsv and behaviors.tsv is skipped. A corrupt or truncated
+archive is deleted and reported as a `DownloadError`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_URL = "https://mind201910small.blob.core.windows.net/release"
-DEMO_URL = "https://recodatasets.z20.web.core.windows.net/newsrec"
+PUBLIC_URL = "https://recodatasets.z20.web.core.windows.net/newsrec"  # serves every size
+FORMER_URL = "https://mind201910small.blob.core.windows.net/release"  # closed since 2024-07
+HOSTS = (PUBLIC_URL, FORMER_URL)  # tried in this order
 ARCHIVES = {  # name: {split: archive file}
     "demo": {"train": "MINDdemo_train.zip", "dev": "MINDdemo_dev.zip"},
     "small": {"train": "MINDsmall_train.zip", "dev": "MINDsmall_dev.zip"},
@@ -54,6 +56,7 @@ class Archive:
     url: str
     size: int | None = None  # expected bytes, when known
     sha256: str | None = None  # expected digest, when known
+    fallbacks: tuple[str, ...] = ()  # other URLs of the same file, tried in order after url
 
     @property
     def filename(self) -> str:
@@ -61,12 +64,17 @@ class Archive:
 
 
 def mind_archives(name: str, base_url: str | None = None) -> list[Archive]:
-    """The archives of MIND `name` (demo, small, large), from base_url when given."""
+    """The archives of MIND `name` (demo, small, large), from base_url or else from HOSTS."""
     if name not in ARCHIVES:
         raise DownloadError(f"unknown MIND data set {name!r}; choose one of {', '.join(ARCHIVES)}")
-    base = (base_url or (DEMO_URL if name == "demo" else OFFICIAL_URL)).rstrip("/")
+    bases = [b.rstrip("/") for b in ([base_url] if base_url else HOSTS)]
     return [
-        Archive(split, f"{base}/{file}", *KNOWN.get(file, (None, None)))
+        Archive(
+            split,
+            f"{bases[0]}/{file}",
+            *KNOWN.get(file, (None, None)),
+            fallbacks=tuple(f"{base}/{file}" for base in bases[1:]),
+        )
         for split, file in ARCHIVES[name].items()
     ]
 
@@ -103,41 +111,57 @@ def _complete(folder: Path) -> bool:
 
 
 def _fetch(client: httpx.Client, archive: Archive, path: Path) -> None:
-    """Download archive.url to path via path.part, resuming a previous partial download."""
+    """Download archive to path via path.part from the first of its URLs that serves it."""
     part = path.with_name(path.name + ".part")
-    for attempt in range(1, ATTEMPTS + 1):
+    failures = []
+    for url in (archive.url, *archive.fallbacks):
         try:
-            expected = _stream(client, archive, part)
+            expected = _fetch_from(client, url, archive, part)
             break
-        except httpx.TransportError as err:
-            have = part.stat().st_size if part.exists() else 0
-            logger.warning("%s interrupted at %d bytes (%s)", archive.filename, have, err)
-            if attempt == ATTEMPTS:
-                raise DownloadError(
-                    f"download of {archive.url} failed at {have:,} bytes ({err}); "
-                    "run again to resume"
-                ) from err
+        except DownloadError as err:
+            logger.warning("%s", err)
+            failures.append(str(err))
+    else:
+        if len(failures) == 1:
+            raise DownloadError(failures[0])
+        raise DownloadError(
+            f"no host served {archive.filename}; tried, in order:\n  " + "\n  ".join(failures)
+        )
     have = part.stat().st_size
     if expected is not None and have != expected:
         if have > expected:
             part.unlink()  # not a prefix of this archive: start over next time
-        raise DownloadError(
-            f"{archive.url}: got {have:,} bytes of {expected:,} announced; run again"
-        )
+        raise DownloadError(f"{url}: got {have:,} bytes of {expected:,} announced; run again")
     part.rename(path)
 
 
-def _stream(client: httpx.Client, archive: Archive, part: Path) -> int | None:
-    """Append the missing bytes of archive.url to part; return the announced total size."""
+def _fetch_from(client: httpx.Client, url: str, archive: Archive, part: Path) -> int | None:
+    """Download url into part, resuming after dropped connections; return the announced size."""
+    attempt = 1
+    while True:
+        try:
+            return _stream(client, url, archive, part)
+        except httpx.TransportError as err:
+            have = part.stat().st_size if part.exists() else 0
+            logger.warning("%s interrupted at %d bytes (%s)", url, have, err)
+            if attempt == ATTEMPTS:
+                raise DownloadError(
+                    f"download of {url} failed at {have:,} bytes ({err}); run again to resume"
+                ) from err
+            attempt += 1
+
+
+def _stream(client: httpx.Client, url: str, archive: Archive, part: Path) -> int | None:
+    """Append the missing bytes of url to part; return the announced total size."""
     offset = part.stat().st_size if part.exists() else 0
     if archive.size is not None and offset >= archive.size:
         return offset  # complete already (checked by _verify); never ask past the end
     headers = {"Range": f"bytes={offset}-"} if offset else {}
-    with client.stream("GET", archive.url, headers=headers) as response:
+    with client.stream("GET", url, headers=headers) as response:
         if response.status_code == 416 and offset:  # nothing left to send
             return None
         if response.status_code not in (200, 206):
-            raise DownloadError(f"HTTP {response.status_code} for {archive.url}")
+            raise DownloadError(f"HTTP {response.status_code} for {url}")
         if response.status_code == 200 and offset:
             logger.info("%s: server ignored the range request, starting over", archive.filename)
             offset = 0

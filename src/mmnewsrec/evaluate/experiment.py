@@ -10,6 +10,7 @@ An experiment file (TOML) declares encoders x rankers x seeds over one data set:
     seeds = [0, 1]
     recall_k = [10, 50, 200]
     jobs = 2                       # training runs at a time (processes sharing the CPU threads)
+    baseline = "popularity"        # a ranker ("ranker/encoder" if per encoder): compared with
     recall_popular_share = 0.1     # of K, for the popularity/freshness channel (0: content only)
 
     [encoders.text]                # options of `mmnewsrec encode`
@@ -36,7 +37,7 @@ import logging
 import shutil
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,13 +48,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
-from mmnewsrec.files import write_json
+from mmnewsrec.files import write_columns, write_json
+from mmnewsrec.metrics import METRICS
 
 if TYPE_CHECKING:
     from mmnewsrec.formats.store import Behaviors, Store
+    from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import TrainedRanker
 
 logger = logging.getLogger(__name__)
+
+IMPRESSIONS_FILE = "impressions.parquet"  # per-impression metrics of a run, beside metrics.json
 
 
 class ExperimentError(ValueError):
@@ -108,6 +113,9 @@ class ExperimentConfig(_Strict):
     oracle: Path | None = None
     device: str = "auto"
     jobs: int = Field(1, ge=1, description="training runs at a time, each in its own process")
+    baseline: str | None = Field(
+        None, description="row every row is compared with: RANKER[/ENCODER]"
+    )
     encoders: dict[str, EncoderSpec]
     rankers: dict[str, RankerSpec]
 
@@ -117,6 +125,17 @@ class ExperimentConfig(_Strict):
             raise ValueError("give exactly one of data_dir (raw MIND) and store_dir (a store)")
         if not self.encoders or not self.rankers or not self.seeds:
             raise ValueError("encoders, rankers and seeds must not be empty")
+        if self.baseline is not None:
+            ranker, _, encoder = self.baseline.partition("/")
+            spec = self.rankers.get(ranker)
+            if spec is None or (encoder and encoder not in self.encoders):
+                raise ValueError(
+                    f"baseline {self.baseline!r} names no ranker[/encoder] of the grid"
+                )
+            if spec.per_encoder and len(self.encoders) > 1 and not encoder:
+                raise ValueError(f"baseline {self.baseline!r}: name its encoder, RANKER/ENCODER")
+            if encoder and not spec.per_encoder:
+                raise ValueError(f"baseline {self.baseline!r}: {ranker} runs once, name no encoder")
         return self
 
 
@@ -178,32 +197,59 @@ def evaluate_run(
 
     Returns:
         The metrics of [`evaluate_scores`][mmnewsrec.metrics.evaluate_scores] with `split`
-            (reported), `selected_on` (the split that chose the checkpoint), `selection` and
-            `selected_on_reported_split`; also written to RUN_DIR/metrics.json.
+            (reported), `selected_on` (the split that chose the checkpoint), `selection`,
+            `selected_on_reported_split`, and the beyond-accuracy metrics and breakdowns of
+            its top-10 lists (`beyond_accuracy.describe_rankings`); also written to
+            RUN_DIR/metrics.json, the per-impression metrics to RUN_DIR/impressions.parquet
+            (for paired comparisons of runs).
     """
-    from mmnewsrec.metrics import evaluate_scores
-
     ranker, behaviors, scores = score_run(run_dir, store_dir, split, device)
     if not behaviors.labelled:
         raise ExperimentError(f"split {split!r} has no labels: use `predict` for it")
-    labels, offsets = behaviors.candidate_labels, behaviors.candidate_offsets
+    described, per_impression = _describe(ranker, run_store(run_dir, store_dir), split, scores)
     selection = ranker.selection
     peeked = selection["split"] == split
     if peeked:
         logger.warning(
             "%s: the checkpoint was selected on %r, the split reported: these metrics are "
-            "optimistic (train with data.valid_split = 'last-day' for an unseen report)",
+            "optimistic (train with data.valid_split = 'auto' for an unseen report)",
             run_dir, split,
         )  # fmt: skip
+    scored = ~np.isnan(per_impression["auc"])
     metrics = {
-        **evaluate_scores(scores, labels, offsets),
+        **{name: float(per_impression[name][scored].mean()) for name in METRICS},
+        "impressions": int(scored.sum()),
+        "skipped": int((~scored).sum()),
         "split": split,
         "selected_on": selection["split"],
         "selection": selection,
         "selected_on_reported_split": peeked,
+        **described,
     }
+    write_columns(Path(run_dir) / IMPRESSIONS_FILE, per_impression)
     write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics
+
+
+def _describe(
+    ranker: TrainedRanker, store: Store, split: str, scores: np.ndarray
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """`describe_rankings` of a run's scores on a split of `store`; diversity over the first
+    part of the run's news vectors (the text part of a concat fusion), so that rows with and
+    without an image part are measured in the same space."""
+    from mmnewsrec.evaluate.beyond_accuracy import describe_rankings, store_arrays
+    from mmnewsrec.formats.vectors import NewsVectors
+    from mmnewsrec.recall.space import vector_parts
+
+    vectors = NewsVectors.load(ranker.config.data.vectors_dir)
+    first = vector_parts(vectors.manifest, vectors.dim)[0]
+    return describe_rankings(
+        scores,
+        store.behaviors(split),
+        vectors.vectors[:, first.start : first.stop],
+        news_with_image(store, [vectors]),
+        *store_arrays(store, split, ranker.config.data.train_split),
+    )
 
 
 def run_store(run_dir: Path, store_dir: Path | None = None) -> Store:
@@ -323,6 +369,10 @@ class Cell:
     seed: int
     run_dir: Path
 
+    def describe(self) -> str:
+        """Encoder, ranker and seed, as a progress bar names the run."""
+        return f"{self.label} {self.ranker_name} seed{self.seed}"
+
 
 def grid_cells(config: ExperimentConfig) -> list[Cell]:
     """The runs of the grid in the file's order: rankers, then encoders, then seeds."""
@@ -379,10 +429,13 @@ def run_experiment(
             vectors_dirs[name] = _encode(config, store_dir, name)
     with watch.phase("recall"):
         from mmnewsrec.formats.store import Store
+        from mmnewsrec.formats.vectors import NewsVectors
 
         store = Store.load(store_dir)
-        recall = {name: _recall(store, path, config) for name, path in vectors_dirs.items()}
-        clicked_share = clicked_image_share(store, config.dev_split)
+        vectors = {name: NewsVectors.load(path) for name, path in vectors_dirs.items()}
+        has_image = news_with_image(store, vectors.values())
+        recall = {name: _recall(store, v, config, has_image) for name, v in vectors.items()}
+        clicked_share = clicked_image_share(store, config.dev_split, has_image)
     cells = grid_cells(config)
     with watch.phase("train"):
         trained = _train_cells(config, cells, store_dir, vectors_dirs)
@@ -408,7 +461,12 @@ def run_experiment(
             clicked_image_share=clicked_share,
             recall_note=_recall_note(config),
         )
-        write_json(out / "results.json", [_row(r) for r in summarise(results)])
+        inputs.significance, inputs.significance_note = significance(config, cells, results)
+        rows = [
+            {**row, **inputs.significance.get((row["encoder"], row["ranker"]), {})}
+            for row in summarise(results)
+        ]
+        write_json(out / "results.json", [_row(r) for r in rows])
         minutes = (time.perf_counter() - started) / 60
         inputs.notes.append(
             f"Grid run in {minutes:.1f} min (cached stages are not re-run; {config.jobs} "
@@ -419,13 +477,77 @@ def run_experiment(
     return report
 
 
+def significance(
+    config: ExperimentConfig, cells: list[Cell], results: list[RunResult]
+) -> tuple[dict[tuple[str, str], dict], str]:
+    """Paired comparisons of the table's rows (`significance.compare_table`) from the runs'
+    per-impression metrics (seed means), keyed by (encoder, ranker), and a note saying how."""
+    from mmnewsrec.evaluate.significance import ALPHA, RESAMPLES, compare_table
+
+    rows = summarise(results)
+    runs: dict[tuple[str, str], list[Path]] = {}
+    for cell in cells:
+        runs.setdefault((cell.label, cell.ranker_name), []).append(cell.run_dir)
+    per_row = [seed_means(runs[row["encoder"], row["ranker"]]) for row in rows]
+    values = {m: np.stack([table[m] for table in per_row], axis=1) for m in METRICS}
+    scored = ~np.isnan(values["auc"]).any(axis=1)
+    values = {m: v[scored] for m, v in values.items()}
+    std = {m: np.array([row[f"{m}_std"] for row in rows]) for m in METRICS}
+    seeds = np.array([row["seeds"] for row in rows])
+    baseline = _baseline_row(config.baseline, rows)
+    table = compare_table(values, std, seeds, baseline)
+    for entry in table[1:]:
+        entry["tied_with_best"] = not entry["auc_vs_best"]["significant"]
+    comparisons = len(table[0]) + sum(len(entry) - 1 for entry in table[1:])
+    against = f" and the baseline ({config.baseline})" if baseline is not None else ""
+    note = (
+        f"Each row against the best row{against}: mean difference over {int(scored.sum()):,} "
+        f"scored impressions (seed means), 95% paired-bootstrap interval ({RESAMPLES:,} "
+        f"resamples), paired t-test p-value with Holm's correction over the table's "
+        f"{comparisons} comparisons (AUC, MRR, nDCG@5, nDCG@10 in results.json). ≈ and n.s.: "
+        f"not significant at {ALPHA:g}. Larger noise: whether the spread over seeds or over "
+        "impressions gives the difference the larger standard error (- : one seed)."
+    )
+    return {(row["encoder"], row["ranker"]): e for row, e in zip(rows, table, strict=True)}, note
+
+
+def seed_means(run_dirs: list[Path]) -> dict[str, np.ndarray]:
+    """Per-impression metrics of one row: the mean over its runs (seeds) of their
+    impressions.parquet, which must list the same impressions."""
+    import polars as pl
+
+    tables = [
+        pl.read_parquet(d / IMPRESSIONS_FILE, columns=["impression_id", *METRICS]) for d in run_dirs
+    ]
+    ids = tables[0]["impression_id"].to_numpy()
+    for run_dir, table in zip(run_dirs, tables, strict=True):
+        if not np.array_equal(table["impression_id"].to_numpy(), ids):
+            raise ExperimentError(
+                f"{run_dir / IMPRESSIONS_FILE}: other impressions than {run_dirs[0]}"
+            )
+    return {m: np.mean([t[m].to_numpy() for t in tables], axis=0) for m in METRICS}
+
+
+def _baseline_row(baseline: str | None, rows: list[dict]) -> int | None:
+    """Index of the row the baseline names (RANKER or RANKER/ENCODER)."""
+    if baseline is None:
+        return None
+    ranker, _, encoder = baseline.partition("/")
+    return next(
+        i
+        for i, row in enumerate(rows)
+        if row["ranker"] == ranker and (not encoder or row["encoder"] == encoder)
+    )
+
+
 def _train_cells(
     config: ExperimentConfig, cells: list[Cell], store_dir: Path, vectors_dirs: dict[str, Path]
 ) -> list[tuple[dict[str, float], float, float]]:
     """(metrics, wall s, CPU s) of every cell, in order; `config.jobs` processes at a time, each
     with an equal share of torch's threads (one process: in this one)."""
     args = [
-        (config, c.ranker, store_dir, vectors_dirs[c.encoder], c.run_dir, c.seed) for c in cells
+        (config, c.ranker, store_dir, vectors_dirs[c.encoder], c.run_dir, c.seed, c.describe())
+        for c in cells
     ]
     if config.jobs == 1:
         return [_timed_train(*a) for a in args]
@@ -435,19 +557,27 @@ def _train_cells(
 
     threads = max(1, torch.get_num_threads() // config.jobs)
     level = logging.getLogger().getEffectiveLevel()
+    context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         config.jobs,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=context,
         initializer=_init_worker,
-        initargs=(threads, level),
+        initargs=(threads, level, context.Value("i", 0)),
     ) as pool:
         futures = [pool.submit(_timed_train, *a) for a in args]
         return [future.result() for future in futures]
 
 
-def _init_worker(threads: int, log_level: int) -> None:
+_worker_slot = 0  # this training process's number among the experiment's jobs: its bar's line
+
+
+def _init_worker(threads: int, log_level: int, slots: Any) -> None:
+    """Set up a training process: its share of threads, logging, and a slot of its own."""
     import torch
 
+    global _worker_slot
+    with slots.get_lock():
+        _worker_slot, slots.value = slots.value, slots.value + 1
     torch.set_num_threads(threads)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -511,11 +641,10 @@ def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
 
 
 def _recall(
-    store: Store, vectors_dir: Path, config: ExperimentConfig
+    store: Store, vectors: NewsVectors, config: ExperimentConfig, has_image: np.ndarray
 ) -> dict[int, dict[str, float]]:
-    """Per K: recall@K on the dev split and the share of recalled news with an image, with
-    the recaller fitted as serving fits it."""
-    from mmnewsrec.formats.vectors import NewsVectors
+    """Per K: recall@K on the dev split and the share of recalled news with an image
+    (`has_image`), with the recaller fitted as serving fits it."""
     from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
 
     share = config.recall_popular_share
@@ -523,33 +652,42 @@ def _recall(
         k=max(config.recall_k),
         popular_share=DEFAULT_POPULAR_SHARE if share is None else share,
     )
-    recaller.fit_store(NewsVectors.load(vectors_dir), store, config.train_split)
+    recaller.fit_store(vectors, store, config.train_split)
     behaviors = store.behaviors(config.dev_split)
-    return recaller.recall_stats(behaviors, config.recall_k, news_with_image(store))
+    return recaller.recall_stats(behaviors, config.recall_k, has_image)
 
 
 def _recall_note(config: ExperimentConfig) -> str:
-    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
+    from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, EXACT_MAX_NEWS, Recaller
 
     share = config.recall_popular_share
     share = DEFAULT_POPULAR_SHARE if share is None else share
     return (
         "Each part of the news vectors (text, image) centred on its mean and unit-scaled, the"
         f" image part weighted {Recaller().image_weight:g}; {100 * share:g}% of K from the"
-        " popularity/freshness channel. Image share: news with an image among all recalled news."
+        " popularity/freshness channel. Searched as `serve` searches: exactly up to"
+        f" {EXACT_MAX_NEWS:,} news, in an HNSW graph (approximate) beyond. Image share: news"
+        " with an image among all recalled news."
     )
 
 
-def news_with_image(store: Store) -> np.ndarray:
-    """(N+1,) bool: the store has an image for the news index (row 0, padding: False)."""
+def news_with_image(store: Store, vectors: Iterable[NewsVectors] = ()) -> np.ndarray:
+    """(N+1,) bool (row 0, padding: False): the news with an image as the image encoders of
+    `vectors` found it (an IM-MIND card whose photo box is blank has none), or, when none of
+    them read images, the news the store has an image file for."""
+    found = [np.asarray(v.has_image, dtype=bool) for v in vectors if v.manifest.get("image")]
+    if found:
+        return np.logical_or.reduce(found)
     return np.concatenate([[False], store.news["image_path"].is_not_null().to_numpy()])
 
 
-def clicked_image_share(store: Store, split: str) -> float:
-    """Share of the clicked candidates of `split` that have an image."""
+def clicked_image_share(store: Store, split: str, has_image: np.ndarray | None = None) -> float:
+    """Share of the clicked candidates of `split` that have an image (`has_image`, by default
+    the store's image files)."""
+    has_image = news_with_image(store) if has_image is None else has_image
     behaviors = store.behaviors(split)
     clicked = np.asarray(behaviors.candidate_items)[np.asarray(behaviors.candidate_labels) == 1]
-    return float(news_with_image(store)[clicked].mean()) if len(clicked) else float("nan")
+    return float(has_image[clicked].mean()) if len(clicked) else float("nan")
 
 
 def _train(
@@ -559,7 +697,9 @@ def _train(
     vectors_dir: Path,
     run_dir: Path,
     seed: int,
+    label: str | None = None,
 ) -> dict[str, float]:
+    """Train one cell (or reuse its run) and evaluate it; `label` names its progress bar."""
     from mmnewsrec.config import load_config
     from mmnewsrec.rank.train import run_training
 
@@ -569,11 +709,13 @@ def _train(
     same = config_path.exists() and json.loads(config_path.read_text()) == train_config.to_dict()
     if same and metrics_path.exists():
         logger.info("reusing %s", run_dir)
+        if not (run_dir / IMPRESSIONS_FILE).exists():  # trained before they were kept
+            return evaluate_run(**evaluate_params(config, run_dir))
         return json.loads(metrics_path.read_text())
     if run_dir.exists() and not same:
         logger.warning("%s holds a run of another configuration: starting it again", run_dir)
         shutil.rmtree(run_dir)
-    run_training(train_config, resume=same)
+    run_training(train_config, same, bar_label=label, bar_position=_worker_slot)
     return evaluate_run(**evaluate_params(config, run_dir))
 
 

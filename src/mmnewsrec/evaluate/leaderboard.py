@@ -3,7 +3,12 @@
 A prediction lists the 1-based rank of every candidate, in candidate order; a truth file lists
 their 0/1 click labels. `score_files` scores a prediction as the official scorer does: the same
 impression ids in the same order, line for line, one rank of 1 or more per candidate of the
-truth, scored as 1 / rank, so tied ranks are scored (half credit in AUC), with a warning. A truth
+truth, scored as 1 / rank, so tied ranks are scored (half credit in AUC), with a warning. MRR and
+nDCG then need an order of the tied candidates: here the later candidate first (the stable
+`np.argsort(1 / rank, kind="stable")[::-1]`, as `mmnewsrec.metrics` orders equal scores); the
+official script's `np.argsort` is not stable, so its order of ties depends on the numpy build and
+CPU. On 3,000 random impressions, a third with tied ranks, the two orders differ by up to 0.0003
+in MRR and 0.0009 in nDCG (`benchmarks/tied_ranks.py`); AUC is the same. A truth
 line with an empty list is a masked impression: its prediction line must still name it, and it
 is skipped. `write_prediction` writes only what the leaderboard accepts: every list a permutation
 of 1..n, the text read back and checked before the file is written.
@@ -23,9 +28,11 @@ import numpy as np
 
 from mmnewsrec.files import atomic_file, write_text
 from mmnewsrec.metrics import (
+    METRICS,
+    ImpressionMetrics,
     check_offsets,
-    evaluate_scores,
     impression_chunks,
+    impression_metrics,
     ranks_from_scores,
 )
 
@@ -40,10 +47,12 @@ __all__ = [
     "PREDICTION_MEMBER",
     "ImpressionLists",
     "ScoreFileError",
+    "compare_files",
     "ranks_from_scores",
     "read_prediction",
     "read_truth",
     "score_files",
+    "score_impressions",
     "write_prediction",
     "write_truth",
 ]
@@ -102,7 +111,9 @@ def read_prediction(path: Path | str, ties: bool = False) -> ImpressionLists:
         )
     logger.warning(
         "%s: %d of %d lines are not permutations of 1..n (first: line %d, %s); scored as the "
-        "official scorer does, by 1 / rank: tied candidates get half credit in AUC",
+        "official scorer does, by 1 / rank: tied candidates get half credit in AUC, and MRR "
+        "and nDCG rank the later of tied candidates first (the official script's unstable sort "
+        "may order them otherwise: MRR and nDCG can differ from its figures in the 4th decimal)",
         pred.path,
         bad.size,
         len(pred),
@@ -203,7 +214,8 @@ def score_files(truth_path: Path | str, prediction_path: Path | str) -> dict:
     `mmnewsrec score` does.
 
     Tied ranks are scored, with a warning, as the official scorer does (1/rank, half credit
-    in AUC); MRR and nDCG order tied candidates as `mmnewsrec.metrics` does.
+    in AUC); MRR and nDCG rank the later of tied candidates first, as `mmnewsrec.metrics` does
+    (the module docstring gives the difference from the official script's unstable order).
 
     Args:
         truth_path: Lines `impression_id [0,1,...]` (`mmnewsrec truth` writes them).
@@ -216,11 +228,52 @@ def score_files(truth_path: Path | str, prediction_path: Path | str) -> dict:
         ScoreFileError: A malformed file, or files whose impressions do not align; the
             message names the file and line.
     """
-    truth, pred = read_truth(truth_path), read_prediction(prediction_path, ties=True)
+    return score_impressions(read_truth(truth_path), prediction_path).summary()
+
+
+def score_impressions(truth: ImpressionLists, prediction_path: Path | str) -> ImpressionMetrics:
+    """Per-impression metrics of a prediction file against a read truth file (as `score_files`;
+    NaN for masked and unscored lines)."""
+    pred = read_prediction(prediction_path, ties=True)
     _check_alignment(truth, pred)
     keep = np.repeat(truth.sizes > 0, pred.sizes)  # masked truth lines are not scored
     ranks = pred.values if keep.all() else pred.values[keep]
-    return evaluate_scores(-ranks, truth.values, truth.offsets)
+    return impression_metrics(-ranks, truth.values, truth.offsets)
+
+
+def compare_files(
+    truth_path: Path | str, prediction_paths: list[Path], baseline: int | None = None
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Several prediction files scored on one truth file and compared pairwise.
+
+    Returns one row per file, best AUC first: its metrics and, as in an experiment's results,
+    `<metric>_vs_best` / `<metric>_vs_baseline` (the file at index `baseline` of
+    `prediction_paths`) paired comparisons (`significance.compare_table`) and `tied_with_best`;
+    and the per-impression columns (impression_id, then <metric>_<file index>)."""
+    from mmnewsrec.evaluate.significance import compare_table
+
+    truth = read_truth(truth_path)
+    scored = [score_impressions(truth, path) for path in prediction_paths]
+    order = sorted(range(len(scored)), key=lambda i: -scored[i].summary()["auc"])
+    keep = scored[0].scored
+    values = {m: np.stack([getattr(scored[i], m)[keep] for i in order], axis=1) for m in METRICS}
+    ones = np.ones(len(order))
+    table = compare_table(
+        values,
+        {m: np.zeros(len(order)) for m in METRICS},
+        ones,
+        baseline=None if baseline is None else order.index(baseline),
+    )
+    rows = []
+    for place, (i, entry) in enumerate(zip(order, table, strict=True)):
+        tied = {"tied_with_best": not entry["auc_vs_best"]["significant"]} if place else {}
+        rows.append(
+            {"prediction": str(prediction_paths[i]), **scored[i].summary(), **entry, **tied}
+        )
+    columns = {"impression_id": truth.impression_ids.astype(str)}
+    for i, metrics in enumerate(scored):
+        columns.update({f"{m}_{i}": getattr(metrics, m) for m in METRICS})
+    return rows, columns
 
 
 def _check_alignment(truth: ImpressionLists, pred: ImpressionLists) -> None:

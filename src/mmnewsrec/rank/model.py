@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmnewsrec.csr import mean_user_vectors, padded_to_csr
+from mmnewsrec.recall.space import Part, RecallSpace
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class PopularityConfig:
 @dataclass
 class MeanCosineConfig:
     recency_weighting: float | None = None  # g in (0, 1]: r-th most recent click weighs g**r
+    text_dim: int = 0  # 0 < text_dim < D: concat vectors [text | image], scored part by part
+    image_weight: float = 0.5  # of the image part, as in recall
 
 
 @dataclass
@@ -499,17 +502,40 @@ def click_counts(behaviors: Any, num_news: int) -> np.ndarray:
 
 
 class MeanCosineRanker(Ranker):
-    """The recaller as a ranker: cosine of the (recency-weighted) mean history vector and the
-    candidate vector."""
+    """The recaller as a ranker: the (recency-weighted) mean history vector against each
+    candidate vector, in the recall space (`recall.space`): each part of concat vectors
+    centred, unit-scaled and weighted, so that the image part does not outweigh the text."""
 
     name = "mean_cosine"
     config_class = MeanCosineConfig
     trainable = False
+    space_mean: Tensor  # buffers, registered in __init__
+    space_scale: Tensor
+    space_part: Tensor
+
+    def __init__(self, config: MeanCosineConfig, news_vectors: Any, has_image: Any = None) -> None:
+        super().__init__(config, news_vectors, has_image)
+        dim, text_dim = self.news_dim, config.text_dim
+        parts: tuple[Part, ...] = (Part("all", 0, dim),)
+        if 0 < text_dim < dim:
+            parts = (Part("text", 0, text_dim), Part("image", text_dim, dim))
+        space = RecallSpace(parts, weights={"image": config.image_weight}).fit(self.news_vectors)
+        part_of = torch.cat([torch.full((p.stop - p.start,), i) for i, p in enumerate(parts)])
+        self.register_buffer("space_mean", torch.cat(space.means_), persistent=False)  # (D,)
+        self.register_buffer("space_scale", space.scales_, persistent=False)  # (N+1, P)
+        self.register_buffer("space_part", part_of, persistent=False)  # (D,) part of a column
+
+    def space_rows(self, ids: Tensor) -> Tensor:
+        """(*ids.shape, D): news rows `ids` in the recall space (`RecallSpace.rows`)."""
+        scale = self.space_scale[ids][..., self.space_part]
+        return (self.news_vectors[ids] - self.space_mean) * scale
 
     def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
-        scores = content_cosine(
-            self.news_vectors, history, candidates, self.config.recency_weighting
-        )
+        offsets, items = padded_to_csr(history)
+        user = mean_user_vectors(self.space_rows(items), offsets, self.config.recency_weighting)
+        cand = self.space_rows(candidates)  # (B, C, D)
+        with fp32_scores(cand):
+            scores = torch.einsum("bd,bcd->bc", user.float(), cand.float())
         return scores.masked_fill(candidates == 0, 0.0)
 
 

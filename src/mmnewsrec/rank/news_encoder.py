@@ -133,10 +133,12 @@ class FineTunedRanker(nn.Module):
 
     @torch.no_grad()
     def full_table(self) -> Tensor:
-        """(N+1, D) float32: every news item through the tower, row 0 zeros."""
+        """(N+1, D) float32: every news item through the tower, row 0 zeros; computed in fp32
+        under any autocast, as the export computes it, so that selection sees those vectors."""
         vectors = self.ranker.news_vectors
         index = torch.arange(1, len(vectors), device=vectors.device)
-        rows = [self.news_rows(part).float() for part in index.split(EXPORT_BLOCK)]
+        with torch.autocast(vectors.device.type, enabled=False):
+            rows = [self.news_rows(part).float() for part in index.split(EXPORT_BLOCK)]
         return torch.cat([vectors.new_zeros(1, vectors.shape[1]), *rows])
 
     def refresh(self) -> None:

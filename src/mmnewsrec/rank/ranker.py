@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from mmnewsrec.config import TrainConfig, validate_config
 from mmnewsrec.devices import autocast, resolve_device
-from mmnewsrec.formats.runs import check_vectors_hash, read_checkpoint
+from mmnewsrec.formats.runs import CheckpointError, check_vectors_hash, read_checkpoint
 from mmnewsrec.rank.batches import BehaviorArrays, gather_history, iter_eval_batches
 
 logger = logging.getLogger(__name__)
@@ -270,6 +270,14 @@ def load_ranker(
     path = run_dir / checkpoint
     state = read_checkpoint(path)
     config = validate_config(state["config"], str(path))
+    if not state.get("finetune", {"exported": True}).get("exported"):
+        raise CheckpointError(
+            f"{path} was saved while fine-tuning the text encoder, before the run's news vectors "
+            "were exported: the run is still training, or it stopped before its end "
+            "(run.stop_after, an interruption). Finish it with the same `mmnewsrec train` "
+            f"command and --resume; its end writes {run_dir / 'vectors'} and "
+            f"{run_dir / 'text_encoder'} and the checkpoint that evaluate, predict and serve read"
+        )
     if vectors is None:
         vectors = NewsVectors.load(config.data.vectors_dir)
     check_vectors_hash(path, state["vectors_hash"], vectors.hash)

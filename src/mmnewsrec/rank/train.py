@@ -1,30 +1,25 @@
 """The training recipe: setup / train / save_checkpoint / cleanup.
 
-One process, or one per device under `torchrun` (DistributedDataParallel; gloo on CPU, nccl on
-CUDA; the process group is made under torchrun even for one process). The device is resolved
-once and passed in; every collective carries tensors on it, as NCCL requires. Every rank scores
-its share of the selection impressions and the scores are gathered, so no rank waits for a
-whole pass. Rank 0 alone logs, computes the selection metrics and writes
-RUN_DIR/{config.json, log.csv, checkpoint.pt (best), last.pt (resumable)}.
+One process, or one per device under `torchrun` (DistributedDataParallel, see
+`rank.distributed`). Every rank scores its share of the selection impressions and the scores
+are gathered, so no rank waits for a whole pass. Rank 0 alone logs, computes the selection
+metrics and writes RUN_DIR/{config.json, log.csv, checkpoint.pt (best), last.pt (resumable)}.
 
 Selection (best checkpoint, early stopping) uses a validation split held out of the train
 impressions by `data.valid_split` (by default their last day, MIND's convention), so the dev
 split that `evaluate` reports stays unseen. `data.valid_split = "dev"` selects on dev instead;
 the checkpoint then says so (`selection`), and so do the reports.
 
-A run is reproducible from (config, seed): negatives come from (seed, epoch), the order from the
-sampler's (seed, epoch), dropout from the saved RNG states, so a run stopped after step s and
-resumed ends with the same weights as one that never stopped.
+last.pt is written at every evaluation, at least every `run.checkpoint_minutes` and when
+SIGTERM or SIGINT stops the run after a step (`rank.interrupt`); a run stopped or killed after
+step s and resumed ends with the same weights as one that never stopped (`rank.checkpoints`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
-import os
-import random
 import time
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
@@ -40,68 +35,33 @@ from tqdm.auto import tqdm
 
 from mmnewsrec.config import ConfigError, TrainConfig, valid_cut
 from mmnewsrec.devices import amp_dtype, autocast, resolve_device
-from mmnewsrec.files import atomic_file, write_text
-from mmnewsrec.formats.runs import (
-    CHECKPOINT_FORMAT,
-    LOG_FIELDS,
-    check_vectors_hash,
-    read_checkpoint,
-)
+from mmnewsrec.files import write_text
+from mmnewsrec.formats.runs import CHECKPOINT_FORMAT, check_vectors_hash, read_checkpoint
 from mmnewsrec.formats.store import DAY
 from mmnewsrec.rank.batches import Batch, ClickDataset, ResumableSampler, collate
+from mmnewsrec.rank.checkpoints import (
+    atomic_save,
+    check_resumable,
+    check_same_store,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from mmnewsrec.rank.distributed import (
+    DistInfo,
+    any_rank,
+    gather_scores,
+    init_distributed,
+    shard,
+)
+from mmnewsrec.rank.interrupt import StopSignals, TrainingInterrupted
 from mmnewsrec.rank.ranker import score_behaviors
+from mmnewsrec.rank.run_log import Window, append_log, reset_log, truncate_log
 
 if TYPE_CHECKING:
     from mmnewsrec.formats.store import Behaviors
 
 logger = logging.getLogger(__name__)
-
-# The settings a resumed run may change: where it writes, how it reports progress, where the
-# data lies (the store and vectors are compared by content hash instead) and, upwards only,
-# optim.epochs. Any other change would alter what the run computes.
-RESUME_FREE = {
-    "run.out_dir",
-    "run.log_every",
-    "run.progress",
-    "run.stop_after",
-    "data.store_dir",
-    "data.vectors_dir",
-}
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a distributed run (a single process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    launched: bool = False  # started by torchrun: a process group even for one process
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """Whether the run has a process group (and wraps the model in DDP)."""
-        return self.launched or self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> DistInfo:
-        """Read RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR as set by torchrun."""
-        env = os.environ
-        return cls(
-            int(env.get("RANK", 0)),
-            int(env.get("WORLD_SIZE", 1)),
-            int(env.get("LOCAL_RANK", 0)),
-            launched="MASTER_ADDR" in env and "RANK" in env,
-        )
-
-
-def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous share [lo, hi) of n items that `rank` of `world_size` takes."""
-    return n * rank // world_size, n * (rank + 1) // world_size
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -127,10 +87,24 @@ def ranking_loss(scores: torch.Tensor, batch: Batch, kind: str) -> torch.Tensor:
     return (loss * real).sum() / real.sum()
 
 
+AUTO_MIN_LAST_DAY = 0.05  # 'auto' holds out the last day if it has this share of train
+AUTO_FRACTION = "0.1"  # otherwise the latest tenth
+MIN_VALID_IMPRESSIONS = 200  # fewer select a checkpoint by noise: a warning
+
+
+def resolve_valid_rule(times: np.ndarray, rule: str) -> str:
+    """The rule that `rule` stands for on impressions at `times`: 'auto' is 'last-day' when
+    the last UTC day holds at least AUTO_MIN_LAST_DAY of them, else AUTO_FRACTION."""
+    if rule != "auto":
+        return rule
+    thin = len(times) == 0 or valid_mask(times, "last-day").mean() < AUTO_MIN_LAST_DAY
+    return AUTO_FRACTION if thin else "last-day"
+
+
 def valid_mask(times: np.ndarray, rule: str) -> np.ndarray:
     """(I,) bool: the impressions at `times` (unix seconds) that a held-out `data.valid_split`
-    rule ('last-day', 'YYYY-MM-DD' or a fraction) puts in the validation split."""
-    cut = valid_cut(rule)
+    rule ('auto', 'last-day', 'YYYY-MM-DD' or a fraction) puts in the validation split."""
+    cut = valid_cut(resolve_valid_rule(times, rule))
     times = np.asarray(times)
     if cut == "last-day":
         last_day = times.max() // DAY * DAY if len(times) else 0
@@ -145,77 +119,6 @@ def valid_mask(times: np.ndarray, rule: str) -> np.ndarray:
         start = datetime(cut.year, cut.month, cut.day, tzinfo=UTC).timestamp()
         return times >= start
     raise ValueError(f"valid_split {rule!r} holds nothing out of the train split")
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA generator states, in checkpoint-safe types."""
-    state: Any = np.random.get_state()
-    name, keys, pos, has_gauss, gauss = state
-    return {
-        "python": random.getstate(),
-        "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved."""
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename it into place."""
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(flatten(v, key + ".") if isinstance(v, dict) and v else {key: v})
-    return out
-
-
-def check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """Refuse to resume under settings that change what the run computes (see RESUME_FREE)."""
-    old, new = flatten(saved), flatten(config.to_dict())
-    more_epochs = new["optim.epochs"] >= old.get("optim.epochs", math.inf)
-    keys = sorted(k for k in old.keys() | new.keys() if k not in RESUME_FREE)
-    diff = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in keys
-        if old.get(k) != new.get(k) and not (k == "optim.epochs" and more_epochs)
-    ]
-    if diff:
-        free = ", ".join(sorted(RESUME_FREE))
-        raise ConfigError(
-            f"cannot resume {path} with a different configuration (only {free} may change, "
-            "and optim.epochs may grow):\n  " + "\n  ".join(diff)
-        )
-
-
-def check_same_store(path: Path, saved: str | None, actual: str) -> None:
-    """Refuse a store with other content than the one the checkpoint was trained on."""
-    if saved is not None and saved != actual:
-        raise ConfigError(
-            f"{path} was trained on a store with content hash {saved[:12]}..., but the store "
-            f"given has {actual[:12]}...; resume with that store (or start a new run)"
-        )
 
 
 @dataclass
@@ -271,6 +174,11 @@ class TrainRecipe:
         self.out_dir = self.config.run.out_dir
         self.progress = Progress()
         self.stopped_early = False
+        self.window = Window()  # the losses since the last log row, kept in last.pt
+        self.signals = StopSignals()
+        self.last_saved = time.monotonic()
+        self.bar_label: str | None = None  # the progress bar's description, by default the model
+        self.bar_position = 0  # its line: runs at once in several processes keep their own
 
     # ------------------------------------------------------------------ setup
 
@@ -294,7 +202,7 @@ class TrainRecipe:
                 logger.info("no %s to resume; starting a new run", last)
             if self.dist.is_main:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                self._reset_log()
+                reset_log(self.out_dir / "log.csv")
             torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank dropout streams
         if self.dist.is_main:
             config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
@@ -369,7 +277,8 @@ class TrainRecipe:
         """Split the train impressions into training and validation by `data.valid_split`."""
         cfg = self.config.data
         train = self.train_behaviors
-        is_valid = valid_mask(train.times, cfg.valid_split)
+        rule = resolve_valid_rule(train.times, cfg.valid_split)
+        is_valid = valid_mask(train.times, rule)
         n_valid = int(is_valid.sum())
         if n_valid in (0, train.num_impressions):
             raise ConfigError(
@@ -383,12 +292,19 @@ class TrainRecipe:
             in_valid = np.repeat(is_valid, np.diff(train.candidate_offsets))
             self.select_signals = self.train_signals[in_valid]
             self.train_signals = self.train_signals[~in_valid]
-        self.selection["split"] = "valid"
-        self.selection["held_out_of"] = cfg.train_split
+        clicks = int(np.asarray(self.select_behaviors.candidate_labels).sum())
+        self.selection |= {"split": "valid", "held_out_of": cfg.train_split}
+        self.selection |= {"applied": rule, "clicks": clicks}
         logger.info(
-            "validation: %d of %d %s impressions (valid_split %r) select the checkpoint",
-            n_valid, train.num_impressions, cfg.train_split, cfg.valid_split,
+            "validation (valid_split %r: %s): %d of %d %s impressions, %d clicks",
+            cfg.valid_split, rule, n_valid, train.num_impressions, cfg.train_split, clicks,
         )  # fmt: skip
+        if n_valid < MIN_VALID_IMPRESSIONS:
+            logger.warning(
+                "validation holds only %d impressions (%d clicks): the checkpoint it selects is "
+                "a noisy choice; hold out more with data.valid_split (e.g. '0.2')",
+                n_valid, clicks,
+            )  # fmt: skip
 
     def _build_model(self) -> None:
         from mmnewsrec.rank.model import (
@@ -399,6 +315,7 @@ class TrainRecipe:
             canonical_name,
             click_counts,
         )
+        from mmnewsrec.recall.space import vector_parts
 
         cfg = self.config
         args = dict(cfg.model.args)
@@ -410,6 +327,10 @@ class TrainRecipe:
             keys = {f.name for f in fields(MODELS[self.model_name].config_class)}
             if "max_history" in keys:
                 args.setdefault("max_history", cfg.data.history_len)
+            if "text_dim" in keys:  # scores in the recall space: the vectors' text part
+                args.setdefault(
+                    "text_dim", vector_parts(self.vectors.manifest, self.vectors.dim)[0].stop
+                )
             if self.signal_names and "signals" not in keys:
                 raise ValueError(f"{self.model_name} reads no signals; unset model.signals")
             if "signals" in keys:
@@ -556,8 +477,10 @@ class TrainRecipe:
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         set_rng_state(state["rng"][self.dist.rank])
+        if "window" in state:  # absent from runs saved before it was kept
+            self.window.restore(state["window"][self.dist.rank], self.device)
         if self.dist.is_main:
-            self._truncate_log(self.progress.step)
+            truncate_log(self.out_dir / "log.csv", self.progress.step)
         logger.info(
             "resumed %s at step %d (epoch %d)", path, self.progress.step, self.progress.epoch
         )
@@ -565,46 +488,65 @@ class TrainRecipe:
     # ------------------------------------------------------------------ train
 
     def train(self) -> TrainResult:
-        """Run to the end of the schedule (or early stop, or `run.stop_after`)."""
+        """Run to the end of the schedule (or early stop, `run.stop_after`, or SIGTERM / SIGINT:
+        see `rank.interrupt`)."""
         p = self.progress
         if not self.trainable:
             return self._finish()
         bar = tqdm(
             total=self.total_steps,
             initial=p.step,
-            desc=f"train {self.model_name}",
+            desc=f"train {self.bar_label or self.model_name}",
+            position=self.bar_position,
             disable=not (self.dist.is_main and self.config.run.progress),
             dynamic_ncols=True,
         )
-        window = Window()
-        stop_after = self.config.run.stop_after
-        while not p.finished and p.step < self.total_steps:
-            self.dataset.set_epoch(p.epoch)
-            self.sampler.set_epoch(p.epoch)
-            self.sampler.set_start(p.batch_in_epoch * self.batch_size)
-            for batch in self.loader:
-                window.add(self._train_step(batch), len(batch) * self.dist.world_size)
-                p.step += 1
-                p.batch_in_epoch += 1
-                bar.update(1)
-                if p.step % self.config.run.log_every == 0:
-                    self._log_window(window, bar)
-                if self.config.run.eval_every and p.step % self.config.run.eval_every == 0:
-                    self._evaluate_and_track()
-                if p.finished or p.step >= self.total_steps or p.step == stop_after:
-                    break
-            if p.batch_in_epoch >= self.steps_per_epoch:
-                p.epoch += 1
-                p.batch_in_epoch = 0
-                if self.config.run.eval_each_epoch and not p.finished:
-                    self._evaluate_and_track()
-            if p.step == stop_after and not p.finished:
-                self.save_last()
-                bar.close()
-                logger.info("stopped after step %d as asked; resume with --resume", p.step)
-                return self._result(finished=False)
-        bar.close()
+        stopped_by = 0
+        with bar, self.signals:
+            while not (p.finished or p.step >= self.total_steps or stopped_by):
+                self.dataset.set_epoch(p.epoch)
+                self.sampler.set_epoch(p.epoch)
+                self.sampler.set_start(p.batch_in_epoch * self.batch_size)
+                for batch in self.loader:
+                    self.window.add(self._train_step(batch), len(batch) * self.dist.world_size)
+                    p.step += 1
+                    p.batch_in_epoch += 1
+                    bar.update(1)
+                    if p.step % self.config.run.log_every == 0:
+                        self._log_window(bar)
+                    stopped_by = self._end_of_step()
+                    if stopped_by or p.finished or p.step >= self.total_steps:
+                        break
+        if stopped_by > 0:
+            raise TrainingInterrupted(stopped_by, p.step, self.out_dir)
+        if stopped_by:
+            logger.info("stopped after step %d as asked; resume with --resume", p.step)
+            return self._result(finished=False)
         return self._finish()
+
+    def _end_of_step(self) -> int:
+        """Evaluate and end the epoch when due; write last.pt at every evaluation, every
+        `run.checkpoint_minutes` and before a stop. Returns why the run stops here: the number
+        of a signal one of the ranks received, -1 for `run.stop_after`, 0 to go on."""
+        p, run = self.progress, self.config.run
+        evaluated = bool(run.eval_every) and p.step % run.eval_every == 0
+        if evaluated:
+            self._evaluate_and_track()
+        if p.batch_in_epoch >= self.steps_per_epoch:
+            p.epoch += 1
+            p.batch_in_epoch = 0
+            if run.eval_each_epoch and not (p.finished or evaluated):
+                self._evaluate_and_track()
+                evaluated = True
+        if p.finished or p.step >= self.total_steps:
+            return 0  # _finish writes last.pt
+        minutes = run.checkpoint_minutes
+        timed = bool(minutes) and time.monotonic() - self.last_saved >= 60 * minutes
+        signum, due = any_rank([self.signals.received, timed], self.dist, self.device)
+        stop = int(signum) or (-1 if p.step == run.stop_after else 0)
+        if evaluated or due or stop:
+            self.save_last()
+        return stop
 
     def _train_step(self, batch: Batch) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
@@ -678,25 +620,11 @@ class TrainRecipe:
         )
         offsets = np.asarray(dev.candidate_offsets[: n + 1])
         if self.dist.distributed:
-            scores = self._gather_scores(scores, offsets)
+            scores = gather_scores(scores, offsets, self.dist, self.device)
         if not self.dist.is_main:
             return {}
         labels = np.asarray(dev.candidate_labels[: offsets[-1]])
         return evaluate_scores(scores, labels, offsets)
-
-    def _gather_scores(self, scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Every rank's share of the scores of impressions 0 .. len(offsets) - 2, in order (on
-        all ranks). Shares differ in length: each is padded to the longest, on the run's device."""
-        world, n = self.dist.world_size, len(offsets) - 1
-        sizes = []
-        for rank in range(world):
-            lo, hi = shard(n, rank, world)
-            sizes.append(int(offsets[hi] - offsets[lo]))
-        padded = torch.zeros(max(sizes), device=self.device)
-        padded[: len(scores)] = torch.from_numpy(scores).to(self.device)
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[:size] for p, size in zip(parts, sizes, strict=True)]).cpu().numpy()
 
     def _evaluate_and_track(self) -> None:
         """Evaluate (all ranks), keep the best checkpoint (rank 0), decide early stopping on
@@ -755,16 +683,20 @@ class TrainRecipe:
         atomic_save(self._meta() | {"metrics": metrics}, path)
 
     def save_last(self) -> None:
-        """Everything a resume needs to continue exactly (RNG states of every rank)."""
-        rngs: list[Any] = [rng_state()]
+        """Everything a resume needs to continue exactly: the RNG states and the losses not yet
+        logged of every rank (rank 0 writes it)."""
+        self.last_saved = time.monotonic()
+        mine = (rng_state(), self.window.state())
+        ranks: list[Any] = [mine]
         if self.dist.distributed:
-            rngs = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, rng_state())
+            ranks = [None] * self.dist.world_size
+            dist.all_gather_object(ranks, mine)
         if not self.dist.is_main:
             return
         state = self._meta() | {
             "progress": vars(self.progress).copy(),
-            "rng": rngs,
+            "rng": [rng for rng, _ in ranks],
+            "window": [losses for _, losses in ranks],
             "world_size": self.dist.world_size,
         }
         if self.trainable:
@@ -776,22 +708,6 @@ class TrainRecipe:
         atomic_save(state, self.out_dir / "last.pt")
 
     # ------------------------------------------------------------------ log
-
-    def _reset_log(self) -> None:
-        with (self.out_dir / "log.csv").open("w", newline="") as f:
-            csv.writer(f).writerow(LOG_FIELDS)
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log rows written after the checkpoint a run resumes from."""
-        path = self.out_dir / "log.csv"
-        if not path.exists():
-            return self._reset_log()
-        with path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
 
     def _write_log(
         self, loss: float | None, samples_per_s: float | None, metrics: dict[str, float] | None
@@ -806,10 +722,10 @@ class TrainRecipe:
             "samples_per_s": samples_per_s,
         }
         row |= {k: (metrics or {}).get(k) for k in ("auc", "mrr", "ndcg5", "ndcg10")}
-        with (self.out_dir / "log.csv").open("a", newline="") as f:
-            csv.DictWriter(f, LOG_FIELDS).writerow({k: fmt(v) for k, v in row.items()})
+        append_log(self.out_dir / "log.csv", row)
 
-    def _log_window(self, window: Window, bar: tqdm) -> None:
+    def _log_window(self, bar: tqdm) -> None:
+        window = self.window
         loss = window.mean_loss()
         if self.dist.distributed:
             t = torch.tensor([loss], device=self.device)
@@ -827,45 +743,9 @@ class TrainRecipe:
             dist.destroy_process_group()
 
 
-class Window:
-    """Loss and throughput since the last log line."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.losses: list[torch.Tensor] = []
-        self.samples = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.losses.append(loss)
-        self.samples += samples
-
-    def mean_loss(self) -> float:
-        return torch.stack(self.losses).mean().item() if self.losses else float("nan")
-
-    def rate(self) -> float:
-        return self.samples / max(time.perf_counter() - self.start, 1e-9)
-
-
-def fmt(value: Any) -> Any:
-    """CSV cell: floats to 6 significant digits, None to empty."""
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def init_distributed(device: torch.device, dist_info: DistInfo) -> None:
-    """Join the torchrun process group (nccl on CUDA, gloo on CPU) when there are several."""
-    if not dist_info.distributed or dist.is_initialized():
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-
-def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
+def run_training(
+    config: TrainConfig, resume: bool = False, bar_label: str | None = None, bar_position: int = 0
+) -> TrainResult:
     """Train a run: what `mmnewsrec train` does.
 
     The device comes from `config.run.device` and, under torchrun, the process group and
@@ -874,6 +754,8 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
     Args:
         config: The training configuration (see `load_config`).
         resume: Continue the run in `config.run.out_dir` from its `last.pt`.
+        bar_label: The progress bar's description (default: the model's name).
+        bar_position: The progress bar's line: runs at once in several processes keep their own.
 
     Returns:
         The run's outcome: best metrics on the selection split, steps, the run folder.
@@ -889,6 +771,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
         raise ConfigError(str(err)) from None
     init_distributed(device, dist_info)
     recipe = TrainRecipe(config, device, dist_info)
+    recipe.bar_label, recipe.bar_position = bar_label, bar_position
     try:
         recipe.setup(resume=resume)
         return recipe.train()

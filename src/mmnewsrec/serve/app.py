@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from anyio import CapacityLimiter
 from anyio.to_thread import run_sync
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
@@ -32,6 +32,8 @@ IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 MAX_K = 100
 MAX_HISTORY_IDS = 1000  # longer bodies get 422; the model itself keeps only its last L clicks
+MAX_BODY_BYTES = 1 << 20  # above any valid body (1000 history ids of 64 characters: ~70 kB)
+MAX_BATCH_BODY_BYTES = 64 << 20  # POST /events/batch: 10,000 MIND impressions are about 6 MB
 
 
 class ServeSettings(BaseModel):
@@ -41,6 +43,9 @@ class ServeSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     search_limit: int = Field(20, ge=1, description="Most titles one search returns.")
+    max_body_bytes: int = Field(
+        MAX_BODY_BYTES, ge=1, description="Larger request bodies get 413, before any parsing."
+    )
     parallel: int = Field(
         1,
         ge=1,
@@ -90,6 +95,7 @@ class NewsIn(BaseModel):
     url: str = Field("", max_length=2000)
     image_url: str | None = Field(
         None,
+        max_length=2000,
         description="The item's image: refused (422) when the run's news vectors have an image "
         "part, which the server does not compute; ignored otherwise.",
     )
@@ -126,6 +132,40 @@ class Health(BaseModel):
     recall_popular_share: float
     vectors: dict[str, object]
     counts: dict[str, int]
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, before it is parsed: at once
+    by its Content-Length, else (a chunked body) as soon as the bytes received pass it."""
+
+    def __init__(self, app: Any, limit: int, paths: dict[str, int] | None = None) -> None:
+        """paths: other limits for some paths (the bulk load of events)."""
+        self.app, self.limit, self.paths = app, limit, paths or {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.paths.get(scope["path"], self.limit)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > limit:
+            too_large = JSONResponse({"detail": self.message(limit)}, status_code=413)
+            await too_large(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_limit() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, self.message(limit))
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    def message(self, limit: int) -> str:
+        return f"request body over {limit:,} bytes"
 
 
 # ---------------------------------------------------------------------------- dependencies
@@ -282,6 +322,8 @@ def create_app(
     app.state.settings = settings = settings or ServeSettings()
     app.state.limiter = CapacityLimiter(settings.parallel)
     app.state.news_lock, app.state.news_encoder = threading.Lock(), None  # for POST /news
+    bulk = {"/events/batch": MAX_BATCH_BODY_BYTES}
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, paths=bulk)
     routers = [recommend_router, news_router, health_router]
     for router in [*routers, events_router, users_router, signals_router]:
         app.include_router(router)

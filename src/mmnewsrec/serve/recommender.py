@@ -29,10 +29,6 @@ logger = logging.getLogger(__name__)
 RECALL_CACHE_USERS = 10_000  # users whose latest recall is kept (about 2.5 KB each)
 SignalSource = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-# Beyond this many news, "auto" recall searches an HNSW graph: an exact scan of 100k x 384
-# float32 reads 150 MB per request (about 15 ms on one core), over a 10 ms latency budget.
-SERVE_EXACT_MAX_NEWS = 20_000
-
 
 @dataclass(frozen=True)
 class NewsSummary:
@@ -124,9 +120,7 @@ class Recommender:
             ranker.trace()  # after the cache, which the trace then holds
         self.store, self.vectors, self.ranker, self.recall_k = store, vectors, ranker, recall_k
         share = DEFAULT_POPULAR_SHARE if popular_share is None else popular_share
-        self.recaller = Recaller(
-            recall_k, recall_backend, exact_max_news=SERVE_EXACT_MAX_NEWS, popular_share=share
-        )
+        self.recaller = Recaller(recall_k, recall_backend, popular_share=share)
         self.recaller.fit_store(
             vectors,
             store,

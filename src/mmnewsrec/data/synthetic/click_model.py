@@ -1,5 +1,6 @@
 """The click model and the world it runs in: news, users, histories, impressions and clicks
-(see the package docstring), and the exact click probabilities of the oracle."""
+(see the package docstring; their records in `records`), and the exact click probabilities of
+the oracle."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import cast
 import numpy as np
 
 from mmnewsrec.csr import csr_offsets, pad_rows
+from mmnewsrec.data.synthetic.records import Impressions, News, Users
 from mmnewsrec.data.synthetic.vocabulary import TIERS, Topics
 from mmnewsrec.formats.store import DAY
 
@@ -65,35 +67,6 @@ class SynthConfig:
     def quick(cls, seed: int = 0) -> SynthConfig:
         """A small data set for tests and quick runs."""
         return cls(news=500, users=300, impressions=2000, seed=seed)
-
-
-@dataclass(frozen=True)
-class News:
-    sub: np.ndarray  # (N,) subcategory
-    tier: np.ndarray  # (N,) quality tier -1, 0, +1
-    style: np.ndarray  # (N,) -1 no image, 0 stripes, 1 smooth
-    published: np.ndarray  # (N,) unix seconds
-    archive: np.ndarray  # (N,) published before the candidate window of the first impression
-    buzz: np.ndarray  # (N,) hidden appeal, standard normal
-
-
-@dataclass(frozen=True)
-class Users:
-    interests: np.ndarray  # (U, 3) subcategories, -1 padded
-    likes: np.ndarray  # (U, S) bool
-    likes_category: np.ndarray  # (U, C) bool
-    style: np.ndarray  # (U,) preferred style, -1 none
-
-
-@dataclass(frozen=True)
-class Impressions:
-    user: np.ndarray  # (I,)
-    time: np.ndarray  # (I,) unix seconds; train rows first, then dev rows
-    n_train: int
-    offsets: np.ndarray  # (I+1,) CSR into items
-    items: np.ndarray  # (M,) news rows
-    labels: np.ndarray  # (M,) bool
-    utility: np.ndarray  # (M,) z
 
 
 def make_news(rng: np.random.Generator, config: SynthConfig, share: np.ndarray) -> News:

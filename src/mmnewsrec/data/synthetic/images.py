@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from mmnewsrec.data.synthetic.records import News
 from mmnewsrec.data.synthetic.vocabulary import all_topics
-
-if TYPE_CHECKING:
-    from mmnewsrec.data.synthetic.click_model import News
 
 IMAGE_LAYOUTS = ("plain", "im-mind")
 CARD_SIZE = (610, 195)  # width, height of an IM-MIND card

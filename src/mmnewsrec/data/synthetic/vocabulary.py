@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
-if TYPE_CHECKING:
-    from mmnewsrec.data.synthetic.click_model import News
+from mmnewsrec.data.synthetic.records import News
 
 TIERS = np.array([-1, 0, 1])
 

@@ -15,10 +15,7 @@ import polars as pl
 from mmnewsrec.csr import segment_ids
 from mmnewsrec.data.synthetic.click_model import (
     ClickModel,
-    Impressions,
-    News,
     SynthConfig,
-    Users,
     click_probability,
     draw_histories,
     make_impressions,
@@ -27,6 +24,7 @@ from mmnewsrec.data.synthetic.click_model import (
     utility,
 )
 from mmnewsrec.data.synthetic.images import IMAGE_LAYOUTS, write_cards, write_images
+from mmnewsrec.data.synthetic.records import Impressions, News, Users
 from mmnewsrec.data.synthetic.vocabulary import Topics, all_topics, news_text
 from mmnewsrec.files import atomic_dir
 from mmnewsrec.metrics import evaluate_scores
