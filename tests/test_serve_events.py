@@ -212,3 +212,16 @@ def test_a_returning_users_recall_is_kept_until_their_next_click(server, rec, mo
     after = client.post("/recommend", json={"user_id": "U-back", "k": 5}).json()
     assert len(searches) == 2 and clicked not in [i["news_id"] for i in after["items"]]
     assert after["history_used"] == [ids[1], clicked]
+
+
+def test_a_bulk_load_may_pass_the_body_limit_of_other_requests(server, rec, tmp_path):
+    client, _ = server
+    ids = rec.store.news["news_id"].to_list()
+    batch = [event(n, f"user-{n:055d}", ids[n % 50 : n % 50 + 8], []) for n in range(8000)]
+    import json
+
+    assert len(json.dumps(batch)) > 1 << 20  # over the limit of every other request
+    response = client.post("/events/batch", json=batch)
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["stored"] == 8000
+    assert logged(tmp_path / "state") == 8000
