@@ -15,7 +15,9 @@ MAY_IMPORT = {
     "recall": set(),
     "rank": {"encode", "recall"},  # fine-tuning the text encoder; mean_cosine's recall space
     "evaluate": {"data", "encode", "recall", "rank"},  # the experiment grid runs them all
-    "serve": {"recall", "rank", "encode"},  # encoding news added while serving (POST /news)
+    # encode: news added while serving (POST /news); data: the behaviour signals' incremental
+    # face (one definition with prepare's) and MIND's tsv format (export-events)
+    "serve": {"data", "recall", "rank", "encode"},
 }
 GROUND = ["config", "csr", "devices", "files", "formats", "metrics"]
 

@@ -494,6 +494,10 @@ def demo(
     table = report.read_text().split("## Results (dev)", 1)[1].split("![", 1)[0]
     typer.echo(table.strip())
     typer.echo(f"\nreport: {report}")
+    from mmnewsrec.demo import best_run
+
+    if (best := best_run(out)) is not None:
+        typer.echo(f"serve the best run (dev AUC {best[1]:.4f}): mmnewsrec serve {best[0]}")
 
 
 # ---------------------------------------------------------------------------- serve
@@ -574,6 +578,28 @@ def recommend(
     typer.echo(f"{len(result.history_used)} clicks used, {result.timings_ms['total']:.1f} ms")
 
 
+@app.command("export-events")
+def export_events(
+    state: Annotated[Path, typer.Argument(help="A server's --state folder.")],
+    out: Annotated[Path, typer.Option(help="Folder to write behaviors.tsv and news.tsv to.")],
+    store: Annotated[
+        Path | None, typer.Option(help="The served store [default: the one the state records].")
+    ] = None,
+) -> None:
+    """Write a server's logged impressions (and its news) as MIND tsv files for `prepare`."""
+    from mmnewsrec.formats.store import StoreError
+    from mmnewsrec.serve.export import export_events as export
+    from mmnewsrec.serve.state import StateError
+
+    if not (state / "state.sqlite").is_file():
+        fail(f"{state}: no state.sqlite here (a folder given to `serve --state`)")
+    try:
+        counts = export(state, out, store)
+    except (OSError, ValueError, StoreError, StateError) as err:
+        fail(str(err))
+    typer.echo(f"{counts['impressions']} impressions, {counts['news']} news -> {out}")
+
+
 @app.command()
 def serve(
     run_dir: RunDir,
@@ -591,8 +617,23 @@ def serve(
         ),
     ] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the service's durable state (logged events, added news); "
+            "[default: RUN_DIR.state, beside the run]"
+        ),
+    ] = None,
+    sync: Annotated[
+        str,
+        typer.Option(
+            help="SQLite synchronous level: full (a 2xx survives a power loss) or normal "
+            "(survives a crash of the server; one fsync less per commit)."
+        ),
+    ] = "full",
 ) -> None:
-    """Serve recommendations over HTTP (POST /recommend) with a web page at /."""
+    """Serve recommendations over HTTP (POST /recommend) with a web page at /; log events
+    (POST /events) and learn users' histories and popularity from them."""
     import gc
 
     import torch
@@ -601,21 +642,27 @@ def serve(
     from mmnewsrec.serve import ServeSettings, create_app
 
     settings = ServeSettings(host=host, port=port, parallel=parallel)
+    from mmnewsrec.serve.live import open_live
+    from mmnewsrec.serve.state import StateError
+
     recommender = load_recommender(run_dir, device, recall_k, recall_backend, recall_popular_share)
+    state_dir = state or run_dir.parent / f"{run_dir.name}.state"
+    try:
+        recommender, live = open_live(recommender, state_dir, sync)
+    except (StateError, ValueError) as err:
+        fail(str(err))
     torch.set_num_threads(threads)  # after loading, which may use every core
     if recommender.recaller.index_ is not None:
         import faiss
 
         faiss.omp_set_num_threads(threads)
-    service = create_app(recommender, settings)
+    service = create_app(recommender, settings, live)
     # What is loaded lives as long as the process: frozen out of the garbage collector's
     # sight, so that a full collection no longer walks it (over 100 ms at 100k news).
     gc.collect()
     gc.freeze()
-    typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/")
-    uvicorn.run(
-        service,
-        host=settings.host,
-        port=settings.port,
-        access_log=access_log,
-    )
+    typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/ (state {state_dir})")
+    try:
+        uvicorn.run(service, host=settings.host, port=settings.port, access_log=access_log)
+    finally:
+        live.state.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import asdict
 from functools import partial
 from importlib.resources import files
@@ -17,18 +18,22 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
+from mmnewsrec.serve.events import EventId, events_router, signals_router, users_router
+from mmnewsrec.serve.live import LiveState
 from mmnewsrec.serve.new_news import NewNews, NewsItemEncoder, NotEncodable
 from mmnewsrec.serve.recommender import Recommendation, Recommender
 
 logger = logging.getLogger(__name__)
 
 NewsId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+UserId = EventId
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
 MAX_K = 100
 MAX_HISTORY_IDS = 1000  # longer bodies get 422; the model itself keeps only its last L clicks
 MAX_BODY_BYTES = 1 << 20  # above any valid body (1000 history ids of 64 characters: ~70 kB)
+MAX_BATCH_BODY_BYTES = 64 << 20  # POST /events/batch: 10,000 MIND impressions are about 6 MB
 
 
 class ServeSettings(BaseModel):
@@ -53,10 +58,14 @@ class ServeSettings(BaseModel):
 
 
 class RecommendRequest(BaseModel):
-    """A click history (oldest first) and how many news to return."""
+    """A click history (oldest first), or a user whose history the service keeps, and how many
+    news to return."""
 
     model_config = ConfigDict(extra="forbid")
     history: list[NewsId] = Field(default_factory=list, max_length=MAX_HISTORY_IDS)
+    user_id: UserId | None = Field(
+        None, description="Recommend from this user's history (needs a server with --state)."
+    )
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_history: bool = True
 
@@ -103,6 +112,9 @@ class RecommendResponse(BaseModel):
     unknown: list[str] = Field(description="History ids not in the store (ignored).")
     history_used: list[str] = Field(description="History ids that were scored, oldest first.")
     timings_ms: dict[str, float]
+    cold_start: bool = Field(
+        description="No known click: the news are ranked by popularity and freshness."
+    )
 
 
 # RecommendResponse's JSON written straight from the dataclasses, in one pass: asdict() and a
@@ -126,16 +138,18 @@ class BodyLimit:
     """ASGI middleware: 413 for a request body over `limit` bytes, before it is parsed: at once
     by its Content-Length, else (a chunked body) as soon as the bytes received pass it."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, paths: dict[str, int] | None = None) -> None:
+        """paths: other limits for some paths (the bulk load of events)."""
+        self.app, self.limit, self.paths = app, limit, paths or {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope["path"], self.limit)
         length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.limit:
-            too_large = JSONResponse({"detail": self.message()}, status_code=413)
+        if not length.isdigit() or int(length) > limit:
+            too_large = JSONResponse({"detail": self.message(limit)}, status_code=413)
             await too_large(scope, receive, send)
             return
         received = 0
@@ -144,14 +158,14 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.limit:
-                raise HTTPException(413, self.message())
+            if received > limit:
+                raise HTTPException(413, self.message(limit))
             return message
 
         await self.app(scope, receive_within_limit, send)
 
-    def message(self) -> str:
-        return f"request body over {self.limit:,} bytes"
+    def message(self, limit: int) -> str:
+        return f"request body over {limit:,} bytes"
 
 
 # ---------------------------------------------------------------------------- dependencies
@@ -195,13 +209,20 @@ health_router = APIRouter(tags=["health"])
 
 @recommend_router.post("/recommend", response_model=RecommendResponse)
 async def recommend(
-    body: RecommendRequest, recommender: RecommenderDep, limiter: LimiterDep
+    body: RecommendRequest, recommender: RecommenderDep, limiter: LimiterDep, request: Request
 ) -> Response:
-    """Top-k news for a click history; an empty history gets the most clicked news."""
+    """Top-k news for a click history or a user's; no known click gets the cold-start list."""
     # A bounded number at once: on a few cores, requests that compete for them (and for the
     # GIL) all finish later than requests that queue. One at a time runs on the event loop
     # itself: the hop to a worker thread and back cost about 0.8 ms of a 5 ms request.
     job = partial(recommender.recommend, body.history, body.k, body.exclude_history)
+    if body.user_id is not None:
+        live = request.app.state.live
+        if live is None:
+            raise HTTPException(501, "this server keeps no users: start it with --state")
+        if body.history:
+            raise HTTPException(422, "give a history or a user_id, not both")
+        job = partial(live.recommend, recommender, body.user_id, body.k, body.exclude_history)
     if limiter.total_tokens == 1:
         result = job()
     else:
@@ -253,8 +274,13 @@ def add_to_app(state: Any, news: NewNews, has_image: bool) -> Recommender:
             vector = state.news_encoder.encode(news, has_image)
         except NotEncodable as err:
             raise HTTPException(422, str(err)) from None
-        state.recommender = current.with_news(news, vector)
-        return state.recommender
+        updated = current.with_news(news, vector)
+        if state.live is not None:  # on disk before the reply and before it is served
+            added_at = int(time.time())
+            state.live.state.add_news(news, added_at, vector)
+            state.live.news_added(updated.index_of(news.news_id), added_at)
+        state.recommender = updated
+        return updated
 
 
 @news_router.get("/{news_id}", response_model=NewsDetailOut)
@@ -273,25 +299,33 @@ def get_image(news_id: str, recommender: RecommenderDep) -> FileResponse:
 
 
 @health_router.get("/health", response_model=Health)
-async def health(recommender: RecommenderDep) -> dict[str, Any]:
-    """Model, vectors and corpus counts of the loaded run."""
-    return {"status": "ok", **recommender.info()}
+async def health(recommender: RecommenderDep, request: Request) -> dict[str, Any]:
+    """Model, vectors and corpus counts of the loaded run (and of what it has logged)."""
+    info = recommender.info()
+    if request.app.state.live is not None:
+        info["counts"] = info["counts"] | request.app.state.live.counts()
+    return {"status": "ok", **info}
 
 
 # ---------------------------------------------------------------------------- app
 
 
-def create_app(recommender: Recommender, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(
+    recommender: Recommender, settings: ServeSettings | None = None, live: LiveState | None = None
+) -> FastAPI:
     """The HTTP service over an already-loaded recommender: the API and the page at `/`.
     `mmnewsrec serve` runs it with uvicorn; FastAPI's `TestClient(create_app(...))` calls it
-    in process."""
+    in process. `live`: its durable state (events, users, added news), already restored
+    (`LiveState.restore`); without it, no events, users or signals."""
     app = FastAPI(title="mmnewsrec", summary="News recommendations for a click history.")
-    app.state.recommender = recommender
+    app.state.recommender, app.state.live = recommender, live
     app.state.settings = settings = settings or ServeSettings()
     app.state.limiter = CapacityLimiter(settings.parallel)
     app.state.news_lock, app.state.news_encoder = threading.Lock(), None  # for POST /news
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    for router in (recommend_router, news_router, health_router):
+    bulk = {"/events/batch": MAX_BATCH_BODY_BYTES}
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, paths=bulk)
+    routers = [recommend_router, news_router, health_router]
+    for router in [*routers, events_router, users_router, signals_router]:
         app.include_router(router)
     static = Path(str(files("mmnewsrec.serve") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")

@@ -7,20 +7,27 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from mmnewsrec.formats.store import SIGNAL_NAMES
+
 if TYPE_CHECKING:
     from mmnewsrec.formats.store import Store
     from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import TrainedRanker
+    from mmnewsrec.serve.live import Popularity
     from mmnewsrec.serve.new_news import NewNews
 
 logger = logging.getLogger(__name__)
+
+RECALL_CACHE_USERS = 10_000  # users whose latest recall is kept (about 2.5 KB each)
+SignalSource = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Recommendation:
     unknown: list[str]  # history ids not in the store, ignored
     history_used: list[str]  # the known ids that were scored (the last L), oldest first
     timings_ms: dict[str, float]
+    cold_start: bool = False  # no known click: the list ranks news by popularity and freshness
 
 
 class Recommender:
@@ -105,11 +113,6 @@ class Recommender:
 
         if recall_k < 1:
             raise ValueError(f"recall_k must be >= 1, got {recall_k}")
-        if ranker.signal_names:
-            raise ValueError(
-                f"{ranker.path} reads behaviour signals {ranker.signal_names}, which serving "
-                "does not compute yet; serve a run trained without model.signals"
-            )
         check_same_news(store, vectors)
         if isinstance(ranker.model, Ranker):
             ranker.model.cache_news_tokens()  # per request: lookups instead of projections
@@ -143,7 +146,12 @@ class Recommender:
             "clicked_news": int(np.count_nonzero(self.clicks)),
         }
         self._popular = np.argsort(-self.clicks[1:], kind="stable") + 1  # most clicked first
-        self.recommend([self._columns["news_id"][1]], k=1)  # warm-up: first forward is slow
+        self.recall_cache: OrderedDict[str, Any] = OrderedDict()  # user -> (request, recall)
+        # (history, candidates) -> their behaviour signals: needed by a run that reads them
+        self.signal_source: SignalSource | None = None
+        self._signal_columns = [SIGNAL_NAMES.index(name) for name in ranker.signal_names]
+        if not self._signal_columns:
+            self.recommend([self._columns["news_id"][1]], k=1)  # warm-up: first forward is slow
 
     @classmethod
     def from_run(
@@ -198,6 +206,19 @@ class Recommender:
     def index_of(self, news_id: str) -> int:
         """Store index of a news id; 0 when unknown."""
         return self._index.get(news_id, 0)
+
+    @property
+    def news_lookup(self) -> dict[str, int]:
+        """News id -> index of every served news item (not to be changed)."""
+        return self._index
+
+    @property
+    def num_news(self) -> int:
+        """News served (the store's and those added)."""
+        return len(self._images) - 1
+
+    def news_ids_of(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        return [self._columns["news_id"][int(i)] for i in indices]
 
     def summary(self, index: int) -> NewsSummary:
         return NewsSummary(*self._fields(index))
@@ -263,35 +284,96 @@ class Recommender:
         indices = [self._index.get(news_id, 0) for news_id in history]
         unknown = [news_id for news_id, i in zip(history, indices, strict=True) if i == 0]
         known = np.array([i for i in indices if i], dtype=np.int64)
+        return self.recommend_known(known, k, exclude_history, unknown, start)
+
+    def recommend_known(
+        self,
+        known: np.ndarray,
+        k: int = 10,
+        exclude_history: bool = True,
+        unknown: Sequence[str] = (),
+        start: float | None = None,
+        cold_start: Popularity | None = None,
+        user: str | None = None,
+    ) -> Recommendation:
+        """`recommend` for a history of news indices (oldest first); `cold_start`: what ranks
+        the news for a history with no click (default: the train split's most clicked);
+        `user`: whose recall is kept (`recall_cache`) and reused while their history and the
+        corpus stay the same."""
+        start = time.perf_counter() if start is None else start
         used = known[-self.ranker.history_len :]
         exclude = np.unique(known) if exclude_history else known[:0]
         timings = {"lookup": _ms(start)}
         if len(used):
-            items = self._recall_rerank(used, exclude, k, timings)
+            items = self._recall_rerank(used, exclude, k, timings, known, user)
+        elif cold_start is not None:
+            top, scores = cold_start.top(k, exclude)
+            items = [self._item(i, s, "popularity", None) for i, s in zip(top, scores, strict=True)]
         else:
             items = self._popular_items(exclude, k)
         timings["total"] = _ms(start)
         history_used = [self._columns["news_id"][i] for i in used]
-        return Recommendation(items, unknown, history_used, timings)
+        return Recommendation(items, list(unknown), history_used, timings, not len(used))
 
     def _recall_rerank(
-        self, history: np.ndarray, exclude: np.ndarray, k: int, timings: dict[str, float]
+        self,
+        history: np.ndarray,
+        exclude: np.ndarray,
+        k: int,
+        timings: dict[str, float],
+        known: np.ndarray,
+        user: str | None = None,
     ) -> list[RecommendedNews]:
         start = time.perf_counter()
-        recall_scores, found = self.recaller.search_one(history, max(k, self.recall_k), exclude)
-        keep = found > 0  # 0 = no result (corpus smaller than asked)
-        recall_scores, found = recall_scores[keep], found[keep]
+        recall_scores, found = self._recall(history, exclude, max(k, self.recall_k), user)
         timings["recall"] = _ms(start)
 
-        start = time.perf_counter()
         head = found[: self.recall_k]
-        scores = self.ranker.score_items(history, head, width=max(len(head), 1))
+        signals = self._signals(known, head, timings)
+        start = time.perf_counter()
+        scores = self.ranker.score_items(history, head, max(len(head), 1), signals)
         order = np.argsort(-scores, kind="stable")[:k]
         timings["rerank"] = _ms(start)
         items = [self._item(head[j], scores[j], "rerank", int(j) + 1) for j in order]
         tail = range(len(head), min(len(found), len(head) + k - len(items)))
         items += [self._item(found[j], recall_scores[j], "recall", j + 1) for j in tail]
         return items
+
+    def _recall(
+        self, history: np.ndarray, exclude: np.ndarray, k: int, user: str | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Recall's (scores, news indices), from `recall_cache` when `user` asked for the same
+        history, exclusions and k since the corpus last changed."""
+        key = (history.tobytes(), exclude.tobytes(), k)
+        kept = self.recall_cache.get(user) if user is not None else None
+        if user is not None and kept is not None and kept[0] == key:
+            self.recall_cache.move_to_end(user)
+            return kept[1]
+        scores, found = self.recaller.search_one(history, k, exclude)
+        keep = found > 0  # 0 = no result (corpus smaller than asked)
+        result = scores[keep], found[keep]
+        if user is not None:
+            self.recall_cache[user] = (key, result)
+            self.recall_cache.move_to_end(user)
+            if len(self.recall_cache) > RECALL_CACHE_USERS:
+                self.recall_cache.popitem(last=False)  # the least recently asked
+        return result
+
+    def _signals(
+        self, history: np.ndarray, candidates: np.ndarray, timings: dict[str, float]
+    ) -> np.ndarray | None:
+        """The signals the ranker reads for these candidates (None for a run without)."""
+        if not self._signal_columns:
+            return None
+        if self.signal_source is None:
+            raise ValueError(
+                f"{self.ranker.path} reads behaviour signals {self.ranker.signal_names}: serve "
+                "it with a state (`mmnewsrec serve`), which computes them"
+            )
+        start = time.perf_counter()
+        table = self.signal_source(history, candidates)[:, self._signal_columns]
+        timings["signals"] = _ms(start)
+        return table
 
     def _popular_items(self, exclude: np.ndarray, k: int) -> list[RecommendedNews]:
         top = self._popular[: k + len(exclude)]
@@ -308,29 +390,45 @@ class Recommender:
         the news matrix that recall and the reranker share, of the recall index and of the
         metadata, with no clicks and no image. This one stays as it is for the requests still
         running on it; a server swaps the new one in. The store on disk does not change."""
+        return self.with_news_batch([(news, vector)])
+
+    def with_news_batch(self, added: Sequence[tuple[NewNews, np.ndarray]]) -> Recommender:
+        """`with_news` for several news at once (one copy of the news matrix, one trace)."""
         import polars as pl
         import torch
 
-        if news.news_id in self._index:
-            raise ValueError(f"news id {news.news_id!r} is already served")
-        index = len(self._images)  # the new row's news index
-        row = torch.as_tensor(vector, dtype=torch.float32).reshape(1, -1)
-        if row.shape[1] != self.recaller.vectors_.shape[1]:
+        ids = [news.news_id for news, _ in added]
+        for news_id in ids:
+            if news_id in self._index:
+                raise ValueError(f"news id {news_id!r} is already served")
+        if len(set(ids)) < len(ids):
+            raise ValueError("news ids repeated among the added news")
+        first = len(self._images)  # the first new row's news index
+        rows = torch.as_tensor(np.stack([v for _, v in added]), dtype=torch.float32)
+        if rows.shape[1] != self.recaller.vectors_.shape[1]:
             raise ValueError(
-                f"a news vector of {row.shape[1]} values; the news have {self.vectors.dim}"
+                f"a news vector of {rows.shape[1]} values; the news have {self.vectors.dim}"
             )
-        matrix = torch.cat([self.recaller.vectors_, row])
+        matrix = torch.cat([self.recaller.vectors_, rows])
         new = copy.copy(self)
         new.ranker = ranker_with_news(self.ranker, matrix, self.recaller.vectors_)
         new.recaller = self.recaller.appended(matrix)
-        new._index = self._index | {news.news_id: index}
-        new._columns = {k: [*v, getattr(news, k)] for k, v in self._columns.items()}
-        new._images = [*self._images, None]
-        new._titles_lower = pl.concat([self._titles_lower, pl.Series([news.title.lower()])])
-        new.clicks = np.append(self.clicks, 0)
-        new._popular = np.append(self._popular, index)  # last of the news with no clicks
-        added = self._counts.get("added_news", 0) + 1
-        new._counts = self._counts | {"news": self._counts["news"] + 1, "added_news": added}
+        new.recall_cache = OrderedDict()  # recalls over the corpus without the new news
+        new._index = self._index | {news_id: first + j for j, news_id in enumerate(ids)}
+        new._columns = {
+            k: [*v, *(getattr(news, k) for news, _ in added)] for k, v in self._columns.items()
+        }
+        new._images = [*self._images, *([None] * len(added))]
+        titles = pl.Series([news.title.lower() for news, _ in added])
+        new._titles_lower = pl.concat([self._titles_lower, titles])
+        new.clicks = np.append(self.clicks, np.zeros(len(added), dtype=self.clicks.dtype))
+        # last of the news with no clicks
+        new._popular = np.append(self._popular, np.arange(first, first + len(added)))
+        count = self._counts.get("added_news", 0) + len(added)
+        new._counts = self._counts | {
+            "news": self._counts["news"] + len(added),
+            "added_news": count,
+        }
         return new
 
 
