@@ -104,3 +104,22 @@ def build_tiny_run(root: Path) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """A trained run shared by the evaluation and serving tests (built once per session)."""
     return build_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A real PostgreSQL server for the session (initdb + pg_ctl in a temporary folder)."""
+    from postgres_cluster import ThrowawayCluster, postgres_bin
+
+    if postgres_bin("initdb") is None:
+        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) not installed")
+    cluster = ThrowawayCluster(fsync=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster, request) -> str:
+    """URL of a new, empty database on the session's PostgreSQL server."""
+    name = "test_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    return postgres_cluster.new_database(name)
