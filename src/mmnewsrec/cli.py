@@ -539,8 +539,23 @@ def serve(
         ),
     ] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the service's durable state (logged events, added news); "
+            "[default: RUN_DIR.state, beside the run]"
+        ),
+    ] = None,
+    sync: Annotated[
+        str,
+        typer.Option(
+            help="SQLite synchronous level: full (a 2xx survives a power loss) or normal "
+            "(survives a crash of the server; one fsync less per commit)."
+        ),
+    ] = "full",
 ) -> None:
-    """Serve recommendations over HTTP (POST /recommend) with a web page at /."""
+    """Serve recommendations over HTTP (POST /recommend) with a web page at /; log events
+    (POST /events) and learn users' histories and popularity from them."""
     import gc
 
     import torch
@@ -549,21 +564,27 @@ def serve(
     from mmnewsrec.serve import ServeSettings, create_app
 
     settings = ServeSettings(host=host, port=port, parallel=parallel)
+    from mmnewsrec.serve.live import open_live
+    from mmnewsrec.serve.state import StateError
+
     recommender = load_recommender(run_dir, device, recall_k, recall_backend, recall_popular_share)
+    state_dir = state or run_dir.parent / f"{run_dir.name}.state"
+    try:
+        recommender, live = open_live(recommender, state_dir, sync)
+    except (StateError, ValueError) as err:
+        fail(str(err))
     torch.set_num_threads(threads)  # after loading, which may use every core
     if recommender.recaller.index_ is not None:
         import faiss
 
         faiss.omp_set_num_threads(threads)
-    service = create_app(recommender, settings)
+    service = create_app(recommender, settings, live)
     # What is loaded lives as long as the process: frozen out of the garbage collector's
     # sight, so that a full collection no longer walks it (over 100 ms at 100k news).
     gc.collect()
     gc.freeze()
-    typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/")
-    uvicorn.run(
-        service,
-        host=settings.host,
-        port=settings.port,
-        access_log=access_log,
-    )
+    typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/ (state {state_dir})")
+    try:
+        uvicorn.run(service, host=settings.host, port=settings.port, access_log=access_log)
+    finally:
+        live.state.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import asdict
 from functools import partial
 from importlib.resources import files
@@ -17,12 +18,15 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
+from mmnewsrec.serve.events import EventId, events_router, users_router
+from mmnewsrec.serve.live import LiveState
 from mmnewsrec.serve.new_news import NewNews, NewsItemEncoder, NotEncodable
 from mmnewsrec.serve.recommender import Recommendation, Recommender
 
 logger = logging.getLogger(__name__)
 
 NewsId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+UserId = EventId
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
@@ -49,10 +53,14 @@ class ServeSettings(BaseModel):
 
 
 class RecommendRequest(BaseModel):
-    """A click history (oldest first) and how many news to return."""
+    """A click history (oldest first), or a user whose history the service keeps, and how many
+    news to return."""
 
     model_config = ConfigDict(extra="forbid")
     history: list[NewsId] = Field(default_factory=list, max_length=MAX_HISTORY_IDS)
+    user_id: UserId | None = Field(
+        None, description="Recommend from this user's history (needs a server with --state)."
+    )
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_history: bool = True
 
@@ -98,6 +106,9 @@ class RecommendResponse(BaseModel):
     unknown: list[str] = Field(description="History ids not in the store (ignored).")
     history_used: list[str] = Field(description="History ids that were scored, oldest first.")
     timings_ms: dict[str, float]
+    cold_start: bool = Field(
+        description="No known click: the news are ranked by popularity and freshness."
+    )
 
 
 # RecommendResponse's JSON written straight from the dataclasses, in one pass: asdict() and a
@@ -158,13 +169,20 @@ health_router = APIRouter(tags=["health"])
 
 @recommend_router.post("/recommend", response_model=RecommendResponse)
 async def recommend(
-    body: RecommendRequest, recommender: RecommenderDep, limiter: LimiterDep
+    body: RecommendRequest, recommender: RecommenderDep, limiter: LimiterDep, request: Request
 ) -> Response:
-    """Top-k news for a click history; an empty history gets the most clicked news."""
+    """Top-k news for a click history or a user's; no known click gets the cold-start list."""
     # A bounded number at once: on a few cores, requests that compete for them (and for the
     # GIL) all finish later than requests that queue. One at a time runs on the event loop
     # itself: the hop to a worker thread and back cost about 0.8 ms of a 5 ms request.
     job = partial(recommender.recommend, body.history, body.k, body.exclude_history)
+    if body.user_id is not None:
+        live = request.app.state.live
+        if live is None:
+            raise HTTPException(501, "this server keeps no users: start it with --state")
+        if body.history:
+            raise HTTPException(422, "give a history or a user_id, not both")
+        job = partial(live.recommend, recommender, body.user_id, body.k, body.exclude_history)
     if limiter.total_tokens == 1:
         result = job()
     else:
@@ -216,8 +234,13 @@ def add_to_app(state: Any, news: NewNews, has_image: bool) -> Recommender:
             vector = state.news_encoder.encode(news, has_image)
         except NotEncodable as err:
             raise HTTPException(422, str(err)) from None
-        state.recommender = current.with_news(news, vector)
-        return state.recommender
+        updated = current.with_news(news, vector)
+        if state.live is not None:  # on disk before the reply and before it is served
+            added_at = int(time.time())
+            state.live.state.add_news(news, added_at, vector)
+            state.live.news_added(updated.index_of(news.news_id), added_at)
+        state.recommender = updated
+        return updated
 
 
 @news_router.get("/{news_id}", response_model=NewsDetailOut)
@@ -244,14 +267,17 @@ async def health(recommender: RecommenderDep) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- app
 
 
-def create_app(recommender: Recommender, settings: ServeSettings | None = None) -> FastAPI:
-    """The service over an already-loaded recommender."""
+def create_app(
+    recommender: Recommender, settings: ServeSettings | None = None, live: LiveState | None = None
+) -> FastAPI:
+    """The service over an already-loaded recommender; `live`: its durable state (events,
+    users, added news), already restored (`LiveState.restore`)."""
     app = FastAPI(title="mmnewsrec", summary="News recommendations for a click history.")
-    app.state.recommender = recommender
+    app.state.recommender, app.state.live = recommender, live
     app.state.settings = settings = settings or ServeSettings()
     app.state.limiter = CapacityLimiter(settings.parallel)
     app.state.news_lock, app.state.news_encoder = threading.Lock(), None  # for POST /news
-    for router in (recommend_router, news_router, health_router):
+    for router in (recommend_router, news_router, health_router, events_router, users_router):
         app.include_router(router)
     static = Path(str(files("mmnewsrec.serve") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from mmnewsrec.formats.store import Store
     from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.ranker import TrainedRanker
+    from mmnewsrec.serve.live import Popularity
     from mmnewsrec.serve.new_news import NewNews
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Recommendation:
     unknown: list[str]  # history ids not in the store, ignored
     history_used: list[str]  # the known ids that were scored (the last L), oldest first
     timings_ms: dict[str, float]
+    cold_start: bool = False  # no known click: the list ranks news by popularity and freshness
 
 
 class Recommender:
@@ -170,6 +172,19 @@ class Recommender:
         """Store index of a news id; 0 when unknown."""
         return self._index.get(news_id, 0)
 
+    @property
+    def news_lookup(self) -> dict[str, int]:
+        """News id -> index of every served news item (not to be changed)."""
+        return self._index
+
+    @property
+    def num_news(self) -> int:
+        """News served (the store's and those added)."""
+        return len(self._images) - 1
+
+    def news_ids_of(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        return [self._columns["news_id"][int(i)] for i in indices]
+
     def summary(self, index: int) -> NewsSummary:
         return NewsSummary(*self._fields(index))
 
@@ -224,16 +239,33 @@ class Recommender:
         indices = [self._index.get(news_id, 0) for news_id in history]
         unknown = [news_id for news_id, i in zip(history, indices, strict=True) if i == 0]
         known = np.array([i for i in indices if i], dtype=np.int64)
+        return self.recommend_known(known, k, exclude_history, unknown, start)
+
+    def recommend_known(
+        self,
+        known: np.ndarray,
+        k: int = 10,
+        exclude_history: bool = True,
+        unknown: Sequence[str] = (),
+        start: float | None = None,
+        cold_start: Popularity | None = None,
+    ) -> Recommendation:
+        """`recommend` for a history of news indices (oldest first); `cold_start`: what ranks
+        the news for a history with no click (default: the train split's most clicked)."""
+        start = time.perf_counter() if start is None else start
         used = known[-self.ranker.history_len :]
         exclude = np.unique(known) if exclude_history else known[:0]
         timings = {"lookup": _ms(start)}
         if len(used):
             items = self._recall_rerank(used, exclude, k, timings)
+        elif cold_start is not None:
+            top, scores = cold_start.top(k, exclude)
+            items = [self._item(i, s, "popularity", None) for i, s in zip(top, scores, strict=True)]
         else:
             items = self._popular_items(exclude, k)
         timings["total"] = _ms(start)
         history_used = [self._columns["news_id"][i] for i in used]
-        return Recommendation(items, unknown, history_used, timings)
+        return Recommendation(items, list(unknown), history_used, timings, not len(used))
 
     def _recall_rerank(
         self, history: np.ndarray, exclude: np.ndarray, k: int, timings: dict[str, float]
@@ -269,29 +301,44 @@ class Recommender:
         the news matrix that recall and the reranker share, of the recall index and of the
         metadata, with no clicks and no image. This one stays as it is for the requests still
         running on it; a server swaps the new one in. The store on disk does not change."""
+        return self.with_news_batch([(news, vector)])
+
+    def with_news_batch(self, added: Sequence[tuple[NewNews, np.ndarray]]) -> Recommender:
+        """`with_news` for several news at once (one copy of the news matrix, one trace)."""
         import polars as pl
         import torch
 
-        if news.news_id in self._index:
-            raise ValueError(f"news id {news.news_id!r} is already served")
-        index = len(self._images)  # the new row's news index
-        row = torch.as_tensor(vector, dtype=torch.float32).reshape(1, -1)
-        if row.shape[1] != self.recaller.vectors_.shape[1]:
+        ids = [news.news_id for news, _ in added]
+        for news_id in ids:
+            if news_id in self._index:
+                raise ValueError(f"news id {news_id!r} is already served")
+        if len(set(ids)) < len(ids):
+            raise ValueError("news ids repeated among the added news")
+        first = len(self._images)  # the first new row's news index
+        rows = torch.as_tensor(np.stack([v for _, v in added]), dtype=torch.float32)
+        if rows.shape[1] != self.recaller.vectors_.shape[1]:
             raise ValueError(
-                f"a news vector of {row.shape[1]} values; the news have {self.vectors.dim}"
+                f"a news vector of {rows.shape[1]} values; the news have {self.vectors.dim}"
             )
-        matrix = torch.cat([self.recaller.vectors_, row])
+        matrix = torch.cat([self.recaller.vectors_, rows])
         new = copy.copy(self)
         new.ranker = ranker_with_news(self.ranker, matrix, self.recaller.vectors_)
         new.recaller = self.recaller.appended(matrix)
-        new._index = self._index | {news.news_id: index}
-        new._columns = {k: [*v, getattr(news, k)] for k, v in self._columns.items()}
-        new._images = [*self._images, None]
-        new._titles_lower = pl.concat([self._titles_lower, pl.Series([news.title.lower()])])
-        new.clicks = np.append(self.clicks, 0)
-        new._popular = np.append(self._popular, index)  # last of the news with no clicks
-        added = self._counts.get("added_news", 0) + 1
-        new._counts = self._counts | {"news": self._counts["news"] + 1, "added_news": added}
+        new._index = self._index | {news_id: first + j for j, news_id in enumerate(ids)}
+        new._columns = {
+            k: [*v, *(getattr(news, k) for news, _ in added)] for k, v in self._columns.items()
+        }
+        new._images = [*self._images, *([None] * len(added))]
+        titles = pl.Series([news.title.lower() for news, _ in added])
+        new._titles_lower = pl.concat([self._titles_lower, titles])
+        new.clicks = np.append(self.clicks, np.zeros(len(added), dtype=self.clicks.dtype))
+        # last of the news with no clicks
+        new._popular = np.append(self._popular, np.arange(first, first + len(added)))
+        count = self._counts.get("added_news", 0) + len(added)
+        new._counts = self._counts | {
+            "news": self._counts["news"] + len(added),
+            "added_news": count,
+        }
         return new
 
 

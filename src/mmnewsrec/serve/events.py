@@ -1,0 +1,194 @@
+"""HTTP routes of the live service: logged impressions (POST /events) and users' histories.
+
+An impression is checked whole before anything of its body is stored: a 422 names the field
+and the value at fault, as FastAPI's own validation errors do (`detail`: a list of
+{"loc", "msg", "input"}).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from mmnewsrec.serve.live import LiveState
+from mmnewsrec.serve.recommender import Recommender
+from mmnewsrec.serve.state import Impression
+
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^\S+$")]
+MAX_SHOWN = 1000  # news ids in one impression's shown list (MIND's longest: about 300)
+MAX_EVENT_HISTORY = 1000
+MAX_BATCH = 10_000  # impressions in one POST /events/batch
+MAX_FUTURE = timedelta(days=1)  # how far ahead of the server's clock an impression may be
+
+
+class EventIn(BaseModel):
+    """One impression as MIND logs it: the news shown to a user and those they clicked."""
+
+    model_config = ConfigDict(extra="forbid")
+    impression_id: EventId
+    user_id: EventId
+    time: str | None = Field(
+        None, description="ISO 8601; UTC when it has no offset; the server's clock if left out."
+    )
+    history: list[EventId] = Field(
+        default_factory=list,
+        max_length=MAX_EVENT_HISTORY,
+        description="The user's clicks before the logs began (MIND's history column).",
+    )
+    shown: list[EventId] = Field(min_length=1, max_length=MAX_SHOWN)
+    clicked: list[EventId] = Field(default_factory=list, max_length=MAX_SHOWN)
+
+    @field_validator("time")
+    @classmethod
+    def _iso_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_time(value)
+        return value
+
+    @field_validator("shown", "clicked", "history")
+    @classmethod
+    def _distinct(cls, ids: list[str]) -> list[str]:
+        if len(set(ids)) < len(ids):
+            repeated = next(i for n, i in enumerate(ids) if i in ids[:n])
+            raise ValueError(f"news id {repeated!r} is repeated")
+        return ids
+
+
+class EventStored(BaseModel):
+    impression_id: str
+    stored: bool = Field(description="False: this impression id was logged before (not again).")
+
+
+class BatchStored(BaseModel):
+    stored: int = Field(description="Impressions logged by this request.")
+    duplicates: list[str] = Field(description="Impression ids logged before (not again).")
+
+
+class UserOut(BaseModel):
+    user_id: str
+    known: bool = Field(description="The user is in the store's logs or the event log.")
+    history: list[str] = Field(description="Clicked news ids, oldest first, each once.")
+
+
+def parse_time(value: str) -> int:
+    """Unix seconds of an ISO 8601 time (UTC without an offset); ValueError if unparseable,
+    before 1970 or over a day ahead of the server's clock."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if moment.timestamp() < 0 or moment > datetime.now(UTC) + MAX_FUTURE:
+        raise ValueError(f"{value!r} is before 1970 or more than a day ahead of the server")
+    return int(moment.timestamp())
+
+
+# ---------------------------------------------------------------------------- dependencies
+
+
+async def get_live(request: Request) -> LiveState:
+    live = request.app.state.live
+    if live is None:
+        raise HTTPException(501, "this server keeps no state: start it with --state")
+    return live
+
+
+async def get_recommender(request: Request) -> Recommender:
+    return request.app.state.recommender
+
+
+LiveDep = Annotated[LiveState, Depends(get_live)]
+RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+
+
+def to_impressions(events: list[EventIn], lookup: dict[str, int], nested: bool) -> list[Impression]:
+    """Impressions of validated events, or a 422 naming every unknown news id, clicked id
+    not shown and impression id repeated in the body. nested: a batch (locations by position)."""
+    errors: list[dict[str, Any]] = []
+    now, seen_ids = int(time.time()), set()
+    for n, event in enumerate(events):
+        loc = ["body", n] if nested else ["body"]
+        for name in ("history", "shown", "clicked"):
+            for j, news_id in enumerate(getattr(event, name)):
+                if news_id not in lookup:
+                    errors.append(_error([*loc, name, j], "unknown news id", news_id))
+        shown = set(event.shown)
+        for j, news_id in enumerate(event.clicked):
+            if news_id not in shown:
+                errors.append(_error([*loc, "clicked", j], "clicked but not shown", news_id))
+        if event.impression_id in seen_ids:
+            errors.append(
+                _error([*loc, "impression_id"], "repeated in this body", event.impression_id)
+            )
+        seen_ids.add(event.impression_id)
+    if errors:
+        raise HTTPException(422, errors[:100])
+    return [
+        Impression(
+            e.impression_id,
+            e.user_id,
+            now if e.time is None else parse_time(e.time),
+            tuple(e.history),
+            tuple(e.shown),
+            tuple(e.clicked),
+        )
+        for e in events
+    ]
+
+
+def _error(loc: list[Any], msg: str, value: str) -> dict[str, Any]:
+    return {"loc": loc, "msg": f"{msg}: {value!r}", "input": value}
+
+
+async def log_impressions(
+    live: LiveState, recommender: Recommender, impressions: list[Impression]
+) -> list[bool]:
+    """Store impressions durably (their commit awaited), then learn from the new ones."""
+    new = await asyncio.wrap_future(live.state.add_impressions(impressions))
+    fresh = [imp for imp, is_new in zip(impressions, new, strict=True) if is_new]
+    live.apply(fresh, recommender.news_lookup)
+    return new
+
+
+# ---------------------------------------------------------------------------- routes
+
+events_router = APIRouter(prefix="/events", tags=["events"])
+users_router = APIRouter(prefix="/users", tags=["users"])
+
+
+@events_router.post("", response_model=EventStored)
+async def post_event(body: EventIn, live: LiveDep, recommender: RecommenderDep) -> EventStored:
+    """Log one impression; answered once it is on disk. A retried impression id is not logged
+    again (`stored`: false)."""
+    impressions = to_impressions([body], recommender.news_lookup, nested=False)
+    (new,) = await log_impressions(live, recommender, impressions)
+    return EventStored(impression_id=body.impression_id, stored=new)
+
+
+@events_router.post("/batch", response_model=BatchStored)
+async def post_events(
+    body: list[EventIn], live: LiveDep, recommender: RecommenderDep
+) -> BatchStored:
+    """Log up to 10,000 impressions in one transaction: all of them, or none on a 422."""
+    if not 1 <= len(body) <= MAX_BATCH:
+        message = f"a batch holds 1 to {MAX_BATCH} impressions, not {len(body)}"
+        raise HTTPException(422, [{"loc": ["body"], "msg": message, "input": len(body)}])
+    impressions = to_impressions(body, recommender.news_lookup, nested=True)
+    new = await log_impressions(live, recommender, impressions)
+    ids = [imp.impression_id for imp in impressions]
+    duplicates = [i for i, is_new in zip(ids, new, strict=True) if not is_new]
+    return BatchStored(stored=sum(new), duplicates=duplicates)
+
+
+@users_router.get("/{user_id}", response_model=UserOut)
+async def get_user(user_id: str, live: LiveDep, recommender: RecommenderDep) -> UserOut:
+    """A user's click history as the service knows it (store logs, then the event log)."""
+    history = live.users.history(user_id)
+    ids = recommender.news_ids_of(history)
+    return UserOut(user_id=user_id, known=live.users.known(user_id), history=ids)
