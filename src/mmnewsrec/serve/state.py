@@ -98,50 +98,15 @@ class StateStore(Protocol):
     def close(self) -> None: ...
 
 
-class SQLiteState:
-    """`StateStore` in STATE_DIR/state.sqlite, bound to one store and one set of vectors
-    (`identity`: their hashes, checked at every open)."""
+class GroupCommit:
+    """Impressions written by one writer thread, which commits whatever is waiting in one
+    transaction (`_commit`, of the backend): concurrent requests share a commit."""
 
-    def __init__(
-        self, folder: Path | str, identity: dict[str, str], synchronous: str = "full"
-    ) -> None:
-        if synchronous not in SYNCHRONOUS:
-            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, got {synchronous!r}")
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / STATE_FILE
-        self.db = self._connect(synchronous)
-        self._check_identity(identity)
-        self._lock = threading.Lock()  # the connection: writer thread and readers
+    def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Sequence[Impression], Future] | None]
         self._queue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
         self._writer.start()
-
-    def _connect(self, synchronous: str) -> sqlite3.Connection:
-        try:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            db.executescript(SCHEMA)
-        except sqlite3.Error as err:
-            raise StateError(f"{self.path}: cannot open the state database ({err})") from None
-        return db
-
-    def _check_identity(self, identity: dict[str, str]) -> None:
-        """Record `identity` in a new state; refuse a state written for other data."""
-        rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-        if not rows:
-            self.db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(identity.items()))
-            return
-        for key, value in identity.items():
-            if rows.get(key) != value:
-                raise StateError(
-                    f"{self.path} was written for {key} {rows.get(key)!r}, not {value!r}: "
-                    "give the served run its own --state folder"
-                )
-
-    # ------------------------------------------------------------------ impressions
 
     def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[bool]]:
         future: Future[list[bool]] = Future()
@@ -169,6 +134,58 @@ class SQLiteState:
                 continue
             for (_, future), result in zip(jobs, results, strict=True):
                 future.set_result(result)
+
+    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[bool]]:
+        """Store several requests' impressions in one transaction; which of each were new."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Finish the writes already queued."""
+        self._queue.put(None)
+        self._writer.join()
+
+
+class SQLiteState(GroupCommit):
+    """`StateStore` in STATE_DIR/state.sqlite, bound to one store and one set of vectors
+    (`identity`: their hashes, checked at every open)."""
+
+    def __init__(
+        self, folder: Path | str, identity: dict[str, str], synchronous: str = "full"
+    ) -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, got {synchronous!r}")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / STATE_FILE
+        self.db = self._connect(synchronous)
+        self._check_identity(identity)
+        self._lock = threading.Lock()  # the connection: writer thread and readers
+        super().__init__()
+
+    def _connect(self, synchronous: str) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            db.executescript(SCHEMA)
+        except sqlite3.Error as err:
+            raise StateError(f"{self.path}: cannot open the state database ({err})") from None
+        return db
+
+    def _check_identity(self, identity: dict[str, str]) -> None:
+        """Record `identity` in a new state; refuse a state written for other data."""
+        rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        if not rows:
+            self.db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(identity.items()))
+            return
+        for key, value in identity.items():
+            if rows.get(key) != value:
+                raise StateError(
+                    f"{self.path} was written for {key} {rows.get(key)!r}, not {value!r}: "
+                    "give the served run its own --state folder"
+                )
+
+    # ------------------------------------------------------------------ impressions
 
     def _commit(self, batches: list[Sequence[Impression]]) -> list[list[bool]]:
         """One transaction over several requests' impressions; which of each were new."""
@@ -256,8 +273,7 @@ class SQLiteState:
 
     def close(self) -> None:
         """Finish the writes already queued, then close the database."""
-        self._queue.put(None)
-        self._writer.join()
+        super().close()
         with self._lock:
             self.db.close()
 
