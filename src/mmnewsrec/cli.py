@@ -540,9 +540,10 @@ def serve(
     ] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     state: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Folder of the service's durable state (logged events, added news); "
+            help="Folder of the service's durable state (logged events, added news), or a "
+            "postgresql:// URL: a database that several replicas share and follow; "
             "[default: RUN_DIR.state, beside the run]"
         ),
     ] = None,
@@ -565,10 +566,11 @@ def serve(
 
     settings = ServeSettings(host=host, port=port, parallel=parallel)
     from mmnewsrec.serve.live import open_live
+    from mmnewsrec.serve.postgres import redact
     from mmnewsrec.serve.state import StateError
 
     recommender = load_recommender(run_dir, device, recall_k, recall_backend, recall_popular_share)
-    state_dir = state or run_dir.parent / f"{run_dir.name}.state"
+    state_dir = state or str(run_dir.parent / f"{run_dir.name}.state")
     try:
         recommender, live = open_live(recommender, state_dir, sync)
     except (StateError, ValueError) as err:
@@ -583,7 +585,8 @@ def serve(
     # sight, so that a full collection no longer walks it (over 100 ms at 100k news).
     gc.collect()
     gc.freeze()
-    typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/ (state {state_dir})")
+    where = f"http://{settings.host}:{settings.port}/ (state {redact(state_dir)})"
+    typer.echo(f"serving {run_dir} on {where}")
     try:
         uvicorn.run(service, host=settings.host, port=settings.port, access_log=access_log)
     finally:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,10 @@ from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
 from mmnewsrec.recall.channels import store_item_stats
 from mmnewsrec.serve.recommender import Recommendation, Recommender
 from mmnewsrec.serve.state import READ_CHUNK, Impression, SQLiteState, StateStore
+
+if TYPE_CHECKING:
+    from mmnewsrec.serve.new_news import NewNews
+    from mmnewsrec.serve.postgres import LogFollower
 
 logger = logging.getLogger(__name__)
 
@@ -217,16 +222,12 @@ class LiveState:
         split = recommender.ranker.config.data.train_split
         self.popularity = Popularity(store, split, COLD_START_HALF_LIFE_DAYS)
         self.popularity.grow(recommender.num_news)
+        self.follower: LogFollower | None = None  # set where replicas share the log
 
     def restore(self, recommender: Recommender) -> Recommender:
         """`recommender` with the added news of the state, and this state caught up with its
         logged impressions."""
-        added = self.state.news()
-        if added:
-            recommender = recommender.with_news_batch([(n, v) for n, _, v in added])
-            self.popularity.grow(recommender.num_news)
-            for news, time, _ in added:
-                self.news_added(recommender.index_of(news.news_id), time)
+        recommender = self.with_added_news(recommender, self.state.news())
         batch: list[Impression] = []
         for impression in self.state.impressions():
             batch.append(impression)
@@ -235,6 +236,17 @@ class LiveState:
                 batch = []
         self.apply(batch, recommender.news_lookup)
         logger.info("state %s: %s", self.state, self.state.counts())
+        return recommender
+
+    def with_added_news(
+        self, recommender: Recommender, added: Sequence[tuple[NewNews, int, np.ndarray]]
+    ) -> Recommender:
+        """`recommender` with logged news (item, time added, vector), fresh from their time."""
+        if added:
+            recommender = recommender.with_news_batch([(n, v) for n, _, v in added])
+            self.popularity.grow(recommender.num_news)
+            for news, time, _ in added:
+                self.news_added(recommender.index_of(news.news_id), time)
         return recommender
 
     def news_added(self, index: int, time: int) -> None:
@@ -275,11 +287,24 @@ class LiveState:
 def open_live(
     recommender: Recommender, folder: Path | str, synchronous: str = "full"
 ) -> tuple[Recommender, LiveState]:
-    """The state kept in `folder` (created if new) for `recommender`'s store and vectors, and
-    the recommender with its added news."""
+    """The state kept in `folder` (created if new), or in the PostgreSQL database a
+    postgresql:// URL names, for `recommender`'s store and vectors, and the recommender with
+    its added news."""
     identity = {"store": recommender.store.content_hash, "vectors": recommender.vectors.hash}
-    live = LiveState(recommender, SQLiteState(folder, identity, synchronous))
+    state: StateStore
+    if is_database_url(str(folder)):
+        from mmnewsrec.serve.postgres import PostgresState
+
+        state = PostgresState(str(folder), identity)
+    else:
+        state = SQLiteState(folder, identity, synchronous)
+    live = LiveState(recommender, state)
     return live.restore(recommender), live
+
+
+def is_database_url(location: str) -> bool:
+    """A PostgreSQL URL (the state of replicas) rather than a state folder."""
+    return location.startswith(("postgresql://", "postgres://"))
 
 
 def by_time(click: tuple[int, int]) -> int:

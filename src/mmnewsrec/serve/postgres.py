@@ -288,9 +288,10 @@ class LogFollower:
         async with self._reading:
             await self._read_all()
 
-    async def wait_for(self, written: Position) -> None:
-        """Return once the rows up to `written` (this replica's own write) are applied here:
-        a replica answers 2xx only when its next response reflects the write."""
+    async def wait_for_own_writes(self) -> None:
+        """Return once this replica's writes so far are applied here: it answers a write only
+        when its next response reflects it."""
+        written = self.state.written
         while not self._covers(written):
             async with self._reading:
                 if not self._covers(written):  # another request's read may have covered it

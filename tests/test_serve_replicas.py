@@ -1,0 +1,160 @@
+"""Replicas of one service over a shared PostgreSQL state (a real server, see
+postgres_cluster.py): each follows the log, so what one learns the others learn, and a replica
+started later replays the log to the same tables."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from mmnewsrec.serve import Recommender, create_app
+from mmnewsrec.serve.live import LiveState, open_live
+
+pytest.importorskip("psycopg")
+
+from mmnewsrec.serve.postgres import connect  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rec(tiny_run) -> Recommender:
+    return Recommender.from_run(tiny_run)
+
+
+@contextmanager
+def replica(rec: Recommender, url: str) -> Iterator[TestClient]:
+    """One replica: its own recommender, live state and follower, over the database `url`."""
+    served, live = open_live(rec, url)
+    try:
+        with TestClient(create_app(served, live=live)) as client:
+            yield client
+    finally:
+        live.state.close()
+
+
+def live_of(client: TestClient) -> LiveState:
+    return client.app.state.live  # type: ignore[attr-defined]
+
+
+def event(n: int, user: str, shown: list[str], clicked: list[str]) -> dict:
+    return {"impression_id": f"I{n}", "user_id": user, "shown": shown, "clicked": clicked}
+
+
+def seconds_until(check: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Seconds until `check()` holds (polled every 2 ms); fails after `timeout`."""
+    start = time.perf_counter()
+    while not check():
+        assert time.perf_counter() - start < timeout, "replicas did not converge"
+        time.sleep(0.002)
+    return time.perf_counter() - start
+
+
+def test_an_event_posted_to_one_replica_reaches_the_other_within_a_second(rec, postgres_url):
+    ids = rec.store.news["news_id"].to_list()
+    with replica(rec, postgres_url) as a, replica(rec, postgres_url) as b:
+        assert b.get("/users/U-x").json()["known"] is False
+        a.post("/events", json=event(1, "U-x", ids[:5], [ids[3]])).raise_for_status()
+        posted = time.perf_counter()
+        assert a.get("/users/U-x").json()["history"] == [ids[3]]  # its own write, at once
+        lag = seconds_until(lambda: b.get("/users/U-x").json()["history"] == [ids[3]])
+        assert time.perf_counter() - posted < 1.0, f"B followed after {lag:.3f} s"
+        # A retry on B of what A logged is no new event anywhere.
+        retry = b.post("/events", json=event(1, "U-x", ids[:5], [ids[3]])).json()
+        assert retry == {"impression_id": "I1", "stored": False}
+        b.post("/events", json=event(2, "U-x", ids[5:9], [ids[8]])).raise_for_status()
+        seconds_until(lambda: a.get("/users/U-x").json()["history"] == [ids[3], ids[8]])
+        by_user = {"user_id": "U-x", "k": 5}
+        assert (
+            a.post("/recommend", json=by_user).json()["items"]
+            == (b.post("/recommend", json=by_user).json()["items"])
+        )
+
+
+class StoredVector:
+    """The encoder of replica A in this test: the tiny run has no text model to encode with."""
+
+    def __init__(self, vector: np.ndarray) -> None:
+        self.vector, self.calls = vector, 0
+
+    def encode(self, news: object, has_image: bool = False) -> np.ndarray:
+        self.calls += 1
+        return self.vector
+
+
+def test_a_news_item_added_on_one_replica_is_served_by_the_other_from_its_stored_vector(
+    rec, postgres_url
+):
+    vector = np.linspace(-1, 1, rec.vectors.dim, dtype=np.float32)
+    with replica(rec, postgres_url) as a, replica(rec, postgres_url) as b:
+        a.app.state.news_encoder = encoder = StoredVector(vector)  # type: ignore[attr-defined]
+        body = {"news_id": "N-new", "title": "Fresh news", "category": "news"}
+        assert a.post("/news", json=body).status_code == 201
+        assert a.post("/news", json=body).status_code == 409
+        assert a.get("/news/N-new").status_code == 200  # served by A once answered
+        seconds_until(lambda: b.get("/news/N-new").status_code == 200)
+        assert b.get("/news/N-new").json()["title"] == "Fresh news"
+        assert b.post("/news", json=body).status_code == 409  # added once, whichever replica
+        served = b.app.state.recommender  # type: ignore[attr-defined]
+        index = served.index_of("N-new")
+        assert index == rec.num_news + 1
+        np.testing.assert_array_equal(served.recaller.vectors_[index].numpy(), vector)
+        assert b.app.state.news_encoder is None and encoder.calls == 1  # type: ignore[attr-defined]
+        clicked = event(1, "U-n", ["N-new", rec.store.news_ids[1]], ["N-new"])
+        assert b.post("/events", json=clicked).status_code == 200
+        seconds_until(lambda: a.get("/users/U-n").json()["history"] == ["N-new"])
+
+
+def tables(live: LiveState, users: list[str]) -> dict[str, np.ndarray]:
+    """What a replica learned from the log: the cold-start counters and users' histories.
+    Clicks as decayed to the latest event: their stored weights are relative to a reference
+    time that moves with how the log was read in batches."""
+    popularity = live.popularity
+    decay = 0.5 ** ((popularity.end - popularity.ref) / popularity.half_life)
+    return {
+        "decayed_clicks": popularity.weights * decay,
+        "first_seen": popularity.first_seen,
+        "latest": np.array([popularity.end]),
+        **{f"history {u}": live.users.history(u) for u in users},
+    }
+
+
+def logged_up_to(url: str) -> int:
+    with connect(url) as db:
+        return db.execute("SELECT coalesce(max(seq), 0) FROM impressions").fetchone()[0]
+
+
+def test_a_replica_started_later_replays_the_log_to_the_same_tables(rec, postgres_url):
+    ids = rec.store.news["news_id"].to_list()
+    users = [f"U{u}" for u in range(6)] + [str(rec.store.user_ids[1])]
+    rng = np.random.default_rng(0)
+
+    def load(client: TestClient, first: int) -> None:
+        for n in range(first, first + 60, 2):  # two replicas take turns, concurrently
+            shown = rng.choice(ids, size=5, replace=False).tolist()
+            body = event(n, users[n % len(users)], shown, shown[: n % 3])
+            body["time"] = f"2026-12-01T{n % 24:02d}:00:00Z"
+            client.post("/events", json=body).raise_for_status()
+
+    with replica(rec, postgres_url) as a, replica(rec, postgres_url) as b:
+        writers = [threading.Thread(target=load, args=(c, k)) for k, c in enumerate((a, b))]
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        end = logged_up_to(postgres_url)
+        with replica(rec, postgres_url) as c:
+            replicas = [live_of(x) for x in (a, b, c)]
+            seconds_until(
+                lambda: all(r.follower.position.impressions == end for r in replicas)  # type: ignore[union-attr]
+            )
+            expected = tables(replicas[0], users)
+            assert any(len(v) for k, v in expected.items() if k.startswith("history U"))
+            for other in replicas[1:]:
+                got = tables(other, users)
+                for name, value in expected.items():  # equal up to float rounding
+                    np.testing.assert_allclose(got[name], value, rtol=1e-12, err_msg=name)
