@@ -205,11 +205,18 @@ def test_a_grid_in_two_jobs_gives_the_results_of_one_and_times_its_phases(tiny_r
         assert one["auc"] == pytest.approx(two["auc"], abs=1e-4)
 
 
+def rows_of(out):
+    return json.loads((out / "results.json").read_text())
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    best = max(rows_of(out), key=lambda r: r["auc"])
+    served = out / "runs" / best["ranker"] / best["encoder"] / "seed0"
+    assert result.output.rstrip().endswith(f"mmnewsrec serve {served}")
     report = (out / "report.md").read_text()
     assert "| (oracle) |" in report and (out / "auc.png").is_file()
     rows = {(r["encoder"], r["ranker"]): r for r in json.loads((out / "results.json").read_text())}

@@ -111,3 +111,50 @@ def test_page_recommends_cards_with_images(page, rec, tmp_path):
     page.click("#submit")
     expect(page.locator(".card .badge").first).to_contain_text("popularity")
     expect(page.locator("#history-empty")).to_be_visible()
+
+
+@pytest.fixture(scope="module")
+def live_page(rec, tmp_path_factory):
+    """The page over a server that keeps users and logs events."""
+    from playwright.sync_api import sync_playwright
+
+    from mmnewsrec.serve.live import open_live
+
+    served, live = open_live(rec, tmp_path_factory.mktemp("state"))
+    with live_server(create_app(served, live=live)) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.set_default_timeout(15_000)
+        tab.goto(url)
+        yield tab, live
+        browser.close()
+    live.state.close()
+
+
+def test_a_users_click_moves_the_news_into_the_history_and_out_of_the_list(live_page, rec):
+    from playwright.sync_api import expect
+
+    page, live = live_page
+    page.fill("#user", "U-browser")
+    page.fill("#k", "8")
+    page.click("#sign-in")
+    expect(page.locator("#user-status")).to_contain_text("a new user")
+    cards = page.locator(".card")
+    expect(cards).to_have_count(8)
+    expect(page.locator("#message")).to_contain_text("No clicks yet")
+    shown = [cards.nth(i).get_attribute("data-news-id") for i in range(8)]
+    clicked = shown[2]
+    cards.nth(2).click()
+
+    expect(page.locator("#history li")).to_have_count(1)
+    expect(page.locator("#history li").first).to_contain_text(
+        rec.summary(rec.index_of(clicked)).title
+    )
+    expect(page.locator("#user-status")).to_contain_text("U-browser: 1 clicks")
+    expect(page.locator(f'.card[data-news-id="{clicked}"]')).to_have_count(0)
+    expect(cards.first.locator(".badge")).to_contain_text("rerank")
+    assert live.users.history("U-browser").tolist() == [rec.index_of(clicked)]
+    logged = list(live.state.impressions())
+    assert [(e.user_id, list(e.shown), list(e.clicked)) for e in logged] == [
+        ("U-browser", shown, [clicked])
+    ]

@@ -52,7 +52,9 @@ def test_an_event_is_logged_once_and_its_clicks_join_the_users_history(server, r
     assert client.post("/events", json=later).json()["stored"]
     # 11:00+01:00 is 10:00Z: the clicks of both impressions, in order of time, then of listing
     user = client.get("/users/U-new").json()
-    assert user == {"user_id": "U-new", "known": True, "history": [ids[7], ids[3], ids[8], ids[6]]}
+    history = [ids[7], ids[3], ids[8], ids[6]]
+    titles = [rec.summary(rec.index_of(i)).title for i in history]
+    assert user == {"user_id": "U-new", "known": True, "history": history, "titles": titles}
     got = client.post("/recommend", json={"user_id": "U-new", "k": 5}).json()
     assert got["history_used"] == user["history"] and not got["cold_start"]
     expected = rec.recommend(user["history"], k=5)
@@ -146,7 +148,7 @@ def test_an_unknown_user_gets_a_cold_start_list_that_follows_the_clicks(server, 
     after = client.post("/recommend", json={"user_id": "U-stranger", "k": 5}).json()
     assert after["items"][0]["news_id"] == target and after["cold_start"]
     assert client.get("/users/U-stranger").json() == {
-        "user_id": "U-stranger", "known": False, "history": []
+        "user_id": "U-stranger", "known": False, "history": [], "titles": []
     }  # fmt: skip
 
 

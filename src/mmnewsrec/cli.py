@@ -442,6 +442,10 @@ def demo(
     table = report.read_text().split("## Results (dev)", 1)[1].split("![", 1)[0]
     typer.echo(table.strip())
     typer.echo(f"\nreport: {report}")
+    from mmnewsrec.demo import best_run
+
+    if (best := best_run(out)) is not None:
+        typer.echo(f"serve the best run (dev AUC {best[1]:.4f}): mmnewsrec serve {best[0]}")
 
 
 # ---------------------------------------------------------------------------- serve
@@ -522,6 +526,30 @@ def recommend(
     typer.echo(f"{len(result.history_used)} clicks used, {result.timings_ms['total']:.1f} ms")
 
 
+@app.command("export-events")
+def export_events(
+    state: Annotated[
+        str, typer.Argument(help="A server's --state: its folder, or its postgresql:// URL.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write behaviors.tsv and news.tsv to.")],
+    store: Annotated[
+        Path | None, typer.Option(help="The served store [default: the one the state records].")
+    ] = None,
+) -> None:
+    """Write a server's logged impressions (and its news) as MIND tsv files for `prepare`."""
+    from mmnewsrec.formats.store import StoreError
+    from mmnewsrec.serve.export import export_events as export
+    from mmnewsrec.serve.state import StateError, is_database_url
+
+    if not is_database_url(state) and not (Path(state) / "state.sqlite").is_file():
+        fail(f"{state}: no state.sqlite here (a folder given to `serve --state`)")
+    try:
+        counts = export(state, out, store)
+    except (OSError, ValueError, StoreError, StateError) as err:
+        fail(str(err))
+    typer.echo(f"{counts['impressions']} impressions, {counts['news']} news -> {out}")
+
+
 @app.command()
 def serve(
     run_dir: RunDir,
@@ -566,8 +594,7 @@ def serve(
 
     settings = ServeSettings(host=host, port=port, parallel=parallel)
     from mmnewsrec.serve.live import open_live
-    from mmnewsrec.serve.postgres import redact
-    from mmnewsrec.serve.state import StateError
+    from mmnewsrec.serve.state import StateError, describe
 
     recommender = load_recommender(run_dir, device, recall_k, recall_backend, recall_popular_share)
     state_dir = state or str(run_dir.parent / f"{run_dir.name}.state")
@@ -585,7 +612,7 @@ def serve(
     # sight, so that a full collection no longer walks it (over 100 ms at 100k news).
     gc.collect()
     gc.freeze()
-    where = f"http://{settings.host}:{settings.port}/ (state {redact(state_dir)})"
+    where = f"http://{settings.host}:{settings.port}/ (state {describe(state_dir)})"
     typer.echo(f"serving {run_dir} on {where}")
     try:
         uvicorn.run(service, host=settings.host, port=settings.port, access_log=access_log)

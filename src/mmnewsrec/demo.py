@@ -98,3 +98,15 @@ def run_demo(out: Path, quick: bool = False, image_layout: str = "plain") -> Pat
     path = out / "experiment.toml"
     path.write_text(experiment)
     return run_experiment(load_experiment(path), path, watch)
+
+
+def best_run(out: Path) -> tuple[Path, float] | None:
+    """(run folder, dev AUC) of the demo's trained run with the best dev AUC; None when
+    no run has been evaluated."""
+    scored = [
+        (metrics.parent, json.loads(metrics.read_text()).get("auc"))
+        for metrics in sorted(Path(out).glob("runs/**/metrics.json"))
+        if (metrics.parent / "checkpoint.pt").is_file()
+    ]
+    scored = [(run, float(auc)) for run, auc in scored if auc is not None]
+    return max(scored, key=lambda pair: pair[1], default=None)

@@ -273,9 +273,12 @@ def get_image(news_id: str, recommender: RecommenderDep) -> FileResponse:
 
 
 @health_router.get("/health", response_model=Health)
-async def health(recommender: RecommenderDep) -> dict[str, Any]:
-    """Model, vectors and corpus counts of the loaded run."""
-    return {"status": "ok", **recommender.info()}
+async def health(recommender: RecommenderDep, request: Request) -> dict[str, Any]:
+    """Model, vectors and corpus counts of the loaded run (and of what it has logged)."""
+    info = recommender.info()
+    if request.app.state.live is not None:
+        info["counts"] = info["counts"] | request.app.state.live.counts()
+    return {"status": "ok", **info}
 
 
 # ---------------------------------------------------------------------------- app

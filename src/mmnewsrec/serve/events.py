@@ -73,6 +73,7 @@ class UserOut(BaseModel):
     user_id: str
     known: bool = Field(description="The user is in the store's logs or the event log.")
     history: list[str] = Field(description="Clicked news ids, oldest first, each once.")
+    titles: list[str] = Field(description="Their titles.")
 
 
 def parse_time(value: str) -> int:
@@ -194,4 +195,5 @@ async def get_user(user_id: str, live: LiveDep, recommender: RecommenderDep) -> 
     """A user's click history as the service knows it (store logs, then the event log)."""
     history = live.users.history(user_id)
     ids = recommender.news_ids_of(history)
-    return UserOut(user_id=user_id, known=live.users.known(user_id), history=ids)
+    titles = [recommender.summary(int(i)).title for i in history]
+    return UserOut(user_id=user_id, known=live.users.known(user_id), history=ids, titles=titles)

@@ -19,7 +19,7 @@ from mmnewsrec.csr import csr_offsets, segment_ids
 from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
 from mmnewsrec.recall.channels import store_item_stats
 from mmnewsrec.serve.recommender import Recommendation, Recommender
-from mmnewsrec.serve.state import READ_CHUNK, Impression, SQLiteState, StateStore
+from mmnewsrec.serve.state import READ_CHUNK, Impression, StateStore, open_state
 
 if TYPE_CHECKING:
     from mmnewsrec.serve.new_news import NewNews
@@ -60,6 +60,9 @@ class Users:
         if index is None:
             index = self._index[user_id] = len(self._index)
         return index
+
+    def __len__(self) -> int:
+        return len(self._index)
 
     def known(self, user_id: str) -> bool:
         return user_id in self._index
@@ -223,6 +226,11 @@ class LiveState:
         self.popularity = Popularity(store, split, COLD_START_HALF_LIFE_DAYS)
         self.popularity.grow(recommender.num_news)
         self.follower: LogFollower | None = None  # set where replicas share the log
+        self.logged = {"logged_impressions": 0, "logged_clicks": 0}  # learned from so far
+
+    def counts(self) -> dict[str, int]:
+        """Impressions and clicks learned from the event log, and users it knows."""
+        return self.logged | {"users": len(self.users)}
 
     def restore(self, recommender: Recommender) -> Recommender:
         """`recommender` with the added news of the state, and this state caught up with its
@@ -265,6 +273,8 @@ class LiveState:
             self.users.observe(imp.user_id, imp.time, history, clicks)
             seen.append(np.concatenate([history, shown]))
             clicked.append(clicks)
+        self.logged["logged_impressions"] += len(impressions)
+        self.logged["logged_clicks"] += sum(len(c) for c in clicked)
         times = np.array([imp.time for imp in impressions], dtype=np.int64)
         self.popularity.observe(
             np.concatenate(seen),
@@ -291,20 +301,9 @@ def open_live(
     postgresql:// URL names, for `recommender`'s store and vectors, and the recommender with
     its added news."""
     identity = {"store": recommender.store.content_hash, "vectors": recommender.vectors.hash}
-    state: StateStore
-    if is_database_url(str(folder)):
-        from mmnewsrec.serve.postgres import PostgresState
-
-        state = PostgresState(str(folder), identity)
-    else:
-        state = SQLiteState(folder, identity, synchronous)
-    live = LiveState(recommender, state)
+    where = {"store_path": str(recommender.store.path.resolve())}  # for export-events
+    live = LiveState(recommender, open_state(folder, identity | where, synchronous))
     return live.restore(recommender), live
-
-
-def is_database_url(location: str) -> bool:
-    """A PostgreSQL URL (the state of replicas) rather than a state folder."""
-    return location.startswith(("postgresql://", "postgres://"))
 
 
 def by_time(click: tuple[int, int]) -> int:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmnewsrec.serve.new_news import NewNews
-from mmnewsrec.serve.state import READ_CHUNK, GroupCommit, Impression, StateError, _row
+from mmnewsrec.serve.state import CHECKED, READ_CHUNK, GroupCommit, Impression, StateError, _row
 
 if TYPE_CHECKING:
     import psycopg
@@ -124,7 +124,9 @@ class PostgresState(GroupCommit):
     (`identity`, checked at every open). `news()` pins the position that `impressions()` replays
     up to, so that a replica starts from one consistent point and follows the log from there."""
 
-    def __init__(self, url: str, identity: dict[str, str]) -> None:
+    def __init__(self, url: str, identity: dict[str, str] | None) -> None:
+        """identity: the hashes of the data served (None: open a state whatever its data,
+        to read it)."""
         self.url = url
         self.db = connect(url, autocommit=True)  # reads and news, under self._lock
         self._lock = threading.Lock()
@@ -237,6 +239,11 @@ class PostgresState(GroupCommit):
 
     # ------------------------------------------------------------------ other
 
+    def meta(self) -> dict[str, str]:
+        """What the state records of the data it was written for (and its schema version)."""
+        with self._lock:
+            return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             impressions = value(self.db, "SELECT count(*) FROM impressions")
@@ -312,27 +319,28 @@ class LogFollower:
                 return
 
 
-def create_schema(db: psycopg.Connection, identity: dict[str, str], name: str) -> None:
-    """Create the tables on first start (one replica at a time), record the schema version and
-    `identity`; refuse a database of another version or written for other data."""
+def create_schema(db: psycopg.Connection, identity: dict[str, str] | None, name: str) -> None:
+    """Create the tables on first start (one replica at a time) and record the schema version
+    and `identity`; refuse a database of another schema version or written for other data
+    (`identity` None: open it whatever its data, to read it)."""
     with db.transaction():
         db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
         db.execute(SCHEMA)
         rows: dict[str, str] = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        expected = {"schema_version": str(SCHEMA_VERSION), **identity}
-        if not rows:
-            db.cursor().executemany("INSERT INTO meta VALUES (%s, %s)", sorted(expected.items()))
+        if not rows and identity is not None:
+            new = {"schema_version": str(SCHEMA_VERSION), **identity}
+            db.cursor().executemany("INSERT INTO meta VALUES (%s, %s)", sorted(new.items()))
             return
-    if rows.get("schema_version") != str(SCHEMA_VERSION):
+    if rows and rows.get("schema_version") != str(SCHEMA_VERSION):
         raise StateError(
             f"{name} holds state schema version {rows.get('schema_version')}, this version of "
             f"mmnewsrec reads version {SCHEMA_VERSION}"
         )
-    for key, value in identity.items():
-        if rows.get(key) != value:
+    for key, expected in (identity or {}).items():
+        if key in CHECKED and rows.get(key) != expected:
             raise StateError(
-                f"{name} was written for {key} {rows.get(key)!r}, not {value!r}: give the served "
-                "run its own database"
+                f"{name} was written for {key} {rows.get(key)!r}, not {expected!r}: give the "
+                "served run its own database"
             )
 
 

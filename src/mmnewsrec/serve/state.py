@@ -25,11 +25,14 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from mmnewsrec.serve.new_news import NewNews
+
+if TYPE_CHECKING:
+    from mmnewsrec.serve.postgres import PostgresState
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ CREATE TABLE IF NOT EXISTS news (
 );
 """
 SYNCHRONOUS = ("full", "normal")
+CHECKED = ("store", "vectors")  # identity entries a state must match (the content hashes)
 READ_CHUNK = 10_000  # rows fetched at once when replaying the log
 
 
@@ -147,18 +151,21 @@ class GroupCommit:
 
 class SQLiteState(GroupCommit):
     """`StateStore` in STATE_DIR/state.sqlite, bound to one store and one set of vectors
-    (`identity`: their hashes, checked at every open)."""
+    (`identity`: their hashes, checked at every open, and where the store was)."""
 
     def __init__(
-        self, folder: Path | str, identity: dict[str, str], synchronous: str = "full"
+        self, folder: Path | str, identity: dict[str, str] | None, synchronous: str = "full"
     ) -> None:
+        """identity: the hashes of the data served (None: open a state whatever its data,
+        to read it)."""
         if synchronous not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, got {synchronous!r}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / STATE_FILE
         self.db = self._connect(synchronous)
-        self._check_identity(identity)
+        if identity is not None:
+            self._check_identity(identity)
         self._lock = threading.Lock()  # the connection: writer thread and readers
         super().__init__()
 
@@ -172,6 +179,11 @@ class SQLiteState(GroupCommit):
             raise StateError(f"{self.path}: cannot open the state database ({err})") from None
         return db
 
+    def meta(self) -> dict[str, str]:
+        """What the state records of the data it was written for."""
+        with self._lock:
+            return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
     def _check_identity(self, identity: dict[str, str]) -> None:
         """Record `identity` in a new state; refuse a state written for other data."""
         rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -179,7 +191,7 @@ class SQLiteState(GroupCommit):
             self.db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(identity.items()))
             return
         for key, value in identity.items():
-            if rows.get(key) != value:
+            if key in CHECKED and rows.get(key) != value:
                 raise StateError(
                     f"{self.path} was written for {key} {rows.get(key)!r}, not {value!r}: "
                     "give the served run its own --state folder"
@@ -287,3 +299,30 @@ def _row(imp: Impression) -> tuple[Any, ...]:
         " ".join(imp.shown),
         " ".join(imp.clicked),
     )
+
+
+def open_state(
+    location: Path | str, identity: dict[str, str] | None, synchronous: str = "full"
+) -> SQLiteState | PostgresState:
+    """The state in a folder (SQLite), or in the PostgreSQL database that a postgresql:// URL
+    names (shared by replicas; `synchronous` is then the server's)."""
+    if is_database_url(str(location)):
+        from mmnewsrec.serve.postgres import PostgresState
+
+        return PostgresState(str(location), identity)
+    return SQLiteState(location, identity, synchronous)
+
+
+def is_database_url(location: str) -> bool:
+    """A PostgreSQL URL (a state that replicas share) rather than a state folder."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def describe(location: Path | str) -> str:
+    """A state's location as logs and manifests name it: a folder's full path, a database URL
+    without its password."""
+    if is_database_url(str(location)):
+        from mmnewsrec.serve.postgres import redact
+
+        return redact(str(location))
+    return str(Path(location).resolve())

@@ -2,7 +2,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { history: [], unknown: new Set() };
+// user: the id whose history the server keeps (clicks on cards are then logged as events);
+// shown: the news ids of the list on screen, logged as the impression's shown news.
+const state = { history: [], unknown: new Set(), user: null, shown: [] };
 
 function el(tag, props = {}, children = []) {
   const node = Object.assign(document.createElement(tag), props);
@@ -76,17 +78,53 @@ function card(item) {
   const body = el("div", { className: "body" }, [el("div", { className: "title", textContent: item.title }), meta]);
   const node = el("article", { className: "card", title: `${item.news_id}: click to add to the history` }, [picture, body]);
   node.dataset.newsId = item.news_id;
-  node.onclick = () => addToHistory(item.news_id, item.title);
+  node.onclick = () => (state.user ? clickAsUser(item.news_id) : addToHistory(item.news_id, item.title));
   return node;
+}
+
+const JSON_POST = { method: "POST", headers: { "Content-Type": "application/json" } };
+
+async function useUser() {
+  state.user = $("user").value.trim() || null;
+  if (!state.user) {
+    $("user-status").textContent = "No user: recommendations for the history below; clicks are not logged.";
+    return;
+  }
+  await loadUser();
+  await recommend();
+}
+
+async function loadUser() {
+  const user = await api(`/users/${encodeURIComponent(state.user)}`);
+  state.history = user.history.map((news_id, i) => ({ news_id, title: user.titles[i] }));
+  state.unknown.clear();
+  renderHistory();
+  $("user-status").textContent = user.known
+    ? `${user.user_id}: ${user.history.length} clicks; clicking a card logs the click.`
+    : `${user.user_id}: a new user; clicking a card logs the click.`;
+}
+
+async function clickAsUser(newsId) {
+  const event = {
+    impression_id: `web-${Date.now()}-${Math.random().toString(36).slice(2, 10)}`,
+    user_id: state.user,
+    shown: state.shown,
+    clicked: [newsId],
+  };
+  try {
+    await api("/events", { ...JSON_POST, body: JSON.stringify(event) });
+    await loadUser();
+    await recommend();
+  } catch (err) {
+    $("message").textContent = `Click not logged: ${err.message}`;
+  }
 }
 
 async function recommend() {
   $("message").textContent = "…";
-  const body = {
-    history: state.history.map((h) => h.news_id),
-    k: Number($("k").value) || 10,
-    exclude_history: $("exclude").checked,
-  };
+  const body = { k: Number($("k").value) || 10, exclude_history: $("exclude").checked };
+  if (state.user) body.user_id = state.user;
+  else body.history = state.history.map((h) => h.news_id);
   try {
     const result = await api("/recommend", {
       method: "POST",
@@ -96,9 +134,12 @@ async function recommend() {
     state.unknown = new Set(result.unknown);
     renderHistory();
     $("cards").replaceChildren(...result.items.map(card));
+    state.shown = result.items.map((item) => item.news_id);
     const t = result.timings_ms;
     $("timings").textContent = `${result.items.length} news · ${t.total.toFixed(1)} ms`;
-    $("message").textContent = result.unknown.length ? `Unknown ids ignored: ${result.unknown.join(", ")}` : "";
+    $("message").textContent = result.unknown.length
+      ? `Unknown ids ignored: ${result.unknown.join(", ")}`
+      : result.cold_start ? "No clicks yet: the most popular and freshest news." : "";
   } catch (err) {
     $("message").textContent = `Request failed: ${err.message}`;
   }
@@ -117,6 +158,8 @@ $("search").addEventListener("input", onSearch);
 $("add-ids").addEventListener("click", addTypedIds);
 $("ids").addEventListener("keydown", (e) => { if (e.key === "Enter") addTypedIds(); });
 $("submit").addEventListener("click", recommend);
+$("sign-in").addEventListener("click", useUser);
+$("user").addEventListener("keydown", (e) => { if (e.key === "Enter") useUser(); });
 $("clear").addEventListener("click", () => { state.history = []; state.unknown.clear(); renderHistory(); });
 renderHistory();
 showHealth();

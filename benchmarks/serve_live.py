@@ -1,0 +1,154 @@
+"""The live service under load: bulk event ingest, /recommend by user id, and a mixed load of
+one POST /events per /recommend, against one `mmnewsrec serve --state` process.
+
+Uses the corpus and run of benchmarks/serve.py (built once, cached in --work), a fresh state
+folder per invocation. Phases, in order:
+
+- ingest: --ingest impressions (the store's train impressions, cycled under new ids) through
+  POST /events/batch in batches of --batch, one request at a time: impressions/s;
+- by user: POST /recommend {"user_id"} for the dev split's users at each --concurrency: p50,
+  p99, req/s, errors, the server's CPU time per request;
+- mixed: 16 clients, each alternating POST /events (one impression with a click) and POST
+  /recommend for the same user: /recommend p50/p99, events/s;
+- the server's resident memory and the state file's size after all of it.
+
+    python benchmarks/serve_live.py [--news 100000] [--ingest 200000] [--batch 5000]
+        [--requests 1000] [--concurrency 1 16] [--mixed 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from serve import Tally, build_run, drive, free_port, rss_mb, start_server, timed
+
+from mmnewsrec.formats.store import Store
+from mmnewsrec.serve.export import split_events
+
+
+def ingest_bodies(store: Store, count: int) -> list[dict]:
+    """`count` events: the train split's impressions in time order, cycled under new ids."""
+    events = split_events(store, "train")
+    return [
+        events[i % len(events)] | {"impression_id": f"b{i}"} for i in range(count)
+    ]  # fmt: skip
+
+
+async def ingest(url: str, bodies: list[dict], batch: int) -> float:
+    """POST every body in batches, one request at a time; seconds taken."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        start = time.perf_counter()
+        for first in range(0, len(bodies), batch):
+            response = await client.post(url, json=bodies[first : first + batch])
+            response.raise_for_status()
+        return time.perf_counter() - start
+
+
+async def mixed(base: str, users: list[str], news: list[str], count: int, tally: Tally) -> int:
+    """16 clients, each: POST /events (a click of one of ten news) then POST /recommend for
+    that user; the /recommend latencies go to `tally`; returns the events stored."""
+    rng = np.random.default_rng(0)
+    plan = iter(range(count))
+    stored = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal stored
+        for n in plan:
+            user = users[n % len(users)]
+            shown = rng.choice(news, 10, replace=False).tolist()
+            event = {"impression_id": f"m{n}", "user_id": user, "shown": shown}
+            response = await client.post(f"{base}/events", json=event | {"clicked": shown[:1]})
+            stored += response.status_code == 200
+            start = time.perf_counter()
+            response = await client.post(f"{base}/recommend", json={"user_id": user, "k": 10})
+            tally.latencies_ms.append((time.perf_counter() - start) * 1000)
+            tally.errors += response.status_code != 200
+            if response.status_code == 200:
+                tally.server_ms.append(response.json()["timings_ms"])
+
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        await asyncio.gather(*(worker(client) for _ in range(16)))
+    return stored
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mmnewsrec-bench-serve"))
+    parser.add_argument("--news", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--model", default="fast_rec_transformer")
+    parser.add_argument("--ingest", type=int, default=200_000, help="impressions bulk-loaded")
+    parser.add_argument("--batch", type=int, default=5000, help="impressions per batch")
+    parser.add_argument("--requests", type=int, default=1000, help="per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--mixed", type=int, default=2000, help="event + recommend pairs")
+    parser.add_argument("--sync", default="full", help="serve --sync")
+    args = parser.parse_args()
+
+    work = args.work / f"news{args.news}-dim{args.dim}"
+    run = build_run(work, args.news, args.dim, args.model)
+    store = Store.load(work / "store")
+    bodies = ingest_bodies(store, args.ingest)
+    users = store.user_ids[np.unique(np.asarray(store.behaviors("dev").user_index))].tolist()
+    news = store.news_ids[1:].tolist()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(dir=work) as state:
+        server = start_server(run, port, ["--state", state, "--sync", args.sync], None)
+        try:
+            loaded_rss = rss_mb(server.pid)[0]
+            seconds = asyncio.run(ingest(f"{base}/events/batch", bodies, args.batch))
+            ingest_rss = rss_mb(server.pid)[0]
+            tallies = {}
+            asked = [{"user_id": users[i % len(users)], "k": 10} for i in range(args.requests)]
+            asyncio.run(drive(f"{base}/recommend", asked[:50], 1, Tally()))  # warm-up
+            for concurrency in args.concurrency:
+                tally = tallies[f"concurrency {concurrency}"] = Tally()
+                timed(server, tally, drive(f"{base}/recommend", asked, concurrency, tally))
+            mixed_tally = Tally()
+            start = time.perf_counter()
+            stored = asyncio.run(mixed(base, users, news, args.mixed, mixed_tally))
+            mixed_seconds = time.perf_counter() - start
+            mixed_tally.seconds = mixed_seconds
+            rss, peak = rss_mb(server.pid)
+            size = sum(f.stat().st_size for f in Path(state).iterdir()) / 2**20
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(
+        f"\nlive service at {args.news:,} news x {args.dim}-d, {args.model} (cpu preset), "
+        f"sync {args.sync}; {os.cpu_count()} CPUs, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"ingest: {args.ingest:,} impressions in batches of {args.batch:,}: {seconds:.1f} s, "
+        f"{args.ingest / seconds:,.0f} impressions/s"
+    )
+    header = ("", "requests", "errors", "p50 ms", "p99 ms", "req/s", "cpu ms/req")
+    print("{:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>10}  server medians (ms)".format(*header))
+    for label, tally in tallies.items():
+        print(label)
+        print(tally.row(""))
+    rate = stored / mixed_seconds
+    print(f"mixed (16 clients, one POST /events per /recommend): {rate:,.0f} events/s")
+    mixed_tally.cpu_seconds = float("nan")
+    print(mixed_tally.row(""))
+    print(
+        f"server RSS: {loaded_rss:,.0f} MB loaded, {ingest_rss:,.0f} MB after the ingest, "
+        f"{rss:,.0f} MB at the end (peak {peak:,.0f}); state folder {size:,.0f} MB"
+    )
+    errors = sum(t.errors for t in tallies.values()) + mixed_tally.errors
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
