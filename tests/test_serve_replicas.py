@@ -4,11 +4,13 @@ started later replays the log to the same tables."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -158,3 +160,76 @@ def test_a_replica_started_later_replays_the_log_to_the_same_tables(rec, postgre
                 got = tables(other, users)
                 for name, value in expected.items():  # equal up to float rounding
                     np.testing.assert_allclose(got[name], value, rtol=1e-12, err_msg=name)
+
+
+@pytest.mark.slow  # three server starts
+def test_a_replica_killed_under_load_catches_up_with_the_other(tiny_run, postgres_url):
+    """Two `mmnewsrec serve` processes over one database take events in turn; one is killed
+    (kill -9) in the middle and restarted: both end with what every acknowledged event taught."""
+    from conftest import free_port
+    from test_serve_crash import start_server
+
+    news = rec_news(tiny_run)
+    ports = [free_port(), free_port()]
+    servers = [start_server(tiny_run, postgres_url, port) for port in ports]  # type: ignore[arg-type]
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=5) for p in ports]
+        n = 0
+        while not stop.is_set():
+            n += 1
+            a, b = news[(5 * n + worker) % len(news)], news[(5 * n + worker + 3) % len(news)]
+            body = event(n, f"K{worker}-{n % 7}", [a, b], [a]) | {"impression_id": f"{worker}-{n}"}
+            try:
+                response = clients[n % 2].post("/events", json=body)
+            except httpx.HTTPError:
+                continue  # the killed replica: its share is lost, as a client would see
+            if response.status_code == 200:
+                acked.append(body["impression_id"])
+        for client in clients:
+            client.close()
+
+    workers = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    try:
+        for worker in workers:
+            worker.start()
+        time.sleep(2)
+        servers[1].send_signal(signal.SIGKILL)
+        servers[1].wait()
+        time.sleep(1)
+        servers[1] = start_server(tiny_run, postgres_url, ports[1])  # type: ignore[arg-type]
+        time.sleep(1)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        with connect(postgres_url) as db:
+            logged = [row[0] for row in db.execute("SELECT impression_id FROM impressions")]
+        count = len(logged)
+        assert len(acked) > 50 and set(acked) <= set(logged)
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        seconds_until(
+            lambda: all(
+                httpx.get(f"{u}/health").json()["counts"]["logged_impressions"] == count
+                for u in urls
+            )
+        )
+        users = sorted({f"K{w}-{k}" for w in range(4) for k in range(7)})
+        for user in users:
+            a, b = (httpx.get(f"{u}/users/{user}").json()["history"] for u in urls)
+            assert a == b and a
+            by_user = {"user_id": user, "k": 5}
+            a, b = (httpx.post(f"{u}/recommend", json=by_user).json()["items"] for u in urls)
+            assert [i["news_id"] for i in a] == [i["news_id"] for i in b]
+    finally:
+        stop.set()
+        for server in servers:
+            server.kill()
+            server.wait()
+
+
+def rec_news(run) -> list[str]:
+    from mmnewsrec.formats.store import Store
+
+    return Store.load(run.parent / "store").news["news_id"].to_list()
