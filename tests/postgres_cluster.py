@@ -87,6 +87,11 @@ class ThrowawayCluster:
             tail = log.read_text()[-2000:] if log.is_file() else ""
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr}{done.stdout}\n{tail}")
 
+    def restart(self) -> None:
+        """Stop the server (its clients' connections drop) and start it again."""
+        log = str(self.root / "log")
+        self.run([self.pg_ctl, "-D", str(self.data), "-l", log, "-m", "fast", "-w", "restart"])
+
     def stop(self) -> None:
         """Stop the server at once and delete its folder."""
         subprocess.run(

@@ -33,7 +33,7 @@ def replica(rec: Recommender, url: str) -> Iterator[TestClient]:
     """One replica: its own recommender, live state and follower, over the database `url`."""
     served, live = open_live(rec, url)
     try:
-        with TestClient(create_app(served, live=live)) as client:
+        with TestClient(create_app(served, live=live), raise_server_exceptions=False) as client:
             yield client
     finally:
         live.state.close()
@@ -75,6 +75,18 @@ def test_an_event_posted_to_one_replica_reaches_the_other_within_a_second(rec, p
             a.post("/recommend", json=by_user).json()["items"]
             == (b.post("/recommend", json=by_user).json()["items"])
         )
+
+
+def test_replicas_ride_out_a_restart_of_the_database(rec, postgres_url, postgres_cluster):
+    ids = rec.store.news["news_id"].to_list()
+    with replica(rec, postgres_url) as a, replica(rec, postgres_url) as b:
+        a.post("/events", json=event(1, "U-r", ids[:3], [ids[1]])).raise_for_status()
+        seconds_until(lambda: b.get("/users/U-r").json()["history"] == [ids[1]])
+        postgres_cluster.restart()  # every connection drops
+        retry = event(2, "U-r", ids[3:6], [ids[4]])
+        seconds_until(lambda: a.post("/events", json=retry).status_code == 200, timeout=10)
+        seconds_until(lambda: b.get("/users/U-r").json()["history"] == [ids[1], ids[4]], 10)
+        assert b.post("/recommend", json={"user_id": "U-r"}).status_code == 200
 
 
 class StoredVector:

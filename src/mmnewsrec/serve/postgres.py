@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +123,8 @@ class DuplicateNews(StateError):
 class PostgresState(GroupCommit):
     """`state.StateStore` in a PostgreSQL database, bound to one store and one set of vectors
     (`identity`, checked at every open). `news()` pins the position that `impressions()` replays
-    up to, so that a replica starts from one consistent point and follows the log from there."""
+    up to, so that a replica starts from one consistent point and follows the log from there.
+    A connection the server dropped is opened again at its next use (that use fails)."""
 
     def __init__(self, url: str, identity: dict[str, str] | None) -> None:
         """identity: the hashes of the data served (None: open a state whatever its data,
@@ -132,7 +134,7 @@ class PostgresState(GroupCommit):
         self._lock = threading.Lock()
         create_schema(self.db, identity, redact(url))
         self.position = Position()  # where news() and impressions() stopped reading
-        self.written = Position()  # the last rows this process wrote
+        self._written_news = self._written_impressions = 0  # the last rows written here
         self._replay_end: int | None = None
         self.writer_db = connect(url, autocommit=True)  # the writer thread's
         super().__init__()
@@ -140,12 +142,27 @@ class PostgresState(GroupCommit):
     def __repr__(self) -> str:
         return f"PostgresState({redact(self.url)!r})"
 
+    @property
+    def written(self) -> Position:
+        """The last news and impression this process wrote."""
+        return Position(self._written_news, self._written_impressions)
+
+    @contextmanager
+    def _reader(self) -> Iterator[psycopg.Connection]:
+        """The connection for reads and news, held under the lock."""
+        with self._lock:
+            if self.db.broken:
+                self.db = connect(self.url, autocommit=True)
+            yield self.db
+
     # ------------------------------------------------------------------ impressions
 
     def _commit(self, batches: list[Sequence[Impression]]) -> list[list[bool]]:
         """One transaction over several requests' impressions; which of each were new."""
         rows = [_row(imp) for batch in batches for imp in batch]
         columns = [list(column) for column in zip(*rows, strict=True)]  # one array a column
+        if self.writer_db.broken:
+            self.writer_db = connect(self.url, autocommit=True)
         db = self.writer_db
         with db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
@@ -153,7 +170,7 @@ class PostgresState(GroupCommit):
             if inserted:
                 db.execute("SELECT pg_notify(%s, '')", (LOG_CHANNEL,))
         if inserted:
-            self.written = Position(self.written.news, max(inserted.values()))
+            self._written_impressions = max(inserted.values())
         results: list[list[bool]] = []
         claimed: set[str] = set()
         for batch in batches:  # an id repeated across requests is new in the first only
@@ -165,11 +182,14 @@ class PostgresState(GroupCommit):
     def impressions(self) -> Iterator[Impression]:
         """Every logged impression up to the end `news()` pinned (or up to now), in sequence
         order; `position` then stands after the last one."""
-        end = self._replay_end if self._replay_end is not None else self._last_impression()
+        end = self._replay_end
+        if end is None:
+            with self._reader() as db:
+                end = value(db, "SELECT coalesce(max(seq), 0) FROM impressions")
         last, self._replay_end = 0, None
         while last < end:
-            with self._lock:
-                rows = self.db.execute(
+            with self._reader() as db:
+                rows = db.execute(
                     f"SELECT {IMPRESSION_COLUMNS} FROM impressions WHERE seq > %s AND seq <= %s"
                     " ORDER BY seq LIMIT %s",
                     (last, end, READ_CHUNK),
@@ -180,10 +200,6 @@ class PostgresState(GroupCommit):
             last = rows[-1][0]
         self.position = Position(self.position.news, end)
 
-    def _last_impression(self) -> int:
-        with self._lock:
-            return value(self.db, "SELECT coalesce(max(seq), 0) FROM impressions")
-
     # ------------------------------------------------------------------ news
 
     def add_news(self, news: NewNews, time: int, vector: np.ndarray) -> None:
@@ -191,43 +207,41 @@ class PostgresState(GroupCommit):
         import psycopg
 
         try:
-            with self._lock, self.db.transaction():
-                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            with self._reader() as db, db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                 seq = value(
-                    self.db,
+                    db,
                     "INSERT INTO news (news_id, time, item, vector) VALUES (%s, %s, %s, %s)"
                     " RETURNING seq",
                     news_row(news, time, vector),
                 )
-                self.db.execute("SELECT pg_notify(%s, '')", (LOG_CHANNEL,))
+                db.execute("SELECT pg_notify(%s, '')", (LOG_CHANNEL,))
         except psycopg.errors.UniqueViolation:
             raise DuplicateNews(f"news id {news.news_id!r} is already served") from None
-        self.written = Position(seq, self.written.impressions)
+        self._written_news = seq  # committed
 
     def news(self) -> list[tuple[NewNews, int, np.ndarray]]:
         """The added news in order; pins the end of the impressions that `impressions()`
         replays next, in the same snapshot (each of their news is among these)."""
-        with self._lock, self.db.transaction():
-            self.db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            rows = self.db.execute(
-                "SELECT seq, news_id, time, item, vector FROM news ORDER BY seq"
-            ).fetchall()
-            end = value(self.db, "SELECT coalesce(max(seq), 0) FROM impressions")
-        self._replay_end = end
-        self.position = Position(rows[-1][0] if rows else 0, self.position.impressions)
-        return [news_item(row) for row in rows]
+        with self._reader() as db, db.transaction():
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = db.execute("SELECT seq, news_id, time, item, vector FROM news ORDER BY seq")
+            news = rows.fetchall()
+            self._replay_end = value(db, "SELECT coalesce(max(seq), 0) FROM impressions")
+        self.position = Position(news[-1][0] if news else 0, self.position.impressions)
+        return [news_item(row) for row in news]
 
     # ------------------------------------------------------------------ following
 
     def changes(self, after: Position, limit: int = READ_CHUNK) -> Changes:
         """News and (at most `limit`) impressions logged after `after`, in one snapshot."""
-        with self._lock, self.db.transaction():
-            self.db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            news = self.db.execute(
+        with self._reader() as db, db.transaction():
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            news = db.execute(
                 "SELECT seq, news_id, time, item, vector FROM news WHERE seq > %s ORDER BY seq",
                 (after.news,),
             ).fetchall()
-            rows = self.db.execute(
+            rows = db.execute(
                 f"SELECT {IMPRESSION_COLUMNS} FROM impressions WHERE seq > %s ORDER BY seq"
                 " LIMIT %s",
                 (after.impressions, limit),
@@ -241,13 +255,13 @@ class PostgresState(GroupCommit):
 
     def meta(self) -> dict[str, str]:
         """What the state records of the data it was written for (and its schema version)."""
-        with self._lock:
-            return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        with self._reader() as db:
+            return dict(db.execute("SELECT key, value FROM meta").fetchall())
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            impressions = value(self.db, "SELECT count(*) FROM impressions")
-            news = value(self.db, "SELECT count(*) FROM news")
+        with self._reader() as db:
+            impressions = value(db, "SELECT count(*) FROM impressions")
+            news = value(db, "SELECT count(*) FROM news")
         return {"logged_impressions": impressions, "added_news": news}
 
     def close(self) -> None:
