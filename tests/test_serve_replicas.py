@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from mmnewsrec.serve import Recommender, create_app
 from mmnewsrec.serve.live import LiveState, open_live
+from mmnewsrec.serve.new_news import NewNews
 
 pytest.importorskip("psycopg")
 
@@ -245,3 +246,33 @@ def rec_news(run) -> list[str]:
     from mmnewsrec.formats.store import Store
 
     return Store.load(run.parent / "store").news["news_id"].to_list()
+
+
+def test_copy_state_moves_a_single_servers_state_into_the_database(rec, tmp_path, postgres_url):
+    from typer.testing import CliRunner
+
+    from mmnewsrec.cli import app
+
+    ids = rec.store.news["news_id"].to_list()
+    _, live = open_live(rec, tmp_path / "state")
+    vector = np.linspace(0, 1, rec.vectors.dim, dtype=np.float32)
+    live.state.add_news(NewNews("N-kept", "Kept news"), 1_700_000_000, vector)
+    live.state.close()
+    served, live = open_live(rec, tmp_path / "state")  # a single server, with the news added
+    with TestClient(create_app(served, live=live)) as single:
+        for n in range(3):
+            body = event(n, f"U{n % 2}", [ids[n], "N-kept"], ["N-kept", ids[n]][: n + 1])
+            single.post("/events", json=body).raise_for_status()
+        histories = [single.get(f"/users/U{u}").json()["history"] for u in range(2)]
+    live.state.close()
+    copied = CliRunner().invoke(app, ["copy-state", str(tmp_path / "state"), postgres_url])
+    assert copied.exit_code == 0, copied.output
+    assert "3 impressions, 1 added news copied" in copied.output
+    again = CliRunner().invoke(app, ["copy-state", str(tmp_path / "state"), postgres_url])
+    assert "0 impressions, 0 added news copied" in again.output
+    with replica(rec, postgres_url) as replicated:
+        assert [replicated.get(f"/users/U{u}").json()["history"] for u in range(2)] == histories
+        served = replicated.app.state.recommender  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(
+            served.recaller.vectors_[served.index_of("N-kept")].numpy(), vector
+        )

@@ -550,6 +550,25 @@ def export_events(
     typer.echo(f"{counts['impressions']} impressions, {counts['news']} news -> {out}")
 
 
+@app.command("copy-state")
+def copy_state(
+    source: Annotated[str, typer.Argument(help="A server's --state: folder or postgresql:// URL.")],
+    target: Annotated[str, typer.Argument(help="The state to copy into (created if new).")],
+) -> None:
+    """Copy a server's state (logged events, added news with their vectors) into another, e.g.
+    a state folder into the PostgreSQL database of replicas. Run it while no server writes to
+    SOURCE; what TARGET holds already is skipped."""
+    from mmnewsrec.serve.state import StateError, copy_state, is_database_url
+
+    if not is_database_url(source) and not (Path(source) / "state.sqlite").is_file():
+        fail(f"{source}: no state.sqlite here (a folder given to `serve --state`)")
+    try:
+        counts = copy_state(source, target)
+    except (OSError, ValueError, StateError) as err:
+        fail(str(err))
+    typer.echo(f"{counts['impressions']} impressions, {counts['news']} added news copied")
+
+
 @app.command()
 def serve(
     run_dir: RunDir,

@@ -326,3 +326,31 @@ def describe(location: Path | str) -> str:
 
         return redact(str(location))
     return str(Path(location).resolve())
+
+
+def copy_state(source: Path | str, target: Path | str) -> dict[str, int]:
+    """Copy a state's added news (with their vectors) and logged impressions, in log order,
+    into another state (a state folder into the PostgreSQL database of replicas, say), which
+    then records the source's data. What the target holds already is skipped, so a copy can
+    be run again. Returns the news and impressions copied."""
+    origin = open_state(source, None)
+    try:
+        identity = {k: v for k, v in origin.meta().items() if k != "schema_version"}
+        copy = open_state(target, identity)
+        try:
+            known = {news.news_id for news, _, _ in copy.news()}
+            added = [row for row in origin.news() if row[0].news_id not in known]
+            for news, time, vector in added:
+                copy.add_news(news, time, vector)
+            stored, batch = 0, []
+            for impression in origin.impressions():
+                batch.append(impression)
+                if len(batch) == READ_CHUNK:
+                    stored += sum(copy.add_impressions(batch).result())
+                    batch = []
+            stored += sum(copy.add_impressions(batch).result()) if batch else 0
+        finally:
+            copy.close()
+    finally:
+        origin.close()
+    return {"news": len(added), "impressions": stored}
