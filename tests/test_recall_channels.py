@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from test_recall import behaviors
 
-from mmnewsrec.recall import ItemStats, Recaller, item_stats
+from mmnewsrec.data.store import build_store
+from mmnewsrec.recall import ItemStats, Recaller, item_stats, store_item_stats
 from mmnewsrec.recall.channels import DAY, NEVER
 from mmnewsrec.recall.space import Part
 
@@ -34,6 +35,26 @@ def test_item_stats_decay_clicks_and_find_first_appearances():
     np.testing.assert_allclose(np.exp(scores[1:7]), [0.25, 0.5, 1.75 / 4, 0.25, 0.75, 1.0])
     with pytest.raises(ValueError, match="half_life_days"):
         item_stats([train], train, 7, half_life_days=0)
+
+
+def test_item_stats_count_no_click_of_the_scored_split(tmp_path):
+    """Popularity counts the click split only: a dev log with clicks changes first appearances,
+    never popularity, also through `store_item_stats` on a prepared store."""
+    train = timed([[1], [2]], [[(3, 1), (4, 0)], [(3, 1), (5, 1)]], [T0, T0 + DAY])
+    dev = timed([[3]], [[(6, 1), (4, 1)]], [T0 + 2 * DAY])
+    stats = item_stats([train, dev], train, num_news=7, half_life_days=1.0)
+    np.testing.assert_allclose(stats.popularity, [0, 0, 0, 0.75, 0, 0.5, 0, 0])
+    root = tmp_path / "mind"
+    news = "".join(f"N{i}\tnews\tworld\tt{i}\ta\tu\t[]\t[]\n" for i in (1, 2, 3))
+    rows = {"train": "1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-1 N3-0\n",
+            "dev": "2\tU2\t11/16/2019 8:55:22 AM\tN1\tN2-0 N3-1\n"}  # fmt: skip
+    for split, text in rows.items():
+        (root / split).mkdir(parents=True)
+        (root / split / "news.tsv").write_text(news)
+        (root / split / "behaviors.tsv").write_text(text)
+    store = build_store(root, tmp_path / "store")
+    popularity = store_item_stats(store, "train").popularity
+    np.testing.assert_allclose(popularity, [0, 0, 0.5, 0])  # N2's train click, a day old
 
 
 def channel_recaller(share: float = 0.5) -> Recaller:

@@ -219,14 +219,15 @@ def test_bad_k_and_mismatched_vectors_are_refused(rec, run_dir):
         Recommender(rec.store, other, rec.ranker)
 
 
-def test_a_model_that_reads_signals_is_refused(rec):
+def test_a_model_that_reads_signals_needs_a_source_of_them(rec):
     from dataclasses import replace
 
     ranker = replace(
         rec.ranker, checkpoint=rec.ranker.checkpoint | {"model_args": {"signals": ["popularity"]}}
     )
-    with pytest.raises(ValueError, match="reads behaviour signals.*serving"):
-        Recommender(rec.store, rec.vectors, ranker)
+    reads = Recommender(rec.store, rec.vectors, ranker, trace=False)
+    with pytest.raises(ValueError, match="reads behaviour signals.*serve it with a state"):
+        reads.recommend(rec.store.news["news_id"].to_list()[:2])
 
 
 def test_news_lookup_search_and_images(rec):

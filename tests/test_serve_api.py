@@ -228,7 +228,7 @@ def test_light_requests_never_hop_to_a_worker_thread(rec, ids):
             return super().__getattr__(key)
 
     app = create_app(rec)
-    names = ("recommender", "settings", "limiter", "news_lock", "news_encoder")
+    names = ("recommender", "settings", "limiter", "news_lock", "news_encoder", "live")
     app.state = LoopCheckingState({name: getattr(app.state, name) for name in names})
     client = TestClient(app)
     assert client.post("/recommend", json={"history": ids[:2]}).status_code == 200

@@ -61,16 +61,28 @@ def rec(tiny_run) -> Recommender:
 
 
 @pytest.fixture(scope="module")
-def page(rec):
+def browser():
     from playwright.sync_api import sync_playwright
 
-    with live_server(create_app(rec)) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        tab = browser.new_page(viewport={"width": 1280, "height": 900})
-        tab.set_default_timeout(15_000)
-        tab.goto(url)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_tab(browser, url: str):
+    tab = browser.new_page(viewport={"width": 1280, "height": 900})
+    tab.set_default_timeout(15_000)
+    tab.goto(url)
+    return tab
+
+
+@pytest.fixture(scope="module")
+def page(rec, browser):
+    with live_server(create_app(rec)) as url:
+        tab = open_tab(browser, url)
         yield tab
-        browser.close()
+        tab.close()
 
 
 def test_page_recommends_cards_with_images(page, rec, tmp_path):
@@ -114,20 +126,15 @@ def test_page_recommends_cards_with_images(page, rec, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def live_page(rec, tmp_path_factory):
+def live_page(rec, browser, tmp_path_factory):
     """The page over a server that keeps users and logs events."""
-    from playwright.sync_api import sync_playwright
-
     from mmnewsrec.serve.live import open_live
 
     served, live = open_live(rec, tmp_path_factory.mktemp("state"))
-    with live_server(create_app(served, live=live)) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        tab = browser.new_page(viewport={"width": 1280, "height": 900})
-        tab.set_default_timeout(15_000)
-        tab.goto(url)
+    with live_server(create_app(served, live=live)) as url:
+        tab = open_tab(browser, url)
         yield tab, live
-        browser.close()
+        tab.close()
     live.state.close()
 
 

@@ -125,16 +125,22 @@ def test_a_news_item_added_on_one_replica_is_served_by_the_other_from_its_stored
 
 
 def tables(live: LiveState, users: list[str]) -> dict[str, np.ndarray]:
-    """What a replica learned from the log: the cold-start counters and users' histories.
+    """What a replica learned from the log: the cold-start counters, users' histories and the
+    behaviour signals' counts.
     Clicks as decayed to the latest event: their stored weights are relative to a reference
     time that moves with how the log was read in batches."""
-    popularity = live.popularity
+    popularity, signals = live.popularity, live.signals
     decay = 0.5 ** ((popularity.end - popularity.ref) / popularity.half_life)
     return {
         "decayed_clicks": popularity.weights * decay,
         "first_seen": popularity.first_seen,
         "latest": np.array([popularity.end]),
         **{f"history {u}": live.users.history(u) for u in users},
+        "signal clicks": signals.clicks,
+        "signal exposures": signals.shown,
+        "signal first_seen": signals.first_seen,
+        "signal totals": np.array([signals.total_clicks, signals.impressions, signals.time]),
+        "signal co-clicks": np.array(sorted((*pair, n) for pair, n in signals.pairs.items())),
     }
 
 
@@ -152,7 +158,7 @@ def test_a_replica_started_later_replays_the_log_to_the_same_tables(rec, postgre
         for n in range(first, first + 60, 2):  # two replicas take turns, concurrently
             shown = rng.choice(ids, size=5, replace=False).tolist()
             body = event(n, users[n % len(users)], shown, shown[: n % 3])
-            body["time"] = f"2026-12-01T{n % 24:02d}:00:00Z"
+            body["time"] = f"2026-11-{1 + n // 12:02d}T{n % 24:02d}:00:00Z"  # over 5 days
             client.post("/events", json=body).raise_for_status()
 
     with replica(rec, postgres_url) as a, replica(rec, postgres_url) as b:
@@ -169,6 +175,7 @@ def test_a_replica_started_later_replays_the_log_to_the_same_tables(rec, postgre
             )
             expected = tables(replicas[0], users)
             assert any(len(v) for k, v in expected.items() if k.startswith("history U"))
+            assert expected["signal clicks"].sum() > 0 and len(expected["signal co-clicks"])
             for other in replicas[1:]:
                 got = tables(other, users)
                 for name, value in expected.items():  # equal up to float rounding

@@ -2,13 +2,15 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mmnewsrec.csr import csr_offsets
-from mmnewsrec.data.signals import build_signals
+from mmnewsrec.data.signals import COCLICK_HISTORY, SIGNALS_VERSION, SignalState, build_signals
 from mmnewsrec.data.store import build_store
+from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.formats.store import SIGNAL_NAMES, Behaviors, Store, StoreError
 
 POP, EXP, FRESH, CO, HIST = range(5)
@@ -51,7 +53,13 @@ def signals(tmp_path) -> dict[str, np.ndarray]:
         labels=[[1, 0, 0], [1, 0]],
     )
     manifest = build_signals({"train": train, "dev": dev}, 4, tmp_path)
-    assert manifest == {"names": list(SIGNAL_NAMES), "train_split": "train", "version": 2}
+    assert manifest == {
+        "names": list(SIGNAL_NAMES),
+        "train_split": "train",
+        "version": SIGNALS_VERSION,
+        "lag": DAY,
+        "history": COCLICK_HISTORY,
+    }
     return {split: np.load(tmp_path / f"{split}.npy") for split in ("train", "dev")}
 
 
@@ -98,15 +106,55 @@ def test_freshness_is_time_since_the_first_appearance_in_any_log(signals):
     assert (signals["train"][:, FRESH] >= 0).all()
 
 
-def test_coclick_leaves_the_impressions_user_out(signals):
-    # profiles (latest train history): user 0 {1, 2}, user 3 {1, 4}, user 1 {1, 2}
+def test_coclick_counts_the_profiles_of_earlier_days(signals):
+    # day 0: no profile yet; day 1: profiles of day 0, user 0 {1} and user 3 {1, 4}, which
+    # hold neither candidate 2 nor 3
+    np.testing.assert_allclose(signals["train"][:, CO], 0.0, atol=1e-7)
+    # day 2: each user's latest history before it: user 0 {1, 2}, user 3 {1, 4}, user 1 {1, 2}
     dev = signals["dev"][:, CO]
     np.testing.assert_allclose(dev[:3], [2 / math.sqrt(2 * 3), 0, 1 / math.sqrt(3)], rtol=1e-6)
     # the last dev impression: candidate 1 with history {1, 2}: mean of cos(1, 1) and cos(1, 2)
     assert dev[4] == pytest.approx((1 + 2 / math.sqrt(6)) / 2, rel=1e-6)
-    # train, user 0, history {1}, candidate 2: without user 0 one profile holds both
-    assert signals["train"][0, CO] == pytest.approx(1 / math.sqrt(1 * 2), rel=1e-6)
-    assert signals["train"][1, CO] == 0  # item 3 is in no profile
+
+
+def test_coclick_profiles_start_after_their_day_and_end_at_the_next(tmp_path):
+    """A history counts from the next day on (never the same day) until the user's next one."""
+    train = behaviors(
+        "train",
+        times=[100, 200, DAY + 100, DAY + 200, 2 * DAY],
+        users=[0, 1, 1, 0, 1],
+        histories=[[1, 2], [1], [1], [5], [1]],
+        candidates=[[3], [2], [2], [3], [2]],
+        labels=[[1], [1], [1], [1], [1]],
+    )
+    build_signals({"train": train}, 5, tmp_path)
+    # day 1 sees user 0 {1, 2} and user 1 {1}: cos(2, 1) = 1 / sqrt(1 * 2); day 2 (from
+    # exactly 00:00 UTC) sees user 0's new profile {5} instead: no profile holds 2
+    expected = [0, 0, 1 / math.sqrt(2), 0, 0]
+    np.testing.assert_allclose(np.load(tmp_path / "train.npy")[:, CO], expected, atol=1e-7)
+
+
+def test_popularity_cutoff_is_midnight_utc_of_the_impressions_day(tmp_path):
+    """A click at exactly 00:00 UTC belongs to its day: impressions of that day do not count it,
+    in the batch and in the incremental face; a click one second earlier counts."""
+    train = behaviors(
+        "train",
+        times=[DAY - 1, DAY, DAY + 5],
+        users=[0, 1, 2],
+        histories=[[1], [1], [1]],
+        candidates=[[2, 3], [3, 2], [2, 3]],
+        labels=[[1, 0], [1, 0], [0, 0]],
+    )
+    build_signals({"train": train}, 4, tmp_path)
+    expected = [0, 0, -math.log(2), 0, 0, -math.log(2)]  # 2 clicked at DAY - 1, 3 at DAY
+    np.testing.assert_allclose(np.load(tmp_path / "train.npy")[:, POP], expected, atol=1e-7)
+    state = SignalState.empty(4)
+    for i in range(train.num_impressions):
+        items, labels = train.candidates(i)
+        at = int(train.times[i])
+        pop = state.signals(i, at, train.history(i), items)[:, POP]
+        np.testing.assert_allclose(pop, expected[2 * i : 2 * i + 2], atol=1e-7)
+        state.observe(i, at, train.history(i), items, items[labels == 1])
 
 
 def test_history_length(signals):
@@ -142,4 +190,51 @@ def test_prepare_stores_signals_memory_mapped(tmp_path):
     manifest = json.loads((store.path / "manifest.json").read_text())
     manifest["signals"].pop("version")  # signals of the first rules (exposures per split)
     (store.path / "manifest.json").write_text(json.dumps(manifest))
-    assert build_store(root, tmp_path / "store").manifest["signals"]["version"] == 2
+    assert build_store(root, tmp_path / "store").manifest["signals"]["version"] == SIGNALS_VERSION
+
+
+MOVIELENS = Path(__file__).resolve().parents[2] / "shared/data/movielens-100k-mind"
+
+
+def replay(store: Store) -> dict[str, np.ndarray]:
+    """Every split's signals from a SignalState fed the store's logs in time order: train with
+    its clicks, the other splits without theirs (the labels being scored)."""
+    logs = {split: store.behaviors(split) for split in store.splits}
+    rows = [(split, i) for split, b in logs.items() for i in range(b.num_impressions)]
+    times = np.concatenate([np.asarray(b.times) for b in logs.values()])
+    state = SignalState.empty(store.num_news)
+    out = {
+        split: np.zeros((len(b.candidate_items), len(SIGNAL_NAMES))) for split, b in logs.items()
+    }
+    for k in np.argsort(times, kind="stable"):
+        split, i = rows[k]
+        b = logs[split]
+        user, at, history = int(b.user_index[i]), int(b.times[i]), b.history(i)
+        items, labels = b.candidates(i)
+        out[split][b.candidate_offsets[i] : b.candidate_offsets[i + 1]] = state.signals(
+            user, at, history, items
+        )
+        clicked = items[labels == 1] if split == "train" else items[:0]
+        state.observe(user, at, history, items, clicked)
+    return out
+
+
+def assert_replay_matches(store: Store) -> None:
+    replayed = replay(store)
+    for split in store.splits:
+        batch = np.asarray(store.signals(split))
+        for column, name in enumerate(SIGNAL_NAMES):
+            np.testing.assert_allclose(
+                replayed[split][:, column], batch[:, column], atol=1e-6, rtol=0, err_msg=name
+            )
+
+
+def test_replay_through_the_state_gives_the_batch_values_synthetic(tmp_path):
+    generate(tmp_path / "data", SynthConfig.quick())
+    assert_replay_matches(build_store(tmp_path / "data", tmp_path / "store"))
+
+
+def test_replay_through_the_state_gives_the_batch_values_movielens(tmp_path):
+    if not MOVIELENS.is_dir():
+        pytest.skip(f"{MOVIELENS} not found")
+    assert_replay_matches(build_store(MOVIELENS, tmp_path / "store"))

@@ -1,71 +1,82 @@
 """Behaviour signals of every (impression, candidate), computed at impression time.
 
-One float32 row per candidate, columns `formats.store.SIGNAL_NAMES`, written by `prepare` to
-STORE/signals/<split>.npy (read memory-mapped by `Store.signals`). Each value uses only what was
-known when the impression was shown, and never a label of the split it describes:
+One float32 row per candidate, columns `formats.store.SIGNAL_NAMES`. One definition, two faces:
+`build_signals`, the vectorised pass `prepare` runs over whole logs into
+STORE/signals/<split>.npy (read memory-mapped by `Store.signals`), and `SignalState`, which
+takes one impression at a time and answers the same values for any candidates (the server's
+face). Replaying the logs through `SignalState` in time order (train with its clicks, dev and
+test without theirs) gives the batch values.
 
-- popularity: log((c + 1) / (T + 1)), c = clicks on the candidate in the train split and T = all
-  train clicks, both counting only clicks strictly before the start (00:00 UTC) of the
-  impression's day, in every split alike. A dev or test impression of a later day so sees every
-  train click, and a train impression sees what dev sees: a lag to the day before, never its own
-  click nor another click of the same day.
+The rule: a value at an impression depends only on what happened before it. Clicks (a
+candidate clicked, or an item in a history) count only from impressions before the
+impression's cutoff, the start of its period of `lag` seconds (default one day: 00:00 UTC of
+the impression's day), in every split alike; label-free counts (impressions shown, first
+appearances) count everything strictly earlier. Labels of dev and test never count.
+
+- popularity: log((c + 1) / (T + 1)), c = clicks on the candidate before the cutoff and T = all
+  clicks before the cutoff (the batch face counts the train split's clicks).
 - exposures: log((e + 1) / (E + 1)), e = earlier impressions (strictly earlier time) of all logs
-  together (train, dev, test in time order) that showed the candidate, E = those earlier
-  impressions. No labels needed, so dev continues the count where train ends instead of
-  starting from zero.
-- freshness: log1p(hours since the item first appeared in any log of any split), as a candidate
-  or a history click (dated by its impression). The impression itself is such an appearance, so
-  the value is >= 0 and later logs never change it.
+  that showed the candidate, E = those earlier impressions.
+- freshness: log1p(hours since the item first appeared in any log, as a candidate or a history
+  click dated by its impression). The impression itself is such an appearance, so the value is
+  >= 0 and later logs never change it.
 - coclick: item-kNN affinity of the candidate with the history: the mean over the history's last
-  `COCLICK_HISTORY` clicks h of cos(c, h) = n(c, h) / sqrt(n(c) n(h)), where n counts train users
-  whose profile (the history of their latest train impression, last `COCLICK_HISTORY` clicks)
-  holds the items. The user of the impression is left out of every count (their own profile may
-  hold this impression's clicks), in every split alike. 0 for an item no other user clicked.
+  `history` clicks h of cos(c, h) = n(c, h) / sqrt(n(c) n(h)), where n counts the users whose
+  profile holds the items. A user's profile is the set of the last `history` clicks of the
+  history of their latest impression (any log) before the cutoff. 0 for an item in no profile.
 - history_len: log1p(clicks in the impression's history), the same for all its candidates.
 
-Everything is vectorised: counts before a time by searchsorted on sorted (item, time rank) keys,
-co-occurrence as a sparse item x item matrix looked up by sorted keys, in chunks of candidates.
+The batch face: counts before a time by searchsorted on sorted (item, time rank) keys; the
+profiles' co-occurrences as +1/-1 events per (item pair, period) (a profile enters the counts
+after its period and leaves them after the period of the user's next profile), summed before
+each query's period by a searchsorted on sorted (pair, period) keys, in chunks of candidates.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from mmnewsrec.csr import csr_offsets, segment_ids
-from mmnewsrec.formats.store import DAY, SIGNAL_NAMES, Behaviors, first_appearance
+from mmnewsrec.formats.store import DAY, NEVER, SIGNAL_NAMES, Behaviors, first_appearance
 
 logger = logging.getLogger(__name__)
 
-COCLICK_HISTORY = 50  # clicks of a history (and of a user profile) that co-clicks look at
+COCLICK_HISTORY = 20  # clicks of a history (and of a user profile) that co-clicks look at
+LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
-SIGNALS_VERSION = 2  # 2: exposures over all logs, popularity up to the impression's day
+SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
 
 
 def build_signals(
-    splits: Mapping[str, Behaviors], num_news: int, folder: Path, train_split: str = "train"
+    splits: Mapping[str, Behaviors],
+    num_news: int,
+    folder: Path,
+    train_split: str = "train",
+    lag: int = LAG,
+    history: int = COCLICK_HISTORY,
 ) -> dict[str, object]:
     """Compute every split's signals into folder/<split>.npy; returns the manifest entry."""
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     train = splits.get(train_split)
     train = train if train is not None and train.labelled else None
-    first_seen = first_appearance(splits.values(), num_news)
-    shown = Exposures.fit(splits.values())
-    coclick = CoClicks.fit(train, num_news)
-    for name, behaviors in splits.items():
+    logs = list(splits.values())
+    first_seen = first_appearance(logs, num_news)
+    shown = Exposures.fit(logs)
+    coclick = coclick_affinities(logs, num_news, lag, history)
+    for (name, behaviors), affinity in zip(splits.items(), coclick, strict=True):
         table = np.stack(
             [
-                popularity(behaviors, train),
+                popularity(behaviors, train, lag),
                 shown.share(behaviors),
                 freshness(behaviors, first_seen),
-                coclick.affinity(behaviors),
+                affinity,
                 history_length(behaviors),
             ],
             axis=1,
@@ -77,6 +88,8 @@ def build_signals(
         "names": list(SIGNAL_NAMES),
         "train_split": train_split if train else None,
         "version": SIGNALS_VERSION,
+        "lag": lag,
+        "history": history,
     }
 
 
@@ -105,14 +118,14 @@ def log_share(count: np.ndarray, total: np.ndarray) -> np.ndarray:
     return np.log1p(count) - np.log1p(total)
 
 
-def popularity(behaviors: Behaviors, train: Behaviors | None) -> np.ndarray:
-    """Train clicks on each candidate before the impression's day began, as a log share."""
+def popularity(behaviors: Behaviors, train: Behaviors | None, lag: int = LAG) -> np.ndarray:
+    """Train clicks on each candidate before the impression's cutoff, as a log share."""
     items = np.asarray(behaviors.candidate_items)
     if train is None:
         return log_share(np.zeros(len(items)), np.zeros(len(items)))
     clicked = np.asarray(train.candidate_labels) == 1
     click_time = train.item_times()[clicked]
-    query_time = behaviors.item_times() // DAY * DAY  # 00:00 UTC of the impression's day
+    query_time = behaviors.item_times() // lag * lag  # the cutoff: start of the period
     rank, ranks = time_ranks(np.concatenate([click_time, query_time]))
     click_rank, query_rank = rank[: len(click_time)], rank[len(click_time) :]
     click_item = np.asarray(train.candidate_items)[clicked]
@@ -130,7 +143,7 @@ class Exposures:
     impression_ranks: np.ndarray  # sorted time rank of every impression
 
     @classmethod
-    def fit(cls, logs: Iterable[Behaviors]) -> Exposures:
+    def fit(cls, logs: Sequence[Behaviors]) -> Exposures:
         """Every candidate of every log (labels are not read)."""
         parts = [b for b in logs if b.num_impressions]
         if not parts:
@@ -178,94 +191,287 @@ def last_clicks(
     return out, pos
 
 
-def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(whether each key is in `sorted_keys`, its position there; clipped where it is not)."""
-    if not len(sorted_keys):
-        return np.zeros(len(keys), dtype=bool), np.zeros(0, dtype=np.int64)
-    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return sorted_keys[at] == keys, at
+@dataclass
+class Impressions:
+    """The impressions of several logs as one, in log order (for the co-click pass)."""
+
+    times: np.ndarray  # (I,) int64
+    users: np.ndarray  # (I,) int64
+    history_offsets: np.ndarray  # (I+1,)
+    history_items: np.ndarray  # (H,) int64
+    candidate_offsets: np.ndarray  # (I+1,)
+    candidate_items: np.ndarray  # (C,) int64
+
+    @classmethod
+    def concat(cls, logs: Sequence[Behaviors]) -> Impressions:
+        def ragged(kind: str) -> tuple[np.ndarray, np.ndarray]:
+            sizes = [np.diff(getattr(b, f"{kind}_offsets")) for b in logs]
+            items = [np.asarray(getattr(b, f"{kind}_items")) for b in logs]
+            empty = np.zeros(0, dtype=np.int64)
+            return csr_offsets(np.concatenate([empty, *sizes])), np.concatenate(
+                [empty, *items]
+            ).astype(np.int64)
+
+        def flat(name: str) -> np.ndarray:
+            parts = [np.asarray(getattr(b, name)) for b in logs]
+            return np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
+
+        return cls(flat("times"), flat("user_index"), *ragged("history"), *ragged("candidate"))
+
+
+def profile_events(
+    imps: Impressions, period: np.ndarray, width: int, history: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pair key, period, +1/-1) of every change of the profiles' co-occurrence counts.
+
+    A user's profile of period p is the set of the last `history` clicks of their latest
+    impression in p; it counts for the periods after p, until the period of their next profile.
+    Pair keys x * width + y with x <= y (x == y: the profiles holding x)."""
+    n = len(imps.times)
+    order = np.lexsort((np.arange(n), imps.times, imps.users))
+    user, per = imps.users[order], period[order]
+    is_last = np.r_[(user[1:] != user[:-1]) | (per[1:] != per[:-1]), True]
+    version = order[is_last]  # per user, periods ascending
+    v_user, v_period = imps.users[version], period[version]
+    has_next = np.r_[v_user[1:] == v_user[:-1], False]
+    v_end = np.r_[v_period[1:], 0]
+    offsets, pos = last_clicks(imps.history_offsets, version, history)
+    owner = np.repeat(np.arange(len(version)), np.diff(offsets))
+    keys = np.unique(owner * width + imps.history_items[pos])  # a set per profile, sorted
+    owner, item = np.divmod(keys, width)
+    sizes = np.bincount(owner, minlength=len(version))
+    starts = csr_offsets(sizes)
+    # every (x, y) of one profile with x <= y: x at position i pairs with positions i..end
+    after = starts[owner + 1] - np.arange(len(item))
+    first = np.repeat(np.arange(len(item)), after)
+    second = np.arange(len(first)) - np.repeat(
+        csr_offsets(after)[:-1] - np.arange(len(item)), after
+    )
+    pair = item[first] * width + item[second]
+    pair_owner = owner[first]
+    ends = has_next[pair_owner]
+    keys = np.concatenate([pair, pair[ends]])
+    periods = np.concatenate([v_period[pair_owner], v_end[pair_owner][ends]])
+    signs = np.concatenate([np.ones(len(pair), np.int64), -np.ones(int(ends.sum()), np.int64)])
+    return keys, periods, signs
 
 
 @dataclass
-class CoClicks:
-    """Item co-occurrence over train user profiles, with lookups that leave a user out."""
+class PairCounts:
+    """n(x, y) before a period, from the events of `profile_events`."""
 
-    profile_keys: np.ndarray  # sorted user * width + item of every profile click
-    pair_keys: np.ndarray  # sorted c * width + h with n(c, h) > 0
-    pair_counts: np.ndarray  # n(c, h)
-    item_counts: np.ndarray  # (width,) n(c): profiles holding c
-    width: int  # N + 1
+    keys: np.ndarray  # sorted pair * ranks + period rank of every event
+    cumulative: np.ndarray  # (E+1,) running sum of the events' signs, 0 first
+    periods: np.ndarray  # sorted distinct periods of the events and queries
+    width: int
 
     @classmethod
-    def fit(cls, train: Behaviors | None, num_news: int) -> CoClicks:
-        """Profiles: each train user's latest history (last COCLICK_HISTORY clicks)."""
-        width = num_news + 1
-        empty = np.zeros(0, dtype=np.int64)
-        if train is None or train.num_impressions == 0:
-            return cls(empty, empty, empty, np.zeros(width, dtype=np.int64), width)
-        users = np.asarray(train.user_index).astype(np.int64)
-        order = np.lexsort((np.asarray(train.times), users))
-        is_last = np.r_[users[order][1:] != users[order][:-1], True]
-        latest = order[is_last]  # (U',) each user's latest impression
-        offsets, pos = last_clicks(np.asarray(train.history_offsets), latest, COCLICK_HISTORY)
-        user = np.repeat(users[latest], np.diff(offsets))
-        item = np.asarray(train.history_items)[pos].astype(np.int64)
-        profile_keys = np.unique(user * width + item)
-        if not len(profile_keys):
-            return cls(empty, empty, empty, np.zeros(width, dtype=np.int64), width)
-        user, item = np.divmod(profile_keys, width)
-        rows = np.searchsorted(np.unique(user), user)
-        x = sp.csr_matrix(
-            (np.ones(len(item), np.int64), (rows, item)), shape=(rows.max() + 1, width)
+    def fit(
+        cls,
+        keys: np.ndarray,
+        periods: np.ndarray,
+        signs: np.ndarray,
+        query_periods: np.ndarray,
+        width: int,
+    ) -> PairCounts:
+        """Events (pair key, period, sign) and the periods that will be asked about."""
+        all_periods = np.unique(np.concatenate([periods, query_periods]))
+        composite = keys * (len(all_periods) + 1) + np.searchsorted(all_periods, periods)
+        order = np.argsort(composite, kind="stable")
+        cumulative = np.zeros(len(order) + 1, np.int64)
+        np.cumsum(signs[order], out=cumulative[1:])
+        return cls(composite[order], cumulative, all_periods, width)
+
+    def before(self, x: np.ndarray, y: np.ndarray, period: np.ndarray) -> np.ndarray:
+        """n(x, y) counted over the profiles of the periods before `period`."""
+        lo, hi = np.minimum(x, y), np.maximum(x, y)
+        base = (lo * self.width + hi) * (len(self.periods) + 1)
+        rank = np.searchsorted(self.periods, period)
+        return (
+            self.cumulative[np.searchsorted(self.keys, base + rank)]
+            - self.cumulative[np.searchsorted(self.keys, base)]
         )
-        co = (x.T @ x).tocoo()
-        keys = co.row.astype(np.int64) * width + co.col
-        order = np.argsort(keys)
-        item_counts = np.bincount(item, minlength=width)
-        return cls(profile_keys, keys[order], co.data[order].astype(np.int64), item_counts, width)
 
-    def in_profile(self, user: np.ndarray, item: np.ndarray) -> np.ndarray:
-        """Whether each (user, item) is in the user's profile."""
-        found, _ = find_sorted(self.profile_keys, user.astype(np.int64) * self.width + item)
-        return found
 
-    def pair_count(self, c: np.ndarray, h: np.ndarray) -> np.ndarray:
-        """n(c, h) for each pair."""
-        found, at = find_sorted(self.pair_keys, c.astype(np.int64) * self.width + h)
-        return np.where(found, self.pair_counts[at], 0) if len(at) else np.zeros(len(c), np.int64)
+def coclick_affinities(
+    logs: Sequence[Behaviors], num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY
+) -> list[np.ndarray]:
+    """The coclick signal of every candidate of each log (see the module docstring)."""
+    imps = Impressions.concat(logs)
+    width = num_news + 1
+    period = imps.times // lag
+    counts = PairCounts.fit(*profile_events(imps, period, width, history), period, width)
+    out = np.zeros(len(imps.candidate_items), dtype=np.float64)
+    imp_of = segment_ids(imps.candidate_offsets)
+    per_candidate = np.diff(imps.history_offsets).clip(max=history)[imp_of]
+    ends = np.cumsum(per_candidate)
+    lo = 0
+    while lo < len(out):
+        hi = int(np.searchsorted(ends, ends[lo] - per_candidate[lo] + PAIR_CHUNK, "right"))
+        hi = max(hi, lo + 1)
+        out[lo:hi] = affinity_chunk(imps, counts, period, imp_of[lo:hi], np.arange(lo, hi), history)
+        lo = hi
+    bounds = csr_offsets(np.array([len(b.candidate_items) for b in logs]))
+    return [out[bounds[i] : bounds[i + 1]] for i in range(len(logs))]
 
-    def cosine(self, user: np.ndarray, c: np.ndarray, h: np.ndarray) -> np.ndarray:
-        """cos(c, h) over the profiles of all train users but `user`."""
-        own_c, own_h = self.in_profile(user, c), self.in_profile(user, h)
-        n_ch = self.pair_count(c, h) - (own_c & own_h)
-        n_c = self.item_counts[c] - own_c
-        n_h = self.item_counts[h] - own_h
-        denominator = np.sqrt(np.maximum(n_c, 1) * np.maximum(n_h, 1).astype(np.float64))
-        return np.where((n_c > 0) & (n_h > 0), n_ch / denominator, 0.0)
 
-    def affinity(self, behaviors: Behaviors) -> np.ndarray:
-        """Mean cosine of each candidate with its impression's last COCLICK_HISTORY clicks."""
-        cand_offsets = np.asarray(behaviors.candidate_offsets)
-        out = np.zeros(int(cand_offsets[-1]), dtype=np.float64)
-        imp_of = segment_ids(cand_offsets)
-        hist = np.diff(behaviors.history_offsets).clip(max=COCLICK_HISTORY)
-        per_candidate = hist[imp_of]
-        ends = np.cumsum(per_candidate)
-        lo = 0
-        while lo < len(out):
-            hi = int(np.searchsorted(ends, ends[lo] - per_candidate[lo] + PAIR_CHUNK, "right"))
-            hi = max(hi, lo + 1)
-            out[lo:hi] = self._chunk(behaviors, imp_of[lo:hi], np.arange(lo, hi))
-            lo = hi
+def affinity_chunk(
+    imps: Impressions,
+    counts: PairCounts,
+    period: np.ndarray,
+    imp: np.ndarray,
+    cand: np.ndarray,
+    history: int,
+) -> np.ndarray:
+    """Mean cosine of candidates at flat positions `cand` (impressions `imp`) with the last
+    `history` clicks of their impressions."""
+    offsets, pos = last_clicks(imps.history_offsets, imp, history)
+    sizes = np.diff(offsets)
+    owner = np.repeat(np.arange(len(cand)), sizes)
+    c = imps.candidate_items[cand][owner]
+    h = imps.history_items[pos]
+    p = period[imp][owner]
+    n_ch = counts.before(c, h, p)
+    n_c, n_h = counts.before(c, c, p), counts.before(h, h, p)
+    cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0.0)
+    return np.bincount(owner, cos, minlength=len(cand)) / np.maximum(sizes, 1)
+
+
+class SignalState:
+    """Incremental face: the same definitions as build_signals, one impression at a time.
+
+    `observe` takes impressions in time order (times never decrease; equal times are fine);
+    `signals` answers for a time at or after the last one observed, counting what came before
+    it exactly as the batch face does: clicks of impressions before the cutoff (the start of
+    the time's period of `lag` seconds), impressions shown strictly before the time. Asking at
+    a time, then observing impressions of that same time, then asking again at it, gives the
+    same answer. A time earlier than the latest one seen is refused (ValueError). `user` is the
+    user's index; a user unseen so far is fine (the current signals do not depend on it).
+
+    Held in memory: per news item click, exposure and first-appearance counts (numpy), the
+    user profiles and the co-occurrence counts of their items (dicts; about `history` ** 2
+    pairs per user).
+    """
+
+    def __init__(self, num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY) -> None:
+        if lag <= 0 or history <= 0:
+            raise ValueError(f"lag and history must be > 0, got {lag} and {history}")
+        self.lag, self.history = lag, history
+        self.num_news = 0
+        self.clicks = np.zeros(1, np.int64)  # clicks before the current period
+        self.total_clicks = 0
+        self.shown = np.zeros(1, np.int64)  # impressions before the current time showing each
+        self.impressions = 0
+        self.first_seen = np.full(1, NEVER, np.int64)
+        self.profiles: dict[int, frozenset[int]] = {}
+        self.pairs: dict[tuple[int, int], int] = {}  # n(x, y) with x <= y, over the profiles
+        self.time: int | None = None  # the latest time observed or asked for
+        self._period_clicks: list[np.ndarray] = []  # clicks of the current period
+        self._period_profiles: dict[int, np.ndarray] = {}  # latest history of each user in it
+        self._now_shown: list[np.ndarray] = []  # impressions of the current time
+        self.grow(num_news)
+
+    @classmethod
+    def empty(cls, num_news: int, **settings: int) -> SignalState:
+        """A state that has seen nothing; settings: `lag` (seconds), `history` (clicks)."""
+        return cls(num_news, **settings)
+
+    def grow(self, num_news: int) -> None:
+        """Make room for news indices up to `num_news` (news added at serving time)."""
+        extra = num_news - self.num_news
+        if extra < 0:
+            raise ValueError(f"cannot shrink from {self.num_news} to {num_news} news")
+        self.clicks = np.r_[self.clicks, np.zeros(extra, np.int64)]
+        self.shown = np.r_[self.shown, np.zeros(extra, np.int64)]
+        self.first_seen = np.r_[self.first_seen, np.full(extra, NEVER, np.int64)]
+        self.num_news = num_news
+
+    def observe(
+        self,
+        user: int,
+        time: int,
+        history: np.ndarray,
+        shown: np.ndarray,
+        clicked: np.ndarray,
+    ) -> None:
+        """Take one impression (time = seconds since epoch UTC, int news indices; clicked a
+        subset of shown, may be empty)."""
+        self._advance(time)
+        history, shown = np.asarray(history, np.int64), np.asarray(shown, np.int64)
+        self._now_shown.append(shown)
+        self._period_clicks.append(np.asarray(clicked, np.int64))
+        self._period_profiles[int(user)] = history[-self.history :]
+        for items in (shown, history):
+            np.minimum.at(self.first_seen, items, time)
+
+    def signals(
+        self, user: int, time: int, history: np.ndarray, candidates: np.ndarray
+    ) -> np.ndarray:
+        """float32 (len(candidates), len(SIGNAL_NAMES)) for these candidates shown to this user
+        at this time."""
+        self._advance(time)
+        c = np.asarray(candidates, np.int64)
+        history = np.asarray(history, np.int64)
+        first = np.minimum(self.first_seen[c], time)
+        table = np.stack(
+            [
+                log_share(self.clicks[c], np.full(len(c), self.total_clicks)),
+                log_share(self.shown[c], np.full(len(c), self.impressions)),
+                np.log1p((time - first) / 3600.0),
+                self._coclick(history[-self.history :], c),
+                np.full(len(c), np.log1p(len(history))),
+            ],
+            axis=1,
+        )
+        return table.astype(np.float32)
+
+    def _coclick(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Mean cosine of each candidate with the clicks `history` over the profiles."""
+        if not len(history):
+            return np.zeros(len(candidates))
+        pairs = self.pairs
+        n_h = [pairs.get((h, h), 0) for h in history.tolist()]
+        out = np.zeros(len(candidates))
+        for i, c in enumerate(candidates.tolist()):
+            n_c = pairs.get((c, c), 0)
+            total = 0.0
+            for h, n in zip(history.tolist(), n_h, strict=True):
+                n_ch = pairs.get((min(c, h), max(c, h)), 0)
+                if n_ch:
+                    total += n_ch / np.sqrt(float(n_c * n))
+            out[i] = total / len(history)
         return out
 
-    def _chunk(self, b: Behaviors, imp: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        """Affinity of candidates at flat positions `cand` (impressions `imp`)."""
-        offsets, pos = last_clicks(np.asarray(b.history_offsets), imp, COCLICK_HISTORY)
-        sizes = np.diff(offsets)
-        owner = np.repeat(np.arange(len(cand)), sizes)
-        c = np.asarray(b.candidate_items)[cand][owner]
-        h = np.asarray(b.history_items)[pos]
-        user = np.asarray(b.user_index)[imp][owner]
-        total = np.bincount(owner, self.cosine(user, c, h), minlength=len(cand))
-        return total / np.maximum(sizes, 1)
+    def _advance(self, time: int) -> None:
+        """Move to `time`: what happened before it, and before its period, now counts."""
+        if self.time is not None and time < self.time:
+            raise ValueError(f"time {time} is before the latest time seen, {self.time}")
+        if self.time is None or time > self.time:
+            for shown in self._now_shown:
+                np.add.at(self.shown, shown, 1)
+            self.impressions += len(self._now_shown)
+            self._now_shown = []
+        if self.time is None or time // self.lag > self.time // self.lag:
+            for clicked in self._period_clicks:
+                np.add.at(self.clicks, clicked, 1)
+                self.total_clicks += len(clicked)
+            self._period_clicks = []
+            for user, history in self._period_profiles.items():
+                self._set_profile(user, frozenset(history.tolist()))
+            self._period_profiles = {}
+        self.time = time
+
+    def _set_profile(self, user: int, new: frozenset[int]) -> None:
+        """Replace a user's profile, updating the pair counts of the items that changed."""
+        old = self.profiles.get(user, frozenset())
+        for gone, within, step in ((old - new, old, -1), (new - old, new, 1)):
+            for x in gone:
+                for y in within:
+                    if y not in gone or x <= y:  # each changed pair once
+                        key = (min(x, y), max(x, y))
+                        count = self.pairs.get(key, 0) + step
+                        if count:
+                            self.pairs[key] = count
+                        else:
+                            del self.pairs[key]
+        self.profiles[user] = new

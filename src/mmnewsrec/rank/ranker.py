@@ -123,10 +123,10 @@ class TrainedRanker:
         model = self.model
         if not (isinstance(model, Ranker) and model.trainable) or model.training:
             return False
-        num_news = len(model.news_vectors) - 1
+        num_news, features = len(model.news_vectors) - 1, len(self.signal_names)
         examples = [
-            example_inputs(num_news, 1, 7, 9, padded=True, device=self.device),
-            example_inputs(num_news, 3, self.history_len, 20, padded=False, device=self.device),
+            example_inputs(num_news, 1, 7, 9, True, self.device, features),
+            example_inputs(num_news, 3, self.history_len, 20, False, self.device, features),
         ]
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", TracerWarning)  # the check below stands for them
@@ -141,22 +141,30 @@ class TrainedRanker:
         return True
 
     @torch.inference_mode()
-    def score_batch(self, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Raw forward on index tensors: history (B, L), candidates (B, C) -> scores (B, C)."""
+    def score_batch(
+        self, history: torch.Tensor, candidates: torch.Tensor, signals: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw forward on index tensors: history (B, L), candidates (B, C) and, for a model
+        that reads them, signals (B, C, F) -> scores (B, C)."""
         model = self.model if self.traced is None else self.traced
+        inputs = [history.to(self.device), candidates.to(self.device)]
+        if signals is not None:
+            inputs.append(signals.to(self.device))
         # The plain interpreter: the optimising one re-profiles at each new input shape.
         with optimized_execution(False):  # this thread's setting
-            return model(history.to(self.device), candidates.to(self.device)).float()
+            return model(*inputs).float()
 
     def score_items(
         self,
         history: Sequence[int] | np.ndarray,
         candidates: Sequence[int] | np.ndarray,
         width: int = 256,
+        signals: np.ndarray | None = None,
     ) -> np.ndarray:
         """Scores of `candidates` (news indices) for one user who clicked `history` (oldest
-        first); any number of candidates, scored in rows of `width`. The history is padded to
-        its own length (at most L), not to L: padding changes no score, only the work."""
+        first); any number of candidates, scored in rows of `width`; `signals`
+        (len(candidates), len(signal_names)) for a model that reads them. The history is padded
+        to its own length (at most L), not to L: padding changes no score, only the work."""
         cand = np.asarray(candidates, dtype=np.int64)
         hist = np.asarray(history, dtype=np.int64)
         if cand.size == 0:
@@ -166,21 +174,37 @@ class TrainedRanker:
         grid[: len(cand)] = cand
         length = max(1, min(len(hist), self.history_len))
         h = gather_history(np.array([0, len(hist)]), hist, np.zeros(rows, dtype=np.int64), length)
-        scores = self.score_batch(torch.from_numpy(h), torch.from_numpy(grid.reshape(rows, width)))
+        table = None
+        if signals is not None:
+            padded = np.zeros((rows * width, signals.shape[1]), dtype=np.float32)
+            padded[: len(cand)] = signals
+            table = torch.from_numpy(padded.reshape(rows, width, -1))
+        grid_t = torch.from_numpy(grid.reshape(rows, width))
+        scores = self.score_batch(torch.from_numpy(h), grid_t, table)
         return scores.flatten()[: len(cand)].cpu().numpy()
 
 
 def example_inputs(
-    num_news: int, rows: int, length: int, width: int, padded: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random history (rows, length) and candidates (rows, width) over news 1..num_news;
-    `padded`: with a padding click and a padding candidate in each row."""
+    num_news: int,
+    rows: int,
+    length: int,
+    width: int,
+    padded: bool,
+    device: torch.device,
+    signals: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Random history (rows, length) and candidates (rows, width) over news 1..num_news, and
+    given `signals` > 0, random signals (rows, width, signals); `padded`: with a padding click
+    and a padding candidate in each row."""
     generator = torch.Generator().manual_seed(0)
     history = torch.randint(1, num_news + 1, (rows, length), generator=generator)
     candidates = torch.randint(1, num_news + 1, (rows, width), generator=generator)
     if padded:
         history[:, 0], candidates[:, -1] = 0, 0
-    return history.to(device), candidates.to(device)
+    inputs = [history, candidates]
+    if signals:
+        inputs.append(torch.randn(rows, width, signals, generator=generator))
+    return tuple(x.to(device) for x in inputs)
 
 
 def load_ranker(

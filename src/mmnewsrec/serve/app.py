@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
-from mmnewsrec.serve.events import EventId, events_router, users_router
+from mmnewsrec.serve.events import EventId, events_router, signals_router, users_router
 from mmnewsrec.serve.live import LiveState
 from mmnewsrec.serve.new_news import NewNews, NewsItemEncoder, NotEncodable
 from mmnewsrec.serve.postgres import Changes, DuplicateNews, LogFollower, PostgresState
@@ -323,7 +323,8 @@ def create_app(
     app.state.settings = settings = settings or ServeSettings()
     app.state.limiter = CapacityLimiter(settings.parallel)
     app.state.news_lock, app.state.news_encoder = threading.Lock(), None  # for POST /news
-    for router in (recommend_router, news_router, health_router, events_router, users_router):
+    routers = [recommend_router, news_router, health_router]
+    for router in [*routers, events_router, users_router, signals_router]:
         app.include_router(router)
     static = Path(str(files("mmnewsrec.serve") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")

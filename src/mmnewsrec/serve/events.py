@@ -15,7 +15,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from mmnewsrec.serve.live import LiveState
+from mmnewsrec.formats.store import SIGNAL_NAMES
+from mmnewsrec.serve.live import LiveState, index_news
 from mmnewsrec.serve.recommender import Recommender
 from mmnewsrec.serve.state import Impression
 
@@ -67,6 +68,26 @@ class EventStored(BaseModel):
 class BatchStored(BaseModel):
     stored: int = Field(description="Impressions logged by this request.")
     duplicates: list[str] = Field(description="Impression ids logged before (not again).")
+
+
+class SignalsIn(BaseModel):
+    """Candidates shown to a user with a click history at a time."""
+
+    model_config = ConfigDict(extra="forbid")
+    time: str = Field(description="ISO 8601, not before the latest logged impression.")
+    history: list[EventId] = Field(default_factory=list, max_length=MAX_EVENT_HISTORY)
+    candidates: list[EventId] = Field(min_length=1, max_length=MAX_SHOWN)
+
+    @field_validator("time")
+    @classmethod
+    def _iso_time(cls, value: str) -> str:
+        parse_time(value)
+        return value
+
+
+class SignalsOut(BaseModel):
+    names: list[str]
+    values: list[list[float]] = Field(description="One row per candidate, one column per name.")
 
 
 class UserOut(BaseModel):
@@ -164,6 +185,7 @@ async def log_impressions(
 
 events_router = APIRouter(prefix="/events", tags=["events"])
 users_router = APIRouter(prefix="/users", tags=["users"])
+signals_router = APIRouter(tags=["signals"])
 
 
 @events_router.post("", response_model=EventStored)
@@ -188,6 +210,28 @@ async def post_events(
     ids = [imp.impression_id for imp in impressions]
     duplicates = [i for i, is_new in zip(ids, new, strict=True) if not is_new]
     return BatchStored(stored=sum(new), duplicates=duplicates)
+
+
+@signals_router.post("/signals", response_model=SignalsOut)
+async def post_signals(body: SignalsIn, live: LiveDep, recommender: RecommenderDep) -> SignalsOut:
+    """The behaviour signals the server holds for these candidates at this time (as `prepare`
+    computes them for a logged impression): to inspect them, or check them against a store's."""
+    lookup = recommender.news_lookup
+    errors = [
+        _error(["body", name, j], "unknown news id", news_id)
+        for name in ("history", "candidates")
+        for j, news_id in enumerate(getattr(body, name))
+        if news_id not in lookup
+    ]
+    at = parse_time(body.time)
+    if at < (live.signals.time or 0):
+        errors.append(_error(["body", "time"], "before the latest logged impression", body.time))
+    if errors:
+        raise HTTPException(422, errors)
+    table = live.signals.signals(
+        0, at, index_news(lookup, body.history), index_news(lookup, body.candidates)
+    )
+    return SignalsOut(names=list(SIGNAL_NAMES), values=table.tolist())
 
 
 @users_router.get("/{user_id}", response_model=UserOut)

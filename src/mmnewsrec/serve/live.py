@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmnewsrec.csr import csr_offsets, segment_ids
+from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState
 from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
 from mmnewsrec.recall.channels import store_item_stats
 from mmnewsrec.serve.recommender import Recommendation, Recommender
@@ -218,7 +219,11 @@ class LiveState:
     """The durable state of a service and what it learned from it: users' histories and the
     cold-start list, updated per logged impression."""
 
-    def __init__(self, recommender: Recommender, state: StateStore) -> None:
+    def __init__(
+        self, recommender: Recommender, state: StateStore, signals_from_store: bool = True
+    ) -> None:
+        """signals_from_store: the behaviour signals start from the store's logs (False: from
+        nothing, as for a replay of those logs through the server)."""
         store = recommender.store
         self.state = state
         self.users = Users(store)
@@ -226,6 +231,12 @@ class LiveState:
         self.popularity = Popularity(store, split, COLD_START_HALF_LIFE_DAYS)
         self.popularity.grow(recommender.num_news)
         self.follower: LogFollower | None = None  # set where replicas share the log
+        settings = store.manifest.get("signals", {})
+        lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
+        self.signals = SignalState.empty(recommender.num_news, lag=lag, history=history)
+        if signals_from_store:
+            replay_store(self.signals, store, split)
+        recommender.signal_source = self.signal_values
         self.logged = {"logged_impressions": 0, "logged_clicks": 0}  # learned from so far
 
     def counts(self) -> dict[str, int]:
@@ -244,6 +255,7 @@ class LiveState:
                 batch = []
         self.apply(batch, recommender.news_lookup)
         logger.info("state %s: %s", self.state, self.state.counts())
+        recommender.recommend([recommender.news_ids_of([1])[0]], k=1)  # warm-up
         return recommender
 
     def with_added_news(
@@ -257,8 +269,15 @@ class LiveState:
                 self.news_added(recommender.index_of(news.news_id), time)
         return recommender
 
+    def signal_values(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """The candidates' behaviour signals (C, len(SIGNAL_NAMES)) for a click history, at the
+        time of the latest logged impression: the log's clock, which a replay of old logs
+        moves as it goes. (The signals do not depend on the user's index.)"""
+        return self.signals.signals(0, self.signals.time or 0, history, candidates)
+
     def news_added(self, index: int, time: int) -> None:
         """A news item added at `time`: fresh from then on."""
+        self.signals.grow(max(index, self.signals.num_news))
         self.popularity.grow(index)
         self.popularity.first_seen[index] = min(self.popularity.first_seen[index], time)
 
@@ -271,6 +290,9 @@ class LiveState:
             history = index_news(lookup, imp.history)
             shown, clicks = index_news(lookup, imp.shown), index_news(lookup, imp.clicked)
             self.users.observe(imp.user_id, imp.time, history, clicks)
+            # an impression older than one already taken counts at that one's time
+            at = max(imp.time, self.signals.time or 0)
+            self.signals.observe(self.users.user_index(imp.user_id), at, history, shown, clicks)
             seen.append(np.concatenate([history, shown]))
             clicked.append(clicks)
         self.logged["logged_impressions"] += len(impressions)
@@ -294,15 +316,33 @@ class LiveState:
         )
 
 
+def replay_store(signals: SignalState, store: Store, train_split: str) -> None:
+    """Feed `signals` the store's impressions in time order: the train split with its clicks,
+    the other splits without theirs, as `prepare` counts them."""
+    logs = [store.behaviors(split) for split in store.splits]
+    which = np.concatenate([np.full(b.num_impressions, k) for k, b in enumerate(logs)])
+    row = np.concatenate([np.arange(b.num_impressions) for b in logs])
+    times = np.concatenate([np.asarray(b.times) for b in logs])
+    for j in np.argsort(times, kind="stable").tolist():
+        b, i = logs[which[j]], int(row[j])
+        items, labels = b.candidates(i)
+        clicked = items[labels == 1] if b.split == train_split and b.labelled else items[:0]
+        signals.observe(int(b.user_index[i]), int(b.times[i]), b.history(i), items, clicked)
+
+
 def open_live(
-    recommender: Recommender, folder: Path | str, synchronous: str = "full"
+    recommender: Recommender,
+    folder: Path | str,
+    synchronous: str = "full",
+    signals_from_store: bool = True,
 ) -> tuple[Recommender, LiveState]:
     """The state kept in `folder` (created if new), or in the PostgreSQL database a
     postgresql:// URL names, for `recommender`'s store and vectors, and the recommender with
     its added news."""
     identity = {"store": recommender.store.content_hash, "vectors": recommender.vectors.hash}
     where = {"store_path": str(recommender.store.path.resolve())}  # for export-events
-    live = LiveState(recommender, open_state(folder, identity | where, synchronous))
+    state = open_state(folder, identity | where, synchronous)
+    live = LiveState(recommender, state, signals_from_store)
     return live.restore(recommender), live
 
 

@@ -7,12 +7,14 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+
+from mmnewsrec.formats.store import SIGNAL_NAMES
 
 if TYPE_CHECKING:
     from mmnewsrec.formats.store import Store
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from mmnewsrec.serve.new_news import NewNews
 
 logger = logging.getLogger(__name__)
+
+SignalSource = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 # Beyond this many news, "auto" recall searches an HNSW graph: an exact scan of 100k x 384
 # float32 reads 150 MB per request (about 15 ms on one core), over a 10 ms latency budget.
@@ -84,11 +88,6 @@ class Recommender:
 
         if recall_k < 1:
             raise ValueError(f"recall_k must be >= 1, got {recall_k}")
-        if ranker.signal_names:
-            raise ValueError(
-                f"{ranker.path} reads behaviour signals {ranker.signal_names}, which serving "
-                "does not compute yet; serve a run trained without model.signals"
-            )
         check_same_news(store, vectors)
         if isinstance(ranker.model, Ranker):
             ranker.model.cache_news_tokens()  # per request: lookups instead of projections
@@ -124,7 +123,11 @@ class Recommender:
             "clicked_news": int(np.count_nonzero(self.clicks)),
         }
         self._popular = np.argsort(-self.clicks[1:], kind="stable") + 1  # most clicked first
-        self.recommend([self._columns["news_id"][1]], k=1)  # warm-up: first forward is slow
+        # (history, candidates) -> their behaviour signals: needed by a run that reads them
+        self.signal_source: SignalSource | None = None
+        self._signal_columns = [SIGNAL_NAMES.index(name) for name in ranker.signal_names]
+        if not self._signal_columns:
+            self.recommend([self._columns["news_id"][1]], k=1)  # warm-up: first forward is slow
 
     @classmethod
     def from_run(
@@ -257,7 +260,7 @@ class Recommender:
         exclude = np.unique(known) if exclude_history else known[:0]
         timings = {"lookup": _ms(start)}
         if len(used):
-            items = self._recall_rerank(used, exclude, k, timings)
+            items = self._recall_rerank(used, exclude, k, timings, known)
         elif cold_start is not None:
             top, scores = cold_start.top(k, exclude)
             items = [self._item(i, s, "popularity", None) for i, s in zip(top, scores, strict=True)]
@@ -268,7 +271,12 @@ class Recommender:
         return Recommendation(items, list(unknown), history_used, timings, not len(used))
 
     def _recall_rerank(
-        self, history: np.ndarray, exclude: np.ndarray, k: int, timings: dict[str, float]
+        self,
+        history: np.ndarray,
+        exclude: np.ndarray,
+        k: int,
+        timings: dict[str, float],
+        known: np.ndarray,
     ) -> list[RecommendedNews]:
         start = time.perf_counter()
         recall_scores, found = self.recaller.search_one(history, max(k, self.recall_k), exclude)
@@ -276,15 +284,32 @@ class Recommender:
         recall_scores, found = recall_scores[keep], found[keep]
         timings["recall"] = _ms(start)
 
-        start = time.perf_counter()
         head = found[: self.recall_k]
-        scores = self.ranker.score_items(history, head, width=max(len(head), 1))
+        signals = self._signals(known, head, timings)
+        start = time.perf_counter()
+        scores = self.ranker.score_items(history, head, max(len(head), 1), signals)
         order = np.argsort(-scores, kind="stable")[:k]
         timings["rerank"] = _ms(start)
         items = [self._item(head[j], scores[j], "rerank", int(j) + 1) for j in order]
         tail = range(len(head), min(len(found), len(head) + k - len(items)))
         items += [self._item(found[j], recall_scores[j], "recall", j + 1) for j in tail]
         return items
+
+    def _signals(
+        self, history: np.ndarray, candidates: np.ndarray, timings: dict[str, float]
+    ) -> np.ndarray | None:
+        """The signals the ranker reads for these candidates (None for a run without)."""
+        if not self._signal_columns:
+            return None
+        if self.signal_source is None:
+            raise ValueError(
+                f"{self.ranker.path} reads behaviour signals {self.ranker.signal_names}: serve "
+                "it with a state (`mmnewsrec serve`), which computes them"
+            )
+        start = time.perf_counter()
+        table = self.signal_source(history, candidates)[:, self._signal_columns]
+        timings["signals"] = _ms(start)
+        return table
 
     def _popular_items(self, exclude: np.ndarray, k: int) -> list[RecommendedNews]:
         top = self._popular[: k + len(exclude)]
