@@ -191,3 +191,24 @@ def test_a_stateless_server_says_so(rec):
     client = TestClient(create_app(rec))
     assert client.post("/recommend", json={"user_id": "U1"}).status_code == 501
     assert client.post("/events", json=event(1, "U1", ["N1"], [])).status_code == 501
+
+
+def test_a_returning_users_recall_is_kept_until_their_next_click(server, rec, monkeypatch):
+    client, live = server
+    ids = rec.store.news["news_id"].to_list()
+    client.post("/events", json=event(1, "U-back", ids[:4], [ids[1]])).raise_for_status()
+    served = client.app.state.recommender
+    searches = []
+    search = served.recaller.search_one
+    monkeypatch.setattr(
+        served.recaller, "search_one", lambda *a, **kw: searches.append(1) or search(*a, **kw)
+    )
+    first = client.post("/recommend", json={"user_id": "U-back", "k": 5}).json()
+    again = client.post("/recommend", json={"user_id": "U-back", "k": 5}).json()
+    assert len(searches) == 1 and again["items"] == first["items"]
+    clicked = first["items"][0]["news_id"]
+    shown = [i["news_id"] for i in first["items"]]
+    client.post("/events", json=event(2, "U-back", shown, [clicked])).raise_for_status()
+    after = client.post("/recommend", json={"user_id": "U-back", "k": 5}).json()
+    assert len(searches) == 2 and clicked not in [i["news_id"] for i in after["items"]]
+    assert after["history_used"] == [ids[1], clicked]

@@ -93,6 +93,7 @@ def test_a_run_that_reads_signals_is_served_with_live_signals(signals_run, tmp_p
     rec = Recommender.from_run(signals_run)
     served, live = open_live(rec, tmp_path / "state")
     ids = rec.store.news["news_id"].to_list()
+    assert served.ranker.traced is not None  # the trace takes the signals too
     with TestClient(create_app(served, live=live)) as client:
         before = client.post("/recommend", json={"history": ids[:3], "k": 5}).json()
         assert before["items"][0]["stage"] == "rerank" and "signals" in before["timings_ms"]

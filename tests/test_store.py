@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from mmnewsrec.cli import app
 from mmnewsrec.data.mind import MindFormatError
 from mmnewsrec.data.store import NewsMap, build_store
+from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.formats.store import Behaviors, Store, StoreError
 
 TIME = "11/15/2019 8:55:22 AM"
@@ -418,3 +419,40 @@ def test_prepare_cli_image_map(data, tmp_path):
         app, [*base, "--image-map", str(data / "map.csv"), "--image-map-columns", "id"]
     )
     assert bad.exit_code != 0 and "expected NID,IMAGE" in bad.output
+
+
+@pytest.mark.parametrize("named_by_id", [False, True])
+def test_an_image_folder_naming_no_news_id_is_a_warning(data, tmp_path, caplog, named_by_id):
+    """IM-MIND cards are named by index: without the image map no news gets its image."""
+    folder = im_mind_images(data, "N1,3\n")  # files 7, 3 and 12
+    if named_by_id:
+        (folder / "N4.jpg").write_text("image N4")
+    with caplog.at_level(logging.WARNING):
+        store = build_store(data, tmp_path / "s", images=folder)
+    warning = "only 0 of 4 news ids (0.0%) name one of its 3 image files; an IM-MIND folder"
+    assert (warning in caplog.text) is not named_by_id
+    assert ("projector.csv as the image map (prepare --image-map" in caplog.text) is not named_by_id
+    assert store.manifest["num_news_with_image"] == named_by_id
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        mapped = build_store(data, tmp_path / "m", images=folder, image_map=data / "projector.csv")
+    assert "image files" not in caplog.text
+    assert mapped.manifest["num_news_with_image"] == 1
+
+
+def test_prepare_cli_warns_of_an_image_folder_naming_no_news_id(tmp_path, caplog):
+    data = tmp_path / "data"
+    generate(data, SynthConfig.quick(), image_layout="im-mind")
+    base = ["prepare", str(data), "--out", str(tmp_path / "s")]
+    with caplog.at_level(logging.WARNING):
+        result = CliRunner().invoke(app, base)
+    assert result.exit_code == 0, result.output
+    assert "news 500 (0 with image)" in result.output
+    assert "only 0 of 500 news ids (0.0%) name one of its 500 image files" in caplog.text
+    assert "--image-map" in caplog.text
+    caplog.clear()
+    mapped = ["--image-map", str(data / "projector.csv"), "--out", str(tmp_path / "m")]
+    with caplog.at_level(logging.WARNING):
+        result = CliRunner().invoke(app, [*base[:2], *mapped])
+    assert result.exit_code == 0, result.output
+    assert "image files" not in caplog.text and "(0 with image)" not in result.output

@@ -256,6 +256,18 @@ def parse_crop(text: str) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------- train
 
 
+# The `train` options that set a config key of their own (the others: --set section.key=value).
+TRAIN_OPTIONS = {
+    "store": "data.store_dir",
+    "vectors": "data.vectors_dir",
+    "out": "run.out_dir",
+    "model": "model.name",
+    "epochs": "optim.epochs",
+    "device": "run.device",
+    "seed": "run.seed",
+}
+
+
 @app.command()
 def train(
     config: Annotated[
@@ -283,15 +295,16 @@ def train(
     from mmnewsrec.formats.vectors import VectorsError
     from mmnewsrec.rank.train import run_training
 
-    values = {
-        "data.store_dir": store,
-        "data.vectors_dir": vectors,
-        "run.out_dir": out,
-        "model.name": model,
-        "optim.epochs": epochs,
-        "run.device": device,
-        "run.seed": seed,
+    options = {
+        "store": store,
+        "vectors": vectors,
+        "out": out,
+        "model": model,
+        "epochs": epochs,
+        "device": device,
+        "seed": seed,
     }
+    values = {TRAIN_OPTIONS[name]: value for name, value in options.items()}
     try:
         cfg = load_config(config, overrides or [], values)
         result = run_training(cfg, resume=resume)

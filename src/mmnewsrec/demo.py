@@ -15,6 +15,7 @@ from pathlib import Path
 from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.data.synthetic.images import PHOTO_BOX
 from mmnewsrec.evaluate.experiment import Stopwatch, load_experiment, run_experiment
+from mmnewsrec.evaluate.reproduce import command_line
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def demo_files(out: Path, quick: bool, image_layout: str = "plain") -> tuple[Syn
     import torch
 
     jobs = min(2, torch.get_num_threads())  # two runs at a time, each on its own cores
-    header = f"""# The demo grid; re-run with: mmnewsrec experiment {out / "experiment.toml"}
+    rerun = command_line("experiment", config=out / "experiment.toml")
+    header = f"""# The demo grid; re-run with: {rerun}
 title = "mmnewsrec demo: synthetic MIND data ({"quick" if quick else "default"} size)"
 data_dir = "data"
 out_dir = "."

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # in order of preference
 IMAGE_MAP_COLUMNS = ("nid", "IM-MIND-INDEX")  # news id and image file stem in IM-MIND's map
+MIN_IMAGE_MATCH = 0.01  # an image folder naming fewer news ids than this share gets a warning
 
 
 def build_store(
@@ -256,7 +257,22 @@ def attach_images(
     news = news.join(found, on="news_id", how="left", maintain_order="left")
     if sources.folder is not None:
         logger.info("images: %d files in %s", digest["files"], sources.folder)
+        if sources.map_path is None:
+            warn_unmatched_images(news, sources.folder, digest["files"])
     return news, digest, counts
+
+
+def warn_unmatched_images(news: pl.DataFrame, folder: Path, files: int) -> None:
+    """Warn when the image files of a folder name (almost) none of the news ids: such files
+    are named by something else, as IM-MIND's cards are (by an index, through projector.csv)."""
+    matched = news.height - news["image_path"].null_count()
+    if files and matched < MIN_IMAGE_MATCH * news.height:
+        logger.warning(
+            "%s: only %d of %d news ids (%.1f%%) name one of its %d image files; an IM-MIND "
+            "folder names its cards by index and needs its projector.csv as the image map "
+            "(prepare --image-map, or image_map in an experiment file)",
+            folder, matched, news.height, 100 * matched / news.height, files,
+        )  # fmt: skip
 
 
 def is_current(

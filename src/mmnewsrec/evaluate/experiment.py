@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import shutil
 import time
 import tomllib
@@ -370,7 +369,7 @@ def run_experiment(
         inputs = ReportInputs(
             title=config.title,
             data_summary=summary,
-            commands=_commands(config, config_path, store_dir, vectors_dirs),
+            commands=_commands(config, config_path, store_dir, vectors_dirs, cells),
             oracle_auc=oracle,
             recall_at_k={
                 name: {k: s["recall"] for k, s in r.items()} for name, r in recall.items()
@@ -440,26 +439,46 @@ def _prepare(config: ExperimentConfig) -> tuple[Path, str]:
 
     if config.store_dir is not None:
         return config.store_dir, Store.load(config.store_dir).summary()
-    assert config.data_dir is not None  # the config holds exactly one of the two
-    store_dir = config.out_dir / "store"
-    store = build_store(
-        config.data_dir,
-        store_dir,
-        images=config.images,
-        image_map=config.image_map,
-        image_map_columns=config.image_map_columns,
-    )
-    return store_dir, store.summary()
+    params = prepare_params(config)
+    store = build_store(**params)
+    return params["out"], store.summary()
+
+
+# Each stage's parameters are named as `mmnewsrec <stage>` names them: the stage runs with
+# them and the report prints them (`reproduce.command_line`), so the two cannot differ.
+
+
+def prepare_params(config: ExperimentConfig) -> dict[str, Any]:
+    """`build_store`'s arguments, as `mmnewsrec prepare`'s parameters."""
+    return {
+        "data_dir": config.data_dir,
+        "out": config.out_dir / "store",
+        "images": config.images,
+        "image_map": config.image_map,
+        "image_map_columns": config.image_map_columns,
+    }
+
+
+def encode_params(config: ExperimentConfig, store_dir: Path, name: str) -> dict[str, Any]:
+    """`encode_store`'s arguments and EncodeConfig fields, as `mmnewsrec encode`'s
+    parameters; the parts folder is shared: encoders with the same text model encode it once."""
+    spec = config.encoders[name].model_dump()
+    return {
+        "store_dir": store_dir,
+        "out": config.out_dir / "vectors" / name,
+        "parts_dir": config.out_dir / "parts",
+        "device": config.device,
+        **spec,
+        "text_fields": tuple(spec["text_fields"]),
+    }
 
 
 def _encode(config: ExperimentConfig, store_dir: Path, name: str) -> Path:
     from mmnewsrec.encode.pipeline import EncodeConfig, encode_store
 
-    spec = config.encoders[name].model_dump()
-    spec["text_fields"] = tuple(spec["text_fields"])
-    out = config.out_dir / "vectors" / name
-    parts = config.out_dir / "parts"  # shared: encoders with the same text model encode it once
-    encode_store(store_dir, out, EncodeConfig(device=config.device, **spec), parts_dir=parts)
+    options = encode_params(config, store_dir, name)
+    store, out, parts = (options.pop(key) for key in ("store_dir", "out", "parts_dir"))
+    encode_store(store, out, EncodeConfig(**options), parts_dir=parts)
     return out
 
 
@@ -516,6 +535,30 @@ def _train(
     from mmnewsrec.config import load_config
     from mmnewsrec.rank.train import run_training
 
+    values, overrides = train_inputs(config, ranker, store_dir, vectors_dir, run_dir, seed)
+    train_config = load_config(config.train_config, overrides, values).resolved()
+    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
+    same = config_path.exists() and json.loads(config_path.read_text()) == train_config.to_dict()
+    if same and metrics_path.exists():
+        logger.info("reusing %s", run_dir)
+        return json.loads(metrics_path.read_text())
+    if run_dir.exists() and not same:
+        logger.warning("%s holds a run of another configuration: starting it again", run_dir)
+        shutil.rmtree(run_dir)
+    run_training(train_config, resume=same)
+    return evaluate_run(**evaluate_params(config, run_dir))
+
+
+def train_inputs(
+    config: ExperimentConfig,
+    ranker: RankerSpec,
+    store_dir: Path,
+    vectors_dir: Path,
+    run_dir: Path,
+    seed: int,
+) -> tuple[dict[str, Any], list[str]]:
+    """The values and the overrides of `load_config(config.train_config, overrides, values)`
+    for one cell (see `reproduce.train_command`)."""
     values = {
         "data.store_dir": store_dir,
         "data.vectors_dir": vectors_dir,
@@ -527,18 +570,12 @@ def _train(
         "run.seed": seed,
         "run.device": config.device,
     }
-    overrides = [*config.train_overrides, *ranker.overrides]
-    train_config = load_config(config.train_config, overrides, values).resolved()
-    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
-    same = config_path.exists() and json.loads(config_path.read_text()) == train_config.to_dict()
-    if same and metrics_path.exists():
-        logger.info("reusing %s", run_dir)
-        return json.loads(metrics_path.read_text())
-    if run_dir.exists() and not same:
-        logger.warning("%s holds a run of another configuration: starting it again", run_dir)
-        shutil.rmtree(run_dir)
-    run_training(train_config, resume=same)
-    return evaluate_run(run_dir, split=config.dev_split, device=str(config.device))
+    return values, [*config.train_overrides, *ranker.overrides]
+
+
+def evaluate_params(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """`evaluate_run`'s arguments, as `mmnewsrec evaluate`'s parameters."""
+    return {"run_dir": run_dir, "split": config.dev_split, "device": str(config.device)}
 
 
 def _oracle(config: ExperimentConfig, store_dir: Path) -> float | None:
@@ -555,32 +592,25 @@ def _commands(
     config_path: Path | None,
     store_dir: Path,
     vectors_dirs: dict[str, Path],
+    cells: list[Cell],
 ) -> list[str]:
-    q = shlex.quote
+    """The Reproduce block: the whole grid, then every stage with the values it ran with."""
+    from mmnewsrec.evaluate.reproduce import command_line, train_command
+
     lines = []
     if config_path is not None:
-        lines += ["# the whole grid:", f"mmnewsrec experiment {q(str(config_path))}", ""]
-    lines.append("# or stage by stage, e.g.:")
+        lines += ["# the whole grid:", command_line("experiment", config=config_path), ""]
+    lines.append("# or stage by stage, with the values the grid ran with:")
     if config.data_dir is not None:
-        lines.append(f"mmnewsrec prepare {q(str(config.data_dir))} --out {q(str(store_dir))}")
-    for name, path in vectors_dirs.items():
-        spec = config.encoders[name]
-        flags = " ".join(
-            f"--{key.replace('_', '-')} {q(','.join(v) if isinstance(v, list) else str(v))}"
-            for key, v in spec.model_dump(exclude_defaults=True).items()
+        lines.append(command_line("prepare", **prepare_params(config)))
+    lines += [command_line("encode", **encode_params(config, store_dir, n)) for n in vectors_dirs]
+    for cell in cells:
+        vectors = vectors_dirs[cell.encoder]
+        values, overrides = train_inputs(
+            config, cell.ranker, store_dir, vectors, cell.run_dir, cell.seed
         )
-        lines.append(f"mmnewsrec encode {q(str(store_dir))} --out {q(str(path))} {flags}".rstrip())
-    first_ranker, first = next(iter(config.rankers.items()))
-    run = config.out_dir / "runs" / first_ranker
-    vectors = next(iter(vectors_dirs.values()))
-    preset = [f"model.preset={first.preset}"] if first.preset else []
-    overrides = [*config.train_overrides, *first.overrides, *preset]
-    sets = " ".join(f"--set {q(o)}" for o in overrides)
-    lines.append(
-        f"mmnewsrec train --config {q(config.train_config)} --store {q(str(store_dir))} "
-        f"--vectors {q(str(vectors))} --model {first.model} --out {q(str(run))} {sets}".rstrip()
-    )
-    lines.append(f"mmnewsrec evaluate {q(str(run))}")
+        lines.append(train_command(config.train_config, values, overrides))
+        lines.append(command_line("evaluate", **evaluate_params(config, cell.run_dir)))
     return lines
 
 

@@ -285,25 +285,24 @@ class LiveState:
         """Learn from logged impressions (their news known to `lookup`), in order."""
         if not impressions:
             return
-        seen, clicked = [], []
-        for imp in impressions:
-            history = index_news(lookup, imp.history)
-            shown, clicks = index_news(lookup, imp.shown), index_news(lookup, imp.clicked)
+        # every news id of the batch looked up at once: (history, shown, clicked) per impression
+        parts = [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
+        flat = np.array([lookup[i] for part in parts for i in part], dtype=np.int64)
+        bounds = np.cumsum([0, *(len(part) for part in parts)]).tolist()
+        rows = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        user_index, signals = self.users.user_index, self.signals
+        for n, imp in enumerate(impressions):
+            history, shown, clicks = rows[3 * n : 3 * n + 3]
             self.users.observe(imp.user_id, imp.time, history, clicks)
             # an impression older than one already taken counts at that one's time
-            at = max(imp.time, self.signals.time or 0)
-            self.signals.observe(self.users.user_index(imp.user_id), at, history, shown, clicks)
-            seen.append(np.concatenate([history, shown]))
-            clicked.append(clicks)
+            at = max(imp.time, signals.time or 0)
+            signals.observe(user_index(imp.user_id), at, history, shown, clicks)
+        sizes = np.diff(bounds).reshape(-1, 3)
+        is_click = np.repeat(np.tile([False, False, True], len(impressions)), sizes.ravel())
+        times = np.repeat(np.array([imp.time for imp in impressions], dtype=np.int64), sizes.sum(1))
+        self.popularity.observe(flat[~is_click], times[~is_click], flat[is_click], times[is_click])
         self.logged["logged_impressions"] += len(impressions)
-        self.logged["logged_clicks"] += sum(len(c) for c in clicked)
-        times = np.array([imp.time for imp in impressions], dtype=np.int64)
-        self.popularity.observe(
-            np.concatenate(seen),
-            np.repeat(times, [len(s) for s in seen]),
-            np.concatenate(clicked),
-            np.repeat(times, [len(c) for c in clicked]),
-        )
+        self.logged["logged_clicks"] += int(is_click.sum())
 
     def recommend(
         self, recommender: Recommender, user_id: str, k: int, exclude_history: bool
@@ -312,7 +311,7 @@ class LiveState:
         start = time.perf_counter()
         history = self.users.history(user_id)
         return recommender.recommend_known(
-            history, k, exclude_history, start=start, cold_start=self.popularity
+            history, k, exclude_history, start=start, cold_start=self.popularity, user=user_id
         )
 
 

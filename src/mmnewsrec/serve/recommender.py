@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+RECALL_CACHE_USERS = 10_000  # users whose latest recall is kept (about 2.5 KB each)
 SignalSource = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 # Beyond this many news, "auto" recall searches an HNSW graph: an exact scan of 100k x 384
@@ -123,6 +125,7 @@ class Recommender:
             "clicked_news": int(np.count_nonzero(self.clicks)),
         }
         self._popular = np.argsort(-self.clicks[1:], kind="stable") + 1  # most clicked first
+        self.recall_cache: OrderedDict[str, Any] = OrderedDict()  # user -> (request, recall)
         # (history, candidates) -> their behaviour signals: needed by a run that reads them
         self.signal_source: SignalSource | None = None
         self._signal_columns = [SIGNAL_NAMES.index(name) for name in ranker.signal_names]
@@ -252,15 +255,18 @@ class Recommender:
         unknown: Sequence[str] = (),
         start: float | None = None,
         cold_start: Popularity | None = None,
+        user: str | None = None,
     ) -> Recommendation:
         """`recommend` for a history of news indices (oldest first); `cold_start`: what ranks
-        the news for a history with no click (default: the train split's most clicked)."""
+        the news for a history with no click (default: the train split's most clicked);
+        `user`: whose recall is kept (`recall_cache`) and reused while their history and the
+        corpus stay the same."""
         start = time.perf_counter() if start is None else start
         used = known[-self.ranker.history_len :]
         exclude = np.unique(known) if exclude_history else known[:0]
         timings = {"lookup": _ms(start)}
         if len(used):
-            items = self._recall_rerank(used, exclude, k, timings, known)
+            items = self._recall_rerank(used, exclude, k, timings, known, user)
         elif cold_start is not None:
             top, scores = cold_start.top(k, exclude)
             items = [self._item(i, s, "popularity", None) for i, s in zip(top, scores, strict=True)]
@@ -277,11 +283,10 @@ class Recommender:
         k: int,
         timings: dict[str, float],
         known: np.ndarray,
+        user: str | None = None,
     ) -> list[RecommendedNews]:
         start = time.perf_counter()
-        recall_scores, found = self.recaller.search_one(history, max(k, self.recall_k), exclude)
-        keep = found > 0  # 0 = no result (corpus smaller than asked)
-        recall_scores, found = recall_scores[keep], found[keep]
+        recall_scores, found = self._recall(history, exclude, max(k, self.recall_k), user)
         timings["recall"] = _ms(start)
 
         head = found[: self.recall_k]
@@ -294,6 +299,26 @@ class Recommender:
         tail = range(len(head), min(len(found), len(head) + k - len(items)))
         items += [self._item(found[j], recall_scores[j], "recall", j + 1) for j in tail]
         return items
+
+    def _recall(
+        self, history: np.ndarray, exclude: np.ndarray, k: int, user: str | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Recall's (scores, news indices), from `recall_cache` when `user` asked for the same
+        history, exclusions and k since the corpus last changed."""
+        key = (history.tobytes(), exclude.tobytes(), k)
+        kept = self.recall_cache.get(user) if user is not None else None
+        if user is not None and kept is not None and kept[0] == key:
+            self.recall_cache.move_to_end(user)
+            return kept[1]
+        scores, found = self.recaller.search_one(history, k, exclude)
+        keep = found > 0  # 0 = no result (corpus smaller than asked)
+        result = scores[keep], found[keep]
+        if user is not None:
+            self.recall_cache[user] = (key, result)
+            self.recall_cache.move_to_end(user)
+            if len(self.recall_cache) > RECALL_CACHE_USERS:
+                self.recall_cache.popitem(last=False)  # the least recently asked
+        return result
 
     def _signals(
         self, history: np.ndarray, candidates: np.ndarray, timings: dict[str, float]
@@ -349,6 +374,7 @@ class Recommender:
         new = copy.copy(self)
         new.ranker = ranker_with_news(self.ranker, matrix, self.recaller.vectors_)
         new.recaller = self.recaller.appended(matrix)
+        new.recall_cache = OrderedDict()  # recalls over the corpus without the new news
         new._index = self._index | {news_id: first + j for j, news_id in enumerate(ids)}
         new._columns = {
             k: [*v, *(getattr(news, k) for news, _ in added)] for k, v in self._columns.items()
