@@ -8,7 +8,9 @@ synchronous_commit on, as in production) unless --state-url names one. Prints pe
 events/s, /recommend and /events p50/p99, errors; for the replicas, the replication lag: a
 probe posts an event to one replica (in turn) and polls the other's GET /users/{id} until the
 click is there, every --probe-every seconds during the load, p50/p99 of the time from the 2xx
-to the click seen. The load average before and after.
+to the click seen. The servers' CPU time per pair (the replicas' summed; not the database's), a
+figure that other load on the machine inflates less than latency. The load average before and
+after.
 
     python benchmarks/serve_replicas.py [--news 10000] [--pairs 2000] [--state-url URL]
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from serve import Tally, build_run, free_port, start_server
+from serve import Tally, build_run, cpu_seconds, free_port, start_server
 
 from mmnewsrec.formats.store import Store
 
@@ -49,11 +51,14 @@ async def mixed(
     async def timed_post(client: httpx.AsyncClient, url: str, body: dict, tally: Tally) -> None:
         start = time.perf_counter()
         try:
-            ok = (await client.post(url, json=body)).status_code == 200
-        except httpx.HTTPError:
-            ok = False
+            response = await client.post(url, json=body)
+            failure = None if response.status_code == 200 else f"{response.status_code} {url}"
+        except httpx.HTTPError as err:
+            failure = f"{type(err).__name__} {url}"
         tally.latencies_ms.append((time.perf_counter() - start) * 1000)
-        tally.errors += not ok
+        if failure is not None:
+            tally.errors += 1
+            print("error:", failure, file=sys.stderr)
 
     async def worker(client: httpx.AsyncClient) -> None:
         for n in plan:
@@ -111,7 +116,9 @@ async def load_with_probe(
     return recommend, events, seconds, lags
 
 
-def report(label: str, recommend: Tally, events: Tally, seconds: float, lags: list[float]) -> None:
+def report(
+    label: str, recommend: Tally, events: Tally, seconds: float, lags: list[float], cpu: float
+) -> None:
     def p(ms: list[float], q: float) -> float:
         return float(np.percentile(ms, q)) if ms else float("nan")
 
@@ -119,7 +126,7 @@ def report(label: str, recommend: Tally, events: Tally, seconds: float, lags: li
     print(
         f"{label:<28} {stored / seconds:>9,.0f} {p(recommend.latencies_ms, 50):>8.1f} "
         f"{p(recommend.latencies_ms, 99):>8.1f} {p(events.latencies_ms, 50):>8.1f} "
-        f"{p(events.latencies_ms, 99):>8.1f} {recommend.errors + events.errors:>7} "
+        f"{p(events.latencies_ms, 99):>8.1f} {recommend.errors + events.errors:>7} {cpu:>8.2f} "
         + (
             f"{p([x * 1000 for x in lags], 50):>8.1f} {p([x * 1000 for x in lags], 99):>8.1f}"
             f" {max(lags) * 1000:>8.1f} ({len(lags)} probes)"
@@ -147,7 +154,7 @@ def main() -> int:
     news = store.news_ids[1:].tolist()
     load_before = os.getloadavg()
     cluster = None if args.state_url else ThrowawayCluster(fsync=True)
-    results = {}
+    results, cpu_ms = {}, {}  # cpu_ms: the servers' CPU time per event + /recommend pair
     servers = []
     try:
         url = args.state_url or cluster.url  # type: ignore[union-attr]
@@ -155,8 +162,12 @@ def main() -> int:
         servers = [start_server(run, port, ["--state", url], None) for port in ports]
         bases = [f"http://127.0.0.1:{port}" for port in ports]
         asyncio.run(mixed(bases, users, news, 100, "warm"))
+        cpu = sum(cpu_seconds(server.pid) for server in servers)
         results["PostgreSQL, 2 replicas"] = asyncio.run(
             load_with_probe(bases, users, news, args.pairs, args.probe_every, "pg")
+        )
+        cpu_ms["PostgreSQL, 2 replicas"] = (
+            (sum(cpu_seconds(server.pid) for server in servers) - cpu) * 1000 / args.pairs
         )
         for server in servers:
             server.terminate()
@@ -166,9 +177,11 @@ def main() -> int:
             servers = [start_server(run, port, ["--state", state], None)]
             base = f"http://127.0.0.1:{port}"
             asyncio.run(mixed([base], users, news, 100, "warm"))
+            cpu = cpu_seconds(servers[0].pid)
             results["SQLite, 1 server"] = asyncio.run(
                 load_with_probe([base], users, news, args.pairs, args.probe_every, "lite")
             )
+            cpu_ms["SQLite, 1 server"] = (cpu_seconds(servers[0].pid) - cpu) * 1000 / args.pairs
     finally:
         for server in servers:
             server.terminate()
@@ -185,9 +198,9 @@ def main() -> int:
     )
     header = ("", "events/s", "rec p50", "rec p99", "ev p50", "ev p99", "errors")
     print("{:<28} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7}".format(*header), end="")
-    print(f" {'lag p50':>8} {'lag p99':>8} {'lag max':>8}  (ms)")
+    print(f" {'cpu/pair':>8} {'lag p50':>8} {'lag p99':>8} {'lag max':>8}  (ms)")
     for label, (recommend, events, seconds, lags) in results.items():
-        report(label, recommend, events, seconds, lags)
+        report(label, recommend, events, seconds, lags, cpu_ms[label])
     errors = sum(r.errors + e.errors for r, e, _, _ in results.values())
     return 1 if errors else 0
 

@@ -300,9 +300,14 @@ class LogFollower:
                         await self.catch_up()
                         async for _ in listener.notifies(timeout=POLL_SECONDS, stop_after=1):
                             pass
+                        async for _ in listener.notifies(timeout=0.0):  # one read for all
+                            pass
             except (psycopg.Error, OSError) as err:
                 logger.warning("following %s: %s; again in 1 s", self.state, err)
                 await asyncio.sleep(1.0)
+            except Exception:
+                logger.exception("following %s stopped", self.state)
+                raise
 
     async def catch_up(self) -> None:
         """Apply everything logged up to now."""
