@@ -13,7 +13,10 @@ folder per invocation. Phases, in order:
 - the server's resident memory and the state file's size after all of it.
 
     python benchmarks/serve_live.py [--news 100000] [--ingest 200000] [--batch 5000]
-        [--requests 1000] [--concurrency 1 16] [--mixed 2000]
+        [--requests 1000] [--concurrency 1 16] [--mixed 2000] [--sync full|normal] [--no-signals]
+
+The run reads every behaviour signal (the model of benchmarks/serve.py retrained a few steps
+with model.signals) unless --no-signals.
 """
 
 from __future__ import annotations
@@ -32,6 +35,27 @@ from serve import Tally, build_run, drive, free_port, rss_mb, start_server, time
 
 from mmnewsrec.formats.store import Store
 from mmnewsrec.serve.export import split_events
+
+
+def signals_run(work: Path, run: Path) -> Path:
+    """`run`'s model retrained (a few steps) to read every behaviour signal (cached)."""
+    from mmnewsrec.config import load_config
+    from mmnewsrec.formats.store import SIGNAL_NAMES
+    from mmnewsrec.rank.train import run_training
+
+    out = run.parent / f"{run.name}-signals"
+    if not (out / "checkpoint.pt").is_file():
+        values = {
+            "data.store_dir": work / "store",
+            "data.vectors_dir": work / "emb",
+            "data.dev_impressions": 100,
+            "run.out_dir": out,
+            "run.max_steps": 5,
+            "run.progress": False,
+            "model.signals": list(SIGNAL_NAMES),
+        }
+        run_training(load_config("train_cpu", values=values))
+    return out
 
 
 def ingest_bodies(store: Store, count: int) -> list[dict]:
@@ -92,10 +116,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--mixed", type=int, default=2000, help="event + recommend pairs")
     parser.add_argument("--sync", default="full", help="serve --sync")
+    parser.add_argument("--no-signals", action="store_true", help="a run without signals")
     args = parser.parse_args()
 
     work = args.work / f"news{args.news}-dim{args.dim}"
     run = build_run(work, args.news, args.dim, args.model)
+    if not args.no_signals:
+        run = signals_run(work, run)
     store = Store.load(work / "store")
     bodies = ingest_bodies(store, args.ingest)
     users = store.user_ids[np.unique(np.asarray(store.behaviors("dev").user_index))].tolist()
@@ -125,7 +152,8 @@ def main() -> int:
             server.terminate()
             server.wait(30)
     print(
-        f"\nlive service at {args.news:,} news x {args.dim}-d, {args.model} (cpu preset), "
+        f"\nlive service at {args.news:,} news x {args.dim}-d, {args.model} (cpu preset"
+        f"{', no signals' if args.no_signals else ', every signal'}), "
         f"sync {args.sync}; {os.cpu_count()} CPUs, load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
