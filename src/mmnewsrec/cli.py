@@ -285,7 +285,7 @@ def train(
         list[str] | None, typer.Option("--set", help="section.key=value (repeatable).")
     ] = None,
 ) -> None:
-    """Train a ranker (or fit a baseline) and keep the best checkpoint by dev AUC.
+    """Train a ranker (or fit a baseline); keep the best checkpoint by validation AUC.
 
     Several processes: torchrun --nproc-per-node N --no-python mmnewsrec train ...
     """

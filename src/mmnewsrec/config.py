@@ -42,13 +42,17 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Inputs and how training samples are drawn from them."""
 
-    store_dir: Path
-    vectors_dir: Path
-    train_split: str = "train"
+    store_dir: Path = Field(description="the store written by `prepare`")
+    vectors_dir: Path = Field(description="the news vectors written by `encode`")
+    train_split: str = Field("train", description="the split trained on")
     dev_split: str = Field("dev", description="'' for no dev evaluation")
     history_len: int = Field(50, ge=1, description="last L clicks fed to the model")
     negatives: int = Field(4, ge=1, description="K negatives per click (listwise)")
-    loss: Literal["listwise", "pointwise"] = "listwise"
+    loss: Literal["listwise", "pointwise"] = Field(
+        "listwise",
+        description="softmax cross-entropy over 1 positive and K negatives, or binary "
+        "cross-entropy per candidate",
+    )
     valid_split: str = Field(
         "last-day",
         description="what selects the best checkpoint and stops early: impressions held out of "
@@ -97,9 +101,15 @@ class ModelConfig(Section):
     """Which ranker to build: a registry name, a named preset, field overrides and the
     behaviour signals it reads (`formats.store.SIGNAL_NAMES`)."""
 
-    name: str = "fast_rec_transformer"
-    preset: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(
+        "fast_rec_transformer",
+        description="fast_rec_transformer, rec_transformer, additive_attention, gbdt, "
+        "mean_cosine, popularity or random",
+    )
+    preset: str | None = Field(None, description="cpu, gpu or seed: the transformers' size")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="the model's own arguments, over the preset's"
+    )
     signals: list[str] = Field(
         default_factory=list,
         description="behaviour signals of the store added to the content score (neural "
@@ -133,14 +143,16 @@ class ModelConfig(Section):
 class OptimConfig(Section):
     """Optimisation: AdamW with warm-up then decay, clipping, mixed precision on CUDA."""
 
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1, description="passes over the train split")
     batch_size: int = Field(128, ge=1, description="global batch, split over processes")
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    lr: float = Field(5e-4, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's betas")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps warming up")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="the decay after warm-up"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the final lr, as a share of lr")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype on CUDA (auto: bf16 where supported); fp32 on CPU"
@@ -150,20 +162,20 @@ class OptimConfig(Section):
 class RunConfig(Section):
     """Where results go and how the run is driven."""
 
-    out_dir: Path = Path("runs/train")
-    seed: int = 0
-    device: str = "auto"
+    out_dir: Path = Field(Path("runs/train"), description="the run folder to write")
+    seed: int = Field(0, description="seeds weights, negatives, order and dropout")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     eval_every: int = Field(0, ge=0, description="dev evaluation every n steps; 0 = per epoch only")
-    eval_each_epoch: bool = True
+    eval_each_epoch: bool = Field(True, description="evaluate at the end of each epoch")
     patience: int = Field(3, ge=0, description="evaluations without a better dev AUC; 0 = off")
     eval_batch_size: int = Field(2048, ge=1, description="candidates per evaluation forward")
-    log_every: int = Field(50, ge=1)
+    log_every: int = Field(50, ge=1, description="log the loss every n steps")
     max_steps: int = Field(
         0, ge=0, description="cap on optimiser steps (sets the schedule); 0 = off"
     )
     stop_after: int = Field(0, ge=0, description="checkpoint and stop after this step; 0 = off")
-    num_workers: int = Field(0, ge=0)
-    progress: bool = True
+    num_workers: int = Field(0, ge=0, description="data loader worker processes")
+    progress: bool = Field(True, description="show progress bars")
 
     @field_validator("device")
     @classmethod
@@ -172,7 +184,8 @@ class RunConfig(Section):
 
 
 class TrainConfig(Section):
-    """The whole training configuration, as written to RUN_DIR/config.json."""
+    """The whole training configuration: a TOML file's four sections, as written to
+    RUN_DIR/config.json. Read one with [`load_config`][mmnewsrec.config.load_config]."""
 
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -266,8 +279,22 @@ def load_config(
     overrides: Sequence[str] = (),
     values: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """Read a TOML config (a path or a shipped name; None = no file), then set `values`
-    (dotted keys to Python values, None = keep) and then the `section.key=value` overrides."""
+    """Read a training configuration, as `mmnewsrec train` does.
+
+    Args:
+        path: A TOML file, or the name of a shipped config (`train_cpu`, `train_gpu`,
+            `train_seed`); None for no file.
+        overrides: `section.key=value` strings, the value read as TOML (`--set`).
+        values: Dotted keys to Python values, set before the overrides (None values are
+            skipped): what the command's own options set.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: A missing file, bad TOML, an unknown key or a bad value; the message
+            names the source and each field.
+    """
     source = "config"
     raw: dict[str, Any] = {}
     if path is not None:

@@ -33,7 +33,15 @@ CHUNK_ROWS = 1 << 22  # candidates sorted at once; bounds the working memory (~7
 
 @dataclass(frozen=True)
 class ImpressionMetrics:
-    """Per-impression metrics, NaN where the impression is not scored."""
+    """The metrics of every impression, NaN where the impression is not scored.
+
+    Attributes:
+        auc: (I,) float64 AUC per impression.
+        mrr: (I,) float64 MRR.
+        ndcg5: (I,) float64 nDCG@5.
+        ndcg10: (I,) float64 nDCG@10.
+        scored: (I,) bool, true where the impression has a click and a non-click.
+    """
 
     auc: np.ndarray  # (I,) float64
     mrr: np.ndarray  # (I,) float64
@@ -42,7 +50,8 @@ class ImpressionMetrics:
     scored: np.ndarray  # (I,) bool: at least one click and one non-click
 
     def summary(self) -> dict[str, float | int]:
-        """Means over scored impressions plus the counts of scored and skipped impressions."""
+        """Means over the scored impressions (keys `auc`, `mrr`, `ndcg5`, `ndcg10`) and the
+        counts of scored (`impressions`) and `skipped` impressions."""
         count = int(self.scored.sum())
         means = {
             name: float(getattr(self, name)[self.scored].mean()) if count else float("nan")
@@ -54,14 +63,34 @@ class ImpressionMetrics:
 def evaluate_scores(
     scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray
 ) -> dict[str, float | int]:
-    """Mean AUC, MRR, nDCG@5, nDCG@10 over impressions, plus ``impressions`` and ``skipped``."""
+    """The leaderboard's metrics of a whole split, as the official MIND scorer computes them.
+
+    Args:
+        scores: (C,) scores of all candidates, impression after impression.
+        labels: (C,) 1 for a click, 0 otherwise.
+        offsets: (I+1,) CSR offsets: impression i is `scores[offsets[i]:offsets[i + 1]]`.
+
+    Returns:
+        Mean `auc`, `mrr`, `ndcg5` and `ndcg10` over the scored impressions, and the counts
+            of scored (`impressions`) and `skipped` impressions (no click, or only clicks).
+
+    Raises:
+        ValueError: Misaligned inputs, bad offsets or scores that are not finite.
+    """
     return impression_metrics(scores, labels, offsets).summary()
 
 
 def impression_metrics(
     scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray, chunk_rows: int = CHUNK_ROWS
 ) -> ImpressionMetrics:
-    """AUC, MRR, nDCG@5 and nDCG@10 of every impression (NaN where skipped)."""
+    """AUC, MRR, nDCG@5 and nDCG@10 of every impression (NaN where skipped).
+
+    Args:
+        scores: (C,) scores of all candidates, impression after impression.
+        labels: (C,) 1 for a click, 0 otherwise.
+        offsets: (I+1,) CSR offsets of the impressions.
+        chunk_rows: Candidates sorted at once, which bounds the working memory.
+    """
     scores, labels, offsets = _check_inputs(scores, labels, offsets)
     num = len(offsets) - 1
     out = {name: np.full(num, np.nan) for name in METRICS}
@@ -83,7 +112,16 @@ def impression_metrics(
 
 
 def ranks_from_scores(scores: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """1-based rank of every candidate within its impression (1 = highest score), int32."""
+    """The 1-based rank of every candidate within its impression (1: the highest score; on
+    equal scores the later candidate first), as the leaderboard's prediction file lists them.
+
+    Args:
+        scores: (C,) scores of all candidates, impression after impression.
+        offsets: (I+1,) CSR offsets of the impressions.
+
+    Returns:
+        (C,) int32 ranks.
+    """
     scores = _check_scores(np.asarray(scores))
     offsets = check_offsets(np.asarray(offsets), len(scores))
     ranks = np.empty(len(scores), dtype=np.int32)

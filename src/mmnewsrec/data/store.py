@@ -50,18 +50,35 @@ def build_store(
     image_map: Path | str | None = None,
     image_map_columns: tuple[str, str] = IMAGE_MAP_COLUMNS,
 ) -> Store:
-    """Read MIND tsv files under `data_dir` and write a store to `out` (atomically).
+    """Read the MIND tsv files under `data_dir` and write a store to `out`, atomically: what
+    `mmnewsrec prepare` does. Every line is validated; the first bad one stops it with a
+    [`MindFormatError`][mmnewsrec.data.mind.MindFormatError] naming file, line and field.
 
-    A store already in `out` that was built from the same files and options is kept
-    (`force` rebuilds it).
-    `images` defaults to data_dir/images when present. `strict` makes ids in behaviors
-    that are missing from every news.tsv an error; otherwise they are dropped and counted,
-    except the candidates of an unlabelled (test) split: a leaderboard file must rank every
-    one, so an unknown one is an error unless `allow_drops`.
-    `split` names a single-split folder (default "train").
-    Images are named <news_id>.jpg|png, or, given `image_map` (a CSV such as IM-MIND's
-    projector.csv), by the image file stem that map gives each news id (`image_map_columns`:
-    news id and stem columns); its duplicate rows, unmapped news and missing files are counted.
+    A store already in `out` that was built from the same files and options is kept as it is.
+
+    Args:
+        data_dir: A folder with `train/`, `dev/` (and `test/`) sub-folders, each holding
+            `behaviors.tsv` and `news.tsv`, or one split's folder (see `split`).
+        out: The store folder to write.
+        images: Folder of `<news_id>.jpg|png` (or of the files `image_map` names); default
+            `data_dir/images` when present.
+        strict: Make ids in behaviors that no news.tsv lists an error; otherwise they are
+            dropped and counted, except the candidates of an unlabelled (test) split: a
+            leaderboard file must rank every one, so an unknown one is an error there unless
+            `allow_drops`.
+        split: The name of a single-split `data_dir` (default "train").
+        force: Rebuild even if the store is up to date.
+        allow_drops: Drop and count unknown candidates of an unlabelled split instead.
+        image_map: A CSV giving each news id its image file stem (IM-MIND's projector.csv);
+            its duplicate rows, unmapped news and missing files are counted in the manifest.
+        image_map_columns: The map's news id and file stem columns.
+
+    Returns:
+        The written (or kept) store.
+
+    Raises:
+        MindFormatError: A malformed input file.
+        StoreError: The store cannot be written.
     """
     data_dir, out = Path(data_dir), Path(out)
     folders = find_splits(data_dir, split)

@@ -233,12 +233,23 @@ def encode_store(
     force: bool = False,
     parts_dir: Path | str | None = None,
 ) -> NewsVectors:
-    """Embed the news of the store at `store_dir` into EMB_DIR `out` (see the module doc).
+    """Embed every news item of a store into a vectors folder: what `mmnewsrec encode` does.
 
-    Unchanged inputs and options: no model work, the existing vectors are returned.
-    `force`: encode everything again, cached parts included.
-    `parts_dir`: the cache of text and image parts (default OUT/parts, where the parts that the
-    new vectors do not use are deleted); a folder shared by several EMB_DIRs is never pruned.
+    With unchanged inputs and options there is no model work: the existing vectors are
+    returned.
+
+    Args:
+        store_dir: The store written by `prepare`.
+        out: The vectors folder to write.
+        config: Encoders, text fields, fusion, device (default: MiniLM, and
+            EfficientNet-Lite0 when the store has images, concatenated).
+        force: Encode everything again, cached parts included.
+        parts_dir: The cache of text and image parts (default `out/parts`, where the parts
+            the new vectors do not use are deleted); a folder shared by several outputs is
+            never pruned.
+
+    Returns:
+        The vectors, memory-mapped from `out`.
     """
     from mmnewsrec.formats.store import Store
 

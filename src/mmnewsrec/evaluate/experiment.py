@@ -168,8 +168,19 @@ def score_run(
 def evaluate_run(
     run_dir: Path, store_dir: Path | None = None, split: str = "dev", device: str = "cpu"
 ) -> dict[str, Any]:
-    """Metrics of a run on a labelled split, also written to RUN_DIR/metrics.json with the
-    split they report and the one that selected the checkpoint."""
+    """Score a labelled split with a run: what `mmnewsrec evaluate` does.
+
+    Args:
+        run_dir: A run folder written by `train`.
+        store_dir: The store to score (default: the run's own).
+        split: A labelled split of the store.
+        device: Where the model scores.
+
+    Returns:
+        The metrics of [`evaluate_scores`][mmnewsrec.metrics.evaluate_scores] with `split`
+            (reported), `selected_on` (the split that chose the checkpoint), `selection` and
+            `selected_on_reported_split`; also written to RUN_DIR/metrics.json.
+    """
     from mmnewsrec.metrics import evaluate_scores
 
     ranker, behaviors, scores = score_run(run_dir, store_dir, split, device)
@@ -235,10 +246,27 @@ def predict_run(
     device: str = "cpu",
     allow_drops: bool = False,
 ) -> Path:
-    """Write a leaderboard prediction file (ranks per impression) for a split.
+    """Write a leaderboard prediction file for a split: what `mmnewsrec predict` does.
 
-    A split with dropped impressions or candidates is refused unless `allow_drops`
-    (see `check_complete`); the file is checked before it is written (see `write_prediction`).
+    Each line is `impression_id [r1,r2,...]`, the ranks of the impression's candidates in
+    their order. The text is checked (one line per impression, in order, each a permutation
+    of 1..n) before it is written.
+
+    Args:
+        run_dir: A run folder written by `train`.
+        store_dir: The store to rank (default: the run's own).
+        out: The file to write.
+        split: The split to rank, labelled or not.
+        zip: Write a zip holding `prediction.txt` instead.
+        device: Where the model scores.
+        allow_drops: Write the file even if `prepare` dropped impressions or candidates of the
+            split (the leaderboard rejects such a file).
+
+    Returns:
+        The written file.
+
+    Raises:
+        ExperimentError: The split lost impressions or candidates in `prepare`.
     """
     from mmnewsrec.evaluate.leaderboard import write_prediction
     from mmnewsrec.metrics import ranks_from_scores

@@ -199,10 +199,22 @@ def write_truth(path: Path | str, behaviors: Behaviors) -> Path:
 
 
 def score_files(truth_path: Path | str, prediction_path: Path | str) -> dict:
-    """AUC, MRR, nDCG@5, nDCG@10 (+ impressions, skipped) of a prediction file against the truth.
+    """Score a prediction file against a truth file, as the MIND leaderboard does: what
+    `mmnewsrec score` does.
 
-    Tied ranks are scored, with a warning, as the official scorer does (see `read_prediction`);
-    MRR and nDCG order tied candidates as `mmnewsrec.evaluate.metrics` does.
+    Tied ranks are scored, with a warning, as the official scorer does (1/rank, half credit
+    in AUC); MRR and nDCG order tied candidates as `mmnewsrec.metrics` does.
+
+    Args:
+        truth_path: Lines `impression_id [0,1,...]` (`mmnewsrec truth` writes them).
+        prediction_path: Lines `impression_id [r1,r2,...]`, or a zip holding them.
+
+    Returns:
+        Mean `auc`, `mrr`, `ndcg5`, `ndcg10`, and the counts `impressions` and `skipped`.
+
+    Raises:
+        ScoreFileError: A malformed file, or files whose impressions do not align; the
+            message names the file and line.
     """
     truth, pred = read_truth(truth_path), read_prediction(prediction_path, ties=True)
     _check_alignment(truth, pred)

@@ -41,6 +41,19 @@ class Behaviors:
     Impression i has history `history_items[history_offsets[i]:history_offsets[i+1]]` and
     candidates `candidate_items[candidate_offsets[i]:candidate_offsets[i+1]]` (news indices,
     0 = padding, never stored) with `candidate_labels` 1/0, or -1 when unlabelled.
+    Opened by [`Store.behaviors`][mmnewsrec.formats.store.Store.behaviors], memory-mapped.
+
+    Attributes:
+        split: The split's name (`train`, `dev`, `test` or a subset's name).
+        labelled: Whether the candidates carry click labels (a test split does not).
+        impression_ids: (I,) int64, the impression ids of behaviors.tsv.
+        user_index: (I,) int32, rows of the store's `users.parquet`.
+        times: (I,) int64, impression times in unix seconds (UTC).
+        history_offsets: (I+1,) int64 CSR offsets into `history_items`.
+        history_items: (H,) int32 news indices clicked before each impression, oldest first.
+        candidate_offsets: (I+1,) int64 CSR offsets into `candidate_items`.
+        candidate_items: (C,) int32 news indices shown, in the file's order.
+        candidate_labels: (C,) int8, 1 clicked, 0 not, -1 unlabelled.
     """
 
     split: str
@@ -69,6 +82,7 @@ class Behaviors:
 
     @property
     def num_impressions(self) -> int:
+        """I, the number of impressions."""
         return len(self.impression_ids)
 
     def history(self, i: int) -> np.ndarray:
@@ -149,7 +163,26 @@ ARRAY_DTYPES = {
 
 
 class Store:
-    """A prepared store on disk; arrays are memory-mapped, tables read on first use."""
+    """A prepared store on disk, written by [`build_store`][mmnewsrec.data.store.build_store]
+    (`mmnewsrec prepare`): the news table, the users, each split's behaviors and behaviour
+    signals. Arrays are memory-mapped and tables read on first use, so opening a store costs
+    nothing however large it is.
+
+    News are numbered 1..N in the order of `news.parquet` (0 is padding); every array of the
+    store and of the news vectors uses these indices.
+
+    Example:
+        ```text
+        store = Store.load("store/mind-small")
+        dev = store.behaviors("dev")
+        clicked = store.news_ids[dev.history(0)]
+        ```
+
+    Attributes:
+        path: The store folder.
+        manifest: The parsed `manifest.json`: format version, sources, options, counts per
+            split, dropped ids, signals and `content_hash`.
+    """
 
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
@@ -158,7 +191,11 @@ class Store:
 
     @classmethod
     def load(cls, path: Path | str) -> Store:
-        """Open the store at `path` (written by `build_store`)."""
+        """Open the store at `path`.
+
+        Raises:
+            StoreError: `path` holds no store, or one of another format version.
+        """
         path = Path(path)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
@@ -173,23 +210,28 @@ class Store:
 
     @property
     def content_hash(self) -> str:
+        """sha256 of what the store was built from; vectors and runs record it."""
         return self.manifest["content_hash"]
 
     @property
     def splits(self) -> list[str]:
+        """The split names, e.g. `["train", "dev"]`."""
         return list(self.manifest["splits"])
 
     @property
     def num_news(self) -> int:
+        """N, the number of news items."""
         return self.manifest["num_news"]
 
     @property
     def num_users(self) -> int:
+        """The number of users over all splits."""
         return self.manifest["num_users"]
 
     @cached_property
     def news(self) -> pl.DataFrame:
-        """N rows; row r is news index r + 1."""
+        """The news table, N rows: row r is news index r + 1. Columns: the eight MIND news
+        fields and `image_path` (null without an image)."""
         return pl.read_parquet(self.path / "news.parquet")
 
     @cached_property
@@ -211,7 +253,11 @@ class Store:
         return series.replace_strict(known, index, default=0, return_dtype=pl.Int32).to_numpy()
 
     def behaviors(self, split: str) -> Behaviors:
-        """The memory-mapped behaviors of `split`."""
+        """The memory-mapped behaviors of `split`.
+
+        Raises:
+            KeyError: The store has no such split (the message names those it has).
+        """
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} not in store {self.path} (has {self.splits})")
         if split not in self._behaviors:
@@ -221,8 +267,19 @@ class Store:
         return self._behaviors[split]
 
     def signals(self, split: str, names: Sequence[str] | None = None) -> np.ndarray:
-        """The (C, len(SIGNAL_NAMES)) float32 signals of `split`'s candidates, memory-mapped;
-        given `names`, those columns in that order (read into memory)."""
+        """The behaviour signals of `split`'s candidates.
+
+        Args:
+            split: A split of the store.
+            names: Signals to return, in this order (see `SIGNAL_NAMES`); None for all.
+
+        Returns:
+            (C, len(SIGNAL_NAMES)) float32, aligned with the split's `candidate_items`,
+                memory-mapped; given `names`, (C, len(names)) read into memory.
+
+        Raises:
+            StoreError: The store was written before the signals; `prepare` it again.
+        """
         self.behaviors(split)  # a KeyError naming the splits if there is no such split
         path = self.path / "signals" / f"{split}.npy"
         if "signals" not in self.manifest or not path.is_file():

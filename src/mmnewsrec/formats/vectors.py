@@ -33,7 +33,19 @@ class VectorsError(ValueError):
 
 @dataclass
 class NewsVectors:
-    """One frozen vector per news index (row 0 = padding, zeros) and its has_image flag."""
+    """One frozen vector per news index of a store, written by `mmnewsrec encode`
+    ([`encode_store`][mmnewsrec.encode.pipeline.encode_store]).
+
+    Row i is news index i of the store the vectors were made from; row 0 is padding (zeros,
+    no image). A news item without an image has `has_image` False and, in a concat fusion,
+    zeros in the image part.
+
+    Attributes:
+        vectors: (N+1, dim) float16, memory-mapped when loaded.
+        has_image: (N+1,) bool.
+        manifest: The parsed `manifest.json`: encoders and their weights' sha256, text
+            fields, fusion and dims, the store's content hash, timings and `hash`.
+    """
 
     vectors: np.ndarray  # (N+1, dim) float16
     has_image: np.ndarray  # (N+1,) bool
@@ -52,17 +64,22 @@ class NewsVectors:
 
     @property
     def dim(self) -> int:
+        """The vector width."""
         return int(self.vectors.shape[1])
 
     @property
     def num_news(self) -> int:
+        """N, the number of news items (rows less padding)."""
         return len(self.vectors) - 1
 
     @property
     def hash(self) -> str:
+        """The vectors' content hash; a checkpoint records the hash of the vectors it was
+        trained on and refuses others."""
         return self.manifest.get("hash", "")
 
     def summary(self) -> str:
+        """One line: news, width, fusion, news with an image, hash."""
         fusion = self.manifest.get("fusion", {}).get("method", "?")
         image = self.manifest.get("image") or {}
         crop = image.get("crop")
@@ -74,7 +91,12 @@ class NewsVectors:
 
     @classmethod
     def load(cls, path: Path | str) -> NewsVectors:
-        """Open EMB_DIR (vectors memory-mapped)."""
+        """Open a vectors folder (EMB_DIR), the vectors memory-mapped.
+
+        Raises:
+            VectorsError: The folder holds no complete vectors, or arrays that do not match
+                its manifest.
+        """
         path = Path(path)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
@@ -91,7 +113,8 @@ class NewsVectors:
         return cls(vectors, has_image, manifest)
 
     def save(self, path: Path | str) -> None:
-        """Write to EMB_DIR (atomically: manifest.json last)."""
+        """Write to a vectors folder, atomically: manifest.json last, so a folder with a
+        manifest is complete."""
         path = prepare_out(Path(path))
         temp = {name: temp_path(path / name) for name in ("vectors.npy", "has_image.npy")}
         save_npy(temp["vectors.npy"], np.asarray(self.vectors, dtype=np.float16))

@@ -61,7 +61,19 @@ def score_behaviors(
 
 @dataclass
 class TrainedRanker:
-    """A model from a run directory, ready to score on `device`."""
+    """A trained model from a run folder, ready to score on `device`; made by
+    [`load_ranker`][mmnewsrec.rank.ranker.load_ranker].
+
+    Attributes:
+        path: The checkpoint file.
+        model: The model, in eval mode, holding the news vectors it scores with.
+        config: The run's training configuration.
+        device: Where the model scores.
+        vectors_hash: The hash of the news vectors the model was trained on.
+        checkpoint: The checkpoint's metadata (no tensors): model name and arguments,
+            metrics on the selection split, `selection`.
+        traced: The TorchScript trace that scores in the model's place, once `trace` made it.
+    """
 
     path: Path  # the checkpoint file
     model: nn.Module
@@ -80,6 +92,7 @@ class TrainedRanker:
 
     @property
     def history_len(self) -> int:
+        """L, the number of last clicks the model reads."""
         return self.config.data.history_len
 
     @property
@@ -95,9 +108,19 @@ class TrainedRanker:
         progress: bool = False,
         signals: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Scores aligned with `behaviors.candidate_items` (float32). `vectors`, when given, must
-        be the NewsVectors the model was trained on; `signals` (C, len(signal_names)) are the
-        candidates' behaviour signals, for a model that reads them."""
+        """Score every candidate of a split's impressions.
+
+        Args:
+            behaviors: The impressions, e.g. `Store.behaviors("dev")`.
+            vectors: The NewsVectors the model was trained on, checked by hash when given.
+            batch_candidates: Candidates per forward (default `run.eval_batch_size`).
+            progress: Show a progress bar.
+            signals: (C, len(signal_names)) behaviour signals of the candidates, for a model
+                that reads them.
+
+        Returns:
+            (C,) float32 scores aligned with `behaviors.candidate_items`.
+        """
         if vectors is not None:
             check_vectors_hash(self.path, self.vectors_hash, vectors.hash)
         size = batch_candidates or self.config.run.eval_batch_size
@@ -144,8 +167,9 @@ class TrainedRanker:
     def score_batch(
         self, history: torch.Tensor, candidates: torch.Tensor, signals: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Raw forward on index tensors: history (B, L), candidates (B, C) and, for a model
-        that reads them, signals (B, C, F) -> scores (B, C)."""
+        """The forward on index tensors: history (B, L) and candidates (B, C), news indices
+        with 0 as padding, and, for a model that reads them, signals (B, C, F), give scores
+        (B, C)."""
         model = self.model if self.traced is None else self.traced
         inputs = [history.to(self.device), candidates.to(self.device)]
         if signals is not None:
@@ -161,10 +185,20 @@ class TrainedRanker:
         width: int = 256,
         signals: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Scores of `candidates` (news indices) for one user who clicked `history` (oldest
-        first); any number of candidates, scored in rows of `width`; `signals`
-        (len(candidates), len(signal_names)) for a model that reads them. The history is padded
-        to its own length (at most L), not to L: padding changes no score, only the work."""
+        """Scores of any number of candidates for one user.
+
+        Args:
+            history: News indices the user clicked, oldest first; the last L are read.
+            candidates: News indices to score.
+            width: Candidates per row of the forward.
+            signals: (len(candidates), len(signal_names)), for a model that reads them.
+
+        Returns:
+            (len(candidates),) float32 scores.
+
+        The history is padded to its own length (at most L), not to L: padding changes no
+        score, only the work.
+        """
         cand = np.asarray(candidates, dtype=np.int64)
         hist = np.asarray(history, dtype=np.int64)
         if cand.size == 0:
@@ -213,10 +247,20 @@ def load_ranker(
     vectors: Any = None,
     checkpoint: str = "checkpoint.pt",
 ) -> TrainedRanker:
-    """Load RUN_DIR/checkpoint.pt (the best model) with the news vectors it was trained on.
+    """Load a run's best model with the news vectors it was trained on.
 
-    `vectors` (a NewsVectors) replaces reading them from the run's `vectors_dir`; either way
-    their hash must match the checkpoint's.
+    Args:
+        run_dir: A run folder written by `mmnewsrec train`.
+        device: Where to score: `cpu`, `cuda` or `cuda:N`.
+        vectors: NewsVectors to use instead of reading the run's `data.vectors_dir`; either
+            way their hash must match the checkpoint's.
+        checkpoint: The checkpoint file in `run_dir` (`last.pt`: the latest weights).
+
+    Returns:
+        The model, in eval mode, on `device`.
+
+    Raises:
+        CheckpointError: No readable checkpoint, or vectors other than the trained-on ones.
     """
     from mmnewsrec.formats.vectors import NewsVectors
     from mmnewsrec.rank.model import build_model

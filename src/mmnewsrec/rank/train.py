@@ -866,7 +866,22 @@ def init_distributed(device: torch.device, dist_info: DistInfo) -> None:
 
 
 def run_training(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train with the device and process group taken from the config and the environment."""
+    """Train a run: what `mmnewsrec train` does.
+
+    The device comes from `config.run.device` and, under torchrun, the process group and
+    local rank from the environment.
+
+    Args:
+        config: The training configuration (see `load_config`).
+        resume: Continue the run in `config.run.out_dir` from its `last.pt`.
+
+    Returns:
+        The run's outcome: best metrics on the selection split, steps, the run folder.
+
+    Raises:
+        ConfigError: A bad device, a folder already holding a run (without `resume`), or a
+            resume under a changed configuration.
+    """
     dist_info = DistInfo.from_env()
     try:
         device = resolve_device(config.run.device, dist_info.local_rank)

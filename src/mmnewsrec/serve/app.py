@@ -42,8 +42,8 @@ class ServeSettings(BaseModel):
     """Where and how the service runs."""
 
     model_config = ConfigDict(extra="forbid")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     search_limit: int = Field(20, ge=1, description="Most titles one search returns.")
     parallel: int = Field(
         1,
@@ -310,8 +310,10 @@ def caught_up(state: Any, changes: Changes) -> None:
 def create_app(
     recommender: Recommender, settings: ServeSettings | None = None, live: LiveState | None = None
 ) -> FastAPI:
-    """The service over an already-loaded recommender; `live`: its durable state (events,
-    users, added news), already restored (`LiveState.restore`)."""
+    """The HTTP service over an already-loaded recommender: the API and the page at `/`;
+    `live`: its durable state (events, users, added news), already restored
+    (`LiveState.restore`). `mmnewsrec serve` runs it with uvicorn; FastAPI's
+    `TestClient(create_app(...))` calls it in process."""
     app = FastAPI(
         title="mmnewsrec",
         summary="News recommendations for a click history.",

@@ -51,6 +51,8 @@ class NewsDetail(NewsSummary):
 
 @dataclass(frozen=True)
 class RecommendedNews(NewsSummary):
+    """One recommended news item: its metadata, score and the stage that placed it."""
+
     score: float  # the score of the stage that placed the item
     stage: str  # "rerank", "recall" (beyond the rerank budget) or "popularity"
     recall_rank: int | None  # 1-based rank in recall; None for popularity
@@ -58,6 +60,9 @@ class RecommendedNews(NewsSummary):
 
 @dataclass(frozen=True)
 class Recommendation:
+    """What [`Recommender.recommend`][mmnewsrec.serve.recommender.Recommender.recommend]
+    returns, and `POST /recommend` answers as JSON."""
+
     items: list[RecommendedNews]
     unknown: list[str]  # history ids not in the store, ignored
     history_used: list[str]  # the known ids that were scored (the last L), oldest first
@@ -66,10 +71,19 @@ class Recommendation:
 
 
 class Recommender:
-    """Recall top-`recall_k` news by the mean vector of the last L known clicks (L: the
-    ranker's history length), rerank them with the trained ranker, return the top k.
-    Everything is loaded once; a request costs one search over the corpus and one forward
-    pass over `recall_k` candidates."""
+    """Recommendations for a click history from a trained run: recall the top `recall_k`
+    news by the mean vector of the last L known clicks (L: the ranker's history length),
+    rerank them with the trained ranker, return the top k. Everything is loaded once; a
+    request costs one search over the corpus and one forward pass over `recall_k`
+    candidates. `mmnewsrec serve` answers HTTP requests with one.
+
+    Example:
+        ```text
+        recommender = Recommender.from_run("runs/fast")
+        for item in recommender.recommend(["N55189", "N42782"], k=5).items:
+            print(item.news_id, item.score, item.title)
+        ```
+    """
 
     def __init__(
         self,
@@ -82,9 +96,22 @@ class Recommender:
         trace: bool = True,
         popular_share: float | None = None,
     ) -> None:
-        """index_dir: where the recall index is kept between starts (the vectors' folder);
-        trace: rerank through a TorchScript trace of the model (`TrainedRanker.trace`);
-        popular_share: of recall_k, for the popularity channel (None: the evaluated default)."""
+        """Build the recall index and warm the model up.
+
+        Args:
+            store: The store the run was trained on.
+            vectors: Its news vectors (the run's own, for a fine-tuned run).
+            ranker: The trained model.
+            recall_k: News recalled, then reranked.
+            recall_backend: See `from_run`.
+            index_dir: Where the recall index is kept between starts (the vectors' folder).
+            trace: Rerank through a TorchScript trace of the model (`TrainedRanker.trace`).
+            popular_share: Share of `recall_k` for the popularity/freshness channel (None:
+                the evaluated default, 0.1).
+
+        Raises:
+            ValueError: A ranker that reads behaviour signals, or vectors of other news.
+        """
         from mmnewsrec.rank.model import Ranker
         from mmnewsrec.recall import DEFAULT_POPULAR_SHARE, Recaller
 
@@ -142,11 +169,19 @@ class Recommender:
         trace: bool = True,
         popular_share: float | None = None,
     ) -> Recommender:
-        """Load RUN_DIR's model with the store and news vectors it was trained on.
+        """Load a run's model with the store and news vectors it was trained on.
 
-        recall_backend: "exact", "faiss_flat", "faiss_hnsw" (approximate, fast at large N)
-        or "auto" (exact up to SERVE_EXACT_MAX_NEWS news, faiss_hnsw beyond);
-        popular_share: of recall_k, for the popularity/freshness channel."""
+        Args:
+            run_dir: A run folder written by `mmnewsrec train`.
+            device: Where the reranker runs: `cpu`, `cuda` or `cuda:N`.
+            recall_k: News recalled, then reranked.
+            recall_backend: "exact", "faiss_flat", "faiss_hnsw" (approximate, rescored
+                exactly; fast at large N) or "auto" (exact up to 20,000 news, faiss_hnsw
+                beyond).
+            trace: Rerank through a TorchScript trace of the model.
+            popular_share: Share of `recall_k` for the popularity/freshness channel (None:
+                0.1).
+        """
         from mmnewsrec.formats.runs import read_run_config
         from mmnewsrec.formats.store import Store
         from mmnewsrec.formats.vectors import NewsVectors
@@ -237,8 +272,18 @@ class Recommender:
     def recommend(
         self, history: Sequence[str], k: int = 10, exclude_history: bool = True
     ) -> Recommendation:
-        """Top-k news for a click history (oldest first). Unknown ids are reported and
-        ignored; only the last L known clicks are scored; no known click: most clicked news."""
+        """The top k news for a click history.
+
+        Args:
+            history: Clicked news ids, oldest first. Unknown ids are reported and ignored;
+                only the last L known clicks are read.
+            k: How many news to return.
+            exclude_history: Leave the clicked news out.
+
+        Returns:
+            The items, best first, with the unknown and used history ids and the timings of
+                the stages. Without a known click: the most clicked news of the train split.
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         start = time.perf_counter()
