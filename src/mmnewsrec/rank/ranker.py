@@ -168,7 +168,7 @@ class TrainedRanker:
         self, history: torch.Tensor, candidates: torch.Tensor, signals: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The forward on index tensors: history (B, L) and candidates (B, C), news indices
-        with 0 as padding, and, for a model that reads them, signals (B, C, F), give scores
+        with 0 as padding, and for a model that reads them signals (B, C, F), give scores
         (B, C)."""
         model = self.model if self.traced is None else self.traced
         inputs = [history.to(self.device), candidates.to(self.device)]
@@ -191,7 +191,8 @@ class TrainedRanker:
             history: News indices the user clicked, oldest first; the last L are read.
             candidates: News indices to score.
             width: Candidates per row of the forward.
-            signals: (len(candidates), len(signal_names)), for a model that reads them.
+            signals: (len(candidates), len(signal_names)) behaviour signals, for a model that
+                reads them.
 
         Returns:
             (len(candidates),) float32 scores.

@@ -310,10 +310,10 @@ def caught_up(state: Any, changes: Changes) -> None:
 def create_app(
     recommender: Recommender, settings: ServeSettings | None = None, live: LiveState | None = None
 ) -> FastAPI:
-    """The HTTP service over an already-loaded recommender: the API and the page at `/`;
-    `live`: its durable state (events, users, added news), already restored
-    (`LiveState.restore`). `mmnewsrec serve` runs it with uvicorn; FastAPI's
-    `TestClient(create_app(...))` calls it in process."""
+    """The HTTP service over an already-loaded recommender: the API and the page at `/`.
+    `mmnewsrec serve` runs it with uvicorn; FastAPI's `TestClient(create_app(...))` calls it
+    in process. `live`: its durable state (events, users, added news), already restored
+    (`LiveState.restore`); without it, no events, users or signals."""
     app = FastAPI(
         title="mmnewsrec",
         summary="News recommendations for a click history.",
