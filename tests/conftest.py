@@ -140,3 +140,22 @@ def check_prediction(path: Path, behaviors, metrics: dict, folder: Path) -> None
     scored = score_files(write_truth(folder / "truth.txt", behaviors), path)
     for key in ("auc", "mrr", "ndcg5", "ndcg10"):
         assert scored[key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A real PostgreSQL server for the session (initdb + pg_ctl in a temporary folder)."""
+    from postgres_cluster import ThrowawayCluster, postgres_bin
+
+    if postgres_bin("initdb") is None:
+        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) not installed")
+    cluster = ThrowawayCluster(fsync=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster, request) -> str:
+    """URL of a new, empty database on the session's PostgreSQL server."""
+    name = "test_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    return postgres_cluster.new_database(name)

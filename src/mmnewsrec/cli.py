@@ -580,7 +580,9 @@ def recommend(
 
 @app.command("export-events")
 def export_events(
-    state: Annotated[Path, typer.Argument(help="A server's --state folder.")],
+    state: Annotated[
+        str, typer.Argument(help="A server's --state: its folder, or its postgresql:// URL.")
+    ],
     out: Annotated[Path, typer.Option(help="Folder to write behaviors.tsv and news.tsv to.")],
     store: Annotated[
         Path | None, typer.Option(help="The served store [default: the one the state records].")
@@ -589,15 +591,34 @@ def export_events(
     """Write a server's logged impressions (and its news) as MIND tsv files for `prepare`."""
     from mmnewsrec.formats.store import StoreError
     from mmnewsrec.serve.export import export_events as export
-    from mmnewsrec.serve.state import StateError
+    from mmnewsrec.serve.state import StateError, is_database_url
 
-    if not (state / "state.sqlite").is_file():
+    if not is_database_url(state) and not (Path(state) / "state.sqlite").is_file():
         fail(f"{state}: no state.sqlite here (a folder given to `serve --state`)")
     try:
         counts = export(state, out, store)
     except (OSError, ValueError, StoreError, StateError) as err:
         fail(str(err))
     typer.echo(f"{counts['impressions']} impressions, {counts['news']} news -> {out}")
+
+
+@app.command("copy-state")
+def copy_state(
+    source: Annotated[str, typer.Argument(help="A server's --state: folder or postgresql:// URL.")],
+    target: Annotated[str, typer.Argument(help="The state to copy into (created if new).")],
+) -> None:
+    """Copy a server's state (logged events, added news with their vectors) into another, e.g.
+    a state folder into the PostgreSQL database of replicas. Run it while no server writes to
+    SOURCE; what TARGET holds already is skipped."""
+    from mmnewsrec.serve.state import StateError, copy_state, is_database_url
+
+    if not is_database_url(source) and not (Path(source) / "state.sqlite").is_file():
+        fail(f"{source}: no state.sqlite here (a folder given to `serve --state`)")
+    try:
+        counts = copy_state(source, target)
+    except (OSError, ValueError, StateError) as err:
+        fail(str(err))
+    typer.echo(f"{counts['impressions']} impressions, {counts['news']} added news copied")
 
 
 @app.command()
@@ -618,9 +639,10 @@ def serve(
     ] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     state: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Folder of the service's durable state (logged events, added news); "
+            help="Folder of the service's durable state (logged events, added news), or a "
+            "postgresql:// URL: a database that several replicas share and follow; "
             "[default: RUN_DIR.state, beside the run]"
         ),
     ] = None,
@@ -643,10 +665,10 @@ def serve(
 
     settings = ServeSettings(host=host, port=port, parallel=parallel)
     from mmnewsrec.serve.live import open_live
-    from mmnewsrec.serve.state import StateError
+    from mmnewsrec.serve.state import StateError, describe
 
     recommender = load_recommender(run_dir, device, recall_k, recall_backend, recall_popular_share)
-    state_dir = state or run_dir.parent / f"{run_dir.name}.state"
+    state_dir = state or str(run_dir.parent / f"{run_dir.name}.state")
     try:
         recommender, live = open_live(recommender, state_dir, sync)
     except (StateError, ValueError) as err:
@@ -661,7 +683,8 @@ def serve(
     # sight, so that a full collection no longer walks it (over 100 ms at 100k news).
     gc.collect()
     gc.freeze()
-    typer.echo(f"serving {run_dir} on http://{settings.host}:{settings.port}/ (state {state_dir})")
+    where = f"http://{settings.host}:{settings.port}/ (state {describe(state_dir)})"
+    typer.echo(f"serving {run_dir} on {where}")
     try:
         uvicorn.run(service, host=settings.host, port=settings.port, access_log=access_log)
     finally:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict
 from functools import partial
 from importlib.resources import files
@@ -21,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from mmnewsrec.serve.events import EventId, events_router, signals_router, users_router
 from mmnewsrec.serve.live import LiveState
 from mmnewsrec.serve.new_news import NewNews, NewsItemEncoder, NotEncodable
+from mmnewsrec.serve.postgres import Changes, DuplicateNews, LogFollower, PostgresState
 from mmnewsrec.serve.recommender import Recommendation, Recommender
 
 logger = logging.getLogger(__name__)
@@ -250,6 +254,10 @@ async def add_news(body: NewsIn, request: Request, limiter: LimiterDep) -> dict[
     news = NewNews(**body.model_dump(exclude={"image_url"}))
     job = partial(add_to_app, request.app.state, news, body.image_url is not None)
     updated = await run_sync(job, limiter=limiter)
+    live = request.app.state.live
+    if live is not None and live.follower is not None:
+        await live.follower.wait_for_own_writes()
+        updated = request.app.state.recommender
     return asdict(updated.detail(updated.index_of(news.news_id)))
 
 
@@ -274,6 +282,12 @@ def add_to_app(state: Any, news: NewNews, has_image: bool) -> Recommender:
             vector = state.news_encoder.encode(news, has_image)
         except NotEncodable as err:
             raise HTTPException(422, str(err)) from None
+        if state.live is not None and state.live.follower is not None:
+            try:  # served once followed from the shared log, as on every replica
+                state.live.state.add_news(news, int(time.time()), vector)
+            except DuplicateNews as err:
+                raise HTTPException(409, str(err)) from None
+            return current
         updated = current.with_news(news, vector)
         if state.live is not None:  # on disk before the reply and before it is served
             added_at = int(time.time())
@@ -310,6 +324,29 @@ async def health(recommender: RecommenderDep, request: Request) -> dict[str, Any
 # ---------------------------------------------------------------------------- app
 
 
+@asynccontextmanager
+async def follow_shared_log(app: FastAPI) -> AsyncIterator[None]:
+    """While serving, follow the log that replicas share (a PostgreSQL state)."""
+    live: LiveState | None = app.state.live
+    if live is None or live.follower is None:
+        yield
+        return
+    task = asyncio.create_task(live.follower.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+def caught_up(state: Any, changes: Changes) -> None:
+    """Learn what the shared log holds past this replica's position: news, then impressions."""
+    recommender = state.live.with_added_news(state.recommender, changes.news)
+    state.live.apply(changes.impressions, recommender.news_lookup)
+    state.recommender = recommender
+
+
 def create_app(
     recommender: Recommender, settings: ServeSettings | None = None, live: LiveState | None = None
 ) -> FastAPI:
@@ -317,8 +354,14 @@ def create_app(
     `mmnewsrec serve` runs it with uvicorn; FastAPI's `TestClient(create_app(...))` calls it
     in process. `live`: its durable state (events, users, added news), already restored
     (`LiveState.restore`); without it, no events, users or signals."""
-    app = FastAPI(title="mmnewsrec", summary="News recommendations for a click history.")
+    app = FastAPI(
+        title="mmnewsrec",
+        summary="News recommendations for a click history.",
+        lifespan=follow_shared_log,
+    )
     app.state.recommender, app.state.live = recommender, live
+    if live is not None and isinstance(live.state, PostgresState):
+        live.follower = LogFollower(live.state, partial(caught_up, app.state))
     app.state.settings = settings = settings or ServeSettings()
     app.state.limiter = CapacityLimiter(settings.parallel)
     app.state.news_lock, app.state.news_encoder = threading.Lock(), None  # for POST /news

@@ -176,6 +176,9 @@ async def log_impressions(
 ) -> list[bool]:
     """Store impressions durably (their commit awaited), then learn from the new ones."""
     new = await asyncio.wrap_future(live.state.add_impressions(impressions))
+    if live.follower is not None:  # replicas learn from the shared log, this one too
+        await live.follower.wait_for_own_writes()
+        return new
     fresh = [imp for imp, is_new in zip(impressions, new, strict=True) if is_new]
     live.apply(fresh, recommender.news_lookup)
     return new

@@ -14,7 +14,7 @@ from mmnewsrec.data.mind import NEWS_COLUMNS, TIME_FORMAT
 from mmnewsrec.files import atomic_dir, write_json
 from mmnewsrec.formats.store import Store
 from mmnewsrec.serve.new_news import NewNews
-from mmnewsrec.serve.state import Impression, SQLiteState
+from mmnewsrec.serve.state import Impression, describe, open_state
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def export_events(state_dir: Path | str, out: Path | str, store: Path | str | No
     store: the store whose news the logged impressions name (default: the one the state
     records). Impression ids are the logged ones when all are integers, as MIND's are;
     otherwise their order in the log (1, 2, ...), and OUT/impression_ids.tsv maps them back."""
-    state = SQLiteState(state_dir, None)
+    state = open_state(state_dir, None)
     try:
         meta = state.meta()
         rows = [
@@ -56,7 +56,7 @@ def export_events(state_dir: Path | str, out: Path | str, store: Path | str | No
         _write(news, tmp / "news.tsv")
         if not numeric:
             _write(behaviors.select("impression_id", "logged_id"), tmp / "impression_ids.tsv")
-        write_json(tmp / "manifest.json", {"state": str(Path(state_dir).resolve()), **counts})
+        write_json(tmp / "manifest.json", {"state": describe(state_dir), **counts})
     logger.info("exported %s to %s", counts, out)
     return counts
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,11 @@ from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState
 from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
 from mmnewsrec.recall.channels import store_item_stats
 from mmnewsrec.serve.recommender import Recommendation, Recommender
-from mmnewsrec.serve.state import READ_CHUNK, Impression, SQLiteState, StateStore
+from mmnewsrec.serve.state import READ_CHUNK, Impression, StateStore, open_state
+
+if TYPE_CHECKING:
+    from mmnewsrec.serve.new_news import NewNews
+    from mmnewsrec.serve.postgres import LogFollower
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +230,7 @@ class LiveState:
         split = recommender.ranker.config.data.train_split
         self.popularity = Popularity(store, split, COLD_START_HALF_LIFE_DAYS)
         self.popularity.grow(recommender.num_news)
+        self.follower: LogFollower | None = None  # set where replicas share the log
         settings = store.manifest.get("signals", {})
         lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
         self.signals = SignalState.empty(recommender.num_news, lag=lag, history=history)
@@ -240,12 +246,7 @@ class LiveState:
     def restore(self, recommender: Recommender) -> Recommender:
         """`recommender` with the added news of the state, and this state caught up with its
         logged impressions."""
-        added = self.state.news()
-        if added:
-            recommender = recommender.with_news_batch([(n, v) for n, _, v in added])
-            self.popularity.grow(recommender.num_news)
-            for news, time, _ in added:
-                self.news_added(recommender.index_of(news.news_id), time)
+        recommender = self.with_added_news(recommender, self.state.news())
         batch: list[Impression] = []
         for impression in self.state.impressions():
             batch.append(impression)
@@ -255,6 +256,17 @@ class LiveState:
         self.apply(batch, recommender.news_lookup)
         logger.info("state %s: %s", self.state, self.state.counts())
         recommender.recommend([recommender.news_ids_of([1])[0]], k=1)  # warm-up
+        return recommender
+
+    def with_added_news(
+        self, recommender: Recommender, added: Sequence[tuple[NewNews, int, np.ndarray]]
+    ) -> Recommender:
+        """`recommender` with logged news (item, time added, vector), fresh from their time."""
+        if added:
+            recommender = recommender.with_news_batch([(n, v) for n, _, v in added])
+            self.popularity.grow(recommender.num_news)
+            for news, time, _ in added:
+                self.news_added(recommender.index_of(news.news_id), time)
         return recommender
 
     def signal_values(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -323,11 +335,12 @@ def open_live(
     synchronous: str = "full",
     signals_from_store: bool = True,
 ) -> tuple[Recommender, LiveState]:
-    """The state kept in `folder` (created if new) for `recommender`'s store and vectors, and
-    the recommender with its added news."""
+    """The state kept in `folder` (created if new), or in the PostgreSQL database a
+    postgresql:// URL names, for `recommender`'s store and vectors, and the recommender with
+    its added news."""
     identity = {"store": recommender.store.content_hash, "vectors": recommender.vectors.hash}
     where = {"store_path": str(recommender.store.path.resolve())}  # for export-events
-    state = SQLiteState(folder, identity | where, synchronous)
+    state = open_state(folder, identity | where, synchronous)
     live = LiveState(recommender, state, signals_from_store)
     return live.restore(recommender), live
 

@@ -25,11 +25,14 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from mmnewsrec.serve.new_news import NewNews
+
+if TYPE_CHECKING:
+    from mmnewsrec.serve.postgres import PostgresState
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,54 @@ class StateStore(Protocol):
     def close(self) -> None: ...
 
 
-class SQLiteState:
+class GroupCommit:
+    """Impressions written by one writer thread, which commits whatever is waiting in one
+    transaction (`_commit`, of the backend): concurrent requests share a commit."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Sequence[Impression], Future] | None]
+        self._queue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
+        self._writer.start()
+
+    def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[bool]]:
+        future: Future[list[bool]] = Future()
+        self._queue.put((impressions, future))
+        return future
+
+    def _write_loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            jobs = [job]
+            while True:  # everything already waiting goes into the same transaction
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(more)
+            try:
+                results = self._commit([batch for batch, _ in jobs])
+            except Exception as err:  # noqa: BLE001 - handed to every waiting request
+                logger.exception("state commit failed")
+                for _, future in jobs:
+                    future.set_exception(err)
+                continue
+            for (_, future), result in zip(jobs, results, strict=True):
+                future.set_result(result)
+
+    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[bool]]:
+        """Store several requests' impressions in one transaction; which of each were new."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Finish the writes already queued."""
+        self._queue.put(None)
+        self._writer.join()
+
+
+class SQLiteState(GroupCommit):
     """`StateStore` in STATE_DIR/state.sqlite, bound to one store and one set of vectors
     (`identity`: their hashes, checked at every open, and where the store was)."""
 
@@ -117,10 +167,7 @@ class SQLiteState:
         if identity is not None:
             self._check_identity(identity)
         self._lock = threading.Lock()  # the connection: writer thread and readers
-        self._queue: queue.SimpleQueue[tuple[Sequence[Impression], Future] | None]
-        self._queue = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
-        self._writer.start()
+        super().__init__()
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         try:
@@ -151,33 +198,6 @@ class SQLiteState:
                 )
 
     # ------------------------------------------------------------------ impressions
-
-    def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[bool]]:
-        future: Future[list[bool]] = Future()
-        self._queue.put((impressions, future))
-        return future
-
-    def _write_loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            jobs = [job]
-            while True:  # everything already waiting goes into the same transaction
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                jobs.append(more)
-            try:
-                results = self._commit([batch for batch, _ in jobs])
-            except Exception as err:  # noqa: BLE001 - handed to every waiting request
-                logger.exception("state commit failed")
-                for _, future in jobs:
-                    future.set_exception(err)
-                continue
-            for (_, future), result in zip(jobs, results, strict=True):
-                future.set_result(result)
 
     def _commit(self, batches: list[Sequence[Impression]]) -> list[list[bool]]:
         """One transaction over several requests' impressions; which of each were new."""
@@ -265,8 +285,7 @@ class SQLiteState:
 
     def close(self) -> None:
         """Finish the writes already queued, then close the database."""
-        self._queue.put(None)
-        self._writer.join()
+        super().close()
         with self._lock:
             self.db.close()
 
@@ -280,3 +299,58 @@ def _row(imp: Impression) -> tuple[Any, ...]:
         " ".join(imp.shown),
         " ".join(imp.clicked),
     )
+
+
+def open_state(
+    location: Path | str, identity: dict[str, str] | None, synchronous: str = "full"
+) -> SQLiteState | PostgresState:
+    """The state in a folder (SQLite), or in the PostgreSQL database that a postgresql:// URL
+    names (shared by replicas; `synchronous` is then the server's)."""
+    if is_database_url(str(location)):
+        from mmnewsrec.serve.postgres import PostgresState
+
+        return PostgresState(str(location), identity)
+    return SQLiteState(location, identity, synchronous)
+
+
+def is_database_url(location: str) -> bool:
+    """A PostgreSQL URL (a state that replicas share) rather than a state folder."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def describe(location: Path | str) -> str:
+    """A state's location as logs and manifests name it: a folder's full path, a database URL
+    without its password."""
+    if is_database_url(str(location)):
+        from mmnewsrec.serve.postgres import redact
+
+        return redact(str(location))
+    return str(Path(location).resolve())
+
+
+def copy_state(source: Path | str, target: Path | str) -> dict[str, int]:
+    """Copy a state's added news (with their vectors) and logged impressions, in log order,
+    into another state (a state folder into the PostgreSQL database of replicas, say), which
+    then records the source's data. What the target holds already is skipped, so a copy can
+    be run again. Returns the news and impressions copied."""
+    origin = open_state(source, None)
+    try:
+        identity = {k: v for k, v in origin.meta().items() if k != "schema_version"}
+        copy = open_state(target, identity)
+        try:
+            known = {news.news_id for news, _, _ in copy.news()}
+            added = [row for row in origin.news() if row[0].news_id not in known]
+            for news, time, vector in added:
+                copy.add_news(news, time, vector)
+            stored, batch = 0, []
+            for impression in origin.impressions():
+                batch.append(impression)
+                if len(batch) == READ_CHUNK:
+                    stored += sum(copy.add_impressions(batch).result())
+                    batch = []
+            stored += sum(copy.add_impressions(batch).result()) if batch else 0
+        finally:
+            copy.close()
+    finally:
+        origin.close()
+    return {"news": len(added), "impressions": stored}
