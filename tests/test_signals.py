@@ -163,6 +163,19 @@ def test_popularity_cutoff_is_midnight_utc_of_the_impressions_day(tmp_path):
         state.observe(i, at, train.history(i), items, items[labels == 1])
 
 
+def test_state_coclick_follows_the_profiles_of_each_new_period():
+    """Asked in every period, the state reads the pair counts the latest profiles give."""
+    state, no_click = SignalState.empty(4), np.zeros(0, np.int64)
+    one, candidates = np.array([1]), np.array([2, 3])
+    assert state.signals(0, 0, one, candidates)[:, CO].tolist() == [0, 0]
+    state.observe(0, 0, np.array([1, 2]), candidates, no_click)
+    state.observe(1, 0, np.array([1, 3]), candidates, no_click)
+    half = 1 / math.sqrt(2)  # n(c, 1) = 1 of n(c) = 1 and n(1) = 2 profiles
+    np.testing.assert_allclose(state.signals(0, DAY, one, candidates)[:, CO], [half, half])
+    state.observe(0, DAY, np.array([2, 3]), candidates, no_click)  # user 0 drops item 1
+    np.testing.assert_allclose(state.signals(0, 2 * DAY, one, candidates)[:, CO], [0, half])
+
+
 def test_history_length(signals):
     np.testing.assert_allclose(np.expm1(signals["dev"][:, HIST]), [1, 1, 1, 2, 2], rtol=1e-6)
 

@@ -338,7 +338,8 @@ class SignalState:
 
     Held in memory: per news item click, exposure and first-appearance counts (numpy), the
     user profiles and the co-occurrence counts of their items (dicts; about `history` ** 2
-    pairs per user).
+    pairs per user). The counts only change when a period starts; `signals` reads them from a
+    `PairTable` copy, built again the first time it is asked after they changed.
     """
 
     def __init__(self, num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY) -> None:
@@ -354,6 +355,7 @@ class SignalState:
         self.profiles: dict[int, frozenset[int]] = {}
         self.holders = np.zeros(1, np.int64)  # n(x): profiles holding x
         self.pairs: dict[int, int] = {}  # n(x, y) of x < y as x << 32 | y, over the profiles
+        self._pair_table: PairTable | None = None  # self.pairs for vectorised reads
         self.time: int | None = None  # the latest time observed or asked for
         self._period_clicks: list[np.ndarray] = []  # clicks of the current period
         self._period_profiles: dict[int, np.ndarray] = {}  # latest history of each user in it
@@ -424,10 +426,17 @@ class SignalState:
         look = np.flatnonzero((n_c > 0) & (n_h > 0) & (c != h))  # else n(c, h) = 0 or n(c)
         n_ch = np.where(c == h, n_c, 0)
         keys = np.minimum(c[look], h[look]) << 32 | np.maximum(c[look], h[look])
-        get = self.pairs.get
-        n_ch[look] = [get(key, 0) for key in keys.tolist()]
+        n_ch[look] = self._pair_counts().get(keys)
         cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0)
         return cos.reshape(len(candidates), len(history)).sum(axis=1) / len(history)
+
+    def _pair_counts(self) -> PairTable:
+        """`pairs` as a PairTable, built again after the profiles changed."""
+        if self._pair_table is None:
+            keys = np.fromiter(self.pairs, np.int64, len(self.pairs))
+            self._pair_table = PairTable(len(keys))
+            self._pair_table.add(keys, np.fromiter(self.pairs.values(), np.int64, len(keys)))
+        return self._pair_table
 
     def _advance(self, time: int) -> None:
         """Move to `time`: what happened before it, and before its period, now counts."""
@@ -451,6 +460,7 @@ class SignalState:
     def _set_profile(self, user: int, new: frozenset[int]) -> None:
         """Replace a user's profile, updating the counts of the items and pairs that changed."""
         old = self.profiles.get(user, frozenset())
+        self._pair_table = None
         for gone, within, step in ((old - new, old, -1), (new - old, new, 1)):
             for x in gone:
                 self.holders[x] += step
