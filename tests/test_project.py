@@ -48,7 +48,7 @@ def listed_commands(help_text: str) -> dict[str, str]:
 
 def test_cli_help_lists_every_registered_command_with_its_help():
     registered = typer.main.get_command(app).commands
-    assert set(registered) == {*STAGES.split(), "recommend", "serve"}
+    assert set(registered) == {*STAGES.split(), "recommend", "serve", "export-events", "copy-state"}
     result = CliRunner().invoke(app, ["--help"], terminal_width=100)
     assert result.exit_code == 0
     listed = listed_commands(result.output)

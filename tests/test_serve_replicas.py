@@ -140,7 +140,7 @@ def tables(live: LiveState, users: list[str]) -> dict[str, np.ndarray]:
         "signal exposures": signals.shown,
         "signal first_seen": signals.first_seen,
         "signal totals": np.array([signals.total_clicks, signals.impressions, signals.time]),
-        "signal co-clicks": np.array(sorted((*pair, n) for pair, n in signals.pairs.items())),
+        "signal co-clicks": np.array(sorted(signals.pairs.items())),
     }
 
 

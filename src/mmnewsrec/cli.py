@@ -590,8 +590,9 @@ def export_events(
 ) -> None:
     """Write a server's logged impressions (and its news) as MIND tsv files for `prepare`."""
     from mmnewsrec.formats.store import StoreError
+    from mmnewsrec.serve.backends import is_database_url
     from mmnewsrec.serve.export import export_events as export
-    from mmnewsrec.serve.state import StateError, is_database_url
+    from mmnewsrec.serve.state import StateError
 
     if not is_database_url(state) and not (Path(state) / "state.sqlite").is_file():
         fail(f"{state}: no state.sqlite here (a folder given to `serve --state`)")
@@ -610,7 +611,8 @@ def copy_state(
     """Copy a server's state (logged events, added news with their vectors) into another, e.g.
     a state folder into the PostgreSQL database of replicas. Run it while no server writes to
     SOURCE; what TARGET holds already is skipped."""
-    from mmnewsrec.serve.state import StateError, copy_state, is_database_url
+    from mmnewsrec.serve.backends import copy_state, is_database_url
+    from mmnewsrec.serve.state import StateError
 
     if not is_database_url(source) and not (Path(source) / "state.sqlite").is_file():
         fail(f"{source}: no state.sqlite here (a folder given to `serve --state`)")
@@ -664,8 +666,9 @@ def serve(
     from mmnewsrec.serve import ServeSettings, create_app
 
     settings = ServeSettings(host=host, port=port, parallel=parallel)
+    from mmnewsrec.serve.backends import describe
     from mmnewsrec.serve.live import open_live
-    from mmnewsrec.serve.state import StateError, describe
+    from mmnewsrec.serve.state import StateError
 
     recommender = load_recommender(run_dir, device, recall_k, recall_backend, recall_popular_share)
     state_dir = state or str(run_dir.parent / f"{run_dir.name}.state")

@@ -13,8 +13,9 @@ import polars as pl
 from mmnewsrec.data.mind import NEWS_COLUMNS, TIME_FORMAT
 from mmnewsrec.files import atomic_dir, write_json
 from mmnewsrec.formats.store import Store
+from mmnewsrec.serve.backends import describe, open_state
 from mmnewsrec.serve.new_news import NewNews
-from mmnewsrec.serve.state import Impression, describe, open_state
+from mmnewsrec.serve.state import Impression
 
 logger = logging.getLogger(__name__)
 

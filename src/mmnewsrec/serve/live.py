@@ -19,8 +19,9 @@ from mmnewsrec.csr import csr_offsets, segment_ids
 from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState
 from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
 from mmnewsrec.recall.channels import store_item_stats
+from mmnewsrec.serve.backends import open_state
 from mmnewsrec.serve.recommender import Recommendation, Recommender
-from mmnewsrec.serve.state import READ_CHUNK, Impression, StateStore, open_state
+from mmnewsrec.serve.state import READ_CHUNK, Impression, StateStore
 
 if TYPE_CHECKING:
     from mmnewsrec.serve.new_news import NewNews
