@@ -520,10 +520,17 @@ class MeanCosineRanker(Ranker):
         if 0 < text_dim < dim:
             parts = (Part("text", 0, text_dim), Part("image", text_dim, dim))
         space = RecallSpace(parts, weights={"image": config.image_weight}).fit(self.news_vectors)
+        self.space = space  # fitted on the news at hand; `with_rows` extends it to new news
         part_of = torch.cat([torch.full((p.stop - p.start,), i) for i, p in enumerate(parts)])
         self.register_buffer("space_mean", torch.cat(space.means_), persistent=False)  # (D,)
         self.register_buffer("space_scale", space.scales_, persistent=False)  # (N+1, P)
         self.register_buffer("space_part", part_of, persistent=False)  # (D,) part of a column
+
+    def with_rows(self, rows: Tensor) -> None:
+        """Cover news rows `rows` (n, D) added after the fitted ones: their recall-space
+        scales by the fitted means (`RecallSpace.appended`)."""
+        self.space = self.space.appended(rows)
+        self.space_scale = self.space.scales_
 
     def space_rows(self, ids: Tensor) -> Tensor:
         """(*ids.shape, D): news rows `ids` in the recall space (`RecallSpace.rows`)."""

@@ -447,7 +447,7 @@ def ranker_with_news(ranker: TrainedRanker, matrix: Any, recall_matrix: Any) -> 
     The weights are shared; per-news caches are computed again, the trace made again."""
     import torch
 
-    from mmnewsrec.rank.model import PopularityRanker, Ranker
+    from mmnewsrec.rank.model import MeanCosineRanker, PopularityRanker, Ranker
 
     model = ranker.model
     if not isinstance(model, Ranker):
@@ -461,6 +461,8 @@ def ranker_with_news(ranker: TrainedRanker, matrix: Any, recall_matrix: Any) -> 
     if isinstance(copied, PopularityRanker):  # train clicks per news: none for new news
         counts = cast(torch.Tensor, model.counts)
         copied.counts = torch.cat([counts, counts.new_zeros(len(matrix) - len(old))])
+    if isinstance(copied, MeanCosineRanker):  # recall-space scales of the new rows
+        copied.with_rows(matrix[len(old) :])
     copied.cache_news_tokens()
     new = dataclasses.replace(ranker, model=copied, traced=None)
     if ranker.traced is not None:
