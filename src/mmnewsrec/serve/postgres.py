@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmnewsrec.serve.new_news import NewNews
-from mmnewsrec.serve.state import CHECKED, READ_CHUNK, GroupCommit, Impression, StateError, _row
+from mmnewsrec.serve.state import (
+    CHECKED,
+    READ_CHUNK,
+    GroupCommit,
+    Impression,
+    StateError,
+    _row,
+    impression,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -369,18 +377,6 @@ def value(db: psycopg.Connection, query: str, params: tuple[Any, ...] = ()) -> A
     if row is None:
         raise StateError(f"no row for {query!r}")
     return row[0]
-
-
-def impression(row: tuple) -> Impression:
-    _, impression_id, user_id, time, history, shown, clicked = row
-    return Impression(
-        impression_id,
-        user_id,
-        time,
-        tuple(history.split()),
-        tuple(shown.split()),
-        tuple(clicked.split()),
-    )
 
 
 def news_row(news: NewNews, time: int, vector: np.ndarray) -> tuple[Any, ...]:

@@ -242,15 +242,7 @@ class SQLiteState(GroupCommit):
                 ).fetchall()
             if not rows:
                 return
-            for _, impression_id, user_id, time, history, shown, clicked in rows:
-                yield Impression(
-                    impression_id,
-                    user_id,
-                    time,
-                    tuple(history.split()),
-                    tuple(shown.split()),
-                    tuple(clicked.split()),
-                )
+            yield from (impression(row) for row in rows)
             last = rows[-1][0]
 
     # ------------------------------------------------------------------ news
@@ -285,6 +277,19 @@ class SQLiteState(GroupCommit):
         super().close()
         with self._lock:
             self.db.close()
+
+
+def impression(row: tuple) -> Impression:
+    """An impression from a stored row (seq, id, user, time, history, shown, clicked)."""
+    _, impression_id, user_id, time, history, shown, clicked = row
+    return Impression(
+        impression_id,
+        user_id,
+        time,
+        tuple(history.split()),
+        tuple(shown.split()),
+        tuple(clicked.split()),
+    )
 
 
 def _row(imp: Impression) -> tuple[Any, ...]:
