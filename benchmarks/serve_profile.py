@@ -70,11 +70,16 @@ def forward_parts(rec: Recommender, history: np.ndarray, width: int) -> None:
         queries = model.embed.candidates(model, cand)
         user = model.norm(model.cross[0](queries, memory, mask))
         head_input = torch.cat([user, queries, user * queries], dim=-1)
+        encoded = rec.ranker.encode_history(history)
         parts = {
             "history encoder": lambda: model.encoder(tokens, src_key_padding_mask=mask),
             "cross-attention block": lambda: model.cross[0](queries, memory, mask),
             "head": lambda: model.head(head_input),
             "whole forward (traced)": lambda: rec.ranker.score_batch(hist, cand),
+            "history encoding (traced)": lambda: rec.ranker.encode_history(history),
+            "candidates from a kept encoding (traced)": lambda: rec.ranker.score_encoded(
+                encoded, cand[0].numpy(), width
+            ),
         }
         times = {name: cpu_ms(job, 100) for name, job in parts.items()}
     print(f"forward over {width} candidates, history {hist.shape[1]}: " + ", ".join(
