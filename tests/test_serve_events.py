@@ -233,6 +233,7 @@ def test_a_returning_users_history_encoding_is_kept_until_their_next_click(
     client.post("/events", json=event(2, "U-enc", shown, [clicked])).raise_for_status()
     after = client.post("/recommend", json={"user_id": "U-enc", "k": 5}).json()
     assert len(encodings) == 2 and after["history_used"] == [ids[1], ids[2], clicked]
+    assert after["items"] != first["items"]  # the click changed the next recommendation
     # as computed afresh for the new history (no user: nothing kept), within float32 rounding
     fresh = served.recommend(after["history_used"], k=5)
     assert [i["news_id"] for i in after["items"]] == [i.news_id for i in fresh.items]
