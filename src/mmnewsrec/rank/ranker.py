@@ -6,6 +6,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,8 @@ class TrainedRanker:
         less time per forward of the cpu-preset transformers). For a model whose weights no
         longer change, e.g. in a server. Only the neural models are traced, and the trace is
         used only if it scores example inputs of two shapes as the model does. Returns whether
-        it is used."""
+        it is used. The cached news tokens stay attributes of the trace, not constants, so that
+        news added later reach it (`add_news`) without a new trace."""
         from mmnewsrec.rank.model import Ranker
 
         model = self.model
@@ -154,7 +156,9 @@ class TrainedRanker:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", TracerWarning)  # the check below stands for them
             # check_trace=False: its own check traces again (seconds at 100k news); ours is below
-            traced = torch.jit.freeze(torch.jit.trace(model, examples[0], check_trace=False))
+            tables = list(model.token_tables())
+            traced = torch.jit.trace(model, examples[0], check_trace=False)
+            traced = torch.jit.freeze(traced, preserved_attrs=tables)
         with torch.inference_mode(), optimized_execution(False):
             same = all(torch.allclose(traced(*x), model(*x), 1e-5, 1e-6) for x in examples)
         if not same:
@@ -162,6 +166,23 @@ class TrainedRanker:
             return False
         self.traced = traced
         return True
+
+    def add_news(self, rows: torch.Tensor, has_image: torch.Tensor, table: Any = None) -> None:
+        """Score n news added after the model's own as well: their vectors (n, D), image flags
+        (n,) and, where the model shares it, the news table with the rows already appended.
+        In place, in amortised O(n) (`Ranker.add_news`); a trace reads the grown token tables
+        as the model does, and is not made again."""
+        from mmnewsrec.rank.model import Ranker
+
+        model = self.model
+        if not isinstance(model, Ranker):
+            raise ValueError(f"{self.path}: a {type(model).__name__} cannot take new news")
+        model.add_news(rows.to(self.device), has_image.to(self.device), table)
+        if self.traced is not None:
+            for path, tokens in model.token_tables().items():
+                *modules, name = path.split(".")
+                owner = reduce(getattr, modules, self.traced)  # no get_submodule on a trace
+                setattr(owner, name, tokens)
 
     @torch.inference_mode()
     def score_batch(

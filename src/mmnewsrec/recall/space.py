@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmnewsrec.growing import GrowingRows, append_rows
+
 logger = logging.getLogger(__name__)
 
 NORM_BLOCK = 65_536  # rows whose centred norms are computed at a time
@@ -79,6 +81,7 @@ class RecallSpace:
             self.means_.append(torch.zeros(block.shape[1]) if mean is None else mean)
             scales.append(self._scales(p, block, present, norms))
         self.scales_ = torch.stack(scales, dim=1)  # (N+1, P)
+        self.grown_: dict[str, GrowingRows] = {}  # scales_ as it grows (`append_rows`)
         logger.info("recall space %s over %d rows", self.key, len(matrix))
         return self
 
@@ -91,14 +94,15 @@ class RecallSpace:
 
     def appended(self, rows: Tensor) -> RecallSpace:
         """A copy of this fitted space that also covers `rows` (n, D), new rows after the
-        fitted ones: their scales by the fitted means (which stay as they are)."""
+        fitted ones: their scales by the fitted means (which stay as they are), written after
+        this space's scales in a growing table (`mmnewsrec.growing`): O(n), not O(N + n)."""
         scales = []
         for p, part in enumerate(self.parts):
             block = rows[:, part.start : part.stop]
             norms = torch.linalg.vector_norm(block, dim=1)
             scales.append(self._scales(p, block, norms > 0, norms))
         space = copy.copy(self)
-        space.scales_ = torch.cat([self.scales_, torch.stack(scales, dim=1)])
+        space.scales_ = append_rows(self.grown_, "scales", self.scales_, torch.stack(scales, dim=1))
         return space
 
     def rows(self, matrix: Tensor, ids: Tensor) -> Tensor:
