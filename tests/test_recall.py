@@ -225,8 +225,10 @@ def test_appended_rows_are_recalled_and_the_original_recaller_is_unchanged(backe
     grown = recaller.appended(copy_of)
     assert recaller.num_news_ == 600 and len(recaller.space_.scales_) == 601
     assert len(recaller.vectors_) == len(recaller.channel_) == len(recaller.first_seen_) == 601
-    if backend == "faiss_hnsw":  # one index, which the original searches up to its news
-        assert grown.index_ is recaller.index_ and grown.index_.ntotal == 602
+    if backend == "faiss_hnsw":  # the fitted index stays; the copy's takes later news itself
+        assert recaller.index_.ntotal == 600 and grown.index_.ntotal == 602
+        again = grown.appended(copy_of[:1])
+        assert again.index_ is grown.index_ and grown.index_.ntotal == 603
     # a copy of a news item scores as the item: first for a user who clicked only the item
     scores, found = grown.search(grown.user_vectors(np.array([[7], [8]])), exclude=[[7], [8]])
     assert found[:, 0].tolist() == [601, 602]

@@ -176,6 +176,11 @@ class Ranker(nn.Module):
             if isinstance(module, NewsProjection) and module.cached is not None
         }
 
+    def news_tables(self) -> dict[str, Tensor]:
+        """Every per-news table (a row per news index) by attribute path."""
+        tables = {"news_vectors": self.news_vectors, "has_image": self.has_image}
+        return tables | self.token_tables()
+
     @torch.inference_mode()
     def add_news(self, rows: Tensor, has_image: Tensor, table: Tensor | None = None) -> None:
         """Score n news added after the model's own as well (indices N+1 .. N+n): their vectors
@@ -530,6 +535,9 @@ class PopularityRanker(Ranker):
             self.grown_, "counts", self.counts, self.counts.new_zeros(len(rows))
         )
 
+    def news_tables(self) -> dict[str, Tensor]:
+        return super().news_tables() | {"counts": self.counts}
+
     def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
         return torch.log1p(self.counts[candidates]).masked_fill(candidates == 0, 0.0)
 
@@ -559,7 +567,7 @@ class MeanCosineRanker(Ranker):
         if 0 < text_dim < dim:
             parts = (Part("text", 0, text_dim), Part("image", text_dim, dim))
         space = RecallSpace(parts, weights={"image": config.image_weight}).fit(self.news_vectors)
-        self.space = space  # fitted on the news at hand; `add_news` extends it to new news
+        self.space = space  # fitted on the news at hand; scales new rows (`add_news`)
         part_of = torch.cat([torch.full((p.stop - p.start,), i) for i, p in enumerate(parts)])
         self.register_buffer("space_mean", torch.cat(space.means_), persistent=False)  # (D,)
         self.register_buffer("space_scale", space.scales_, persistent=False)  # (N+1, P)
@@ -567,10 +575,13 @@ class MeanCosineRanker(Ranker):
 
     def add_news(self, rows: Tensor, has_image: Tensor, table: Tensor | None = None) -> None:
         """`Ranker.add_news`, and the new rows' recall-space scales by the fitted means
-        (`RecallSpace.appended`)."""
+        (`RecallSpace.row_scales`)."""
         super().add_news(rows, has_image, table)
-        self.space = self.space.appended(rows)
-        self.space_scale = self.space.scales_
+        scales = self.space.row_scales(rows)
+        self.space_scale = append_rows(self.grown_, "space_scale", self.space_scale, scales)
+
+    def news_tables(self) -> dict[str, Tensor]:
+        return super().news_tables() | {"space_scale": self.space_scale}
 
     def space_rows(self, ids: Tensor) -> Tensor:
         """(*ids.shape, D): news rows `ids` in the recall space (`RecallSpace.rows`)."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,24 @@ class TrainedRanker:
                 *modules, name = path.split(".")
                 owner = reduce(getattr, modules, self.traced)  # no get_submodule on a trace
                 setattr(owner, name, tokens)
+
+    def forked(self, num_news: int) -> TrainedRanker:
+        """A copy for adding other news than those added to this ranker's model since it
+        scored news 0..`num_news`: the weights shared, the per-news tables cut to those news
+        (they grow apart from here), the trace made again."""
+        from mmnewsrec.rank.model import Ranker
+
+        model = self.model
+        if not isinstance(model, Ranker):
+            raise ValueError(f"{self.path}: a {type(model).__name__} cannot take new news")
+        memo: dict[int, Any] = {id(p): p for p in model.parameters()}  # shared, not copied
+        memo |= {id(t): t[: num_news + 1] for t in model.news_tables().values()}
+        memo[id(model.grown_)] = {}
+        copied = copy.deepcopy(model, memo)
+        new = replace(self, model=copied, traced=None)
+        if self.traced is not None:
+            new.trace()
+        return new
 
     @torch.inference_mode()
     def score_batch(

@@ -157,6 +157,7 @@ class Recaller:
         self.backend_ = self._resolve_backend()
         self.grown_: dict[str, GrowingRows] = {}  # per-news tables as they grow (`appended`)
         self.index_lock_ = SharedLock()  # searches, or one `add` (`appended`)
+        self.owns_index_ = False  # whether `appended` may add to index_ (not the fitted one's)
         self.index_ = None
         if self.backend_ == "faiss_hnsw" and cache_dir is not None and cache_key:
             name = f"hnsw{self.hnsw_m}-sq8-{self.space_.key}-{cache_key}.faiss"
@@ -199,31 +200,54 @@ class Recaller:
 
         Only the new rows are written (amortised O(n), `mmnewsrec.growing`): the copy's news
         matrix and per-news tables are longer views of growing tables that this recaller's
-        views are the start of, and the FAISS index takes the rows itself (`add`, while no
-        search runs). This recaller goes on searching its own news as before (index entries
-        past them are dropped), so requests still running on it are not disturbed; news are
-        added to the latest copy only (ValueError otherwise, with an index).
+        views are the start of, and a FAISS index takes the rows itself (`add`, while no
+        search runs; the fitted index is copied once, on the first addition). This recaller
+        goes on searching its own news as before (index entries past them are dropped), so
+        requests still running on it are not disturbed. Adding to a copy that is not the
+        latest copies its tables first (O(N)).
         """
         start = len(self.vectors_)
         if rows.ndim != 2 or rows.shape[1] != self.vectors_.shape[1]:
             raise ValueError(f"expected rows of width {self.vectors_.shape[1]}, got {rows.shape}")
-        if self.index_ is not None and self.index_.ntotal != self.num_news_:
-            raise ValueError("news were added to a later copy of this recaller: add to that one")
+        index = self.index_
+        if index is not None and index.ntotal > self.num_news_ and self.backend_ != "faiss_flat":
+            raise ValueError(
+                "news were added to a later copy of this recaller, and its HNSW index cannot "
+                "drop them: add to the latest copy"
+            )
         new = copy.copy(self)
-        new.vectors_ = append_rows(self.grown_, "vectors", self.vectors_, rows.float())
+        new.grown_ = grown = dict(self.grown_)  # its own: one grown from this later starts anew
+        new.vectors_ = append_rows(grown, "vectors", self.vectors_, rows.float())
         new.num_news_ = len(new.vectors_) - 1
         new.space_ = self.space_.appended(rows)
         if self.channel_ is not None:
             n = len(rows)
             absent = self.channel_.new_full((n,), -torch.inf)
-            new.channel_ = append_rows(self.grown_, "channel", self.channel_, absent)
+            new.channel_ = append_rows(grown, "channel", self.channel_, absent)
             never = self.first_seen_.new_full((n,), NEVER)  # absent from the logs
-            new.first_seen_ = append_rows(self.grown_, "first_seen", self.first_seen_, never)
-        if self.index_ is not None:
+            new.first_seen_ = append_rows(grown, "first_seen", self.first_seen_, never)
+        if index is not None:
+            lock = self.index_lock_
+            if not self.owns_index_ or index.ntotal != self.num_news_:
+                index, lock = self._index_copy(), SharedLock()
             unit = new._unit_rows(torch.arange(start, start + len(rows)))
-            with self.index_lock_.exclusive():
-                self.index_.add(unit)
+            with lock.exclusive():
+                index.add(unit)
+            new.index_, new.index_lock_, new.owns_index_ = index, lock, True
         return new
+
+    def _index_copy(self) -> Any:
+        """A copy of the FAISS index holding this recaller's news only, for the first copy
+        that takes news (the fitted index stays as it is) and for one made from an older copy,
+        whose index a later copy took news into (a flat index drops them)."""
+        import faiss
+
+        assert self.index_ is not None
+        with self.index_lock_.shared():
+            index = faiss.clone_index(self.index_)
+        if index.ntotal > self.num_news_:
+            index.remove_ids(faiss.IDSelectorRange(self.num_news_, index.ntotal))
+        return index
 
     def user_vectors(self, histories: Any) -> np.ndarray:
         """Unit user vectors (U, D) from histories: padded (U, L) or (offsets, items)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -143,6 +144,7 @@ class Recommender:
         self._titles_lower = news["title"].str.to_lowercase()
         self._added_titles: list[str] = []  # those of the news added, lower case
         self._grown: dict[str, GrowingRows] = {}
+        self._adding = threading.Lock()  # one `with_news` at a time, in this and its copies
         self.clicks = self._train_clicks()
         self._counts = {  # /health answers from these, without a pass over the corpus
             "news": store.num_news,
@@ -411,8 +413,9 @@ class Recommender:
         recall space's scales, the reranker's per-news tables and the metadata are growing
         tables and lists (`mmnewsrec.growing`) shared with this recommender, which reads only
         their first `num_news` rows; the FAISS index takes the item itself; the reranker's trace
-        reads the grown tables. News are added to the latest recommender only (ValueError
-        otherwise), one writer at a time."""
+        reads the grown tables. Adding to a recommender that is not the latest (one that
+        another took news from already) copies its tables first, O(N) once; that copy then
+        grows apart."""
         return self.with_news_batch([(news, vector)])
 
     def with_news_batch(self, added: Sequence[tuple[NewNews, np.ndarray]]) -> Recommender:
@@ -422,11 +425,6 @@ class Recommender:
         from mmnewsrec.rank.model import Ranker
 
         ids = [news.news_id for news, _ in added]
-        if len(self._images) != self._num_news + 1:
-            raise ValueError("news were added to a later copy of this recommender: add to that one")
-        for news_id in ids:
-            if news_id in self._index:
-                raise ValueError(f"news id {news_id!r} is already served")
         if len(set(ids)) < len(ids):
             raise ValueError("news ids repeated among the added news")
         rows = torch.as_tensor(np.stack([v for _, v in added]), dtype=torch.float32)
@@ -437,32 +435,55 @@ class Recommender:
         model = self.ranker.model
         if not isinstance(model, Ranker):
             raise ValueError(f"{self.ranker.path}: a {type(model).__name__} cannot take new news")
-        first, n = self._num_news + 1, len(added)  # the first new row's news index, the count
+        with self._adding:
+            for news_id in ids:
+                if self.index_of(news_id):
+                    raise ValueError(f"news id {news_id!r} is already served")
+            new = self._latest_or_copy()
+            new.recaller = self.recaller.appended(rows)
+            shared = model.news_vectors is self.recaller.vectors_
+            if len(model.news_vectors) != self._num_news + 1:  # a later copy's news in it
+                new.ranker = self.ranker.forked(self._num_news)
+            table = new.recaller.vectors_ if shared else None
+            new.ranker.add_news(rows, torch.zeros(len(rows), dtype=torch.bool), table)
+            new._append_metadata([news for news, _ in added])
+            return new
+
+    def _latest_or_copy(self) -> Recommender:
+        """A copy that shares this one's lookups and growing tables (to append to) if it is
+        the latest recommender, else one with copies of its part of them."""
         new = copy.copy(self)
-        new.recaller = self.recaller.appended(rows)
-        shared = model.news_vectors is self.recaller.vectors_
-        self.ranker.add_news(
-            rows, torch.zeros(n, dtype=torch.bool), new.recaller.vectors_ if shared else None
-        )
+        new._grown = dict(self._grown)  # its own: one grown from this later starts anew
+        if len(self._images) == self._num_news + 1:
+            return new
+        count = self._num_news
+        new._columns = {name: column[: count + 1] for name, column in self._columns.items()}
+        new._images = self._images[: count + 1]
+        new._added_titles = self._added_titles[: count - len(self._titles_lower)]
+        new._index = {news_id: i for news_id, i in self._index.items() if i <= count}
+        return new
+
+    def _append_metadata(self, added: list[NewNews]) -> None:
+        """The lookups, lists and counts of this (new) recommender with `added` after its
+        news, which have no clicks and no image."""
+        first, n = self._num_news + 1, len(added)
         for name, column in self._columns.items():
-            column.extend(getattr(news, name) for news, _ in added)
+            column.extend(getattr(news, name) for news in added)
         self._images.extend([None] * n)
-        self._added_titles.extend(news.title.lower() for news, _ in added)
+        self._added_titles.extend(news.title.lower() for news in added)
         zeros = np.zeros(n, dtype=self.clicks.dtype)
-        new.clicks = append_rows(self._grown, "clicks", self.clicks, zeros)
+        self.clicks = append_rows(self._grown, "clicks", self.clicks, zeros)
         # last of the news with no clicks
-        new._popular = append_rows(
-            self._grown, "popular", self._popular, np.arange(first, first + n)
-        )
-        new._num_news = self._num_news + n
-        new.recall_cache = OrderedDict()  # recalls over the corpus without the new news
-        new._counts = self._counts | {
+        last = np.arange(first, first + n)
+        self._popular = append_rows(self._grown, "popular", self._popular, last)
+        self._num_news += n
+        self.recall_cache = OrderedDict()  # recalls over the corpus without the new news
+        self._counts = self._counts | {
             "news": self._counts["news"] + n,
             "added_news": self._counts.get("added_news", 0) + n,
         }
         # last: a lookup finds the news once every table holds them
-        self._index.update({news_id: first + j for j, news_id in enumerate(ids)})
-        return new
+        self._index.update({news.news_id: first + j for j, news in enumerate(added)})
 
 
 def shared_news_matrix(ranker: TrainedRanker, vectors: NewsVectors) -> Any:
