@@ -176,6 +176,15 @@ class Ranker(nn.Module):
             if isinstance(module, NewsProjection) and module.cached is not None
         }
 
+    def token_buffers(self) -> dict[str, Tensor]:
+        """`token_tables`' buffers, spare rows included, once news were added
+        (`mmnewsrec.growing`); the tables themselves before."""
+        buffers = {}
+        for path, table in self.token_tables().items():
+            grown = self.grown_.get(path)
+            buffers[path] = grown.buffer if grown is not None and grown.rows is table else table
+        return buffers
+
     def news_tables(self) -> dict[str, Tensor]:
         """Every per-news table (a row per news index) by attribute path."""
         tables = {"news_vectors": self.news_vectors, "has_image": self.has_image}

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from mmnewsrec.config import TrainConfig, validate_config
 from mmnewsrec.devices import autocast, resolve_device
 from mmnewsrec.formats.runs import CheckpointError, check_vectors_hash, read_checkpoint
+from mmnewsrec.growing import SharedLock
 from mmnewsrec.rank.batches import BehaviorArrays, gather_history, iter_eval_batches
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class TrainedRanker:
     vectors_hash: str
     checkpoint: dict[str, Any]  # the checkpoint's metadata (no tensors)
     traced: torch.jit.ScriptModule | None = field(default=None, repr=False)  # see `trace`
+    # the trace's forwards, or one change of the tables it reads (`add_news`)
+    trace_lock: SharedLock = field(default_factory=SharedLock, repr=False, compare=False)
 
     @property
     def selection(self) -> dict[str, Any]:
@@ -179,11 +182,17 @@ class TrainedRanker:
         if not isinstance(model, Ranker):
             raise ValueError(f"{self.path}: a {type(model).__name__} cannot take new news")
         model.add_news(rows.to(self.device), has_image.to(self.device), table)
-        if self.traced is not None:
-            for path, tokens in model.token_tables().items():
-                *modules, name = path.split(".")
-                owner = reduce(getattr, modules, self.traced)  # no get_submodule on a trace
-                setattr(owner, name, tokens)
+        if self.traced is None:
+            return
+        # The trace reads each token table's whole buffer, spare rows too (never indexed):
+        # it takes the new buffer when the table moved to a larger one, not one per news item.
+        for path, buffer in model.token_buffers().items():
+            *modules, name = path.split(".")
+            owner = reduce(getattr, modules, self.traced)  # no get_submodule on a trace
+            held = getattr(owner, name)
+            if held.data_ptr() != buffer.data_ptr() or held.shape != buffer.shape:
+                with self.trace_lock.exclusive():  # a trace is not changed while it runs
+                    setattr(owner, name, buffer)
 
     def forked(self, num_news: int) -> TrainedRanker:
         """A copy for adding other news than those added to this ranker's model since it
@@ -198,7 +207,7 @@ class TrainedRanker:
         memo |= {id(t): t[: num_news + 1] for t in model.news_tables().values()}
         memo[id(model.grown_)] = {}
         copied = copy.deepcopy(model, memo)
-        new = replace(self, model=copied, traced=None)
+        new = replace(self, model=copied, traced=None, trace_lock=SharedLock())
         if self.traced is not None:
             new.trace()
         return new
@@ -215,7 +224,7 @@ class TrainedRanker:
         if signals is not None:
             inputs.append(signals.to(self.device))
         # The plain interpreter: the optimising one re-profiles at each new input shape.
-        with optimized_execution(False):  # this thread's setting
+        with optimized_execution(False), self.trace_lock.shared():  # this thread's setting
             return model(*inputs).float()
 
     def score_items(
