@@ -341,23 +341,21 @@ def coclick(
     clicks[segment_ids(offsets), np.arange(len(pos)) - np.repeat(offsets[:-1], sizes)] = (
         imps.history_items[pos]
     )
-    counts = np.r_[holders, 0].astype(np.int32)  # n(x); 0 for the padding
     imp = segment_ids(cand_offsets)
     out = np.zeros(len(cand))
     step = max(1, PAIR_CHUNK // history)
     for lo in range(0, len(cand), step):
         c = imps.candidate_items[cand[lo : lo + step]]
         h = clicks[imp[lo : lo + step]]  # (candidates, history)
-        n_c, n_h = counts[c], counts[h]
-        same = (h == c[:, None]) & (n_c > 0)[:, None]  # cos(c, c) = 1 for an item in a profile
-        maybe = pairs.may_hold(c[:, None], h) & (n_h > 0) & (n_c > 0)[:, None]
-        look = np.flatnonzero(maybe & (h != c[:, None]))
-        owner, h = look // history, h.ravel()[look]  # else n(c, h) = 0
+        n_c = holders[c]
+        same = h == c[:, None]  # cos(c, c) = 1 for an item in a profile
+        look = np.flatnonzero(pairs.may_hold(c[:, None], h) & ~same)  # else n(c, h) = 0
+        owner, h = look // history, h.ravel()[look]
         n_ch = pairs.get(np.minimum(c[owner], h).astype(np.int64) * width + np.maximum(c[owner], h))
-        hit = n_ch > 0
-        product = n_c[owner[hit]].astype(np.int64) * n_h.ravel()[look[hit]]
-        cos = n_ch[hit] / np.sqrt(product.astype(np.float64))
-        total = np.bincount(owner[hit], cos, minlength=len(c)) + same.sum(axis=1)
+        hit = n_ch > 0  # then n(c) and n(h) > 0
+        cos = n_ch[hit] / np.sqrt((n_c[owner[hit]] * holders[h[hit]]).astype(np.float64))
+        total = np.bincount(owner[hit], cos, minlength=len(c))
+        total += (same & (n_c > 0)[:, None]).sum(axis=1)
         out[lo : lo + step] = total / np.maximum(sizes[imp[lo : lo + step]], 1)
     return out
 
