@@ -130,11 +130,11 @@ class ExperimentConfig(_Strict):
             raise ValueError("give exactly one of data_dir (raw MIND) and store_dir (a store)")
         if not self.encoders or not self.rankers or not self.seeds:
             raise ValueError("encoders, rankers and seeds must not be empty")
-        for name, spec in self.rankers.items():
-            unknown = sorted(set(spec.encoders or []) - set(self.encoders))
-            if unknown or spec.encoders == []:
+        for name, ranker_spec in self.rankers.items():
+            unknown = sorted(set(ranker_spec.encoders or []) - set(self.encoders))
+            if unknown or ranker_spec.encoders == []:
                 raise ValueError(f"rankers.{name}.encoders: {unknown or '[]'} names no encoder")
-            if spec.encoders is not None and not spec.per_encoder:
+            if ranker_spec.encoders is not None and not ranker_spec.per_encoder:
                 raise ValueError(f"rankers.{name}: per_encoder = false runs once, name no encoders")
         if self.baseline is not None:
             ranker, _, encoder = self.baseline.partition("/")
