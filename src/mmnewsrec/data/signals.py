@@ -45,6 +45,7 @@ import numpy as np
 
 from mmnewsrec.csr import csr_offsets, segment_ids
 from mmnewsrec.formats.store import DAY, NEVER, SIGNAL_NAMES, Behaviors, first_appearance
+from mmnewsrec.growing import GrowingRows, append_rows
 
 logger = logging.getLogger(__name__)
 
@@ -360,6 +361,7 @@ class SignalState:
         self._period_clicks: list[np.ndarray] = []  # clicks of the current period
         self._period_profiles: dict[int, np.ndarray] = {}  # latest history of each user in it
         self._now_shown: list[np.ndarray] = []  # impressions of the current time
+        self._grown: dict[str, GrowingRows] = {}  # the per-news counts as news are added
         self.grow(num_news)
 
     @classmethod
@@ -368,14 +370,17 @@ class SignalState:
         return cls(num_news, **settings)
 
     def grow(self, num_news: int) -> None:
-        """Make room for news indices up to `num_news` (news added at serving time)."""
+        """Make room for news indices up to `num_news` (news added at serving time), in
+        amortised O(1) per news item (`mmnewsrec.growing`)."""
         extra = num_news - self.num_news
         if extra < 0:
             raise ValueError(f"cannot shrink from {self.num_news} to {num_news} news")
-        self.clicks = np.r_[self.clicks, np.zeros(extra, np.int64)]
-        self.shown = np.r_[self.shown, np.zeros(extra, np.int64)]
-        self.first_seen = np.r_[self.first_seen, np.full(extra, NEVER, np.int64)]
-        self.holders = np.r_[self.holders, np.zeros(extra, np.int64)]
+        zeros, grown = np.zeros(extra, np.int64), self._grown
+        self.clicks = append_rows(grown, "clicks", self.clicks, zeros)
+        self.shown = append_rows(grown, "shown", self.shown, zeros)
+        never = np.full(extra, NEVER, np.int64)
+        self.first_seen = append_rows(grown, "first_seen", self.first_seen, never)
+        self.holders = append_rows(grown, "holders", self.holders, zeros)
         self.num_news = num_news
 
     def observe(
