@@ -152,6 +152,20 @@ class Impressions:
             np.concatenate([np.zeros(0, dtype=bool), *clicks]),
         )
 
+    def take(self, rows: np.ndarray) -> Impressions:
+        """The impressions of `rows`, in that order."""
+        history, history_pos = last_clicks(self.history_offsets, rows, len(self.history_items))
+        cand, cand_pos = last_clicks(self.candidate_offsets, rows, len(self.candidate_items))
+        return Impressions(
+            self.times[rows],
+            self.users[rows],
+            history,
+            self.history_items[history_pos],
+            cand,
+            self.candidate_items[cand_pos],
+            self.counted[cand_pos],
+        )
+
     @cached_property
     def candidate_impression(self) -> np.ndarray:
         """(C,) the impression of each candidate."""
@@ -162,14 +176,20 @@ def profile_pairs(imps: Impressions, rows: np.ndarray, width: int, history: int)
     """Pair keys x * width + y, x <= y, of the profile (the set of the last `history` clicks)
     of each impression of `rows`, all together (x == y: the profile holds x)."""
     offsets, pos = last_clicks(imps.history_offsets, rows, history)
-    owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
-    keys = np.sort(owner * width + imps.history_items[pos])
+    return set_pairs(np.diff(offsets), imps.history_items[pos], width)
+
+
+def set_pairs(sizes: np.ndarray, items: np.ndarray, width: int) -> np.ndarray:
+    """Pair keys x * width + y, x <= y, of the sets of items of rows of `sizes` items each (an
+    item repeated in a row counts once), all together."""
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    keys = np.sort(owner * width + items)
     first_of = np.ones(len(keys), dtype=bool)
     first_of[1:] = keys[1:] != keys[:-1]
-    keys = keys[first_of]  # a set per profile, sorted
+    keys = keys[first_of]  # a set per row, sorted
     owner, item = np.divmod(keys, width)
-    ends = csr_offsets(np.bincount(owner, minlength=len(rows)))[owner + 1]
-    # x at position i pairs with positions i .. the end of its profile
+    ends = csr_offsets(np.bincount(owner, minlength=len(sizes)))[owner + 1]
+    # x at position i pairs with positions i .. the end of its set
     after = ends - np.arange(len(item))
     first = np.repeat(np.arange(len(item)), after)
     second = first + np.arange(len(first)) - np.repeat(csr_offsets(after)[:-1], after)
@@ -326,20 +346,21 @@ def coclick(
 
 
 class SignalState:
-    """Incremental face: the same definitions as build_signals, one impression at a time.
+    """Incremental face: the same definitions as build_signals, one impression at a time
+    (`observe`) or a batch of them (`observe_batch`, the same state as one at a time).
 
-    `observe` takes impressions in time order (times never decrease; equal times are fine);
-    `signals` answers for a time at or after the last one observed, counting what came before
-    it exactly as the batch face does: clicks of impressions before the cutoff (the start of
-    the time's period of `lag` seconds), impressions shown strictly before the time. Asking at
-    a time, then observing impressions of that same time, then asking again at it, gives the
-    same answer. A time earlier than the latest one seen is refused (ValueError). `user` is the
+    Impressions come in time order (times never decrease; equal times are fine); `signals`
+    answers for a time at or after the last one observed, counting what came before it exactly
+    as the batch face does: clicks of impressions before the cutoff (the start of the time's
+    period of `lag` seconds), impressions shown strictly before the time. Asking at a time,
+    then observing impressions of that same time, then asking again at it, gives the same
+    answer. A time earlier than the latest one seen is refused (ValueError). `user` is the
     user's index; a user unseen so far is fine (the current signals do not depend on it).
 
     Held in memory: per news item click, exposure and first-appearance counts (numpy), the
-    user profiles and the co-occurrence counts of their items (dicts; about `history` ** 2
-    pairs per user). The counts only change when a period starts; `signals` reads them from a
-    `PairTable` copy, built again the first time it is asked after they changed.
+    user profiles (the last `history` clicks of their latest history, by user index) and the
+    co-occurrence counts of their items (a `PairTable`; about `history` ** 2 pairs per user),
+    which change when a period starts. `to_arrays` / `from_arrays`: all of it as named arrays.
     """
 
     def __init__(self, num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY) -> None:
@@ -352,14 +373,14 @@ class SignalState:
         self.shown = np.zeros(1, np.int64)  # impressions before the current time showing each
         self.impressions = 0
         self.first_seen = np.full(1, NEVER, np.int64)
-        self.profiles: dict[int, frozenset[int]] = {}
+        self.profiles: dict[int, np.ndarray] = {}  # a set: items may repeat
         self.holders = np.zeros(1, np.int64)  # n(x): profiles holding x
-        self.pairs: dict[int, int] = {}  # n(x, y) of x < y as x << 32 | y, over the profiles
-        self._pair_table: PairTable | None = None  # self.pairs for vectorised reads
+        self.pairs = PairTable()  # n(x, y) of x < y as x << 32 | y, over the profiles
         self.time: int | None = None  # the latest time observed or asked for
-        self._period_clicks: list[np.ndarray] = []  # clicks of the current period
+        self._period_clicks = np.zeros(1, np.int64)  # clicks of the current period
         self._period_profiles: dict[int, np.ndarray] = {}  # latest history of each user in it
-        self._now_shown: list[np.ndarray] = []  # impressions of the current time
+        self._now_shown: list[np.ndarray] = []  # news shown by impressions of the current time
+        self._now_count = 0  # those impressions
         self.grow(num_news)
 
     @classmethod
@@ -372,10 +393,11 @@ class SignalState:
         extra = num_news - self.num_news
         if extra < 0:
             raise ValueError(f"cannot shrink from {self.num_news} to {num_news} news")
-        self.clicks = np.r_[self.clicks, np.zeros(extra, np.int64)]
-        self.shown = np.r_[self.shown, np.zeros(extra, np.int64)]
+        zeros = np.zeros(extra, np.int64)
+        self.clicks, self.shown = np.r_[self.clicks, zeros], np.r_[self.shown, zeros]
         self.first_seen = np.r_[self.first_seen, np.full(extra, NEVER, np.int64)]
-        self.holders = np.r_[self.holders, np.zeros(extra, np.int64)]
+        self.holders = np.r_[self.holders, zeros]
+        self._period_clicks = np.r_[self._period_clicks, zeros]
         self.num_news = num_news
 
     def observe(
@@ -391,10 +413,68 @@ class SignalState:
         self._advance(time)
         history, shown = np.asarray(history, np.int64), np.asarray(shown, np.int64)
         self._now_shown.append(shown)
-        self._period_clicks.append(np.asarray(clicked, np.int64))
+        self._now_count += 1
+        np.add.at(self._period_clicks, np.asarray(clicked, np.int64), 1)
         self._period_profiles[int(user)] = history[-self.history :]
         for items in (shown, history):
             np.minimum.at(self.first_seen, items, time)
+
+    def observe_batch(self, imps: Impressions) -> None:
+        """Take impressions in time order, clicks where `counted`: the state `observe` reaches
+        taking them one at a time."""
+        times = np.asarray(imps.times, np.int64)
+        if not len(times):
+            return
+        if np.any(np.diff(times) < 0) or (self.time is not None and times[0] < self.time):
+            raise ValueError(f"times must not decrease, nor start before {self.time}")
+        last = int(times[-1])
+        candidate_time = times[imps.candidate_impression]
+        np.minimum.at(self.first_seen, imps.candidate_items, candidate_time)
+        np.minimum.at(
+            self.first_seen, imps.history_items, np.repeat(times, np.diff(imps.history_offsets))
+        )
+        # exposures: impressions before the batch's last time count, those at it wait
+        now = candidate_time == last
+        if self.time is None or last > self.time:
+            self._flush_shown()
+            self.shown += np.bincount(imps.candidate_items[~now], minlength=len(self.shown))
+            self.impressions += int((times < last).sum())
+        self._now_shown.append(imps.candidate_items[now].astype(np.int64))
+        self._now_count += int((times == last).sum())
+        # clicks and profiles: those of periods before the last one count, its own wait
+        period, current = times // self.lag, last // self.lag
+        before = period < current
+        clicked = imps.counted.astype(bool)
+        early = clicked & before[imps.candidate_impression]
+        late_clicks = np.bincount(
+            imps.candidate_items[clicked & ~early], minlength=len(self.clicks)
+        )
+        if np.any(before) or (self.time is not None and current > self.time // self.lag):
+            self._period_clicks += np.bincount(
+                imps.candidate_items[early], minlength=len(self.clicks)
+            )
+            self._period_profiles.update(self._latest_histories(imps, np.flatnonzero(before)))
+            self._flush_period()
+        self._period_clicks += late_clicks
+        self._period_profiles.update(self._latest_histories(imps, np.flatnonzero(~before)))
+        self.time = last
+
+    def _latest_histories(self, imps: Impressions, rows: np.ndarray) -> dict[int, np.ndarray]:
+        """The last `history` clicks of each user's latest impression among `rows`."""
+        users = imps.users[rows][::-1]
+        _, last = np.unique(users, return_index=True)
+        latest = rows[::-1][np.sort(last)][::-1]  # in row order
+        offsets, pos = last_clicks(imps.history_offsets, latest, self.history)
+        items = imps.history_items[pos].astype(np.int64)
+        return {
+            int(user): items[a:b]
+            for user, a, b in zip(
+                imps.users[latest].tolist(),
+                offsets[:-1].tolist(),
+                offsets[1:].tolist(),
+                strict=True,
+            )
+        }
 
     def signals(
         self, user: int, time: int, history: np.ndarray, candidates: np.ndarray
@@ -426,50 +506,122 @@ class SignalState:
         look = np.flatnonzero((n_c > 0) & (n_h > 0) & (c != h))  # else n(c, h) = 0 or n(c)
         n_ch = np.where(c == h, n_c, 0)
         keys = np.minimum(c[look], h[look]) << 32 | np.maximum(c[look], h[look])
-        n_ch[look] = self._pair_counts().get(keys)
+        n_ch[look] = self.pairs.get(keys)
         cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0)
         return cos.reshape(len(candidates), len(history)).sum(axis=1) / len(history)
-
-    def _pair_counts(self) -> PairTable:
-        """`pairs` as a PairTable, built again after the profiles changed."""
-        if self._pair_table is None:
-            keys = np.fromiter(self.pairs, np.int64, len(self.pairs))
-            self._pair_table = PairTable(len(keys))
-            self._pair_table.add(keys, np.fromiter(self.pairs.values(), np.int64, len(keys)))
-        return self._pair_table
 
     def _advance(self, time: int) -> None:
         """Move to `time`: what happened before it, and before its period, now counts."""
         if self.time is not None and time < self.time:
             raise ValueError(f"time {time} is before the latest time seen, {self.time}")
         if self.time is None or time > self.time:
-            for shown in self._now_shown:
-                np.add.at(self.shown, shown, 1)
-            self.impressions += len(self._now_shown)
-            self._now_shown = []
+            self._flush_shown()
         if self.time is None or time // self.lag > self.time // self.lag:
-            for clicked in self._period_clicks:
-                np.add.at(self.clicks, clicked, 1)
-                self.total_clicks += len(clicked)
-            self._period_clicks = []
-            for user, history in self._period_profiles.items():
-                self._set_profile(user, frozenset(history.tolist()))
-            self._period_profiles = {}
+            self._flush_period()
         self.time = time
 
-    def _set_profile(self, user: int, new: frozenset[int]) -> None:
-        """Replace a user's profile, updating the counts of the items and pairs that changed."""
-        old = self.profiles.get(user, frozenset())
-        self._pair_table = None
-        for gone, within, step in ((old - new, old, -1), (new - old, new, 1)):
-            for x in gone:
-                self.holders[x] += step
-                for y in within:
-                    if y != x and (y not in gone or x < y):  # each changed pair once
-                        key = min(x, y) << 32 | max(x, y)
-                        count = self.pairs.get(key, 0) + step
-                        if count:
-                            self.pairs[key] = count
-                        else:
-                            del self.pairs[key]
-        self.profiles[user] = new
+    def _flush_shown(self) -> None:
+        """The impressions of the current time count as exposures."""
+        if self._now_shown:
+            self.shown += np.bincount(np.concatenate(self._now_shown), minlength=len(self.shown))
+        self.impressions += self._now_count
+        self._now_shown, self._now_count = [], 0
+
+    def _flush_period(self) -> None:
+        """The clicks and latest histories of the current period count."""
+        self.clicks += self._period_clicks
+        self.total_clicks += int(self._period_clicks.sum())
+        self._period_clicks[:] = 0
+        if self._period_profiles:
+            self._set_profiles(self._period_profiles)
+        self._period_profiles = {}
+
+    def _set_profiles(self, new: dict[int, np.ndarray]) -> None:
+        """Replace users' profiles, updating the counts of their items and pairs."""
+        old = [self.profiles[user] for user in new if user in self.profiles]
+        width = self.num_news + 1
+        keys, signs = [], []
+        for sign, rows in ((-1, old), (1, list(new.values()))):
+            sizes = np.array([len(row) for row in rows], np.int64)
+            items = np.concatenate([np.zeros(0, np.int64), *rows])
+            keys.append(set_pairs(sizes, items, width))
+            signs.append(np.full(len(keys[-1]), sign, np.int64))
+        x, y = np.divmod(np.concatenate(keys), width)
+        sign = np.concatenate(signs)
+        own = x == y
+        self.holders += np.bincount(x[own & (sign > 0)], minlength=width)
+        self.holders -= np.bincount(x[own & (sign < 0)], minlength=width)
+        self.pairs.add((x << 32 | y)[~own], sign[~own])
+        self.profiles.update(new)
+
+    # ------------------------------------------------------------------ as arrays
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything the state holds, as named arrays (`from_arrays` gives the state back):
+        two states that hold the same give equal arrays."""
+        keys = np.flatnonzero((self.pairs.keys != -1) & (self.pairs.counts != 0))
+        order = np.argsort(self.pairs.keys[keys])
+        shown = np.concatenate([np.zeros(0, np.int64), *self._now_shown])
+        scalars = [self.lag, self.history, self.num_news, -1 if self.time is None else self.time]
+        scalars += [self.total_clicks, self.impressions, self._now_count]
+        return {
+            "scalars": np.array(scalars, np.int64),
+            "clicks": self.clicks,
+            "shown": self.shown,
+            "first_seen": self.first_seen,
+            "holders": self.holders,
+            "pair_keys": self.pairs.keys[keys][order],
+            "pair_counts": self.pairs.counts[keys][order],
+            "period_clicks": self._period_clicks,
+            "now_shown": shown,
+            **as_rows("profile", self.profiles),
+            **as_rows("period_profile", self._period_profiles),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> SignalState:
+        """The state `to_arrays` gave."""
+        lag, history, num_news, at, total_clicks, impressions, now_count = arrays[
+            "scalars"
+        ].tolist()
+        state = cls(num_news, lag=lag, history=history)
+        state.time = None if at < 0 else at
+        state.total_clicks, state.impressions, state._now_count = (
+            total_clicks,
+            impressions,
+            now_count,
+        )
+        for name in ("clicks", "shown", "first_seen", "holders"):
+            setattr(state, name, np.array(arrays[name], np.int64))
+        state._period_clicks = np.array(arrays["period_clicks"], np.int64)
+        state.pairs = PairTable(len(arrays["pair_keys"]))
+        state.pairs.add(np.asarray(arrays["pair_keys"]), np.asarray(arrays["pair_counts"]))
+        state._now_shown = [np.array(arrays["now_shown"], np.int64)] if now_count else []
+        state.profiles = from_rows("profile", arrays)
+        state._period_profiles = from_rows("period_profile", arrays)
+        return state
+
+
+def as_rows(name: str, rows: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of int arrays by int key as three arrays, in key order: keys, CSR offsets, items."""
+    keys = np.array(sorted(rows), np.int64)
+    parts = [rows[key] for key in keys.tolist()]
+    return {
+        f"{name}_keys": keys,
+        f"{name}_offsets": csr_offsets(np.array([len(p) for p in parts], np.int64)),
+        f"{name}_items": np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.int64),
+    }
+
+
+def from_rows(name: str, arrays: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """The rows `as_rows` gave."""
+    offsets, items = np.asarray(arrays[f"{name}_offsets"]), np.array(arrays[f"{name}_items"])
+    return {
+        key: items[a:b]
+        for key, a, b in zip(
+            arrays[f"{name}_keys"].tolist(),
+            offsets[:-1].tolist(),
+            offsets[1:].tolist(),
+            strict=True,
+        )
+    }
