@@ -541,11 +541,11 @@ class SignalState:
         old = [self.profiles[user] for user in new if user in self.profiles]
         width = self.num_news + 1
         keys, signs = [], []
-        for sign, rows in ((-1, old), (1, list(new.values()))):
+        for step, rows in ((-1, old), (1, list(new.values()))):
             sizes = np.array([len(row) for row in rows], np.int64)
             items = np.concatenate([np.zeros(0, np.int64), *rows])
             keys.append(set_pairs(sizes, items, width))
-            signs.append(np.full(len(keys[-1]), sign, np.int64))
+            signs.append(np.full(len(keys[-1]), step, np.int64))
         x, y = np.divmod(np.concatenate(keys), width)
         sign = np.concatenate(signs)
         own = x == y

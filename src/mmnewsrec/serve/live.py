@@ -6,22 +6,32 @@ Counters in memory are a cache of the logs: `LiveState.build` replays them at ev
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmnewsrec.csr import csr_offsets, segment_ids
-from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState
+from mmnewsrec.data.signals import (
+    COCLICK_HISTORY,
+    LAG,
+    SIGNALS_VERSION,
+    Impressions,
+    SignalState,
+    last_clicks,
+)
+from mmnewsrec.files import atomic_file
 from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
 from mmnewsrec.recall.channels import store_item_stats
 from mmnewsrec.serve.backends import open_state
 from mmnewsrec.serve.recommender import Recommendation, Recommender
-from mmnewsrec.serve.state import READ_CHUNK, Impression, StateStore
+from mmnewsrec.serve.state import READ_CHUNK, Impression, SQLiteState, StateStore
 
 if TYPE_CHECKING:
     from mmnewsrec.serve.new_news import NewNews
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COLD_START_HALF_LIFE_DAYS = 1.0  # of the cold-start list's click decay and freshness
+SNAPSHOT_FILE = "signals.npz"  # in a state folder: the behaviour signals' state
 
 
 @dataclass
@@ -86,13 +97,22 @@ class Users:
             clicks.append(np.array(ordered, dtype=np.int64))
         return first_occurrences(np.concatenate([base, *clicks]).astype(np.int64, copy=False))
 
-    def observe(self, user_id: str, time: int, history: np.ndarray, clicked: np.ndarray) -> None:
-        """One logged impression of `user_id` (news indices)."""
-        self.user_index(user_id)
-        logged = self._logged.setdefault(user_id, LoggedUser())
-        if len(history) and time >= logged.history_time:
-            logged.history_time, logged.history = time, history.astype(np.int64)
-        logged.clicks.extend((time, int(i)) for i in clicked)
+    def observe(self, user_ids: Sequence[str], times: np.ndarray, news: NewsRows) -> np.ndarray:
+        """Logged impressions of `user_ids` at `times`, in order; their users' indices."""
+        index = np.fromiter(map(self.user_index, user_ids), np.int64, len(user_ids))
+        history, clicked = news.part(HISTORY), news.part(CLICKED)
+        history_at, click_at = history.offsets.tolist(), clicked.offsets.tolist()
+        for n, (user_id, at) in enumerate(zip(user_ids, times.tolist(), strict=True)):
+            logged = self._logged.get(user_id)
+            if logged is None:
+                logged = self._logged[user_id] = LoggedUser()
+            start, end = history_at[n], history_at[n + 1]
+            if end > start and at >= logged.history_time:
+                logged.history_time, logged.history = at, history.items[start:end].copy()
+            start, end = click_at[n], click_at[n + 1]
+            if end > start:
+                logged.clicks += [(at, i) for i in clicked.items[start:end].tolist()]
+        return index
 
 
 @dataclass
@@ -104,6 +124,10 @@ class Ragged:
 
     def items_of(self, row: int) -> np.ndarray:
         return self.items[self.offsets[row] : self.offsets[row + 1]]
+
+    def times(self, row_times: np.ndarray) -> np.ndarray:
+        """`row_times` (one per row) repeated for each item of its row."""
+        return np.repeat(row_times, np.diff(self.offsets))
 
 
 def latest_histories(
@@ -216,6 +240,45 @@ def index_news(lookup: dict[str, int], ids: Iterable[str]) -> np.ndarray:
     return np.fromiter((lookup[i] for i in ids), dtype=np.int64)
 
 
+HISTORY, SHOWN, CLICKED = range(3)  # the news lists of an impression, in `NewsRows` order
+
+
+@dataclass
+class NewsRows:
+    """The news lists of impressions as indices: impression n's history, shown and clicked
+    are rows 3n, 3n + 1 and 3n + 2 (CSR; -1 for an id not served)."""
+
+    offsets: np.ndarray
+    items: np.ndarray
+
+    @classmethod
+    def of(cls, impressions: Sequence[Impression], lookup: dict[str, int]) -> NewsRows:
+        """Every news id of `impressions` looked up at once."""
+        lists = [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
+        flat = list(chain.from_iterable(lists))
+        items = np.fromiter(map(lookup.get, flat, repeat(-1)), np.int64, len(flat))
+        return cls(csr_offsets(np.fromiter(map(len, lists), np.int64, len(lists))), items)
+
+    def take(self, impressions: np.ndarray) -> NewsRows:
+        """The rows of these impressions, in that order."""
+        rows = (3 * np.asarray(impressions)[:, None] + np.arange(3)).ravel()
+        offsets, pos = last_clicks(self.offsets, rows, len(self.items))
+        return NewsRows(offsets, self.items[pos])
+
+    def part(self, which: int) -> Ragged:
+        """One list (HISTORY, SHOWN or CLICKED) of every impression."""
+        rows = np.arange(which, len(self.offsets) - 1, 3)
+        offsets, pos = last_clicks(self.offsets, rows, len(self.items))
+        return Ragged(offsets, self.items[pos])
+
+    def clicked(self) -> np.ndarray:
+        """(shown items,) bool: the shown item was clicked in its impression."""
+        shown, clicked = self.part(SHOWN), self.part(CLICKED)
+        width = int(self.items.max(initial=0)) + 1
+        keys = segment_ids(shown.offsets).astype(np.int64) * width + shown.items
+        return np.isin(keys, segment_ids(clicked.offsets).astype(np.int64) * width + clicked.items)
+
+
 class LiveState:
     """The durable state of a service and what it learned from it: users' histories and the
     cold-start list, updated per logged impression."""
@@ -235,8 +298,17 @@ class LiveState:
         settings = store.manifest.get("signals", {})
         lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
         self.signals = SignalState.empty(recommender.num_news, lag=lag, history=history)
-        if signals_from_store:
-            replay_store(self.signals, store, split)
+        self.stamp = {  # what a snapshot of the signals must have been taken of
+            "store": store.content_hash,
+            "vectors": recommender.vectors.hash,
+            "signals_from_store": signals_from_store,
+            "signals_version": SIGNALS_VERSION,
+            "lag": lag,
+            "history": history,
+        }
+        self.seq, self.last_id = 0, ""  # the latest logged impression learned from
+        self.snapshot_seq = 0  # the signals loaded from a snapshot have learned the log to here
+        self.signals_from_store = signals_from_store
         recommender.signal_source = self.signal_values
         self.logged = {"logged_impressions": 0, "logged_clicks": 0}  # learned from so far
 
@@ -248,6 +320,10 @@ class LiveState:
         """`recommender` with the added news of the state, and this state caught up with its
         logged impressions."""
         recommender = self.with_added_news(recommender, self.state.news())
+        folder = self.state.folder if isinstance(self.state, SQLiteState) else None
+        if not (folder and self.load_snapshot(folder)) and self.signals_from_store:
+            split = recommender.ranker.config.data.train_split
+            replay_store(self.signals, recommender.store, split)
         batch: list[Impression] = []
         for impression in self.state.impressions():
             batch.append(impression)
@@ -282,28 +358,94 @@ class LiveState:
         self.popularity.grow(index)
         self.popularity.first_seen[index] = min(self.popularity.first_seen[index], time)
 
-    def apply(self, impressions: Sequence[Impression], lookup: dict[str, int]) -> None:
-        """Learn from logged impressions (their news known to `lookup`), in order."""
+    def apply(
+        self,
+        impressions: Sequence[Impression],
+        lookup: dict[str, int],
+        news: NewsRows | None = None,
+        seqs: Sequence[int] | None = None,
+    ) -> None:
+        """Learn from logged impressions (their news known to `lookup`; `news`: already looked
+        up), in log order; `seqs`: their places in the log, where theirs are not set yet."""
         if not impressions:
             return
-        # every news id of the batch looked up at once: (history, shown, clicked) per impression
-        parts = [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
-        flat = np.array([lookup[i] for part in parts for i in part], dtype=np.int64)
-        bounds = np.cumsum([0, *(len(part) for part in parts)]).tolist()
-        rows = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        user_index, signals = self.users.user_index, self.signals
-        for n, imp in enumerate(impressions):
-            history, shown, clicks = rows[3 * n : 3 * n + 3]
-            self.users.observe(imp.user_id, imp.time, history, clicks)
-            # an impression older than one already taken counts at that one's time
-            at = max(imp.time, signals.time or 0)
-            signals.observe(user_index(imp.user_id), at, history, shown, clicks)
-        sizes = np.diff(bounds).reshape(-1, 3)
-        is_click = np.repeat(np.tile([False, False, True], len(impressions)), sizes.ravel())
-        times = np.repeat(np.array([imp.time for imp in impressions], dtype=np.int64), sizes.sum(1))
-        self.popularity.observe(flat[~is_click], times[~is_click], flat[is_click], times[is_click])
-        self.logged["logged_impressions"] += len(impressions)
-        self.logged["logged_clicks"] += int(is_click.sum())
+        news = NewsRows.of(impressions, lookup) if news is None else news
+        if np.any(news.items < 0):
+            raise KeyError(f"news ids not served: {np.flatnonzero(news.items < 0)[:5]}")
+        n = len(impressions)
+        times = np.fromiter((imp.time for imp in impressions), np.int64, n)
+        places = np.fromiter(seqs or (imp.seq for imp in impressions), np.int64, n)
+        users = self.users.observe([imp.user_id for imp in impressions], times, news)
+        fresh = np.flatnonzero(places > self.snapshot_seq)  # not in the signals' snapshot
+        if len(fresh):
+            self.learn_signals(users[fresh], times[fresh], news.take(fresh))
+        history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
+        seen = np.r_[history.items, shown.items]
+        seen_times = np.r_[history.times(times), shown.times(times)]
+        self.popularity.observe(seen, seen_times, clicked.items, clicked.times(times))
+        self.logged["logged_impressions"] += n
+        self.logged["logged_clicks"] += len(clicked.items)
+        latest = int(places.argmax())
+        if places[latest] > self.seq:
+            self.seq, self.last_id = int(places[latest]), impressions[latest].impression_id
+
+    def learn_signals(self, users: np.ndarray, times: np.ndarray, news: NewsRows) -> None:
+        """The signals learn from impressions of these users (indices) at these times: an
+        impression older than one already taken counts at that one's time."""
+        at = np.maximum.accumulate(np.maximum(times, self.signals.time or 0))
+        history, shown = news.part(HISTORY), news.part(SHOWN)
+        imps = Impressions(
+            at, users, history.offsets, history.items, shown.offsets, shown.items, news.clicked()
+        )
+        self.signals.observe_batch(imps)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def save_snapshot(self, folder: Path) -> Path:
+        """Write the signals to folder/SNAPSHOT_FILE (atomically), stamped with the data they
+        were learned from and the last logged impression they learned from."""
+        stamp = self.stamp | {"seq": self.seq, "impression_id": self.last_id}
+        arrays: dict[str, Any] = self.signals.to_arrays()
+        path = folder / SNAPSHOT_FILE
+        started = time.perf_counter()
+        with atomic_file(path) as tmp, tmp.open("wb") as out:
+            np.savez(out, stamp=np.array(json.dumps(stamp)), **arrays)
+        logger.info(
+            "signals snapshot at impression %d in %.2f s", self.seq, time.perf_counter() - started
+        )
+        return path
+
+    def load_snapshot(self, folder: Path) -> bool:
+        """Take the signals from folder/SNAPSHOT_FILE if it was written for this data and
+        the log still holds the impression it stopped at; else log why not, and False."""
+        path = folder / SNAPSHOT_FILE
+        if not path.is_file():
+            return False
+        assert isinstance(self.state, SQLiteState)
+        try:
+            with np.load(path) as saved:
+                stamp = json.loads(str(saved["stamp"]))
+                arrays = {name: saved[name] for name in saved.files if name != "stamp"}
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning("%s: not read (%s); replaying the logs", path, err)
+            return False
+        differs = [key for key, value in self.stamp.items() if stamp.get(key) != value]
+        seq = int(stamp.get("seq", -1))
+        if differs:
+            reason = f"written for other {', '.join(differs)}"
+        elif seq and self.state.impression_id(seq) != stamp.get("impression_id"):
+            reason = f"the log holds no impression {stamp.get('impression_id')!r} at {seq}"
+        else:
+            signals = SignalState.from_arrays(arrays)
+            if signals.num_news > self.signals.num_news:
+                reason = f"{signals.num_news} news, more than the {self.signals.num_news} served"
+            else:
+                signals.grow(self.signals.num_news)
+                self.signals, self.snapshot_seq = signals, seq
+                logger.info("signals from %s, learned up to impression %d", path, seq)
+                return True
+        logger.warning("%s ignored: %s; replaying the logs", path, reason)
+        return False
 
     def recommend(
         self, recommender: Recommender, user_id: str, k: int, exclude_history: bool
@@ -320,14 +462,8 @@ def replay_store(signals: SignalState, store: Store, train_split: str) -> None:
     """Feed `signals` the store's impressions in time order: the train split with its clicks,
     the other splits without theirs, as `prepare` counts them."""
     logs = [store.behaviors(split) for split in store.splits]
-    which = np.concatenate([np.full(b.num_impressions, k) for k, b in enumerate(logs)])
-    row = np.concatenate([np.arange(b.num_impressions) for b in logs])
-    times = np.concatenate([np.asarray(b.times) for b in logs])
-    for j in np.argsort(times, kind="stable").tolist():
-        b, i = logs[which[j]], int(row[j])
-        items, labels = b.candidates(i)
-        clicked = items[labels == 1] if b.split == train_split and b.labelled else items[:0]
-        signals.observe(int(b.user_index[i]), int(b.times[i]), b.history(i), items, clicked)
+    imps = Impressions.concat(logs, [b.split == train_split and b.labelled for b in logs])
+    signals.observe_batch(imps.take(np.argsort(imps.times, kind="stable")))
 
 
 def open_live(
