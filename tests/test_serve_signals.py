@@ -14,7 +14,7 @@ from mmnewsrec.formats.store import SIGNAL_NAMES, Store
 from mmnewsrec.rank.train import run_training
 from mmnewsrec.serve import Recommender, create_app
 from mmnewsrec.serve.export import split_events
-from mmnewsrec.serve.live import open_live
+from mmnewsrec.serve.live import SNAPSHOT_FILE, LiveState, open_live
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared/data/movielens-100k-mind"
 READS = ["popularity", "exposures", "freshness", "coclick", "history_len"]
@@ -145,3 +145,71 @@ def test_signals_replayed_over_http_equal_prepares_movielens(signals_run, tmp_pa
     }
     run_training(load_config("train_cpu", values=values))
     assert_http_replay_matches(store, tmp_path, run)
+
+
+def assert_same_signals(expected: LiveState, got: LiveState) -> None:
+    """Equal counts, and equal signals (1e-6) of every news item for a history."""
+    want, have = expected.signals.to_arrays(), got.signals.to_arrays()
+    for name, values in want.items():
+        np.testing.assert_array_equal(have[name], values, err_msg=name)
+    at, news = expected.signals.time or 0, np.arange(1, expected.signals.num_news + 1)
+    np.testing.assert_allclose(
+        got.signals.signals(0, at, news[:5], news),
+        expected.signals.signals(0, at, news[:5], news),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def log_events(live: LiveState, rec: Recommender, events: list[dict]) -> None:
+    with TestClient(create_app(rec, live=live)) as client:
+        for start in range(0, len(events), 300):
+            client.post("/events/batch", json=events[start : start + 300]).raise_for_status()
+
+
+def test_a_snapshot_of_the_signals_then_the_log_after_it_equal_a_full_replay(
+    signals_run, tmp_path, caplog
+):
+    rec = Recommender.from_run(signals_run)
+    events = sorted(split_events(rec.store, "train"), key=lambda e: e["time"])
+    events = [e | {"impression_id": f"S{n}"} for n, e in enumerate(events)]
+    half, state = len(events) // 2, tmp_path / "state"
+    served, live = open_live(rec, state)
+    log_events(live, served, events[:half])
+    live.close()  # a clean stop: the signals' snapshot, at the first half's last impression
+    assert (state / SNAPSHOT_FILE).is_file()
+    served, live = open_live(rec, state)
+    assert live.snapshot_seq == half
+    log_events(live, served, events[half:])
+    live.state.close()  # as a crash leaves it: the snapshot stays at the first half
+    _, from_snapshot = open_live(rec, state)
+    assert from_snapshot.snapshot_seq == half  # only the second half replayed
+    from_snapshot.state.close()
+    (state / SNAPSHOT_FILE).rename(tmp_path / "saved.npz")
+    _, replayed = open_live(rec, state)
+    assert replayed.snapshot_seq == 0
+    replayed.state.close()
+    assert_same_signals(replayed, from_snapshot)
+
+    # a snapshot of another log (its impression at the snapshot's place differs): ignored
+    other = tmp_path / "other"
+    _, live = open_live(rec, other)
+    ids = [e | {"impression_id": f"T{n}"} for n, e in enumerate(events)]
+    log_events(live, served, ids)
+    live.state.close()
+    (tmp_path / "saved.npz").rename(other / SNAPSHOT_FILE)
+    caplog.set_level("INFO", logger="mmnewsrec.serve.live")
+    _, stale = open_live(rec, other)
+    stale.state.close()
+    assert stale.snapshot_seq == 0
+    assert f"the log holds no impression 'S{half - 1}' at {half}" in caplog.text
+    assert_same_signals(replayed, stale)
+
+    # a snapshot written for other settings (signals that did not start from the store)
+    _, bare = open_live(rec, state, signals_from_store=False)
+    bare.close()
+    caplog.clear()
+    _, again = open_live(rec, state)
+    again.state.close()
+    assert again.snapshot_seq == 0 and "written for other signals_from_store" in caplog.text
+    assert_same_signals(replayed, again)

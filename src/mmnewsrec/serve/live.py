@@ -6,6 +6,7 @@ Counters in memory are a cache of the logs: `LiveState.build` replays them at ev
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 COLD_START_HALF_LIFE_DAYS = 1.0  # of the cold-start list's click decay and freshness
 SNAPSHOT_FILE = "signals.npz"  # in a state folder: the behaviour signals' state
+SNAPSHOT_SECONDS = 300.0  # between snapshots of the signals while serving (and one at exit)
 
 
 @dataclass
@@ -320,7 +322,7 @@ class LiveState:
         """`recommender` with the added news of the state, and this state caught up with its
         logged impressions."""
         recommender = self.with_added_news(recommender, self.state.news())
-        folder = self.state.folder if isinstance(self.state, SQLiteState) else None
+        folder = self.folder
         if not (folder and self.load_snapshot(folder)) and self.signals_from_store:
             split = recommender.ranker.config.data.train_split
             replay_store(self.signals, recommender.store, split)
@@ -401,27 +403,45 @@ class LiveState:
 
     # ------------------------------------------------------------------ snapshots
 
-    def save_snapshot(self, folder: Path) -> Path:
-        """Write the signals to folder/SNAPSHOT_FILE (atomically), stamped with the data they
-        were learned from and the last logged impression they learned from."""
+    @property
+    def folder(self) -> Path | None:
+        """The state folder (None: a database) where snapshots of the signals are kept."""
+        return self.state.folder if isinstance(self.state, SQLiteState) else None
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(stamp, arrays) of the signals now: a copy, to write while the state moves on."""
         stamp = self.stamp | {"seq": self.seq, "impression_id": self.last_id}
-        arrays: dict[str, Any] = self.signals.to_arrays()
-        path = folder / SNAPSHOT_FILE
-        started = time.perf_counter()
-        with atomic_file(path) as tmp, tmp.open("wb") as out:
-            np.savez(out, stamp=np.array(json.dumps(stamp)), **arrays)
-        logger.info(
-            "signals snapshot at impression %d in %.2f s", self.seq, time.perf_counter() - started
-        )
-        return path
+        return stamp, {name: a.copy() for name, a in self.signals.to_arrays().items()}
+
+    def save_snapshot(self) -> Path | None:
+        """Write the signals to the state folder (see `write_snapshot`); None: no folder."""
+        if self.folder is None:
+            return None
+        stamp, arrays = self.snapshot()
+        return write_snapshot(self.folder, stamp, arrays)
+
+    async def keep_snapshots(self, seconds: float = SNAPSHOT_SECONDS) -> None:
+        """Every `seconds` (until cancelled), a snapshot of the signals if they learned since
+        the last one; written in a thread."""
+        saved = self.snapshot_seq
+        while self.folder is not None:
+            await asyncio.sleep(seconds)
+            if self.seq != saved:
+                stamp, arrays = self.snapshot()
+                await asyncio.to_thread(write_snapshot, self.folder, stamp, arrays)
+                saved = stamp["seq"]
+
+    def close(self) -> None:
+        """Snapshot the signals (a state folder), then close the state."""
+        self.save_snapshot()
+        self.state.close()
 
     def load_snapshot(self, folder: Path) -> bool:
         """Take the signals from folder/SNAPSHOT_FILE if it was written for this data and
         the log still holds the impression it stopped at; else log why not, and False."""
         path = folder / SNAPSHOT_FILE
-        if not path.is_file():
+        if not path.is_file() or not isinstance(self.state, SQLiteState):
             return False
-        assert isinstance(self.state, SQLiteState)
         try:
             with np.load(path) as saved:
                 stamp = json.loads(str(saved["stamp"]))
@@ -456,6 +476,18 @@ class LiveState:
         return recommender.recommend_known(
             history, k, exclude_history, start=start, cold_start=self.popularity, user=user_id
         )
+
+
+def write_snapshot(folder: Path, stamp: dict[str, Any], arrays: dict[str, Any]) -> Path:
+    """Write a snapshot of the signals to folder/SNAPSHOT_FILE, atomically (a temporary name,
+    then renamed), `stamp` beside the arrays."""
+    path = folder / SNAPSHOT_FILE
+    started = time.perf_counter()
+    with atomic_file(path) as tmp, tmp.open("wb") as out:
+        np.savez(out, stamp=np.array(json.dumps(stamp)), **arrays)
+    seconds = time.perf_counter() - started
+    logger.info("signals snapshot at impression %d in %.2f s: %s", stamp["seq"], seconds, path)
+    return path
 
 
 def replay_store(signals: SignalState, store: Store, train_split: str) -> None:
