@@ -1,6 +1,7 @@
 """Live behaviour signals: a run that reads them is served, and the signals the server holds
 for an impression equal `prepare`'s after a replay of the store through POST /events."""
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -161,10 +162,14 @@ def assert_same_signals(expected: LiveState, got: LiveState) -> None:
     )
 
 
-def log_events(live: LiveState, rec: Recommender, events: list[dict]) -> None:
-    with TestClient(create_app(rec, live=live)) as client:
+def log_events(live: LiveState, rec: Recommender, events: list[dict], stop: bool) -> None:
+    """Log `events` in batches; stop: then stop the app cleanly (else leave it as a crash
+    would, its lifespan never run)."""
+    client = TestClient(create_app(rec, live=live))
+    with client if stop else nullcontext():
         for start in range(0, len(events), 300):
             client.post("/events/batch", json=events[start : start + 300]).raise_for_status()
+    live.state.close()
 
 
 def test_a_snapshot_of_the_signals_then_the_log_after_it_equal_a_full_replay(
@@ -175,13 +180,11 @@ def test_a_snapshot_of_the_signals_then_the_log_after_it_equal_a_full_replay(
     events = [e | {"impression_id": f"S{n}"} for n, e in enumerate(events)]
     half, state = len(events) // 2, tmp_path / "state"
     served, live = open_live(rec, state)
-    log_events(live, served, events[:half])
-    live.close()  # a clean stop: the signals' snapshot, at the first half's last impression
+    log_events(live, served, events[:half], stop=True)  # a snapshot at the half's last one
     assert (state / SNAPSHOT_FILE).is_file()
     served, live = open_live(rec, state)
     assert live.snapshot_seq == half
-    log_events(live, served, events[half:])
-    live.state.close()  # as a crash leaves it: the snapshot stays at the first half
+    log_events(live, served, events[half:], stop=False)  # the snapshot stays at the half
     _, from_snapshot = open_live(rec, state)
     assert from_snapshot.snapshot_seq == half  # only the second half replayed
     from_snapshot.state.close()
@@ -195,8 +198,7 @@ def test_a_snapshot_of_the_signals_then_the_log_after_it_equal_a_full_replay(
     other = tmp_path / "other"
     _, live = open_live(rec, other)
     ids = [e | {"impression_id": f"T{n}"} for n, e in enumerate(events)]
-    log_events(live, served, ids)
-    live.state.close()
+    log_events(live, served, ids, stop=False)
     (tmp_path / "saved.npz").rename(other / SNAPSHOT_FILE)
     caplog.set_level("INFO", logger="mmnewsrec.serve.live")
     _, stale = open_live(rec, other)
@@ -207,7 +209,7 @@ def test_a_snapshot_of_the_signals_then_the_log_after_it_equal_a_full_replay(
 
     # a snapshot written for other settings (signals that did not start from the store)
     _, bare = open_live(rec, state, signals_from_store=False)
-    bare.close()
+    log_events(bare, served, [], stop=True)
     caplog.clear()
     _, again = open_live(rec, state)
     again.state.close()

@@ -691,4 +691,4 @@ def serve(
     try:
         uvicorn.run(service, host=settings.host, port=settings.port, access_log=access_log)
     finally:
-        live.close()
+        live.state.close()

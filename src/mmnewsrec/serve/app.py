@@ -327,7 +327,7 @@ async def health(recommender: RecommenderDep, request: Request) -> dict[str, Any
 @asynccontextmanager
 async def live_tasks(app: FastAPI) -> AsyncIterator[None]:
     """While serving, follow the log that replicas share (a PostgreSQL state), or keep
-    snapshots of the signals (a state folder)."""
+    snapshots of the signals (a state folder: one more at a clean stop)."""
     live: LiveState | None = app.state.live
     if live is None:
         yield
@@ -339,6 +339,8 @@ async def live_tasks(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+        if live.follower is None:
+            live.save_snapshot()
 
 
 def caught_up(state: Any, changes: Changes) -> None:

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 COLD_START_HALF_LIFE_DAYS = 1.0  # of the cold-start list's click decay and freshness
 SNAPSHOT_FILE = "signals.npz"  # in a state folder: the behaviour signals' state
-SNAPSHOT_SECONDS = 300.0  # between snapshots of the signals while serving (and one at exit)
+SNAPSHOT_SECONDS = 300.0  # between snapshots of the signals while serving (and one at a stop)
 
 
 @dataclass
@@ -430,11 +430,6 @@ class LiveState:
                 stamp, arrays = self.snapshot()
                 await asyncio.to_thread(write_snapshot, self.folder, stamp, arrays)
                 saved = stamp["seq"]
-
-    def close(self) -> None:
-        """Snapshot the signals (a state folder), then close the state."""
-        self.save_snapshot()
-        self.state.close()
 
     def load_snapshot(self, folder: Path) -> bool:
         """Take the signals from folder/SNAPSHOT_FILE if it was written for this data and
