@@ -258,7 +258,10 @@ class NewsRows:
         """Every news id of `impressions` looked up at once."""
         lists = [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
         flat = list(chain.from_iterable(lists))
-        items = np.fromiter(map(lookup.get, flat, repeat(-1)), np.int64, len(flat))
+        try:
+            items = np.fromiter(map(lookup.__getitem__, flat), np.int64, len(flat))
+        except KeyError:  # twice as slow
+            items = np.fromiter(map(lookup.get, flat, repeat(-1)), np.int64, len(flat))
         return cls(csr_offsets(np.fromiter(map(len, lists), np.int64, len(lists))), items)
 
     def take(self, impressions: np.ndarray) -> NewsRows:
