@@ -12,7 +12,7 @@ folder per invocation. Phases, in order:
 - mixed: 16 clients, each alternating POST /events (one impression with a click) and POST
   /recommend for the same user: /recommend p50/p99, events/s;
 - the server's resident memory and the state file's size after all of it;
-- start-up: the server stopped (a clean stop writes the signals' snapshot) and started again
+- start-up: the server stopped (a clean stop writes the state's snapshot) and started again
   on its state, timed to its first /health answer, with the snapshot and without it, and on an
   empty state for reference.
 
@@ -181,7 +181,7 @@ def main() -> int:
             rss, peak = rss_mb(server.pid)
             size = sum(f.stat().st_size for f in Path(state).iterdir()) / 2**20
             stop(server)
-            snapshot = Path(state) / "signals.npz"
+            snapshot = Path(state) / "snapshot.npz"
             starts = {}
             for label in ("with the snapshot", "without it"):
                 if label == "without it":

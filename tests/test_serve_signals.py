@@ -149,10 +149,18 @@ def test_signals_replayed_over_http_equal_prepares_movielens(signals_run, tmp_pa
 
 
 def assert_same_signals(expected: LiveState, got: LiveState) -> None:
-    """Equal counts, and equal signals (1e-6) of every news item for a history."""
-    want, have = expected.signals.to_arrays(), got.signals.to_arrays()
-    for name, values in want.items():
-        np.testing.assert_array_equal(have[name], values, err_msg=name)
+    """Equal counts, users and cold-start counts, and equal signals (1e-6) of every news item
+    for a history."""
+    want, have = expected.snapshot()[1], got.snapshot()[1]
+    assert want.keys() == have.keys()
+    for name, values in want.items():  # float sums within 1e-9, the rest exactly
+        if values.dtype.kind == "f":
+            np.testing.assert_allclose(have[name], values, rtol=1e-9, atol=0, err_msg=name)
+        else:
+            np.testing.assert_array_equal(have[name], values, err_msg=name)
+    assert got.counts() == expected.counts()
+    for user_id in want["users.logged_users"].tolist()[:50]:
+        np.testing.assert_array_equal(got.users.history(user_id), expected.users.history(user_id))
     at, news = expected.signals.time or 0, np.arange(1, expected.signals.num_news + 1)
     np.testing.assert_allclose(
         got.signals.signals(0, at, news[:5], news),

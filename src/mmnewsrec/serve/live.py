@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COLD_START_HALF_LIFE_DAYS = 1.0  # of the cold-start list's click decay and freshness
-SNAPSHOT_FILE = "signals.npz"  # in a state folder: the behaviour signals' state
+SNAPSHOT_FILE = "snapshot.npz"  # in a state folder: what was learned from the logs
 SNAPSHOT_SECONDS = 300.0  # between snapshots of the signals while serving (and one at a stop)
 
 
@@ -67,6 +67,33 @@ class Users:
         self._base_row, self._base_time, self._base = latest_histories(logs, store.num_users)
         self._click_offsets, self._clicks = store_clicks(logs, store.num_users)
         self._logged: dict[str, LoggedUser] = {}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """What the event log added (its users and their clicks), as named arrays."""
+        logged = list(self._logged.items())
+        histories = [user.history for _, user in logged]
+        clicks = [np.array(user.clicks, np.int64).reshape(-1, 2) for _, user in logged]
+        return {
+            "new_users": np.array(list(self._index)[self.num_store_users :], dtype=str),
+            "logged_users": np.array([user_id for user_id, _ in logged], dtype=str),
+            "history_times": np.array([user.history_time for _, user in logged], np.int64),
+            "history_offsets": csr_offsets(np.array([len(h) for h in histories], np.int64)),
+            "history_items": np.concatenate([np.zeros(0, np.int64), *histories]),
+            "click_offsets": csr_offsets(np.array([len(c) for c in clicks], np.int64)),
+            "clicks": np.concatenate([np.zeros((0, 2), np.int64), *clicks]),
+        }
+
+    def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take what the event log added from `to_arrays`'s arrays."""
+        for user_id in arrays["new_users"].tolist():
+            self.user_index(user_id)
+        history = Ragged(arrays["history_offsets"], arrays["history_items"])
+        clicks = Ragged(arrays["click_offsets"], arrays["clicks"])
+        for n, (user_id, at) in enumerate(
+            zip(arrays["logged_users"].tolist(), arrays["history_times"].tolist(), strict=True)
+        ):
+            made = [(t, i) for t, i in clicks.items_of(n).tolist()]
+            self._logged[user_id] = LoggedUser(at, history.items_of(n).copy(), made)
 
     def user_index(self, user_id: str) -> int:
         """The user's index (store users first, then users new to the event log in order of
@@ -312,7 +339,7 @@ class LiveState:
             "history": history,
         }
         self.seq, self.last_id = 0, ""  # the latest logged impression learned from
-        self.snapshot_seq = 0  # the signals loaded from a snapshot have learned the log to here
+        self.snapshot_seq = 0  # the snapshot read at start holds the log up to here
         self.signals_from_store = signals_from_store
         recommender.signal_source = self.signal_values
         self.logged = {"logged_impressions": 0, "logged_clicks": 0}  # learned from so far
@@ -325,12 +352,16 @@ class LiveState:
         """`recommender` with the added news of the state, and this state caught up with its
         logged impressions."""
         recommender = self.with_added_news(recommender, self.state.news())
-        folder = self.folder
-        if not (folder and self.load_snapshot(folder)) and self.signals_from_store:
+        after = self.load_snapshot(self.folder) if self.folder else 0
+        if not after and self.signals_from_store:
             split = recommender.ranker.config.data.train_split
             replay_store(self.signals, recommender.store, split)
+        if isinstance(self.state, SQLiteState):
+            logged = self.state.impressions(after)
+        else:
+            logged = self.state.impressions()
         batch: list[Impression] = []
-        for impression in self.state.impressions():
+        for impression in logged:
             batch.append(impression)
             if len(batch) == READ_CHUNK:
                 self.apply(batch, recommender.news_lookup)
@@ -381,9 +412,7 @@ class LiveState:
         times = np.fromiter((imp.time for imp in impressions), np.int64, n)
         places = np.fromiter(seqs or (imp.seq for imp in impressions), np.int64, n)
         users = self.users.observe([imp.user_id for imp in impressions], times, news)
-        fresh = np.flatnonzero(places > self.snapshot_seq)  # not in the signals' snapshot
-        if len(fresh):
-            self.learn_signals(users[fresh], times[fresh], news.take(fresh))
+        self.learn_signals(users, times, news)
         history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
         seen = np.r_[history.items, shown.items]
         seen_times = np.r_[history.times(times), shown.times(times)]
@@ -412,20 +441,30 @@ class LiveState:
         return self.state.folder if isinstance(self.state, SQLiteState) else None
 
     def snapshot(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(stamp, arrays) of the signals now: a copy, to write while the state moves on."""
+        """(stamp, arrays) of what was learned from the logs: the signals, the users, the
+        cold-start counts; a copy, to write while the state moves on."""
         stamp = self.stamp | {"seq": self.seq, "impression_id": self.last_id}
-        return stamp, {name: a.copy() for name, a in self.signals.to_arrays().items()}
+        stamp |= {
+            "logged": dict(self.logged),
+            "popularity": [self.popularity.ref, self.popularity.end],
+        }
+        arrays = {f"signals.{k}": v for k, v in self.signals.to_arrays().items()}
+        arrays |= {f"users.{k}": v for k, v in self.users.to_arrays().items()}
+        arrays |= {"popularity.weights": self.popularity.weights}
+        arrays |= {"popularity.first_seen": self.popularity.first_seen}
+        return stamp, {name: a.copy() for name, a in arrays.items()}
 
     def save_snapshot(self) -> Path | None:
-        """Write the signals to the state folder (see `write_snapshot`); None: no folder."""
-        if self.folder is None:
+        """Write the snapshot to the state folder (see `write_snapshot`); None: no folder, or
+        nothing logged yet."""
+        if self.folder is None or not self.seq:
             return None
         stamp, arrays = self.snapshot()
         return write_snapshot(self.folder, stamp, arrays)
 
     async def keep_snapshots(self, seconds: float = SNAPSHOT_SECONDS) -> None:
-        """Every `seconds` (until cancelled), a snapshot of the signals if they learned since
-        the last one; written in a thread."""
+        """Every `seconds` (until cancelled), a snapshot if the state learned since the last
+        one; written in a thread."""
         saved = self.snapshot_seq
         while self.folder is not None:
             await asyncio.sleep(seconds)
@@ -434,36 +473,47 @@ class LiveState:
                 await asyncio.to_thread(write_snapshot, self.folder, stamp, arrays)
                 saved = stamp["seq"]
 
-    def load_snapshot(self, folder: Path) -> bool:
-        """Take the signals from folder/SNAPSHOT_FILE if it was written for this data and
-        the log still holds the impression it stopped at; else log why not, and False."""
+    def load_snapshot(self, folder: Path) -> int:
+        """Take what was learned from the logs from folder/SNAPSHOT_FILE if it was written for
+        this data and the log still holds the impression it stopped at: the sequence number
+        of that impression (the log is to be replayed after it). Else log why not, and 0."""
         path = folder / SNAPSHOT_FILE
         if not path.is_file() or not isinstance(self.state, SQLiteState):
-            return False
+            return 0
+        part: dict[str, dict[str, np.ndarray]] = {}
         try:
             with np.load(path) as saved:
                 stamp = json.loads(str(saved["stamp"]))
-                arrays = {name: saved[name] for name in saved.files if name != "stamp"}
+                for name in saved.files:
+                    owner, _, key = name.partition(".")
+                    part.setdefault(owner, {})[key] = saved[name]
+            signals = SignalState.from_arrays(part["signals"])
         except (OSError, ValueError, KeyError) as err:
             logger.warning("%s: not read (%s); replaying the logs", path, err)
-            return False
+            return 0
         differs = [key for key, value in self.stamp.items() if stamp.get(key) != value]
-        seq = int(stamp.get("seq", -1))
+        seq = int(stamp.get("seq", 0))
         if differs:
             reason = f"written for other {', '.join(differs)}"
-        elif seq and self.state.impression_id(seq) != stamp.get("impression_id"):
+        elif seq < 1 or self.state.impression_id(seq) != stamp.get("impression_id"):
             reason = f"the log holds no impression {stamp.get('impression_id')!r} at {seq}"
+        elif signals.num_news > self.signals.num_news:
+            reason = f"{signals.num_news} news, more than the {self.signals.num_news} served"
         else:
-            signals = SignalState.from_arrays(arrays)
-            if signals.num_news > self.signals.num_news:
-                reason = f"{signals.num_news} news, more than the {self.signals.num_news} served"
-            else:
-                signals.grow(self.signals.num_news)
-                self.signals, self.snapshot_seq = signals, seq
-                logger.info("signals from %s, learned up to impression %d", path, seq)
-                return True
+            signals.grow(self.signals.num_news)
+            self.signals, self.snapshot_seq = signals, seq
+            self.seq, self.last_id = seq, stamp["impression_id"]
+            self.users.load_arrays(part["users"])
+            self.popularity.grow(self.signals.num_news)
+            size = len(part["popularity"]["weights"])
+            self.popularity.weights[:size] = part["popularity"]["weights"]
+            self.popularity.first_seen[:size] = part["popularity"]["first_seen"]
+            self.popularity.ref, self.popularity.end = stamp["popularity"]
+            self.logged = stamp["logged"]
+            logger.info("state learned up to impression %d read from %s", seq, path)
+            return seq
         logger.warning("%s ignored: %s; replaying the logs", path, reason)
-        return False
+        return 0
 
     def recommend(
         self, recommender: Recommender, user_id: str, k: int, exclude_history: bool
@@ -477,14 +527,14 @@ class LiveState:
 
 
 def write_snapshot(folder: Path, stamp: dict[str, Any], arrays: dict[str, Any]) -> Path:
-    """Write a snapshot of the signals to folder/SNAPSHOT_FILE, atomically (a temporary name,
-    then renamed), `stamp` beside the arrays."""
+    """Write a snapshot (`LiveState.snapshot`) to folder/SNAPSHOT_FILE, atomically (under a
+    temporary name, then renamed), `stamp` beside the arrays."""
     path = folder / SNAPSHOT_FILE
     started = time.perf_counter()
     with atomic_file(path) as tmp, tmp.open("wb") as out:
         np.savez(out, stamp=np.array(json.dumps(stamp)), **arrays)
     seconds = time.perf_counter() - started
-    logger.info("signals snapshot at impression %d in %.2f s: %s", stamp["seq"], seconds, path)
+    logger.info("snapshot at impression %d in %.2f s: %s", stamp["seq"], seconds, path)
     return path
 
 

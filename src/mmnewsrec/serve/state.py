@@ -245,8 +245,9 @@ class SQLiteState(GroupCommit):
             found.update(row[0] for row in self.db.execute(query, chunk))
         return found
 
-    def impressions(self) -> Iterator[Impression]:
-        last = 0
+    def impressions(self, after: int = 0) -> Iterator[Impression]:
+        """Every logged impression in arrival order (after sequence number `after`)."""
+        last = after
         while True:
             with self._lock:
                 rows = self.db.execute(
