@@ -562,6 +562,7 @@ class SignalState:
         keys = np.flatnonzero((self.pairs.keys != -1) & (self.pairs.counts != 0))
         order = np.argsort(self.pairs.keys[keys])
         shown = np.concatenate([np.zeros(0, np.int64), *self._now_shown])
+        now_shown = np.bincount(shown, minlength=len(self.shown))  # counts: order-free, small
         scalars = [self.lag, self.history, self.num_news, -1 if self.time is None else self.time]
         scalars += [self.total_clicks, self.impressions, self._now_count]
         return {
@@ -573,7 +574,7 @@ class SignalState:
             "pair_keys": self.pairs.keys[keys][order],
             "pair_counts": self.pairs.counts[keys][order],
             "period_clicks": self._period_clicks,
-            "now_shown": shown,
+            "now_shown": now_shown,
             **as_rows("profile", self.profiles),
             **as_rows("period_profile", self._period_profiles),
         }
@@ -596,7 +597,8 @@ class SignalState:
         state._period_clicks = np.array(arrays["period_clicks"], np.int64)
         state.pairs = PairTable(len(arrays["pair_keys"]))
         state.pairs.add(np.asarray(arrays["pair_keys"]), np.asarray(arrays["pair_counts"]))
-        state._now_shown = [np.array(arrays["now_shown"], np.int64)] if now_count else []
+        counts = np.asarray(arrays["now_shown"])
+        state._now_shown = [np.repeat(np.arange(len(counts)), counts)] if now_count else []
         state.profiles = from_rows("profile", arrays)
         state._period_profiles = from_rows("period_profile", arrays)
         return state
