@@ -8,7 +8,8 @@ folder per invocation. Phases, in order:
   POST /events/batch in batches of --batch, one request at a time, the bodies encoded as JSON
   beforehand (the server's work, not the client's): impressions/s;
 - by user: POST /recommend {"user_id"} for the dev split's users at each --concurrency: p50,
-  p99, req/s, errors, the server's CPU time per request;
+  p99, req/s, errors, the server's CPU time per request; then the same requests again at
+  concurrency 1, each user now a returning one (their recall and history encoding kept);
 - mixed: 16 clients, each alternating POST /events (one impression with a click) and POST
   /recommend for the same user: /recommend p50/p99, events/s;
 - the server's resident memory and the state file's size after all of it;
@@ -173,6 +174,8 @@ def main() -> int:
             for concurrency in args.concurrency:
                 tally = tallies[f"concurrency {concurrency}"] = Tally()
                 timed(server, tally, drive(f"{base}/recommend", asked, concurrency, tally))
+            tally = tallies["returning users, concurrency 1"] = Tally()
+            timed(server, tally, drive(f"{base}/recommend", asked, 1, tally))
             mixed_tally = Tally()
             start = time.perf_counter()
             stored = asyncio.run(mixed(base, users, news, args.mixed, mixed_tally))

@@ -51,9 +51,17 @@ def request_split(rec: Recommender, histories: list[np.ndarray], bodies: list[di
         for body in bodies:
             rec.recommend(body["history"], body["k"])
 
+    def returning_all() -> None:  # a user per history, asking again: recall and encoding kept
+        for n, history in enumerate(histories):
+            rec.recommend_known(history, 10, user=f"user{n}")
+
     recall = cpu_ms(recall_all, 1) / len(histories)
     total = cpu_ms(recommend_all, 1) / len(bodies)
-    print(f"per request: recall {recall:.2f} ms, whole recommend {total:.2f} ms CPU")
+    returning = cpu_ms(returning_all, 1) / len(histories)
+    print(
+        f"per request: recall {recall:.2f} ms, whole recommend {total:.2f} ms CPU, "
+        f"{returning:.2f} ms for a returning user"
+    )
 
 
 def forward_parts(rec: Recommender, history: np.ndarray, width: int) -> None:
@@ -70,11 +78,16 @@ def forward_parts(rec: Recommender, history: np.ndarray, width: int) -> None:
         queries = model.embed.candidates(model, cand)
         user = model.norm(model.cross[0](queries, memory, mask))
         head_input = torch.cat([user, queries, user * queries], dim=-1)
+        encoded = rec.ranker.encode_history(history)
         parts = {
             "history encoder": lambda: model.encoder(tokens, src_key_padding_mask=mask),
             "cross-attention block": lambda: model.cross[0](queries, memory, mask),
             "head": lambda: model.head(head_input),
             "whole forward (traced)": lambda: rec.ranker.score_batch(hist, cand),
+            "history encoding (traced)": lambda: rec.ranker.encode_history(history),
+            "candidates from a kept encoding (traced)": lambda: rec.ranker.score_encoded(
+                encoded, cand[0].numpy(), width
+            ),
         }
         times = {name: cpu_ms(job, 100) for name, job in parts.items()}
     print(f"forward over {width} candidates, history {hist.shape[1]}: " + ", ".join(

@@ -433,3 +433,23 @@ def test_gbdt_reads_signals_then_the_content_cosine(vectors):
 def test_models_without_signals_refuse_them_in_config(name, vectors):
     with pytest.raises(ValueError, match="unknown config keys"):
         build_model(name, {"signals": SIGNALS}, vectors)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_kept_history_encoding_scores_as_the_forward(name, vectors, has_image):
+    """What a server keeps per user (the history's encoding) gives the forward's scores, for
+    any candidates and signals; models that encode nothing keep the history itself."""
+    signals = ["a", "b"] if name in [*NEURAL, "gbdt"] else []
+    model = make(name, vectors, has_image, **({"signals": signals} if signals else {}))
+    history = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    encoded = model.encode_history(history)
+    g = torch.Generator().manual_seed(1)
+    for width in (3, 11):
+        candidates = torch.randint(1, len(vectors), (2, width), generator=g)
+        candidates[1, -1] = 0
+        table = torch.randn(2, width, len(signals), generator=g) if signals else None
+        torch.testing.assert_close(
+            model.score_encoded(encoded, candidates, table), model(history, candidates, table)
+        )
+    neural = name in NEURAL
+    assert neural == (encoded[0] is not history)  # the neural models encode the history

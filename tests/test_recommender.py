@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from mmnewsrec.cli import app
 from mmnewsrec.rank.model import build_model
 from mmnewsrec.serve import Recommender
+from mmnewsrec.serve.recommender import UserCache
 
 
 @pytest.fixture(scope="module")
@@ -337,3 +338,21 @@ def test_served_image_share_is_near_the_click_share(image_heavy, tmp_path, model
     share, click_share = has_image[served].mean(), has_image[clicked].mean()
     catalogue_share = has_image[1:].mean()  # 0.49 here, against 0.63 among the clicks
     assert catalogue_share - 0.1 < share < click_share + 0.15, (share, catalogue_share, click_share)
+
+
+def test_user_cache_keeps_one_value_per_user_for_its_key_and_the_latest_users():
+    cache: UserCache[int] = UserCache(size=2)
+    calls = []
+
+    def compute(value: int):
+        return lambda: calls.append(value) or value
+
+    assert cache.get("a", b"h1", compute(1)) == 1
+    assert cache.get("a", b"h1", compute(99)) == 1  # kept for the same key
+    assert cache.get("a", b"h2", compute(2)) == 2  # a new history: computed again
+    assert cache.get("b", b"h1", compute(3)) == 3
+    assert cache.get("a", b"h2", compute(99)) == 2  # a asked last: b is the oldest
+    assert cache.get("c", b"h1", compute(4)) == 4  # evicts b
+    assert len(cache) == 2 and cache.get("b", b"h1", compute(5)) == 5
+    assert cache.get(None, b"h1", compute(6)) == 6 and cache.get(None, b"h1", compute(7)) == 7
+    assert calls == [1, 2, 3, 4, 5, 6, 7]

@@ -214,6 +214,37 @@ def test_a_returning_users_recall_is_kept_until_their_next_click(server, rec, mo
     assert after["history_used"] == [ids[1], clicked]
 
 
+def test_a_returning_users_history_encoding_is_kept_until_their_next_click(
+    server, rec, monkeypatch
+):
+    client, _ = server
+    ids = rec.store.news["news_id"].to_list()
+    client.post("/events", json=event(1, "U-enc", ids[:4], [ids[1], ids[2]])).raise_for_status()
+    served = client.app.state.recommender
+    ranker, encodings = served.ranker, []
+    encode = ranker.encode_history
+    monkeypatch.setattr(ranker, "encode_history", lambda h: encodings.append(h) or encode(h))
+    first = client.post("/recommend", json={"user_id": "U-enc", "k": 5}).json()
+    again = client.post("/recommend", json={"user_id": "U-enc", "k": 5}).json()
+    assert len(encodings) == 1 and again["items"] == first["items"]
+    kept = encode(encodings[0])
+    clicked = first["items"][0]["news_id"]
+    shown = [i["news_id"] for i in first["items"]]
+    client.post("/events", json=event(2, "U-enc", shown, [clicked])).raise_for_status()
+    after = client.post("/recommend", json={"user_id": "U-enc", "k": 5}).json()
+    assert len(encodings) == 2 and after["history_used"] == [ids[1], ids[2], clicked]
+    assert after["items"] != first["items"]  # the click changed the next recommendation
+    # as computed afresh for the new history (no user: nothing kept), within float32 rounding
+    fresh = served.recommend(after["history_used"], k=5)
+    assert [i["news_id"] for i in after["items"]] == [i.news_id for i in fresh.items]
+    scores = [i["score"] for i in after["items"]]
+    np.testing.assert_allclose(scores, [i.score for i in fresh.items], rtol=1e-5, atol=1e-6)
+    # and not as the kept encoding of the history before the click scores them
+    shown_after = [rec.index_of(i["news_id"]) for i in after["items"]]
+    stale = ranker.score_encoded(kept, shown_after, len(shown_after))
+    assert np.abs(stale - scores).max() > 1e-4
+
+
 def test_a_bulk_load_may_pass_the_body_limit_of_other_requests(server, rec, tmp_path):
     client, _ = server
     ids = rec.store.news["news_id"].to_list()

@@ -138,6 +138,18 @@ class Ranker(nn.Module):
         """The behaviour signals the model reads, in the order of the signals' last axis."""
         return list(getattr(self.config, "signals", []))
 
+    def encode_history(self, history: Tensor) -> tuple[Tensor, ...]:
+        """What the forward computes from the history (B, L) alone, for `score_encoded`: a
+        server keeps it per user until their next click. The default: the history itself."""
+        return (history,)
+
+    def score_encoded(
+        self, encoded: tuple[Tensor, ...], candidates: Tensor, signals: Tensor | None = None
+    ) -> Tensor:
+        """The forward's scores (B, C) from `encode_history(history)`: equal to
+        `self(history, candidates, signals)`."""
+        return self(encoded[0], candidates, signals)
+
     def add_signals(self, scores: Tensor, candidates: Tensor, signals: Tensor | None) -> Tensor:
         """Content scores (B, C) plus the signal head's (fp32); padding candidates score 0."""
         if self.signal_head is not None:
@@ -318,8 +330,16 @@ class RecTransformer(Ranker):
         self.head = nn.Linear(config.d_model, 1)
 
     def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
-        history = history[:, -self.config.max_history :]
-        hist, mask = self.embed.history(self, history)  # (B, 1+L, d), (B, 1+L)
+        return self.score_encoded(self.encode_history(history), candidates, signals)
+
+    def encode_history(self, history: Tensor) -> tuple[Tensor, ...]:
+        """(B, L) -> tokens (B, 1+L, d) and key padding mask (B, 1+L)."""
+        return self.embed.history(self, history[:, -self.config.max_history :])
+
+    def score_encoded(
+        self, encoded: tuple[Tensor, ...], candidates: Tensor, signals: Tensor | None = None
+    ) -> Tensor:
+        hist, mask = encoded  # (B, 1+L, d), (B, 1+L)
         rows, cols = (candidates > 0).nonzero(as_tuple=True)  # only real candidates: P pairs
         cand = self.embed.candidates(self, candidates[rows, cols])  # (P, d)
         x = torch.cat([hist[rows], cand.unsqueeze(1)], dim=1)  # (P, 2+L, d)
@@ -378,15 +398,25 @@ class FastRecTransformer(Ranker):
         )
 
     def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
+        return self.score_encoded(self.encode_history(history), candidates, signals)
+
+    def encode_history(self, history: Tensor) -> tuple[Tensor, ...]:
+        """(B, L) -> the encoded history (B, 1+L, d), its key padding mask (B, 1+L) and its
+        pooling (B, d)."""
         history = history[:, -self.config.max_history :]
         hist, mask = self.embed.history(self, history)  # (B, 1+L, d), (B, 1+L)
         memory = self.encoder(hist, src_key_padding_mask=mask)  # (B, 1+L, d)
+        return memory, mask, self.pool(memory, mask)
+
+    def score_encoded(
+        self, encoded: tuple[Tensor, ...], candidates: Tensor, signals: Tensor | None = None
+    ) -> Tensor:
+        memory, mask, pooled = encoded
         cand = self.embed.candidates(self, candidates)  # (B, C, d)
         q = cand
         for block in self.cross:
             q = block(q, memory, mask)
         user = self.norm(q)  # (B, C, d): the history as seen from each candidate
-        pooled = self.pool(memory, mask)  # (B, d)
         with fp32_scores(cand):
             user, cand, pooled = user.float(), cand.float(), pooled.float()
             scores = self.head(torch.cat([user, cand, user * cand], dim=-1)).squeeze(-1)
@@ -433,7 +463,15 @@ class AdditiveAttentionUser(Ranker):
         return self.pool(self.dropout(h), mask)
 
     def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
-        user = self.user(history)  # (B, d)
+        return self.score_encoded(self.encode_history(history), candidates, signals)
+
+    def encode_history(self, history: Tensor) -> tuple[Tensor, ...]:
+        return (self.user(history),)  # (B, d)
+
+    def score_encoded(
+        self, encoded: tuple[Tensor, ...], candidates: Tensor, signals: Tensor | None = None
+    ) -> Tensor:
+        (user,) = encoded  # (B, d)
         cand = self.news(self, candidates)  # (B, C, d)
         with fp32_scores(cand):
             scores = torch.einsum("bd,bcd->bc", user.float(), cand.float()) / math.sqrt(
