@@ -1,7 +1,8 @@
 """What the service learns from its traffic: users' click histories and live popularity,
 built from the store's logs at start, then from the event log, then per event.
 
-Counters in memory are a cache of the logs: `LiveState.build` replays them at every start.
+Counters in memory are a cache of the logs: rebuilt at every start from the logs, or from a
+snapshot in the state folder and the log after it (`LiveState.restore`).
 """
 
 from __future__ import annotations
