@@ -7,8 +7,14 @@ per-line Python parse of the same files into the same arrays, as a whole process
 `--bad-line` appends a line with a missing column: prepare must then stream the line-by-line
 fallback and stop with an error naming that line.
 
+As in MIND, each user has one click history, the same in all of their impressions (MIND's
+histories are the clicks before the logged weeks, not updated between impressions), so a user's
+co-click profile is set once. `--fresh-histories` gives every impression a history of its own
+instead: every user's profile then changes in each period, the worst case for the co-click counts.
+
     python benchmarks/prepare.py --size small --baseline   # MIND-small: 156,965 impressions
     python benchmarks/prepare.py --size large              # MIND-large train: 2,232,748
+    python benchmarks/prepare.py --size large --fresh-histories
     python benchmarks/prepare.py --size large --bad-line
     python benchmarks/prepare.py --impressions 50000 --news 20000 [--keep DIR]
 """
@@ -27,26 +33,32 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-SIZES = {  # (impressions, news) of the MIND train splits
-    "small": (156_965, 65_238),
-    "large": (2_232_748, 101_527),
+SIZES = {  # (impressions, news, users) of the MIND train splits
+    "small": (156_965, 65_238, 50_000),
+    "large": (2_232_748, 101_527, 711_222),
 }
 WRITE_ROWS = 200_000  # impressions generated and written at once
 
 # Peak RSS is read in the child as VmHWM: ru_maxrss of a child also counts the parent's pages
-# it shared between fork and exec, and the parent holds the generated data.
+# it shared between fork and exec, and the parent holds the generated data. The peak is reset
+# (/proc/self/clear_refs) when the signals start, to read theirs apart from the parse's.
 CHILD = """
 import sys, time
 import mmnewsrec.data.store as store_module
 from mmnewsrec.data.mind import MindFormatError
 from mmnewsrec.data.store import build_store
-signals = [0.0, 0.0]  # wall and CPU seconds in build_signals
+def hwm_kib():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+signals = [0.0, 0.0, 0, 0]  # wall and CPU seconds in build_signals; peak RSS before, in it
 compute = store_module.build_signals
 def timed(*args, **kwargs):
+    signals[2] = hwm_kib()
+    open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from the RSS now
     wall, cpu = time.perf_counter(), time.process_time()
     out = compute(*args, **kwargs)
     signals[0] += time.perf_counter() - wall
     signals[1] += time.process_time() - cpu
+    signals[3] = hwm_kib()
     return out
 store_module.build_signals = timed
 start, start_cpu = time.perf_counter(), time.process_time()
@@ -56,9 +68,7 @@ try:
 except MindFormatError as err:
     print(f"error: {err}", file=sys.stderr)
 seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-status = open("/proc/self/status").read()
-hwm_kib = int(status.split("VmHWM:")[1].split()[0])
-print(seconds, hwm_kib, cpu, *signals)
+print(seconds, max(hwm_kib(), signals[2]), cpu, *signals)
 """
 
 # The same arrays as the store's behaviors, parsed line by line in plain Python.
@@ -162,37 +172,54 @@ def distinct_positions(counts: np.ndarray, n: int, rng: np.random.Generator) -> 
     return (start + position * step) % n
 
 
-def behaviors_rows(first: int, count: int, ids: np.ndarray, rng: np.random.Generator):
-    """`count` MIND-small-like impressions numbered from `first`; returns (frame, candidates)."""
+def random_histories(count: int, ids: np.ndarray, rng: np.random.Generator) -> pl.Series:
+    """`count` space-joined click histories of MIND-like lengths (mean 32.4, at most 500)."""
+    lengths = np.clip(rng.exponential(32.4, count), 0, 500).astype(np.int64)
+    return joined_tokens(lengths, pl.Series(ids[rng.integers(0, len(ids), int(lengths.sum()))]))
+
+
+def behaviors_rows(
+    first: int,
+    count: int,
+    ids: np.ndarray,
+    users: int | pl.Series,
+    rng: np.random.Generator,
+):
+    """`count` MIND-small-like impressions numbered from `first`; returns (frame, candidates).
+    `users`: each user's history (a Series, U<i> has histories[i - 1]), or the number of users,
+    each impression then getting a history of its own."""
     cand_counts = np.clip(rng.lognormal(3.31, 0.8, count), 2, 300).astype(np.int64)
-    hist_counts = np.clip(rng.exponential(32.4, count), 0, 500).astype(np.int64)
+    fresh = isinstance(users, int)
+    hists = random_histories(count, ids, rng) if fresh else None
     total = int(cand_counts.sum())
     labels = pl.Series((rng.random(total) < 0.04).astype(np.int8)).cast(pl.String)
     cands = pl.Series(ids[distinct_positions(cand_counts, len(ids), rng)]) + "-" + labels
-    hists = pl.Series(ids[rng.integers(0, len(ids), int(hist_counts.sum()))])
     seconds = rng.integers(1573257600, 1573776000, count)  # 2019-11-09 .. 2019-11-15
+    user = rng.integers(1, users if fresh else len(users) + 1, count)
     frame = pl.DataFrame(
         {
             "impression_id": np.arange(first, first + count),
-            "user_id": "U" + pl.Series(rng.integers(1, 711_222, count)).cast(pl.String),
+            "user_id": "U" + pl.Series(user).cast(pl.String),
             "time": pl.from_epoch(pl.Series(seconds), time_unit="s").dt.to_string(
                 "%-m/%-d/%Y %-I:%M:%S %p"
             ),
-            "history": joined_tokens(hist_counts, hists),
+            "history": hists if fresh else users.gather(user - 1),
             "impressions": joined_tokens(cand_counts, cands),
         }
     )
     return frame, total
 
 
-def write_behaviors(path: Path, impressions: int, ids: np.ndarray, rng, bad_line: bool) -> int:
+def write_behaviors(
+    path: Path, impressions: int, ids: np.ndarray, users: int | pl.Series, rng, bad_line: bool
+) -> int:
     """Behaviors written in parts of WRITE_ROWS impressions; returns the number of candidates.
-    `bad_line` appends a line without its impressions column."""
+    `users` as in `behaviors_rows`; `bad_line` appends a line without its impressions column."""
     total = 0
     with open(path, "wb") as f:
         for first in range(1, impressions + 1, WRITE_ROWS):
             frame, candidates = behaviors_rows(
-                first, min(WRITE_ROWS, impressions + 1 - first), ids, rng
+                first, min(WRITE_ROWS, impressions + 1 - first), ids, users, rng
             )
             frame.write_csv(f, separator="\t", include_header=False, quote_style="never")
             total += candidates
@@ -230,12 +257,17 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--impressions", type=int, help="default: the size's train split")
     parser.add_argument("--news", type=int, help="default: the size's news count")
+    parser.add_argument("--users", type=int, help="default: the size's user count")
+    parser.add_argument(
+        "--fresh-histories", action="store_true", help="a new history in every impression"
+    )
     parser.add_argument("--baseline", action="store_true", help="also time a per-line parse")
     parser.add_argument("--bad-line", action="store_true", help="append a line missing a column")
     parser.add_argument("--keep", type=Path, help="write the raw files and store here")
     args = parser.parse_args()
     impressions = args.impressions or SIZES[args.size][0]
     n_news = args.news or SIZES[args.size][1]
+    n_users = args.users or SIZES[args.size][2]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         data = root / "raw"
@@ -244,15 +276,20 @@ def main() -> None:
         start = time.perf_counter()
         ids = news_ids(n_news, rng)
         write_news(data / "news.tsv", ids, rng)
-        candidates = write_behaviors(data / "behaviors.tsv", impressions, ids, rng, args.bad_line)
+        users = n_users if args.fresh_histories else random_histories(n_users, ids, rng)
+        candidates = write_behaviors(
+            data / "behaviors.tsv", impressions, ids, users, rng, args.bad_line
+        )
+        kind = "a new history per impression" if args.fresh_histories else "one history per user"
         print(
             f"raw files: {folder_size(data) / 2**20:.0f} MiB, {impressions:,} impressions, "
-            f"{candidates:,} candidates, {n_news:,} news (written in "
+            f"{candidates:,} candidates, {n_news:,} news, {n_users:,} users ({kind}; written in "
             f"{time.perf_counter() - start:.1f} s)"
         )
         print(f"before prepare: {load()}")
         wall, cpu, done = run_child(CHILD, str(data), str(root / "store"))
-        seconds, hwm_kib, store_cpu, signals_wall, signals_cpu = map(float, done.stdout.split())
+        figures = map(float, done.stdout.split())
+        seconds, hwm_kib, store_cpu, signals_wall, signals_cpu, before_kib, in_kib = figures
         print(done.stderr.strip())
         print(
             f"build_store: {seconds:.2f} s wall, {store_cpu:.2f} s CPU; whole process incl. "
@@ -262,7 +299,10 @@ def main() -> None:
             f"behaviour signals: {signals_wall:.2f} s wall ({signals_wall / seconds:.0%} of "
             f"build_store), {signals_cpu:.2f} s CPU ({signals_cpu / store_cpu:.0%})"
         )
-        print(f"peak RSS: {int(hwm_kib) / 2**10:.0f} MiB (whole process, incl. imports)")
+        print(
+            f"peak RSS: {hwm_kib / 2**10:.0f} MiB (whole process, incl. imports); before the "
+            f"signals {before_kib / 2**10:.0f} MiB, during them {in_kib / 2**10:.0f} MiB"
+        )
         if (root / "store").is_dir():
             print(f"store size: {folder_size(root / 'store') / 2**20:.0f} MiB")
         print(f"after prepare: {load()}")

@@ -89,7 +89,7 @@ def main() -> None:
     state.signals(0, now + 2 * state.lag, history, candidates)
     first_ms = (time.process_time() - started) * 1000
     print(f"data: {data.name}, {store.num_news:,} news, {len(state.profiles):,} profiles")
-    held_pairs = int(((state.pairs.keys != -1) & (state.pairs.counts != 0)).sum())
+    held_pairs = len(state.pairs)
     print(f"co-click pairs held: {held_pairs:,}")
     looked = (candidates[:, None] != history[None, :]).sum()  # both held by some profile
     print(f"pairs looked up per call: {looked:,}")

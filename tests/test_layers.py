@@ -19,7 +19,7 @@ MAY_IMPORT = {
     # face (one definition with prepare's) and MIND's tsv format (export-events)
     "serve": {"data", "recall", "rank", "encode"},
 }
-GROUND = ["config", "csr", "devices", "files", "formats", "metrics"]
+GROUND = ["config", "csr", "devices", "files", "formats", "growing", "metrics"]
 
 
 def module_name(path: Path) -> str:

@@ -218,12 +218,17 @@ def test_appended_rows_are_recalled_and_the_original_recaller_is_unchanged(backe
     stats = ItemStats(np.arange(601.0), np.zeros(601, dtype=np.int64), end=0, half_life_days=1)
     recaller = Recaller(k=5, backend=backend, popular_share=0.4)
     recaller.fit(vectors, parts=parts, stats=stats)
+    users = recaller.user_vectors(np.array([[7], [8]]))
+    before = recaller.search(users, exclude=[[7], [8]])
     copy_of = vectors[[7, 8]].clone()
     copy_of[1, 10:] = 0  # no image part
-    grown = recaller.appended(torch.cat([vectors, copy_of]))
+    grown = recaller.appended(copy_of)
     assert recaller.num_news_ == 600 and len(recaller.space_.scales_) == 601
-    if backend == "faiss_hnsw":
+    assert len(recaller.vectors_) == len(recaller.channel_) == len(recaller.first_seen_) == 601
+    if backend == "faiss_hnsw":  # the fitted index stays; the copy's takes later news itself
         assert recaller.index_.ntotal == 600 and grown.index_.ntotal == 602
+        again = grown.appended(copy_of[:1])
+        assert again.index_ is grown.index_ and grown.index_.ntotal == 603
     # a copy of a news item scores as the item: first for a user who clicked only the item
     scores, found = grown.search(grown.user_vectors(np.array([[7], [8]])), exclude=[[7], [8]])
     assert found[:, 0].tolist() == [601, 602]
@@ -232,5 +237,7 @@ def test_appended_rows_are_recalled_and_the_original_recaller_is_unchanged(backe
     # the channel never offers the new news (no clicks); the fitted space keeps its means
     assert not np.isin(found[:, 3:], [601, 602]).any()
     assert grown.space_.means_ is recaller.space_.means_
+    for old, again in zip(before, recaller.search(users, exclude=[[7], [8]]), strict=True):
+        np.testing.assert_array_equal(old, again)
     with pytest.raises(ValueError, match="rows of width"):
-        recaller.appended(vectors[:, :8])
+        grown.appended(vectors[:2, :8])

@@ -1,11 +1,15 @@
 """POST /news: a news item added while serving, encoded as the run's news were, recommended by
-the next request; on a frozen run (MiniLM text + an image part) and a fine-tuned one."""
+the next request; on a frozen run (MiniLM text + an image part) and a fine-tuned one. Added news
+write only their own rows and serve as news restored at start do."""
 
+import dataclasses
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import with_random_image_part
 from fastapi.testclient import TestClient
 
@@ -13,8 +17,14 @@ from mmnewsrec.config import load_config
 from mmnewsrec.data.store import build_store
 from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.encode.pipeline import EncodeConfig, encode_store, news_texts
+from mmnewsrec.formats.store import Store
+from mmnewsrec.formats.vectors import NewsVectors
+from mmnewsrec.rank import load_ranker
+from mmnewsrec.rank.model import build_model
 from mmnewsrec.rank.train import run_training
 from mmnewsrec.serve import Recommender, ServeSettings, create_app
+from mmnewsrec.serve.live import open_live
+from mmnewsrec.serve.new_news import NewNews
 
 FIELDS = ("title", "abstract", "category", "subcategory", "url")
 
@@ -121,3 +131,152 @@ def test_a_malformed_fusion_entry_is_named_with_its_file(runs, field):
     detail = response.json()["detail"]
     assert response.status_code == 500 and "manifest.json" in detail and field in detail
     assert rec.index_of("BAD1") == 0 and client.get("/health").status_code == 200
+
+
+def new_items(rec: Recommender, count: int, seed: int = 0) -> list[tuple[NewNews, np.ndarray]]:
+    """`count` news to add: each a store news item's vector plus noise, rounded to float16 as
+    encoded vectors are."""
+    rng = np.random.default_rng(seed)
+    matrix = np.asarray(rec.vectors.vectors, dtype=np.float32)
+    rows = matrix[rng.integers(1, rec.store.num_news + 1, count)]
+    rows = (rows + 0.1 * rows.std() * rng.normal(size=rows.shape)).astype(np.float16)
+    return [
+        (NewNews(f"ADD{i}", f"added item {i}", category="news"), row.astype(np.float32))
+        for i, row in enumerate(rows)
+    ]
+
+
+def tiny_recommender(run: Path, kind: str) -> Recommender:
+    """The tiny run's traced reranker over exact or flat-index recall, or a mean_cosine
+    ranker on its vectors (recall-space scales per news item)."""
+    if kind != "mean_cosine":
+        return Recommender.from_run(run, recall_k=30, recall_backend=kind)
+    trained = load_ranker(run)
+    vectors = NewsVectors.load(trained.config.data.vectors_dir)
+    model = build_model("mean_cosine", None, vectors.vectors, np.array(vectors.has_image))
+    ranker = dataclasses.replace(trained, model=model.eval())
+    return Recommender(Store.load(trained.config.data.store_dir), vectors, ranker, recall_k=30)
+
+
+def storages(tables: list[torch.Tensor]) -> int:
+    """How many buffers these tensors live in."""
+    return len({t.untyped_storage().data_ptr() for t in tables})
+
+
+def same_recommendations(a: Recommender, b: Recommender, histories: list[list[str]]) -> None:
+    """The same news in the same order from the same stages, scores within 1e-5 (a new news
+    item's token computed alone or with others: float32 rounding)."""
+    for history in histories:
+        one, other = a.recommend(history, k=10), b.recommend(history, k=10)
+        assert [(i.news_id, i.stage) for i in one.items] == [
+            (i.news_id, i.stage) for i in other.items
+        ], history
+        np.testing.assert_allclose(
+            [i.score for i in one.items], [i.score for i in other.items], rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss_flat", "mean_cosine"])
+def test_news_added_one_at_a_time_write_only_their_rows_and_serve_as_if_added_at_start(
+    tiny_run, kind
+):
+    rec = tiny_recommender(tiny_run, kind)
+    items = new_items(rec, 40)
+    snapshots = [rec]
+    for news, vector in items:
+        snapshots.append(snapshots[-1].with_news(news, vector))
+    served = snapshots[-1]
+    model = served.ranker.model
+    assert model.news_vectors is served.recaller.vectors_  # still one matrix for both
+    # 501 rows, then room for 1,002: one copy of each per-news table for the 40 news
+    per_news = [lambda r: r.recaller.vectors_, lambda r: r.recaller.space_.scales_]
+    per_news += [lambda r: r.clicks, lambda r: r.recaller.channel_]
+    for table in per_news:
+        views = [table(r) for r in snapshots]
+        assert storages([torch.as_tensor(v) for v in views]) == 2
+        assert [len(v) for v in views] == list(range(len(views[0]), len(views[0]) + 41))
+    for name, tokens in model.news_tables().items():
+        assert len(tokens) == served.num_news + 1, name
+    if kind == "faiss_flat":
+        assert served.recaller.index_.ntotal == served.num_news
+        assert rec.recaller.index_.ntotal == rec.num_news  # the fitted index stays as it was
+    assert served.ranker.traced is rec.ranker.traced  # not traced again
+    assert rec.num_news == rec.store.num_news and rec.index_of("ADD0") == 0
+    assert rec.recommend(["ADD0"]).unknown == ["ADD0"]  # the first one serves its news only
+    # a server started with these news (as a restart restores them: all at once)
+    restarted = tiny_recommender(tiny_run, kind).with_news_batch(items)
+    ids = rec.store.news["news_id"].to_list()
+    histories = [["ADD3"], ["ADD17", "ADD39", ids[4]], ids[10:14], [ids[20], "ADD0"]]
+    same_recommendations(served, restarted, histories)
+    found = {item.news_id for h in histories for item in served.recommend(h, k=30).items}
+    assert found & {news.news_id for news, _ in items}  # the new news are recommended
+
+
+def test_requests_during_additions_see_whole_news_items_only(tiny_run):
+    """Readers on another thread, on whichever recommender is current, while news are added
+    to the live FAISS index and tables: every item they get has its metadata, none is
+    beyond their recommender's news, nothing fails."""
+    rec = Recommender.from_run(tiny_run, recall_k=30, recall_backend="faiss_flat")
+    items, current, done = new_items(rec, 80, seed=1), [rec], threading.Event()
+
+    def add() -> None:
+        for news, vector in items:
+            current.append(current[-1].with_news(news, vector))
+        done.set()
+
+    def read() -> int:
+        reads = 0
+        while not done.is_set() or reads < 5:
+            served = current[-1]
+            latest = served.news_ids_of([served.num_news])
+            result = served.recommend([*latest, *served.news_ids_of([3, 9])], k=10)
+            for item in result.items:
+                index = served.index_of(item.news_id)
+                assert 0 < index <= served.num_news and item.title
+            reads += 1
+        return reads
+
+    with ThreadPoolExecutor(3) as pool:
+        readers = [pool.submit(read) for _ in range(2)]
+        pool.submit(add).result()
+        assert all(reader.result() >= 5 for reader in readers)
+    assert current[-1].recommend(["ADD79"], k=1).items[0].news_id != "ADD79"  # excluded
+
+
+def test_news_added_to_an_older_recommender_do_not_reach_the_later_one(tiny_run):
+    rec = Recommender.from_run(tiny_run, recall_k=30, recall_backend="faiss_flat")
+    (a, vector_a), (b, vector_b) = new_items(rec, 2, seed=2)
+    first = rec.with_news(a, vector_a)
+    second = first.with_news(b, vector_b)
+    other = first.with_news(dataclasses.replace(b, news_id="OTHER"), vector_a)  # not the latest
+    assert second.index_of("OTHER") == 0 and other.index_of(b.news_id) == 0
+    assert other.index_of("OTHER") == second.index_of(b.news_id) == rec.num_news + 2
+    np.testing.assert_array_equal(other.recaller.vectors_[-1].numpy(), vector_a)
+    np.testing.assert_array_equal(second.recaller.vectors_[-1].numpy(), vector_b)
+    assert other.recaller.index_.ntotal == second.recaller.index_.ntotal == rec.num_news + 2
+    assert other.ranker.model is not second.ranker.model  # each its own per-news tables
+    again = rec.with_news_batch([(b, vector_b)])  # the first one, again
+    assert again.index_of(b.news_id) == rec.num_news + 1 and again.index_of(a.news_id) == 0
+    history = [a.news_id, b.news_id]
+    assert second.recommend(history).history_used == history
+    assert other.recommend(history).unknown == [b.news_id]
+
+
+@pytest.mark.parametrize("kind", ["frozen", "tuned"])
+def test_news_posted_one_at_a_time_are_served_after_a_restart_as_before_it(runs, kind, tmp_path):
+    rec = Recommender.from_run(runs[kind], recall_k=20)
+    served, live = open_live(rec, tmp_path / "state")
+    client = TestClient(create_app(served, live=live))
+    source, body = copy_of_a_news_item(rec, "X0")
+    words = ["today", "again", "live", "update", "late"]
+    for i, word in enumerate(words):
+        posted = body | {"news_id": f"X{i}", "title": f"{body['title']} {word}"}
+        assert client.post("/news", json=posted).status_code == 201
+    now = client.app.state.recommender
+    assert now.num_news == rec.num_news + 5 and now.ranker.traced is rec.ranker.traced
+    live.state.close()
+    restarted, again = open_live(Recommender.from_run(runs[kind], recall_k=20), tmp_path / "state")
+    try:
+        same_recommendations(now, restarted, [["X1"], [source, "X3"], [source], ["X4", "X0"]])
+    finally:
+        again.state.close()

@@ -12,7 +12,7 @@ from mmnewsrec.data.signals import (
     COCLICK_HISTORY,
     SIGNALS_VERSION,
     Impressions,
-    PairTable,
+    PairCounts,
     SignalState,
     build_signals,
 )
@@ -321,15 +321,26 @@ def test_state_arrays_give_the_state_back():
     )
 
 
-def test_pair_table_counts_like_a_dict_through_collisions_and_growth():
+def test_pair_counts_count_like_a_dict_through_merges_and_removals():
     rng = np.random.default_rng(0)
-    table, expected = PairTable(), {}
-    for _ in range(5):  # 3,000 distinct keys grow the 1,024 slots; repeated keys add up
-        keys = rng.integers(0, 3_000, 2_000) * 7_919  # spread: many share a slot
-        deltas = rng.choice([-1, 1, 2], len(keys))
-        table.add(keys, deltas)
+    width = 100
+    counts, expected = PairCounts(width), {}
+    for _ in range(8):  # pairs repeat within and across updates; many counts return to 0
+        x, y = np.sort(rng.choice(width, (2_000, 2)), axis=1).T  # some x == y: not pairs
+        keys = (x * width + y)[x < y]
+        deltas = rng.choice([-1, 1, 2], len(keys)).astype(np.int32)
+        counts.add(keys, deltas)
         for key, delta in zip(keys.tolist(), deltas.tolist(), strict=True):
             expected[key] = expected.get(key, 0) + delta
-    queries = np.r_[np.array(list(expected), dtype=np.int64), np.arange(1, 500) * 7_919 + 1]
-    want = [expected.get(key, 0) for key in queries.tolist()]
-    np.testing.assert_array_equal(table.get(queries), want)
+        live = {key: n for key, n in expected.items() if n}
+        assert counts.keys.tolist() == sorted(live)  # sorted, unique, no zero count held
+        assert counts.counts.tolist() == [live[key] for key in sorted(live)]
+        held_x, held_y = np.divmod(counts.keys, width)
+        assert counts.may_hold(held_y, held_x).all()  # no held pair ruled out, either order
+    queries = np.arange(width * width)
+    want = np.array([expected.get(key, 0) for key in queries.tolist()])
+    np.testing.assert_array_equal(counts.get(queries), want)
+    np.testing.assert_array_equal(PairCounts(width).get(queries), np.zeros(len(queries)))
+    absent_x, absent_y = np.divmod(queries[want == 0], width)
+    pairs = absent_x < absent_y
+    assert counts.may_hold(absent_x[pairs], absent_y[pairs]).mean() < 0.2  # most ruled out

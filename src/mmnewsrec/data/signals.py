@@ -27,9 +27,10 @@ appearances) count everything strictly earlier. Labels of dev and test never cou
 - history_len: log1p(clicks in the impression's history), the same for all its candidates.
 
 The batch face walks the periods in order over all logs at once: the impressions of a period
-read dense per-item counts (clicks, exposures, profile holders) and a vectorised hash table of
-profile pair counts, then add their own clicks, exposures and profiles. Exposures within a period
-come from one sort of its candidates by (item, time); co-click pairs are looked up in chunks.
+read dense per-item counts (clicks, exposures, profile holders) and the profile pair counts
+(`PairCounts`: sorted keys, 14 bytes a pair held, only pairs of the current profiles), then add
+their own clicks, exposures and profiles. Exposures within a period come from one sort of its
+candidates by (item, time); co-click pairs are looked up in chunks.
 """
 
 from __future__ import annotations
@@ -38,19 +39,20 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from mmnewsrec.csr import csr_offsets, segment_ids
 from mmnewsrec.formats.store import DAY, NEVER, SIGNAL_NAMES, Behaviors, first_appearance
+from mmnewsrec.growing import GrowingRows, append_rows
 
 logger = logging.getLogger(__name__)
 
 COCLICK_HISTORY = 10  # clicks of a history (and of a user profile) that co-clicks look at
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
+PROFILE_CHUNK = 300_000  # profiles whose pairs are counted at once
 SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
 
 
@@ -68,14 +70,10 @@ def build_signals(
     train = splits.get(train_split)
     train = train if train is not None and train.labelled else None
     logs = list(splits.values())
+    first = first_appearance(logs, num_news)
     imps = Impressions.concat(logs, [b is train for b in logs])
     table = np.empty((len(imps.candidate_items), len(SIGNAL_NAMES)), dtype=np.float32)
-    per_period_signals(imps, num_news, lag, history, table)
-    first = first_appearance(logs, num_news)[imps.candidate_items]
-    times = imps.times[imps.candidate_impression]
-    table[:, 2] = np.log1p(np.maximum(times - first, 0) / 3600.0)
-    sizes = np.diff(imps.history_offsets)
-    table[:, 4] = np.log1p(sizes[imps.candidate_impression])
+    per_period_signals(imps, first, lag, history, table)
     bounds = csr_offsets(np.array([len(b.candidate_items) for b in logs]))
     for i, name in enumerate(splits):
         np.save(folder / f"{name}.npy", table[bounds[i] : bounds[i + 1]])
@@ -128,12 +126,14 @@ class Impressions:
 
     @classmethod
     def concat(cls, logs: Sequence[Behaviors], counted: Sequence[bool]) -> Impressions:
-        """`counted`: per log, whether its clicks count."""
+        """`counted`: per log, whether its clicks count. One log's arrays are not copied."""
         empty = np.zeros(0, dtype=np.int64)
 
+        def joined(parts: list[np.ndarray], dtype: type[np.generic]) -> np.ndarray:
+            return parts[0] if len(parts) == 1 else np.concatenate([np.zeros(0, dtype), *parts])
+
         def flat(name: str, dtype: type[np.integer] = np.int64) -> np.ndarray:
-            parts: list[np.ndarray] = [np.asarray(getattr(b, name), dtype=dtype) for b in logs]
-            return np.concatenate([np.zeros(0, dtype=dtype), *parts])
+            return joined([np.asarray(getattr(b, name), dtype=dtype) for b in logs], dtype)
 
         def offsets(kind: str) -> np.ndarray:
             sizes = [np.diff(getattr(b, f"{kind}_offsets")) for b in logs]
@@ -149,7 +149,7 @@ class Impressions:
             flat("history_items", np.int32),
             offsets("candidate"),
             flat("candidate_items", np.int32),
-            np.concatenate([np.zeros(0, dtype=bool), *clicks]),
+            joined(clicks, np.bool_),
         )
 
     def take(self, rows: np.ndarray) -> Impressions:
@@ -166,17 +166,25 @@ class Impressions:
             self.counted[cand_pos],
         )
 
-    @cached_property
-    def candidate_impression(self) -> np.ndarray:
-        """(C,) the impression of each candidate."""
-        return segment_ids(self.candidate_offsets)
 
-
-def profile_pairs(imps: Impressions, rows: np.ndarray, width: int, history: int) -> np.ndarray:
-    """Pair keys x * width + y, x <= y, of the profile (the set of the last `history` clicks)
-    of each impression of `rows`, all together (x == y: the profile holds x)."""
+def profile_pairs(
+    imps: Impressions, rows: np.ndarray, width: int, history: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The profiles (each the set of the last `history` clicks) of the impressions `rows`, all
+    together: (their items, their pair keys x * width + y of x < y)."""
     offsets, pos = last_clicks(imps.history_offsets, rows, history)
-    return set_pairs(np.diff(offsets), imps.history_items[pos], width)
+    owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
+    keys = np.sort(owner * width + imps.history_items[pos])
+    first_of = np.ones(len(keys), dtype=bool)
+    first_of[1:] = keys[1:] != keys[:-1]
+    keys = keys[first_of]  # a set per profile, sorted
+    owner, item = np.divmod(keys, width)
+    ends = csr_offsets(np.bincount(owner, minlength=len(rows)))[owner + 1]
+    # x at position i pairs with positions i + 1 .. the end of its profile
+    after = ends - np.arange(len(item)) - 1
+    first = np.repeat(np.arange(len(item)), after)
+    second = first + 1 + np.arange(len(first)) - np.repeat(csr_offsets(after)[:-1], after)
+    return item, item[first] * width + item[second]
 
 
 def set_pairs(sizes: np.ndarray, items: np.ndarray, width: int) -> np.ndarray:
@@ -196,63 +204,81 @@ def set_pairs(sizes: np.ndarray, items: np.ndarray, width: int) -> np.ndarray:
     return item[first] * width + item[second]
 
 
-class PairTable:
-    """Counts of int64 keys >= 0 in an open-addressing hash table (linear probing), read and
-    updated a whole array of keys at a time."""
+class PairCounts:
+    """Counts of item pairs, held as sorted unique keys x * width + y (x < y < width) and their
+    int32 counts (never 0), with a one-hash Bloom filter of the pairs (16 bits a pair, hashed
+    from random codes of the two items) that rules out most absent pairs before any key is
+    made: 14 bytes a pair held. Read and updated a whole array of pairs at a time."""
 
-    def __init__(self, capacity: int = 0) -> None:
-        self._empty(capacity)
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.keys = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int32)
+        # a code per item, and one for `width` (padding, in no pair)
+        self._codes = np.random.default_rng(0).integers(0, 2**32, width + 1, dtype=np.uint32)
+        self._filter: np.ndarray | None = None  # of self.keys; None: to build
 
-    def _empty(self, capacity: int) -> None:
-        """An empty table with room for `capacity` keys, at most a quarter full (a key absent
-        from a quarter-full table is found absent after 1.4 slots on average)."""
-        self.bits = max(10, (4 * capacity).bit_length())
-        self.keys = np.full(1 << self.bits, -1, dtype=np.int64)
-        self.counts = np.zeros(1 << self.bits, dtype=np.int64)
-
-    def _slots(self, keys: np.ndarray) -> np.ndarray:
-        mixed = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps: Fibonacci hash
-        return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
+    def __len__(self) -> int:
+        return len(self.keys)
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         """The count of each key (0 if absent)."""
-        out = np.zeros(len(keys), dtype=np.int64)
-        todo, slot = np.arange(len(keys)), self._slots(keys)
-        mask = (1 << self.bits) - 1
-        while len(todo):
-            held = self.keys[slot]
-            found = held == keys[todo]
-            out[todo[found]] = self.counts[slot[found]]
-            going = ~found & (held != -1)
-            todo, slot = todo[going], (slot[going] + 1) & mask
+        out = np.zeros(len(keys), np.int32)
+        if not len(self.keys):
+            return out
+        order = np.argsort(keys)  # a search in sorted order is several times faster
+        wanted = keys[order]
+        pos = np.searchsorted(self.keys, wanted).clip(max=len(self.keys) - 1)
+        out[order] = np.where(self.keys[pos] == wanted, self.counts[pos], 0)
         return out
 
     def add(self, keys: np.ndarray, deltas: np.ndarray) -> None:
-        """counts[key] += delta (a key may come several times)."""
-        held = self.keys != -1
-        if 4 * (int(held.sum()) + len(keys)) > len(self.keys):  # rebuild, dropping zeros
-            live = held & (self.counts != 0)
-            old_keys, old_counts = self.keys[live], self.counts[live]
-            self._empty(len(old_keys) + len(keys))
-            self.add(old_keys, old_counts)
-        todo, slot = np.arange(len(keys)), self._slots(keys)
-        mask = (1 << self.bits) - 1
-        while len(todo):
-            empty = self.keys[slot] == -1
-            self.keys[slot[empty]] = keys[todo[empty]]  # among keys after one slot, one wins
-            found = self.keys[slot] == keys[todo]
-            np.add.at(self.counts, slot[found], deltas[todo[found]])
-            moving = ~found & ~empty  # a slot held by another key; losers look again
-            slot = np.where(moving, (slot + 1) & mask, slot)[~found]
-            todo = todo[~found]
+        """counts[key] += delta (a key may come several times); a key whose count becomes 0
+        is dropped."""
+        if not len(keys):
+            return
+        order = np.argsort(keys)
+        keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        deltas, keys = np.add.reduceat(deltas[order], starts), keys[starts]
+        pos = np.searchsorted(self.keys, keys)
+        found = pos < len(self.keys)
+        found[found] = self.keys[pos[found]] == keys[found]
+        self.counts[pos[found]] += deltas[found].astype(np.int32)
+        new = ~found & (deltas != 0)
+        self.keys = np.insert(self.keys, pos[new], keys[new])
+        self.counts = np.insert(self.counts, pos[new], deltas[new].astype(np.int32))
+        live = self.counts != 0
+        if not live.all():
+            self.keys, self.counts = self.keys[live], self.counts[live]
+        self._filter = None
+
+    def may_hold(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per pair of items (x, y broadcast together, either order): False for a pair surely
+        absent; true for a held pair and ~6% of the absent ones."""
+        if self._filter is None:
+            self._filter = np.zeros(1 << self._filter_bits() >> 3, np.uint8)
+            slot = self._slots(*np.divmod(self.keys, self.width))
+            bit = np.left_shift(1, (slot & 7).astype(np.uint8), dtype=np.uint8)
+            np.bitwise_or.at(self._filter, slot >> 3, bit)
+        slot = self._slots(x, y)
+        return (self._filter[slot >> 3] >> (slot & 7).astype(np.uint8) & 1).view(bool)
+
+    def _filter_bits(self) -> int:
+        """log2 of the filter's bits: at least 16 a pair (at most 2**32)."""
+        return min(32, max(6, (16 * len(self.keys) - 1).bit_length()))
+
+    def _slots(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The filter's bit of each pair: the top bits of the xor of the items' codes."""
+        return (self._codes[x] ^ self._codes[y]) >> np.uint32(32 - self._filter_bits())
 
 
 def per_period_signals(
-    imps: Impressions, num_news: int, lag: int, history: int, table: np.ndarray
+    imps: Impressions, first: np.ndarray, lag: int, history: int, table: np.ndarray
 ) -> None:
-    """Fill popularity, exposures and coclick of `table` (C, 5), one period at a time: what
-    the impressions of a period see, then what they add."""
-    width = num_news + 1
+    """Fill `table` (C, 5) one period at a time: what the impressions of a period see, then
+    what they add. `first`: (N+1,) each item's first appearance (`first_appearance`)."""
+    width = len(first)
     period = imps.times // lag
     periods = np.unique(period)
     imp_order, imp_bounds = group_by_rank(np.searchsorted(periods, period), len(periods))
@@ -261,7 +287,7 @@ def per_period_signals(
     clicks, shown = np.zeros(width, np.int64), np.zeros(width, np.int64)
     total_clicks = 0
     holders = np.zeros(width, np.int64)  # n(x): profiles holding x
-    pairs = PairTable()  # n(x, y), x < y
+    pairs = PairCounts(width)  # n(x, y), x < y
     profile_of = np.full(int(imps.users.max(initial=-1)) + 1, -1)  # impression per user
     for r in range(len(periods)):
         rows = imp_order[imp_bounds[r] : imp_bounds[r + 1]]
@@ -271,23 +297,47 @@ def per_period_signals(
         within = earlier_within(items, np.searchsorted(times, imps.times[rows]), cand_offsets)
         count = shown[items] + within
         table[cand, 1] = log_share(count, np.repeat(earlier[rows], np.diff(cand_offsets)))
+        shown_at = np.repeat(imps.times[rows], np.diff(cand_offsets))
+        table[cand, 2] = np.log1p(np.maximum(shown_at - first[items], 0) / 3600.0)
         table[cand, 3] = coclick(imps, rows, cand_offsets, cand, holders, pairs, history)
+        sizes = np.diff(imps.history_offsets)[rows]
+        table[cand, 4] = np.repeat(np.log1p(sizes), np.diff(cand_offsets))
         counted = imps.counted[cand]
         clicks += np.bincount(items[counted], minlength=width)
         total_clicks += int(counted.sum())
         shown += np.bincount(items, minlength=width)
+        del cand, items, within, count, shown_at, counted  # memory for the profiles' pairs
         # each user's latest impression of the period (log order among equal times)
         latest = rows[np.lexsort((rows, imps.times[rows], imps.users[rows]))]
         users = imps.users[latest]
         latest = latest[np.r_[users[1:] != users[:-1], True]]
         replaced = profile_of[imps.users[latest]]
-        gone = profile_pairs(imps, replaced[replaced >= 0], width, history)
-        keys = np.r_[gone, profile_pairs(imps, latest, width, history)]
-        signs = np.r_[np.full(len(gone), -1), np.ones(len(keys) - len(gone), np.int64)]
-        x, y = np.divmod(keys, width)
-        holders += np.bincount(x[x == y], signs[x == y], minlength=width).astype(np.int64)
-        pairs.add(keys[x != y], signs[x != y])
+        update_profiles(imps, replaced[replaced >= 0], latest, holders, pairs, history)
         profile_of[imps.users[latest]] = latest
+
+
+def update_profiles(
+    imps: Impressions,
+    gone: np.ndarray,
+    new: np.ndarray,
+    holders: np.ndarray,
+    pairs: PairCounts,
+    history: int,
+) -> None:
+    """Replace the profiles of the impressions `gone` by those of `new` in the item and pair
+    counts, PROFILE_CHUNK profiles at a time (~history ** 2 / 2 pair keys each)."""
+    width = len(holders)
+    rows = np.r_[gone, new]
+    signs = np.r_[np.full(len(gone), -1), np.ones(len(new), np.int64)]
+    for lo in range(0, len(rows), PROFILE_CHUNK):
+        keys, deltas = [], []
+        for sign in (-1, 1):
+            chosen = rows[lo : lo + PROFILE_CHUNK][signs[lo : lo + PROFILE_CHUNK] == sign]
+            items, pair_keys = profile_pairs(imps, chosen, width, history)
+            holders += sign * np.bincount(items, minlength=width)
+            keys.append(pair_keys)
+            deltas.append(np.full(len(pair_keys), sign, np.int32))
+        pairs.add(np.concatenate(keys), np.concatenate(deltas))
 
 
 def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -295,7 +345,7 @@ def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray
     those impressions with a strictly smaller time rank have the same item."""
     rank = np.repeat(time_rank, np.diff(offsets))
     key = items.astype(np.int64) * (int(time_rank.max(initial=0)) + 1) + rank
-    order = np.argsort(key, kind="stable")
+    order = np.argsort(key)  # equal keys get equal answers: no need for a stable sort
     key, item = key[order], items[order]
     position = np.arange(len(key))
     item_start = np.maximum.accumulate(np.where(np.r_[True, item[1:] != item[:-1]], position, 0))
@@ -311,37 +361,34 @@ def coclick(
     cand_offsets: np.ndarray,
     cand: np.ndarray,
     holders: np.ndarray,
-    pairs: PairTable,
+    pairs: PairCounts,
     history: int,
 ) -> np.ndarray:
     """Mean cosine of each candidate (flat positions `cand` of impressions `rows`, CSR
-    `cand_offsets`) with its impression's last `history` clicks, in chunks of pairs."""
-    out = np.zeros(len(cand))
+    `cand_offsets`) with its impression's last `history` clicks, PAIR_CHUNK pairs at a time."""
     width = len(holders)
-    per_row = np.diff(imps.history_offsets)[rows].clip(max=history)
-    per_candidate = np.repeat(per_row, np.diff(cand_offsets))
-    ends = np.cumsum(per_candidate)
-    imp = np.repeat(rows, np.diff(cand_offsets))
-    lo = 0
-    while lo < len(cand):
-        hi = int(np.searchsorted(ends, ends[lo] - per_candidate[lo] + PAIR_CHUNK, "right"))
-        hi = max(hi, lo + 1)
-        offsets, pos = last_clicks(imps.history_offsets, imp[lo:hi], history)
-        sizes = np.diff(offsets)
-        owner = np.repeat(np.arange(hi - lo), sizes)
-        c = imps.candidate_items[cand[lo:hi]][owner]
-        h = imps.history_items[pos]
-        n_c, n_h = holders[c], holders[h]
-        same = c == h  # cos(c, c) = 1 for an item in a profile
-        look = np.flatnonzero((n_c > 0) & (n_h > 0) & ~same)  # else n(c, h) = 0
-        low = np.minimum(c[look], h[look]).astype(np.int64)
-        n_ch = pairs.get(low * width + np.maximum(c[look], h[look]))
-        hit = look[n_ch > 0]
-        cos = n_ch[n_ch > 0] / np.sqrt((n_c[hit] * n_h[hit]).astype(np.float64))
-        total = np.bincount(owner[hit], cos, minlength=hi - lo)
-        total += np.bincount(owner[same & (n_c > 0)], minlength=hi - lo)
-        out[lo:hi] = total / np.maximum(sizes, 1)
-        lo = hi
+    offsets, pos = last_clicks(imps.history_offsets, rows, history)
+    sizes = np.diff(offsets)
+    clicks = np.full((len(rows), history), width, np.int32)  # padded with an item in no profile
+    clicks[segment_ids(offsets), np.arange(len(pos)) - np.repeat(offsets[:-1], sizes)] = (
+        imps.history_items[pos]
+    )
+    imp = segment_ids(cand_offsets)
+    out = np.zeros(len(cand))
+    step = max(1, PAIR_CHUNK // history)
+    for lo in range(0, len(cand), step):
+        c = imps.candidate_items[cand[lo : lo + step]]
+        h = clicks[imp[lo : lo + step]]  # (candidates, history)
+        n_c = holders[c]
+        same = h == c[:, None]  # cos(c, c) = 1 for an item in a profile
+        look = np.flatnonzero(pairs.may_hold(c[:, None], h) & ~same)  # else n(c, h) = 0
+        owner, h = look // history, h.ravel()[look]
+        n_ch = pairs.get(np.minimum(c[owner], h).astype(np.int64) * width + np.maximum(c[owner], h))
+        hit = n_ch > 0  # then n(c) and n(h) > 0
+        cos = n_ch[hit] / np.sqrt((n_c[owner[hit]] * holders[h[hit]]).astype(np.float64))
+        total = np.bincount(owner[hit], cos, minlength=len(c))
+        total += (same & (n_c > 0)[:, None]).sum(axis=1)
+        out[lo : lo + step] = total / np.maximum(sizes[imp[lo : lo + step]], 1)
     return out
 
 
@@ -359,7 +406,7 @@ class SignalState:
 
     Held in memory: per news item click, exposure and first-appearance counts (numpy), the
     user profiles (the last `history` clicks of their latest history, by user index) and the
-    co-occurrence counts of their items (a `PairTable`; about `history` ** 2 pairs per user),
+    co-occurrence counts of their items (a `PairCounts`; about `history` ** 2 pairs per user),
     which change when a period starts. `to_arrays` / `from_arrays`: all of it as named arrays.
     """
 
@@ -375,12 +422,13 @@ class SignalState:
         self.first_seen = np.full(1, NEVER, np.int64)
         self.profiles: dict[int, np.ndarray] = {}  # a set: items may repeat
         self.holders = np.zeros(1, np.int64)  # n(x): profiles holding x
-        self.pairs = PairTable()  # n(x, y) of x < y as x << 32 | y, over the profiles
+        self.pairs = PairCounts(1)  # n(x, y) of x < y as x * (num_news + 1) + y
         self.time: int | None = None  # the latest time observed or asked for
         self._period_clicks = np.zeros(1, np.int64)  # clicks of the current period
         self._period_profiles: dict[int, np.ndarray] = {}  # latest history of each user in it
         self._now_shown: list[np.ndarray] = []  # news shown by impressions of the current time
         self._now_count = 0  # those impressions
+        self._grown: dict[str, GrowingRows] = {}  # the per-news counts as news are added
         self.grow(num_news)
 
     @classmethod
@@ -393,11 +441,13 @@ class SignalState:
         extra = num_news - self.num_news
         if extra < 0:
             raise ValueError(f"cannot shrink from {self.num_news} to {num_news} news")
-        zeros = np.zeros(extra, np.int64)
-        self.clicks, self.shown = np.r_[self.clicks, zeros], np.r_[self.shown, zeros]
-        self.first_seen = np.r_[self.first_seen, np.full(extra, NEVER, np.int64)]
-        self.holders = np.r_[self.holders, zeros]
-        self._period_clicks = np.r_[self._period_clicks, zeros]
+        zeros, grown = np.zeros(extra, np.int64), self._grown
+        self.clicks = append_rows(grown, "clicks", self.clicks, zeros)
+        self.shown = append_rows(grown, "shown", self.shown, zeros)
+        never = np.full(extra, NEVER, np.int64)
+        self.first_seen = append_rows(grown, "first_seen", self.first_seen, never)
+        self.holders = append_rows(grown, "holders", self.holders, zeros)
+        self._period_clicks = append_rows(grown, "period_clicks", self._period_clicks, zeros)
         self.num_news = num_news
 
     def observe(
@@ -428,7 +478,8 @@ class SignalState:
         if np.any(np.diff(times) < 0) or (self.time is not None and times[0] < self.time):
             raise ValueError(f"times must not decrease, nor start before {self.time}")
         last = int(times[-1])
-        candidate_time = times[imps.candidate_impression]
+        candidate_impression = segment_ids(imps.candidate_offsets)
+        candidate_time = times[candidate_impression]
         np.minimum.at(self.first_seen, imps.candidate_items, candidate_time)
         np.minimum.at(
             self.first_seen, imps.history_items, np.repeat(times, np.diff(imps.history_offsets))
@@ -445,7 +496,7 @@ class SignalState:
         period, current = times // self.lag, last // self.lag
         before = period < current
         clicked = imps.counted.astype(bool)
-        early = clicked & before[imps.candidate_impression]
+        early = clicked & before[candidate_impression]
         late_clicks = np.bincount(
             imps.candidate_items[clicked & ~early], minlength=len(self.clicks)
         )
@@ -505,10 +556,18 @@ class SignalState:
         n_c, n_h = self.holders[c], self.holders[h]
         look = np.flatnonzero((n_c > 0) & (n_h > 0) & (c != h))  # else n(c, h) = 0 or n(c)
         n_ch = np.where(c == h, n_c, 0)
-        keys = np.minimum(c[look], h[look]) << 32 | np.maximum(c[look], h[look])
-        n_ch[look] = self.pairs.get(keys)
+        keys = np.minimum(c[look], h[look]) * (self.num_news + 1) + np.maximum(c[look], h[look])
+        n_ch[look] = self._pair_counts().get(keys)
         cos = np.where(n_ch > 0, n_ch / np.sqrt(np.maximum(n_c * n_h, 1).astype(np.float64)), 0)
         return cos.reshape(len(candidates), len(history)).sum(axis=1) / len(history)
+
+    def _pair_counts(self) -> PairCounts:
+        """`pairs`, their keys made again for the number of news if news were added."""
+        if self.pairs.width != self.num_news + 1:
+            x, y = np.divmod(self.pairs.keys, self.pairs.width)
+            self.pairs, counts = PairCounts(self.num_news + 1), self.pairs.counts
+            self.pairs.add(x * (self.num_news + 1) + y, counts)
+        return self.pairs
 
     def _advance(self, time: int) -> None:
         """Move to `time`: what happened before it, and before its period, now counts."""
@@ -551,7 +610,7 @@ class SignalState:
         own = x == y
         self.holders += np.bincount(x[own & (sign > 0)], minlength=width)
         self.holders -= np.bincount(x[own & (sign < 0)], minlength=width)
-        self.pairs.add((x << 32 | y)[~own], sign[~own])
+        self._pair_counts().add((x * width + y)[~own], sign[~own].astype(np.int32))
         self.profiles.update(new)
 
     # ------------------------------------------------------------------ as arrays
@@ -559,8 +618,7 @@ class SignalState:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Everything the state holds, as named arrays (`from_arrays` gives the state back):
         two states that hold the same give equal arrays."""
-        keys = np.flatnonzero((self.pairs.keys != -1) & (self.pairs.counts != 0))
-        order = np.argsort(self.pairs.keys[keys])
+        x, y = np.divmod(self.pairs.keys, self.pairs.width)  # sorted, counts never 0
         shown = np.concatenate([np.zeros(0, np.int64), *self._now_shown])
         now_shown = np.bincount(shown, minlength=len(self.shown))  # counts: order-free, small
         scalars = [self.lag, self.history, self.num_news, -1 if self.time is None else self.time]
@@ -571,8 +629,8 @@ class SignalState:
             "shown": self.shown,
             "first_seen": self.first_seen,
             "holders": self.holders,
-            "pair_keys": self.pairs.keys[keys][order],
-            "pair_counts": self.pairs.counts[keys][order],
+            "pair_keys": x << 32 | y,
+            "pair_counts": self.pairs.counts.astype(np.int64),
             "period_clicks": self._period_clicks,
             "now_shown": now_shown,
             **as_rows("profile", self.profiles),
@@ -595,10 +653,14 @@ class SignalState:
         for name in ("clicks", "shown", "first_seen", "holders"):
             setattr(state, name, np.array(arrays[name], np.int64))
         state._period_clicks = np.array(arrays["period_clicks"], np.int64)
-        state.pairs = PairTable(len(arrays["pair_keys"]))
-        state.pairs.add(np.asarray(arrays["pair_keys"]), np.asarray(arrays["pair_counts"]))
-        counts = np.asarray(arrays["now_shown"])
-        state._now_shown = [np.repeat(np.arange(len(counts)), counts)] if now_count else []
+        keys = np.asarray(arrays["pair_keys"])
+        state.pairs = PairCounts(num_news + 1)
+        state.pairs.add(
+            (keys >> 32) * (num_news + 1) + (keys & 0xFFFFFFFF),
+            np.asarray(arrays["pair_counts"], np.int32),
+        )
+        shown = np.asarray(arrays["now_shown"])
+        state._now_shown = [np.repeat(np.arange(len(shown)), shown)] if now_count else []
         state.profiles = from_rows("profile", arrays)
         state._period_profiles = from_rows("period_profile", arrays)
         return state

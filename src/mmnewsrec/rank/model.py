@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmnewsrec.csr import mean_user_vectors, padded_to_csr
+from mmnewsrec.growing import GrowingRows, append_rows
 from mmnewsrec.recall.space import Part, RecallSpace
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class Ranker(nn.Module):
         self.register_buffer("vector_scale", scale, persistent=False)  # (D,)
         names = getattr(config, "signals", [])
         self.signal_head = SignalHead(len(names)) if names and self.trainable else None
+        self.grown_: dict[str, GrowingRows] = {}  # per-news tables as news are added
 
     @property
     def signal_names(self) -> list[str]:
@@ -176,6 +178,48 @@ class Ranker(nn.Module):
             if isinstance(module, NewsProjection):
                 module.cache_tokens(self)
         return self
+
+    def token_tables(self) -> dict[str, Tensor]:
+        """The cached news tokens by attribute path ("embed.news.cached"): the per-news tables
+        a forward reads once `cache_news_tokens` ran."""
+        return {
+            f"{name}.cached": module.cached
+            for name, module in self.named_modules()
+            if isinstance(module, NewsProjection) and module.cached is not None
+        }
+
+    def token_buffers(self) -> dict[str, Tensor]:
+        """`token_tables`' buffers, spare rows included, once news were added
+        (`mmnewsrec.growing`); the tables themselves before."""
+        buffers = {}
+        for path, table in self.token_tables().items():
+            grown = self.grown_.get(path)
+            buffers[path] = grown.buffer if grown is not None and grown.rows is table else table
+        return buffers
+
+    def news_tables(self) -> dict[str, Tensor]:
+        """Every per-news table (a row per news index) by attribute path."""
+        tables = {"news_vectors": self.news_vectors, "has_image": self.has_image}
+        return tables | self.token_tables()
+
+    @torch.inference_mode()
+    def add_news(self, rows: Tensor, has_image: Tensor, table: Tensor | None = None) -> None:
+        """Score n news added after the model's own as well (indices N+1 .. N+n): their vectors
+        `rows` (n, D) and image flags (n,). Each per-news table takes only the new rows, at the
+        end of a growing table (`mmnewsrec.growing`: amortised O(n), not O(N)); `table`: the
+        news table with `rows` already appended, where the model shares it (with recall).
+        In place: a forward running meanwhile reads only news it knew, whose rows do not
+        change. The vectors' standardisation stays that of the news the model was built on."""
+        first, grown = len(self.news_vectors), self.grown_
+        if table is None:
+            table = append_rows(grown, "news_vectors", self.news_vectors, rows)
+        self.news_vectors = table
+        self.has_image = append_rows(grown, "has_image", self.has_image, has_image)
+        added = torch.arange(first, first + len(rows), device=rows.device)
+        for name, module in self.named_modules():
+            if isinstance(module, NewsProjection) and module.cached is not None:
+                tokens = module.tokens(self, added)
+                module.cached = append_rows(grown, f"{name}.cached", module.cached, tokens)
 
 
 class SignalHead(nn.Module):
@@ -231,8 +275,10 @@ class NewsProjection(nn.Module):
         self.proj = nn.Linear(news_dim, d_model)
         self.no_image = nn.Parameter(torch.zeros(d_model)) if image_flag else None
         self.norm = nn.LayerNorm(d_model)
-
-        self.cached: Tensor | None = None  # every news item's token, see `cache_tokens`
+        # every news item's token (`cache_tokens`): a buffer, so a trace reads it as an
+        # attribute that can take a longer table (`TrainedRanker.add_news`)
+        self.cached: Tensor | None
+        self.register_buffer("cached", None, persistent=False)
 
     def forward(self, ranker: Ranker, indices: Tensor) -> Tensor:
         """(...) news indices -> (..., d) tokens."""
@@ -529,6 +575,16 @@ class PopularityRanker(Ranker):
         self.counts.copy_(counts)
         return self
 
+    def add_news(self, rows: Tensor, has_image: Tensor, table: Tensor | None = None) -> None:
+        """`Ranker.add_news`; new news have no train clicks."""
+        super().add_news(rows, has_image, table)
+        self.counts = append_rows(
+            self.grown_, "counts", self.counts, self.counts.new_zeros(len(rows))
+        )
+
+    def news_tables(self) -> dict[str, Tensor]:
+        return super().news_tables() | {"counts": self.counts}
+
     def forward(self, history: Tensor, candidates: Tensor, signals: Tensor | None = None) -> Tensor:
         return torch.log1p(self.counts[candidates]).masked_fill(candidates == 0, 0.0)
 
@@ -558,17 +614,21 @@ class MeanCosineRanker(Ranker):
         if 0 < text_dim < dim:
             parts = (Part("text", 0, text_dim), Part("image", text_dim, dim))
         space = RecallSpace(parts, weights={"image": config.image_weight}).fit(self.news_vectors)
-        self.space = space  # fitted on the news at hand; `with_rows` extends it to new news
+        self.space = space  # fitted on the news at hand; scales new rows (`add_news`)
         part_of = torch.cat([torch.full((p.stop - p.start,), i) for i, p in enumerate(parts)])
         self.register_buffer("space_mean", torch.cat(space.means_), persistent=False)  # (D,)
         self.register_buffer("space_scale", space.scales_, persistent=False)  # (N+1, P)
         self.register_buffer("space_part", part_of, persistent=False)  # (D,) part of a column
 
-    def with_rows(self, rows: Tensor) -> None:
-        """Cover news rows `rows` (n, D) added after the fitted ones: their recall-space
-        scales by the fitted means (`RecallSpace.appended`)."""
-        self.space = self.space.appended(rows)
-        self.space_scale = self.space.scales_
+    def add_news(self, rows: Tensor, has_image: Tensor, table: Tensor | None = None) -> None:
+        """`Ranker.add_news`, and the new rows' recall-space scales by the fitted means
+        (`RecallSpace.row_scales`)."""
+        super().add_news(rows, has_image, table)
+        scales = self.space.row_scales(rows)
+        self.space_scale = append_rows(self.grown_, "space_scale", self.space_scale, scales)
+
+    def news_tables(self) -> dict[str, Tensor]:
+        return super().news_tables() | {"space_scale": self.space_scale}
 
     def space_rows(self, ids: Tensor) -> Tensor:
         """(*ids.shape, D): news rows `ids` in the recall space (`RecallSpace.rows`)."""

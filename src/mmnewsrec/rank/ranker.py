@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 from mmnewsrec.config import TrainConfig, validate_config
 from mmnewsrec.devices import autocast, resolve_device
 from mmnewsrec.formats.runs import CheckpointError, check_vectors_hash, read_checkpoint
+from mmnewsrec.growing import SharedLock
 from mmnewsrec.rank.batches import BehaviorArrays, gather_history, iter_eval_batches
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class TrainedRanker:
     vectors_hash: str
     checkpoint: dict[str, Any]  # the checkpoint's metadata (no tensors)
     traced: torch.jit.ScriptModule | None = field(default=None, repr=False)  # see `trace`
+    # the trace's forwards, or one change of the tables it reads (`add_news`)
+    trace_lock: SharedLock = field(default_factory=SharedLock, repr=False, compare=False)
 
     @property
     def selection(self) -> dict[str, Any]:
@@ -140,7 +145,9 @@ class TrainedRanker:
         Python between them (on CPU, about a third less time per forward of the cpu-preset
         transformers). For a model whose weights no longer change, e.g. in a server. Only the
         neural models are traced, and the trace is used only if it scores example inputs of two
-        shapes as the model does, whole and in its two parts. Returns whether it is used."""
+        shapes as the model does, whole and in its two parts. Returns whether it is used. The
+        cached news tokens stay attributes of the trace, not constants, so that news added later
+        reach it (`add_news`) without a new trace."""
         from mmnewsrec.rank.model import Ranker
 
         model = self.model
@@ -160,8 +167,9 @@ class TrainedRanker:
                 "score_encoded": (model.encode_history(history), *rest),
             }
             # check_trace=False: its own check traces again (seconds at 100k news); ours is below
+            tables = list(model.token_tables())
             traced = torch.jit.trace_module(model, methods, check_trace=False)
-            traced = torch.jit.freeze(traced, preserved_attrs=list(methods))
+            traced = torch.jit.freeze(traced, preserved_attrs=[*methods, *tables])
         with torch.inference_mode(), optimized_execution(False):
             same = all(
                 torch.allclose(scores, model(h, *rest), 1e-5, 1e-6)
@@ -177,6 +185,47 @@ class TrainedRanker:
         self.traced = traced
         return True
 
+    def add_news(self, rows: torch.Tensor, has_image: torch.Tensor, table: Any = None) -> None:
+        """Score n news added after the model's own as well: their vectors (n, D), image flags
+        (n,) and, where the model shares it, the news table with the rows already appended.
+        In place, in amortised O(n) (`Ranker.add_news`); a trace reads the grown token tables
+        as the model does, and is not made again."""
+        from mmnewsrec.rank.model import Ranker
+
+        model = self.model
+        if not isinstance(model, Ranker):
+            raise ValueError(f"{self.path}: a {type(model).__name__} cannot take new news")
+        model.add_news(rows.to(self.device), has_image.to(self.device), table)
+        if self.traced is None:
+            return
+        # The trace reads each token table's whole buffer, spare rows too (never indexed):
+        # it takes the new buffer when the table moved to a larger one, not one per news item.
+        for path, buffer in model.token_buffers().items():
+            *modules, name = path.split(".")
+            owner = reduce(getattr, modules, self.traced)  # no get_submodule on a trace
+            held = getattr(owner, name)
+            if held.data_ptr() != buffer.data_ptr() or held.shape != buffer.shape:
+                with self.trace_lock.exclusive():  # a trace is not changed while it runs
+                    setattr(owner, name, buffer)
+
+    def forked(self, num_news: int) -> TrainedRanker:
+        """A copy for adding other news than those added to this ranker's model since it
+        scored news 0..`num_news`: the weights shared, the per-news tables cut to those news
+        (they grow apart from here), the trace made again."""
+        from mmnewsrec.rank.model import Ranker
+
+        model = self.model
+        if not isinstance(model, Ranker):
+            raise ValueError(f"{self.path}: a {type(model).__name__} cannot take new news")
+        memo: dict[int, Any] = {id(p): p for p in model.parameters()}  # shared, not copied
+        memo |= {id(t): t[: num_news + 1] for t in model.news_tables().values()}
+        memo[id(model.grown_)] = {}
+        copied = copy.deepcopy(model, memo)
+        new = replace(self, model=copied, traced=None, trace_lock=SharedLock())
+        if self.traced is not None:
+            new.trace()
+        return new
+
     @torch.inference_mode()
     def score_batch(
         self, history: torch.Tensor, candidates: torch.Tensor, signals: torch.Tensor | None = None
@@ -189,7 +238,7 @@ class TrainedRanker:
         if signals is not None:
             inputs.append(signals.to(self.device))
         # The plain interpreter: the optimising one re-profiles at each new input shape.
-        with optimized_execution(False):  # this thread's setting
+        with optimized_execution(False), self.trace_lock.shared():  # this thread's setting
             return model(*inputs).float()
 
     def score_items(

@@ -24,6 +24,7 @@ from mmnewsrec.csr import (
 )
 from mmnewsrec.files import atomic_file
 from mmnewsrec.formats.store import NEVER
+from mmnewsrec.growing import GrowingRows, SharedLock, append_rows
 from mmnewsrec.recall.channels import ItemStats, store_item_stats
 from mmnewsrec.recall.space import Part, RecallSpace, vector_parts
 
@@ -154,6 +155,9 @@ class Recaller:
         self.num_news_ = len(matrix) - 1
         self._fit_channel(stats)
         self.backend_ = self._resolve_backend()
+        self.grown_: dict[str, GrowingRows] = {}  # per-news tables as they grow (`appended`)
+        self.index_lock_ = SharedLock()  # searches, or one `add` (`appended`)
+        self.owns_index_ = False  # whether `appended` may add to index_ (not the fitted one's)
         self.index_ = None
         if self.backend_ == "faiss_hnsw" and cache_dir is not None and cache_key:
             name = f"hnsw{self.hnsw_m}-sq8-{self.space_.key}-{cache_key}.faiss"
@@ -189,28 +193,61 @@ class Recaller:
         self.channel_, self.channel_order_ = torch.from_numpy(place), torch.from_numpy(order)
         self.first_seen_ = torch.from_numpy(stats.first_seen)
 
-    def appended(self, matrix: Tensor) -> Recaller:
-        """A copy of this fitted recaller over `matrix` (N+1+n, D) float32: its news vectors
-        followed by n new rows, scaled by the fitted space and, having no clicks yet, never
-        offered by the popularity channel. A FAISS index is copied before the new rows are
-        added, so searches still running on this recaller see it unchanged."""
-        start = len(self.vectors_)
-        if matrix.shape[1] != self.vectors_.shape[1] or len(matrix) <= start:
-            raise ValueError(f"expected {start}+n rows of width {self.vectors_.shape[1]}")
-        new = copy.copy(self)
-        new.vectors_, new.num_news_ = matrix, len(matrix) - 1
-        new.space_ = self.space_.appended(matrix[start:])
-        if self.index_ is not None:
-            import faiss
+    def appended(self, rows: Tensor) -> Recaller:
+        """A copy of this fitted recaller that also holds n new news `rows` (n, D) float32 after
+        its own: scaled by the fitted space and, having no clicks yet, never offered by the
+        popularity channel.
 
-            new.index_ = faiss.clone_index(self.index_)
-            new.index_.add(new._unit_rows(torch.arange(start, len(matrix))))
+        Only the new rows are written (amortised O(n), `mmnewsrec.growing`): the copy's news
+        matrix and per-news tables are longer views of growing tables that this recaller's
+        views are the start of, and a FAISS index takes the rows itself (`add`, while no
+        search runs; the fitted index is copied once, on the first addition). This recaller
+        goes on searching its own news as before (index entries past them are dropped), so
+        requests still running on it are not disturbed. Adding to a copy that is not the
+        latest copies its tables first (O(N)).
+        """
+        start = len(self.vectors_)
+        if rows.ndim != 2 or rows.shape[1] != self.vectors_.shape[1]:
+            raise ValueError(f"expected rows of width {self.vectors_.shape[1]}, got {rows.shape}")
+        index = self.index_
+        if index is not None and index.ntotal > self.num_news_ and self.backend_ != "faiss_flat":
+            raise ValueError(
+                "news were added to a later copy of this recaller, and its HNSW index cannot "
+                "drop them: add to the latest copy"
+            )
+        new = copy.copy(self)
+        new.grown_ = grown = dict(self.grown_)  # its own: one grown from this later starts anew
+        new.vectors_ = append_rows(grown, "vectors", self.vectors_, rows.float())
+        new.num_news_ = len(new.vectors_) - 1
+        new.space_ = self.space_.appended(rows)
         if self.channel_ is not None:
-            n = len(matrix) - start
-            new.channel_ = torch.cat([self.channel_, self.channel_.new_full((n,), -torch.inf)])
+            n = len(rows)
+            absent = self.channel_.new_full((n,), -torch.inf)
+            new.channel_ = append_rows(grown, "channel", self.channel_, absent)
             never = self.first_seen_.new_full((n,), NEVER)  # absent from the logs
-            new.first_seen_ = torch.cat([self.first_seen_, never])
+            new.first_seen_ = append_rows(grown, "first_seen", self.first_seen_, never)
+        if index is not None:
+            lock = self.index_lock_
+            if not self.owns_index_ or index.ntotal != self.num_news_:
+                index, lock = self._index_copy(), SharedLock()
+            unit = new._unit_rows(torch.arange(start, start + len(rows)))
+            with lock.exclusive():
+                index.add(unit)
+            new.index_, new.index_lock_, new.owns_index_ = index, lock, True
         return new
+
+    def _index_copy(self) -> Any:
+        """A copy of the FAISS index holding this recaller's news only, for the first copy
+        that takes news (the fitted index stays as it is) and for one made from an older copy,
+        whose index a later copy took news into (a flat index drops them)."""
+        import faiss
+
+        assert self.index_ is not None
+        with self.index_lock_.shared():
+            index = faiss.clone_index(self.index_)
+        if index.ntotal > self.num_news_:
+            index.remove_ids(faiss.IDSelectorRange(self.num_news_, index.ntotal))
+        return index
 
     def user_vectors(self, histories: Any) -> np.ndarray:
         """Unit user vectors (U, D) from histories: padded (U, L) or (offsets, items)."""
@@ -469,14 +506,17 @@ class Recaller:
         index = self.index_
         assert index is not None
         query = np.ascontiguousarray(users, dtype=np.float32)
-        if self.backend_ != "faiss_hnsw":
-            return index.search(query, fetch)[1].astype(np.int64, copy=False)
-        import faiss
+        params = None
+        if self.backend_ == "faiss_hnsw":
+            import faiss
 
-        # per-call parameters: concurrent searches never share a mutated efSearch
-        ef_search = max(self.hnsw_ef_search, fetch)
-        params = faiss.SearchParametersHNSW(efSearch=ef_search)  # type: ignore[attr-defined]
-        return index.search(query, fetch, params=params)[1].astype(np.int64, copy=False)
+            # per-call parameters: concurrent searches never share a mutated efSearch
+            ef_search = max(self.hnsw_ef_search, fetch)
+            params = faiss.SearchParametersHNSW(efSearch=ef_search)  # type: ignore[attr-defined]
+        with self.index_lock_.shared():  # no `add` meanwhile (`appended`)
+            ids = index.search(query, fetch, params=params)[1].astype(np.int64, copy=False)
+        ids[ids >= self.num_news_] = -1  # news added to a later copy (`appended`)
+        return ids
 
     def _rescore(self, users: Tensor, ids: Tensor) -> Tensor:
         """Exact scores (b, n) of news `ids` (b, n); -inf where an id is 0 (none). The rows are

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmnewsrec.growing import GrowingRows, append_rows
+
 logger = logging.getLogger(__name__)
 
 NORM_BLOCK = 65_536  # rows whose centred norms are computed at a time
@@ -79,6 +81,7 @@ class RecallSpace:
             self.means_.append(torch.zeros(block.shape[1]) if mean is None else mean)
             scales.append(self._scales(p, block, present, norms))
         self.scales_ = torch.stack(scales, dim=1)  # (N+1, P)
+        self.grown_: dict[str, GrowingRows] = {}  # scales_ as it grows (`append_rows`)
         logger.info("recall space %s over %d rows", self.key, len(matrix))
         return self
 
@@ -89,16 +92,22 @@ class RecallSpace:
         weight = self.weights.get(self.parts[p].name, 1.0)
         return torch.where(present, weight / norms.clamp_min(1e-12), 0.0)
 
-    def appended(self, rows: Tensor) -> RecallSpace:
-        """A copy of this fitted space that also covers `rows` (n, D), new rows after the
-        fitted ones: their scales by the fitted means (which stay as they are)."""
+    def row_scales(self, rows: Tensor) -> Tensor:
+        """(n, P) scales of new rows `rows` (n, D) by the fitted means."""
         scales = []
         for p, part in enumerate(self.parts):
             block = rows[:, part.start : part.stop]
             norms = torch.linalg.vector_norm(block, dim=1)
             scales.append(self._scales(p, block, norms > 0, norms))
+        return torch.stack(scales, dim=1)
+
+    def appended(self, rows: Tensor) -> RecallSpace:
+        """A copy of this fitted space that also covers `rows` (n, D), new rows after the
+        fitted ones: their scales by the fitted means (which stay as they are), written after
+        this space's scales in a growing table (`mmnewsrec.growing`): O(n), not O(N + n)."""
         space = copy.copy(self)
-        space.scales_ = torch.cat([self.scales_, torch.stack(scales, dim=1)])
+        space.grown_ = dict(self.grown_)  # a copy's own: one grown from this later starts anew
+        space.scales_ = append_rows(space.grown_, "scales", self.scales_, self.row_scales(rows))
         return space
 
     def rows(self, matrix: Tensor, ids: Tensor) -> Tensor:

@@ -288,11 +288,11 @@ def add_to_app(state: Any, news: NewNews, has_image: bool) -> Recommender:
             except DuplicateNews as err:
                 raise HTTPException(409, str(err)) from None
             return current
-        updated = current.with_news(news, vector)
-        if state.live is not None:  # on disk before the reply and before it is served
+        if state.live is not None:  # on disk, and counted, before it is served
             added_at = int(time.time())
             state.live.state.add_news(news, added_at, vector)
-            state.live.news_added(updated.index_of(news.news_id), added_at)
+            state.live.news_added(current.num_news + 1, added_at)
+        updated = current.with_news(news, vector)
         state.recommender = updated
         return updated
 

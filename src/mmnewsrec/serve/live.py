@@ -30,6 +30,7 @@ from mmnewsrec.data.signals import (
 )
 from mmnewsrec.files import atomic_file
 from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
+from mmnewsrec.growing import GrowingRows, append_rows
 from mmnewsrec.recall.channels import store_item_stats
 from mmnewsrec.serve.backends import open_state
 from mmnewsrec.serve.recommender import Recommendation, Recommender
@@ -231,13 +232,16 @@ class Popularity:
         self.weights, self.first_seen = stats.popularity.copy(), stats.first_seen.copy()
         self.ref = self.end = stats.end
         self.half_life = half_life_days * DAY
+        self._grown: dict[str, GrowingRows] = {}
 
     def grow(self, num_news: int) -> None:
-        """Room for news indices up to `num_news` (never seen, no clicks)."""
+        """Room for news indices up to `num_news` (never seen, no clicks), in amortised O(1)
+        per news item (`mmnewsrec.growing`)."""
         extra = num_news + 1 - len(self.weights)
         if extra > 0:
-            self.weights = np.concatenate([self.weights, np.zeros(extra)])
-            self.first_seen = np.concatenate([self.first_seen, np.full(extra, NEVER)])
+            self.weights = append_rows(self._grown, "weights", self.weights, np.zeros(extra))
+            never = np.full(extra, NEVER, dtype=self.first_seen.dtype)
+            self.first_seen = append_rows(self._grown, "first_seen", self.first_seen, never)
 
     def observe(
         self, seen: np.ndarray, seen_times: np.ndarray, clicked: np.ndarray, click_times: np.ndarray
@@ -375,12 +379,13 @@ class LiveState:
     def with_added_news(
         self, recommender: Recommender, added: Sequence[tuple[NewNews, int, np.ndarray]]
     ) -> Recommender:
-        """`recommender` with logged news (item, time added, vector), fresh from their time."""
+        """`recommender` with logged news (item, time added, vector), fresh from their time.
+        The counters take them first: the recommender's lookups, which it shares with the one
+        it came from, then find them."""
         if added:
+            for j, (_, time, _) in enumerate(added):
+                self.news_added(recommender.num_news + 1 + j, time)
             recommender = recommender.with_news_batch([(n, v) for n, _, v in added])
-            self.popularity.grow(recommender.num_news)
-            for news, time, _ in added:
-                self.news_added(recommender.index_of(news.news_id), time)
         return recommender
 
     def signal_values(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:

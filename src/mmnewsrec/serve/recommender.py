@@ -4,7 +4,6 @@ trained model, fall back to the most clicked news when nothing in the history is
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import threading
 import time
@@ -12,11 +11,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
 from mmnewsrec.formats.store import SIGNAL_NAMES
+from mmnewsrec.growing import GrowingRows, append_rows
 
 if TYPE_CHECKING:
     from mmnewsrec.formats.store import Store
@@ -166,14 +166,20 @@ class Recommender:
         )
         news = store.news
         # A dict answers one request's lookups in microseconds (Store.news_index builds a
-        # mapping over the whole corpus per call, meant for batch work).
+        # mapping over the whole corpus per call, meant for batch work). It, the lists and the
+        # growing tables below are shared with the copies that added news make (`with_news`),
+        # which append to them; this one reads its first `num_news` news only.
         self._index = {news_id: i + 1 for i, news_id in enumerate(news["news_id"].to_list())}
         self._columns = {
             name: [None, *news[name].to_list()]
             for name in ("news_id", "title", "category", "subcategory", "abstract", "url")
         }
         self._images = [None, *news["image_path"].to_list()]
+        self._num_news = store.num_news
         self._titles_lower = news["title"].str.to_lowercase()
+        self._added_titles: list[str] = []  # those of the news added, lower case
+        self._grown: dict[str, GrowingRows] = {}
+        self._adding = threading.Lock()  # one `with_news` at a time, in this and its copies
         self.clicks = self._train_clicks()
         self._counts = {  # /health answers from these, without a pass over the corpus
             "news": store.num_news,
@@ -243,18 +249,20 @@ class Recommender:
     # ------------------------------------------------------------------ news
 
     def index_of(self, news_id: str) -> int:
-        """Store index of a news id; 0 when unknown."""
-        return self._index.get(news_id, 0)
+        """Store index of a news id; 0 when unknown (or added after this recommender)."""
+        index = self._index.get(news_id, 0)
+        return index if index <= self._num_news else 0
 
     @property
     def news_lookup(self) -> dict[str, int]:
-        """News id -> index of every served news item (not to be changed)."""
+        """News id -> index of every served news item (not to be changed; it may already hold
+        news added to a later copy of this recommender)."""
         return self._index
 
     @property
     def num_news(self) -> int:
         """News served (the store's and those added)."""
-        return len(self._images) - 1
+        return self._num_news
 
     def news_ids_of(self, indices: Sequence[int] | np.ndarray) -> list[str]:
         return [self._columns["news_id"][int(i)] for i in indices]
@@ -283,7 +291,14 @@ class Recommender:
 
     def search_titles(self, query: str, limit: int = 10) -> list[int]:
         """Indices of news whose title contains `query` (any case), most clicked first."""
-        found = self._titles_lower.str.contains(query.lower(), literal=True).to_numpy()
+        import polars as pl
+
+        query = query.lower()
+        found = self._titles_lower.str.contains(query, literal=True).to_numpy()
+        added = self._added_titles[: self._num_news - len(found)]
+        if added:
+            more = pl.Series(added, dtype=pl.String).str.contains(query, literal=True)
+            found = np.concatenate([found, more.to_numpy()])
         hits = np.flatnonzero(found) + 1
         return hits[np.argsort(-self.clicks[hits], kind="stable")[:limit]].tolist()
 
@@ -320,7 +335,8 @@ class Recommender:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         start = time.perf_counter()
-        indices = [self._index.get(news_id, 0) for news_id in history]
+        lookup, last = self._index, self._num_news
+        indices = [i if (i := lookup.get(news_id, 0)) <= last else 0 for news_id in history]
         unknown = [news_id for news_id, i in zip(history, indices, strict=True) if i == 0]
         known = np.array([i for i in indices if i], dtype=np.int64)
         return self.recommend_known(known, k, exclude_history, unknown, start)
@@ -340,6 +356,7 @@ class Recommender:
         `user`: whose recall (`recall_cache`) and history encoding (`history_cache`) are kept
         and reused while their history (and for recall the corpus) stays the same."""
         start = time.perf_counter() if start is None else start
+        known = known[known <= self._num_news]  # clicks on news added since: a later copy's
         used = known[-self.ranker.history_len :]
         exclude = np.unique(known) if exclude_history else known[:0]
         timings = {"lookup": _ms(start)}
@@ -424,48 +441,84 @@ class Recommender:
     def with_news(self, news: NewNews, vector: np.ndarray) -> Recommender:
         """A recommender that also serves `news`, of news vector `vector` (D,): a new row of
         the news matrix that recall and the reranker share, of the recall index and of the
-        metadata, with no clicks and no image. This one stays as it is for the requests still
-        running on it; a server swaps the new one in. The store on disk does not change."""
+        metadata, with no clicks and no image. A server swaps it in; requests still running on
+        this one go on with the news it knew. The store on disk does not change.
+
+        Only the new rows are written (amortised O(1) per news item): the news matrix, the
+        recall space's scales, the reranker's per-news tables and the metadata are growing
+        tables and lists (`mmnewsrec.growing`) shared with this recommender, which reads only
+        their first `num_news` rows; the FAISS index takes the item itself; the reranker's trace
+        reads the grown tables. Adding to a recommender that is not the latest (one that
+        another took news from already) copies its tables first, O(N) once; that copy then
+        grows apart."""
         return self.with_news_batch([(news, vector)])
 
     def with_news_batch(self, added: Sequence[tuple[NewNews, np.ndarray]]) -> Recommender:
-        """`with_news` for several news at once (one copy of the news matrix, one trace)."""
-        import polars as pl
+        """`with_news` for several news at once."""
         import torch
 
+        from mmnewsrec.rank.model import Ranker
+
         ids = [news.news_id for news, _ in added]
-        for news_id in ids:
-            if news_id in self._index:
-                raise ValueError(f"news id {news_id!r} is already served")
         if len(set(ids)) < len(ids):
             raise ValueError("news ids repeated among the added news")
-        first = len(self._images)  # the first new row's news index
         rows = torch.as_tensor(np.stack([v for _, v in added]), dtype=torch.float32)
         if rows.shape[1] != self.recaller.vectors_.shape[1]:
             raise ValueError(
                 f"a news vector of {rows.shape[1]} values; the news have {self.vectors.dim}"
             )
-        matrix = torch.cat([self.recaller.vectors_, rows])
+        model = self.ranker.model
+        if not isinstance(model, Ranker):
+            raise ValueError(f"{self.ranker.path}: a {type(model).__name__} cannot take new news")
+        with self._adding:
+            for news_id in ids:
+                if self.index_of(news_id):
+                    raise ValueError(f"news id {news_id!r} is already served")
+            new = self._latest_or_copy()
+            new.recaller = self.recaller.appended(rows)
+            shared = model.news_vectors is self.recaller.vectors_
+            if len(model.news_vectors) != self._num_news + 1:  # a later copy's news in it
+                new.ranker = self.ranker.forked(self._num_news)
+            table = new.recaller.vectors_ if shared else None
+            new.ranker.add_news(rows, torch.zeros(len(rows), dtype=torch.bool), table)
+            new._append_metadata([news for news, _ in added])
+            return new
+
+    def _latest_or_copy(self) -> Recommender:
+        """A copy that shares this one's lookups and growing tables (to append to) if it is
+        the latest recommender, else one with copies of its part of them."""
         new = copy.copy(self)
-        new.ranker = ranker_with_news(self.ranker, matrix, self.recaller.vectors_)
-        new.recaller = self.recaller.appended(matrix)
-        new.recall_cache = UserCache(RECALL_CACHE_USERS)  # recalls without the new news
-        new._index = self._index | {news_id: first + j for j, news_id in enumerate(ids)}
-        new._columns = {
-            k: [*v, *(getattr(news, k) for news, _ in added)] for k, v in self._columns.items()
-        }
-        new._images = [*self._images, *([None] * len(added))]
-        titles = pl.Series([news.title.lower() for news, _ in added])
-        new._titles_lower = pl.concat([self._titles_lower, titles])
-        new.clicks = np.append(self.clicks, np.zeros(len(added), dtype=self.clicks.dtype))
-        # last of the news with no clicks
-        new._popular = np.append(self._popular, np.arange(first, first + len(added)))
-        count = self._counts.get("added_news", 0) + len(added)
-        new._counts = self._counts | {
-            "news": self._counts["news"] + len(added),
-            "added_news": count,
-        }
+        new._grown = dict(self._grown)  # its own: one grown from this later starts anew
+        if len(self._images) == self._num_news + 1:
+            return new
+        count = self._num_news
+        new._columns = {name: column[: count + 1] for name, column in self._columns.items()}
+        new._images = self._images[: count + 1]
+        new._added_titles = self._added_titles[: count - len(self._titles_lower)]
+        new._index = {news_id: i for news_id, i in self._index.items() if i <= count}
         return new
+
+    def _append_metadata(self, added: list[NewNews]) -> None:
+        """The lookups, lists and counts of this (new) recommender with `added` after its
+        news, which have no clicks and no image."""
+        first, n = self._num_news + 1, len(added)
+        for name, column in self._columns.items():
+            column.extend(getattr(news, name) for news in added)
+        self._images.extend([None] * n)
+        self._added_titles.extend(news.title.lower() for news in added)
+        zeros = np.zeros(n, dtype=self.clicks.dtype)
+        self.clicks = append_rows(self._grown, "clicks", self.clicks, zeros)
+        # last of the news with no clicks
+        last = np.arange(first, first + n)
+        self._popular = append_rows(self._grown, "popular", self._popular, last)
+        self._num_news += n
+        self.recall_cache = UserCache(RECALL_CACHE_USERS)  # recalls without the new news
+        self._counts = self._counts | {
+            "news": self._counts["news"] + n,
+            "added_news": self._counts.get("added_news", 0) + n,
+        }
+        # last: a lookup finds the news once every table holds them
+        self._index.update({news.news_id: first + j for j, news in enumerate(added)})
 
 
 def shared_news_matrix(ranker: TrainedRanker, vectors: NewsVectors) -> Any:
@@ -475,35 +528,6 @@ def shared_news_matrix(ranker: TrainedRanker, vectors: NewsVectors) -> Any:
     if matrix is not None and matrix.device.type == "cpu" and matrix.shape == vectors.vectors.shape:
         return matrix
     return vectors.vectors
-
-
-def ranker_with_news(ranker: TrainedRanker, matrix: Any, recall_matrix: Any) -> TrainedRanker:
-    """`ranker` over a news table with new rows (no image) after its own: `matrix`, if the
-    ranker's table was `recall_matrix` (shared), else its own table extended by the same rows.
-    The weights are shared; per-news caches are computed again, the trace made again."""
-    import torch
-
-    from mmnewsrec.rank.model import MeanCosineRanker, PopularityRanker, Ranker
-
-    model = ranker.model
-    if not isinstance(model, Ranker):
-        raise ValueError(f"{ranker.path}: a {type(model).__name__} cannot take new news")
-    old = model.news_vectors
-    if old is not recall_matrix:
-        matrix = torch.cat([old, matrix[len(old) :].to(old.device)])
-    flags = torch.cat([model.has_image, model.has_image.new_zeros(len(matrix) - len(old))])
-    memo: dict[int, Any] = {id(p): p for p in model.parameters()}  # shared, not copied
-    copied = copy.deepcopy(model, memo | {id(old): matrix, id(model.has_image): flags})
-    if isinstance(copied, PopularityRanker):  # train clicks per news: none for new news
-        counts = cast(torch.Tensor, model.counts)
-        copied.counts = torch.cat([counts, counts.new_zeros(len(matrix) - len(old))])
-    if isinstance(copied, MeanCosineRanker):  # recall-space scales of the new rows
-        copied.with_rows(matrix[len(old) :])
-    copied.cache_news_tokens()
-    new = dataclasses.replace(ranker, model=copied, traced=None)
-    if ranker.traced is not None:
-        new.trace()
-    return new
 
 
 def check_same_news(store: Store, vectors: NewsVectors) -> None:
