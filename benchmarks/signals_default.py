@@ -1,8 +1,9 @@
 """Content only vs content + behaviour signals, per ranker, over seeds: should signals be on?
 
 For each data set (the default synthetic set of `mmnewsrec demo`, and MovieLens 100K in MIND
-format) writes an experiment file and runs it with `run_experiment` (prepare, MiniLM text
-vectors, `train_cpu` with its default validation rule, dev metrics): fast_rec_transformer and
+format) writes an experiment file and runs it with `run_experiment` (prepare; MiniLM +
+EfficientNet-Lite0 vectors for the synthetic set, whose news have images, MiniLM text vectors
+for MovieLens; `train_cpu` with its default validation rule, dev metrics): fast_rec_transformer and
 additive_attention, each without and with all signals, over `--seeds`. Prints dev AUC mean +-
 std per row and data set, the synthetic generator's oracle and visible AUC, the time taken and
 the load average.
@@ -37,10 +38,22 @@ seeds = {seeds}
 recall_k = [10]
 jobs = {jobs}
 
+"""
+
+# The synthetic news have images: the demo's best vectors, MiniLM + EfficientNet-Lite0.
+ENCODERS = {
+    "synthetic": """
+[encoders."minilm+effnet"]
+image_encoder = "efficientnet-lite0"
+image_size = 128
+fusion = "concat"
+""",
+    "movielens": """
 [encoders.minilm]
 image_encoder = "none"
 fusion = "text"
-"""
+""",
+}
 
 RANKER = """
 [rankers.{key}]
@@ -55,6 +68,7 @@ def experiment_text(name: str, data: Path, args: argparse.Namespace) -> str:
     text = HEADER.format(
         name=name, data=data, overrides=json.dumps(overrides), seeds=args.seeds, jobs=args.jobs
     )
+    text += ENCODERS[name]
     for model in RANKERS:
         for suffix, signals in (("content", []), ("signals", list(SIGNAL_NAMES))):
             key = f"{model}_{suffix}"

@@ -24,7 +24,7 @@ from mmnewsrec.evaluate.experiment import (
 )
 from mmnewsrec.evaluate.leaderboard import read_prediction
 from mmnewsrec.evaluate.report import ReportInputs, RunResult, summarise, write_report
-from mmnewsrec.formats.store import Store
+from mmnewsrec.formats.store import SIGNAL_NAMES, Store
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.metrics import impression_metrics
 from mmnewsrec.rank.ranker import load_ranker
@@ -34,9 +34,11 @@ from mmnewsrec.rank.train import run_training
 def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
     metrics = evaluate_run(tiny_run)
     ranker = load_ranker(tiny_run)
-    dev = Store.load(ranker.config.data.store_dir).behaviors("dev")
+    store = Store.load(ranker.config.data.store_dir)
+    dev = store.behaviors("dev")
+    assert ranker.signal_names  # train_cpu's default: every signal
     # the same kernels on the same batches as evaluate_run: bit-equal scores
-    scores = ranker.score(dev)
+    scores = ranker.score(dev, signals=store.signals("dev", ranker.signal_names))
     labels, offsets = np.asarray(dev.candidate_labels), np.asarray(dev.candidate_offsets)
     expected = reference_means(scores, labels, offsets)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9)
@@ -52,8 +54,9 @@ def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
 def test_evaluate_run_keeps_per_impression_metrics_and_describes_the_top_10(tiny_run):
     metrics = evaluate_run(tiny_run)
     ranker = load_ranker(tiny_run)
-    dev = Store.load(ranker.config.data.store_dir).behaviors("dev")
-    scores = ranker.score(dev)
+    store = Store.load(ranker.config.data.store_dir)
+    dev = store.behaviors("dev")
+    scores = ranker.score(dev, signals=store.signals("dev", ranker.signal_names))
     labels, offsets = np.asarray(dev.candidate_labels), np.asarray(dev.candidate_offsets)
     expected = impression_metrics(scores, labels, offsets)
     table = pl.read_parquet(tiny_run / "impressions.parquet")
@@ -227,6 +230,34 @@ def test_experiment_file_errors_name_the_problem(tmp_path):
     assert load_experiment(path).baseline == "r/b"
 
 
+def test_a_ranker_runs_on_the_encoders_it_names(tmp_path):
+    from mmnewsrec.evaluate.experiment import grid_cells
+
+    path = tmp_path / "x.toml"
+    grid = 'data_dir = "d"\nout_dir = "o"\nseeds = [0, 1]\n[encoders.a]\n[encoders.b]\n'
+    grid += '[rankers.t]\nmodel = "fast_rec_transformer"\n'
+    grid += '[rankers.c]\nmodel = "fast_rec_transformer"\nencoders = ["b"]\n'
+    path.write_text(grid)
+    cells = [(c.ranker_name, c.encoder, c.seed) for c in grid_cells(load_experiment(path))]
+    assert cells == [("t", "a", 0), ("t", "a", 1), ("t", "b", 0), ("t", "b", 1)] + [
+        ("c", "b", 0),
+        ("c", "b", 1),
+    ]
+    path.write_text(f'baseline = "c"\n{grid}')  # one encoder: no need to name it
+    assert load_experiment(path).baseline == "c"
+    for bad, problem in (
+        ('encoders = ["z"]', r"rankers.c.encoders: \['z'\] names no encoder"),
+        ("encoders = []", r"rankers.c.encoders: \[\] names no encoder"),
+        ('encoders = ["a"]\nper_encoder = false', "runs once, name no encoders"),
+    ):
+        path.write_text(grid.replace('encoders = ["b"]', bad))
+        with pytest.raises(ExperimentError, match=problem):
+            load_experiment(path)
+    path.write_text(f'baseline = "c/a"\n{grid}')
+    with pytest.raises(ExperimentError, match="names no ranker"):
+        load_experiment(path)
+
+
 def test_experiment_file_image_map_and_crop(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text(
@@ -311,6 +342,15 @@ def test_quick_demo_end_to_end(tmp_path):
         metrics = out / "runs" / "fast_rec_transformer" / encoder / "seed0" / "metrics.json"
         reported = rows[(encoder, "fast_rec_transformer")]["auc"]  # rounded to 6 decimals
         assert json.loads(metrics.read_text())["auc"] == pytest.approx(reported, abs=1e-6)
+    # the transformer reads every signal (train_cpu's default); its content-only twin runs on
+    # the multimodal vectors only
+    runs = out / "runs"
+    assert load_ranker(runs / "fast_rec_transformer" / "minilm" / "seed0").signal_names == list(
+        SIGNAL_NAMES
+    )
+    assert ("minilm", "fast_rec_transformer_content") not in rows
+    content = load_ranker(runs / "fast_rec_transformer_content" / "minilm+effnet" / "seed0")
+    assert content.signal_names == [] and content.model.signal_head is None
     # MiniLM ran once: both vector folders fuse the one text part of the shared parts folder
     assert sorted(p.name.split("-")[0] for p in (out / "parts").glob("*.json")) == ["image", "text"]
     manifest = json.loads((out / "vectors" / "minilm+effnet" / "manifest.json").read_text())

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from mmnewsrec.cli import app
 from mmnewsrec.config import ConfigError, TrainConfig, load_config
 from mmnewsrec.data.store import build_store
+from mmnewsrec.formats.store import SIGNAL_NAMES
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.metrics import evaluate_scores
 from mmnewsrec.rank import CheckpointError, load_ranker
@@ -137,14 +138,17 @@ def test_loss_decreases_and_the_best_checkpoint_scores_dev(data, tmp_path):
 
     from mmnewsrec.formats.store import Store
 
-    dev = Store.load(data / "store").behaviors("dev")
+    store = Store.load(data / "store")
+    dev = store.behaviors("dev")
     ranker = load_ranker(tmp_path / "run", vectors=NewsVectors.load(data / "emb"))
-    scores = ranker.score(dev)
+    assert ranker.signal_names == list(SIGNAL_NAMES)  # the default: every signal
+    scores = ranker.score(dev, signals=store.signals("dev", ranker.signal_names))
     assert scores.dtype == np.float32 and scores.shape == dev.candidate_items.shape
     metrics = evaluate_scores(scores, dev.candidate_labels, dev.candidate_offsets)
     assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
-    one = ranker.score_items(dev.history(3), dev.candidates(3)[0], width=2)
     start, end = dev.candidate_offsets[3], dev.candidate_offsets[4]
+    signals = store.signals("dev", ranker.signal_names)[start:end]
+    one = ranker.score_items(dev.history(3), dev.candidates(3)[0], width=2, signals=signals)
     np.testing.assert_allclose(one, scores[start:end], rtol=1e-5, atol=1e-6)
 
 
@@ -229,12 +233,16 @@ def test_selection_holds_out_the_last_train_day_and_leaves_dev_unseen(data, tmp_
 
     from mmnewsrec.formats.store import Store
 
-    train = Store.load(data / "store").behaviors("train")
+    store = Store.load(data / "store")
+    train = store.behaviors("train")
     is_valid = valid_mask(train.times, "last-day")
     valid = train.subset(is_valid, "valid")
     assert valid.num_impressions == 40
     ranker = load_ranker(run, vectors=NewsVectors.load(data / "emb"))
-    metrics = evaluate_scores(ranker.score(valid), valid.candidate_labels, valid.candidate_offsets)
+    shown = np.repeat(is_valid, np.diff(train.candidate_offsets))
+    signals = store.signals("train", ranker.signal_names)[shown]
+    scores = ranker.score(valid, signals=signals)
+    metrics = evaluate_scores(scores, valid.candidate_labels, valid.candidate_offsets)
     assert metrics["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     assert saved["selection"] == {
@@ -563,11 +571,18 @@ def ddp_worker(rank: int, world: int, port: int, config: dict, out: str) -> None
 
 def exclude_zero_gradient(key: str, value: torch.Tensor) -> torch.Tensor:
     """Drop the weights whose true gradient is exactly 0 under softmax cross-entropy: the final
-    score bias (a shift of every score) and attention key biases (a shift of every logit). Adam
-    turns rounding noise in their gradients into full steps, so they differ between any two
-    summation orders."""
+    score bias (a shift of every score), the signal head's additive bias and its linear weight
+    on history_len, a signal equal for all of an impression's candidates (the same shift), and
+    attention key biases (a shift of every logit). Adam turns rounding noise in their gradients
+    into full steps, so they differ between any two summation orders."""
     if key == "head.3.bias":
         return value[:0]
+    if key == "signal_head.out.bias":  # (gate logit, bias): keep the gate's
+        return value[:1]
+    if key == "signal_head.linear.weight":  # rows (gate logit, bias) x signals
+        keep = torch.ones_like(value, dtype=torch.bool)
+        keep[1, SIGNAL_NAMES.index("history_len")] = False
+        return value[keep]
     if key.endswith("in_proj_bias"):
         q, _, v = value.chunk(3)
         return torch.cat([q, v])

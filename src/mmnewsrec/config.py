@@ -112,10 +112,11 @@ class ModelConfig(Section):
     args: dict[str, Any] = Field(
         default_factory=dict, description="the model's own arguments, over the preset's"
     )
-    signals: list[str] = Field(
-        default_factory=list,
+    signals: list[str] | Literal["all"] = Field(
+        "all",
         description="behaviour signals of the store added to the content score (neural "
-        "rankers) or used as features (gbdt, where [] means all)",
+        'rankers) or used as features (gbdt); "all": every signal, for the models that read '
+        "signals; []: content only",
     )
     finetune_layers: int = Field(
         0,
@@ -133,7 +134,9 @@ class ModelConfig(Section):
 
     @field_validator("signals")
     @classmethod
-    def _signals(cls, value: list[str]) -> list[str]:
+    def _signals(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            return value
         unknown = sorted(set(value) - set(SIGNAL_NAMES))
         if unknown:
             raise ValueError(f"unknown signals {unknown}; known: {list(SIGNAL_NAMES)}")

@@ -27,10 +27,17 @@ TRAIN_OVERRIDES = {
     "quick": ["optim.epochs=3"],
 }
 
-# The longest runs first, so that the training jobs finish together.
+# The longest runs first, so that the training jobs finish together. The neural rankers read
+# every behaviour signal (train_cpu's default); the content-only transformer shows what the
+# signals add, on the multimodal vectors.
 RANKERS = """
 [rankers.fast_rec_transformer]
 model = "fast_rec_transformer"
+
+[rankers.fast_rec_transformer_content]
+model = "fast_rec_transformer"
+overrides = ["model.signals=[]"]
+encoders = ["minilm+effnet"]
 
 [rankers.additive_attention]
 model = "additive_attention"

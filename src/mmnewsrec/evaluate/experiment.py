@@ -24,6 +24,10 @@ An experiment file (TOML) declares encoders x rankers x seeds over one data set:
     [rankers.transformer]
     model = "fast_rec_transformer"
     overrides = ["optim.epochs=3"]
+    [rankers.transformer_content]  # content only, on the text_image vectors only
+    model = "fast_rec_transformer"
+    overrides = ["model.signals=[]"]
+    encoders = ["text_image"]
 
 Vectors are cached by `encode_store` (their text and image parts in OUT/parts, shared by the
 encoders, so a text model is run once for all the encoders that use it), and a run whose config
@@ -91,6 +95,7 @@ class RankerSpec(_Strict):
     preset: str | None = None
     overrides: list[str] = []
     per_encoder: bool = Field(True, description="false: independent of the vectors, run once")
+    encoders: list[str] | None = Field(None, description="the encoders it runs on; None: all")
 
 
 class ExperimentConfig(_Strict):
@@ -125,14 +130,21 @@ class ExperimentConfig(_Strict):
             raise ValueError("give exactly one of data_dir (raw MIND) and store_dir (a store)")
         if not self.encoders or not self.rankers or not self.seeds:
             raise ValueError("encoders, rankers and seeds must not be empty")
+        for name, ranker_spec in self.rankers.items():
+            unknown = sorted(set(ranker_spec.encoders or []) - set(self.encoders))
+            if unknown or ranker_spec.encoders == []:
+                raise ValueError(f"rankers.{name}.encoders: {unknown or '[]'} names no encoder")
+            if ranker_spec.encoders is not None and not ranker_spec.per_encoder:
+                raise ValueError(f"rankers.{name}: per_encoder = false runs once, name no encoders")
         if self.baseline is not None:
             ranker, _, encoder = self.baseline.partition("/")
             spec = self.rankers.get(ranker)
-            if spec is None or (encoder and encoder not in self.encoders):
+            runs_on = (spec.encoders or list(self.encoders)) if spec is not None else []
+            if spec is None or (encoder and encoder not in runs_on):
                 raise ValueError(
                     f"baseline {self.baseline!r} names no ranker[/encoder] of the grid"
                 )
-            if spec.per_encoder and len(self.encoders) > 1 and not encoder:
+            if spec.per_encoder and len(runs_on) > 1 and not encoder:
                 raise ValueError(f"baseline {self.baseline!r}: name its encoder, RANKER/ENCODER")
             if encoder and not spec.per_encoder:
                 raise ValueError(f"baseline {self.baseline!r}: {ranker} runs once, name no encoder")
@@ -378,7 +390,9 @@ def grid_cells(config: ExperimentConfig) -> list[Cell]:
     """The runs of the grid in the file's order: rankers, then encoders, then seeds."""
     cells = []
     for ranker_name, ranker in config.rankers.items():
-        encoders = list(config.encoders) if ranker.per_encoder else [next(iter(config.encoders))]
+        encoders = list(ranker.encoders or config.encoders)
+        if not ranker.per_encoder:
+            encoders = encoders[:1]
         for encoder in encoders:
             folder = (
                 config.out_dir / "runs" / ranker_name / (encoder if ranker.per_encoder else "any")

@@ -770,6 +770,11 @@ def model_config(name: str, config: Any = None) -> Any:
     return cls(**(base | values))
 
 
+def reads_signals(name: str) -> bool:
+    """Whether the registered model `name` can read behaviour signals."""
+    return "signals" in {f.name for f in fields(MODELS[canonical_name(name)].config_class)}
+
+
 def canonical_name(name: str) -> str:
     """Registry key for a model name ("mean-cosine" and "mean_cosine" are the same)."""
     key = name.replace("-", "_").lower()

@@ -254,13 +254,18 @@ class TrainRecipe:
             self.selection["impressions"] = self.select_behaviors.num_impressions
 
     def _signal_names(self) -> list[str]:
-        """model.signals; for gbdt, [] means every signal of the store."""
+        """model.signals; "all": every signal of the store for a model that reads signals,
+        none for one that does not (popularity, random, mean_cosine)."""
         from mmnewsrec.formats.store import SIGNAL_NAMES
+        from mmnewsrec.rank.model import reads_signals
 
         model = self.config.model
-        if not model.signals and model.name.lower() == "gbdt":
-            return list(SIGNAL_NAMES)
-        return list(model.signals)
+        if model.signals != "all":
+            return list(model.signals)
+        try:
+            return list(SIGNAL_NAMES) if reads_signals(model.name) else []
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
 
     def _signals(self, store: Any, split: str) -> np.ndarray | None:
         """The candidates' signals of `split` that the model reads (None for none)."""
