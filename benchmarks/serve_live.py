@@ -5,16 +5,25 @@ Uses the corpus and run of benchmarks/serve.py (built once, cached in --work), a
 folder per invocation. Phases, in order:
 
 - ingest: --ingest impressions (the store's train impressions, cycled under new ids) through
-  POST /events/batch in batches of --batch, one request at a time: impressions/s;
+  POST /events/batch in batches of --batch, one request at a time, the bodies encoded as JSON
+  beforehand (the server's work, not the client's): impressions/s;
 - by user: POST /recommend {"user_id"} for the dev split's users at each --concurrency: p50,
   p99, req/s, errors, the server's CPU time per request; then the same requests again at
   concurrency 1, each user now a returning one (their recall and history encoding kept);
 - mixed: 16 clients, each alternating POST /events (one impression with a click) and POST
   /recommend for the same user: /recommend p50/p99, events/s;
-- the server's resident memory and the state file's size after all of it.
+- the server's resident memory and the state file's size after all of it;
+- start-up: the server stopped (a clean stop writes the state's snapshot) and started again
+  on its state, timed to its first /health answer, with the snapshot and without it, and on an
+  empty state for reference.
+
+--src DIR serves the package of another checkout (DIR/src first on its PYTHONPATH, e.g. the
+main branch), for a before/after on the same machine; --skip-recommend leaves out the
+/recommend and mixed phases.
 
     python benchmarks/serve_live.py [--news 100000] [--ingest 200000] [--batch 5000]
         [--requests 1000] [--concurrency 1 16] [--mixed 2000] [--sync full|normal] [--no-signals]
+        [--src DIR] [--skip-recommend]
 
 The run reads every behaviour signal (the model of benchmarks/serve.py retrained a few steps
 with model.signals) unless --no-signals.
@@ -24,11 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -68,13 +80,27 @@ def ingest_bodies(store: Store, count: int) -> list[dict]:
 
 
 async def ingest(url: str, bodies: list[dict], batch: int) -> float:
-    """POST every body in batches, one request at a time; seconds taken."""
+    """POST every body in batches (encoded beforehand), one request at a time; seconds taken."""
+    encoded = [json.dumps(bodies[first : first + batch]) for first in range(0, len(bodies), batch)]
+    headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(timeout=300) as client:
         start = time.perf_counter()
-        for first in range(0, len(bodies), batch):
-            response = await client.post(url, json=bodies[first : first + batch])
+        for content in encoded:
+            response = await client.post(url, content=content, headers=headers)
             response.raise_for_status()
         return time.perf_counter() - start
+
+
+def timed_start(run: Path, port: int, options: list[str], src: Path | None) -> tuple[float, Any]:
+    """Seconds until a new server on `run` answers /health, and the server."""
+    start = time.perf_counter()
+    server = start_server(run, port, options, src)
+    return time.perf_counter() - start, server
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(60)
 
 
 async def mixed(base: str, users: list[str], news: list[str], count: int, tally: Tally) -> int:
@@ -118,6 +144,8 @@ def main() -> int:
     parser.add_argument("--mixed", type=int, default=2000, help="event + recommend pairs")
     parser.add_argument("--sync", default="full", help="serve --sync")
     parser.add_argument("--no-signals", action="store_true", help="a run without signals")
+    parser.add_argument("--src", type=Path, help="serve the package of this checkout")
+    parser.add_argument("--skip-recommend", action="store_true", help="ingest and start-up only")
     args = parser.parse_args()
 
     work = args.work / f"news{args.news}-dim{args.dim}"
@@ -130,15 +158,19 @@ def main() -> int:
     news = store.news_ids[1:].tolist()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    options = ["--sync", args.sync]
     with tempfile.TemporaryDirectory(dir=work) as state:
-        server = start_server(run, port, ["--state", state, "--sync", args.sync], None)
+        empty_start, server = timed_start(run, port, ["--state", state, *options], args.src)
         try:
             loaded_rss = rss_mb(server.pid)[0]
             seconds = asyncio.run(ingest(f"{base}/events/batch", bodies, args.batch))
             ingest_rss = rss_mb(server.pid)[0]
             tallies = {}
+            if args.skip_recommend:
+                args.concurrency, args.mixed = [], 0
             asked = [{"user_id": users[i % len(users)], "k": 10} for i in range(args.requests)]
-            asyncio.run(drive(f"{base}/recommend", asked[:50], 1, Tally()))  # warm-up
+            if args.concurrency:
+                asyncio.run(drive(f"{base}/recommend", asked[:50], 1, Tally()))  # warm-up
             for concurrency in args.concurrency:
                 tally = tallies[f"concurrency {concurrency}"] = Tally()
                 timed(server, tally, drive(f"{base}/recommend", asked, concurrency, tally))
@@ -151,9 +183,20 @@ def main() -> int:
             mixed_tally.seconds = mixed_seconds
             rss, peak = rss_mb(server.pid)
             size = sum(f.stat().st_size for f in Path(state).iterdir()) / 2**20
+            stop(server)
+            snapshot = Path(state) / "snapshot.npz"
+            starts = {}
+            for label in ("with the snapshot", "without it"):
+                if label == "without it":
+                    snapshot.unlink(missing_ok=True)
+                elif not snapshot.is_file():
+                    continue  # a version that keeps none
+                starts[label], server = timed_start(
+                    run, port, ["--state", state, *options], args.src
+                )
+                stop(server)
         finally:
-            server.terminate()
-            server.wait(30)
+            stop(server)
     print(
         f"\nlive service at {args.news:,} news x {args.dim}-d, {args.model} (cpu preset"
         f"{', no signals' if args.no_signals else ', every signal'}), "
@@ -169,13 +212,18 @@ def main() -> int:
     for label, tally in tallies.items():
         print(label)
         print(tally.row(""))
-    rate = stored / mixed_seconds
-    print(f"mixed (16 clients, one POST /events per /recommend): {rate:,.0f} events/s")
-    mixed_tally.cpu_seconds = float("nan")
-    print(mixed_tally.row(""))
+    if args.mixed:
+        rate = stored / mixed_seconds
+        print(f"mixed (16 clients, one POST /events per /recommend): {rate:,.0f} events/s")
+        mixed_tally.cpu_seconds = float("nan")
+        print(mixed_tally.row(""))
     print(
         f"server RSS: {loaded_rss:,.0f} MB loaded, {ingest_rss:,.0f} MB after the ingest, "
         f"{rss:,.0f} MB at the end (peak {peak:,.0f}); state folder {size:,.0f} MB"
+    )
+    print(
+        f"start-up (to the first /health answer): empty state {empty_start:.1f} s; after the "
+        f"ingest, " + ", ".join(f"{label} {s:.1f} s" for label, s in starts.items())
     )
     errors = sum(t.errors for t in tallies.values()) + mixed_tally.errors
     return 1 if errors else 0

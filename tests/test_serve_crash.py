@@ -1,5 +1,7 @@
 """kill -9 of a real server in the middle of a sustained event load: after a restart every
-event that got a 2xx is in the log and in what the server learned, and none is there twice."""
+event that got a 2xx is in the log and in what the server learned, and none is there twice;
+its behaviour signals are those of the logs replayed afresh, after a restart from the log and
+after one from the signals' snapshot of a clean stop."""
 
 import shutil
 import signal
@@ -7,15 +9,19 @@ import sqlite3
 import subprocess
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import free_port
 
+from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState
 from mmnewsrec.formats.store import Store
+from mmnewsrec.serve.live import SNAPSHOT_FILE, replay_store
 
-pytestmark = pytest.mark.slow  # two server starts: about 20 s
+pytestmark = pytest.mark.slow  # three server starts: about 30 s
 
 
 def start_server(run: Path, state: Path, port: int) -> subprocess.Popen:
@@ -88,6 +94,47 @@ def test_every_acknowledged_event_survives_a_kill_9_once(tiny_run, tmp_path):
             counts = client.get("/health").json()["counts"]
             assert counts["logged_impressions"] == len(logged)
             assert counts["logged_clicks"] == len(logged)
+            expected, at = replayed_signals(tiny_run.parent / "store", state)
+            assert_signals_equal(client, expected, at, news)
+        server.terminate()  # a clean stop: the signals' snapshot
+        server.wait(60)
+        assert (state / SNAPSHOT_FILE).is_file()
+        server = start_server(tiny_run, state, port)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            assert_signals_equal(client, expected, at, news)
     finally:
         server.kill()
         server.wait()
+
+
+def replayed_signals(store_dir: Path, state: Path) -> tuple[SignalState, int]:
+    """The signals of the store's logs, then of the logged impressions one at a time, in log
+    order; and the latest logged time."""
+    store = Store.load(store_dir)
+    settings = store.manifest.get("signals", {})
+    lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
+    signals = SignalState.empty(store.num_news, lag=lag, history=history)
+    replay_store(signals, store, "train")
+    with sqlite3.connect(state / "state.sqlite") as db:
+        rows = db.execute(
+            "SELECT user_id, time, history, shown, clicked FROM impressions ORDER BY seq"
+        ).fetchall()
+    users: dict[str, int] = {}
+    for user, at, *lists in rows:
+        index = users.setdefault(user, store.num_users + len(users))
+        history, shown, clicked = (store.news_index(ids.split()).astype(np.int64) for ids in lists)
+        signals.observe(index, max(at, signals.time or 0), history, shown, clicked)
+    return signals, max(at for _, at, *_ in rows)
+
+
+def assert_signals_equal(
+    client: httpx.Client, expected: SignalState, at: int, news: list[str]
+) -> None:
+    """The server's signals of every news item for a history, at `at`, are `expected`'s."""
+    when = datetime.fromtimestamp(at, UTC).isoformat()
+    asked = {"time": when, "history": news[:5], "candidates": news}
+    response = client.post("/signals", json=asked)
+    assert response.status_code == 200, response.text
+    indices = np.arange(1, len(news) + 1)
+    want = expected.signals(0, at, indices[:5], indices)
+    np.testing.assert_allclose(response.json()["values"], want, atol=1e-6, rtol=0)

@@ -140,7 +140,8 @@ def tables(live: LiveState, users: list[str]) -> dict[str, np.ndarray]:
         "signal exposures": signals.shown,
         "signal first_seen": signals.first_seen,
         "signal totals": np.array([signals.total_clicks, signals.impressions, signals.time]),
-        "signal co-clicks": np.array(sorted(signals.pairs.items())),
+        "signal co-clicks": signals.to_arrays()["pair_counts"],
+        "signal co-click pairs": signals.to_arrays()["pair_keys"],
     }
 
 

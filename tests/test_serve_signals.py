@@ -1,6 +1,7 @@
 """Live behaviour signals: a run that reads them is served, and the signals the server holds
 for an impression equal `prepare`'s after a replay of the store through POST /events."""
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from mmnewsrec.formats.store import SIGNAL_NAMES, Store
 from mmnewsrec.rank.train import run_training
 from mmnewsrec.serve import Recommender, create_app
 from mmnewsrec.serve.export import split_events
-from mmnewsrec.serve.live import open_live
+from mmnewsrec.serve.live import SNAPSHOT_FILE, LiveState, open_live
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared/data/movielens-100k-mind"
 READS = ["popularity", "exposures", "freshness", "coclick", "history_len"]
@@ -145,3 +146,80 @@ def test_signals_replayed_over_http_equal_prepares_movielens(signals_run, tmp_pa
     }
     run_training(load_config("train_cpu", values=values))
     assert_http_replay_matches(store, tmp_path, run)
+
+
+def assert_same_signals(expected: LiveState, got: LiveState) -> None:
+    """Equal counts, users and cold-start counts, and equal signals (1e-6) of every news item
+    for a history."""
+    want, have = expected.snapshot()[1], got.snapshot()[1]
+    assert want.keys() == have.keys()
+    for name, values in want.items():  # float sums within 1e-9, the rest exactly
+        if values.dtype.kind == "f":
+            np.testing.assert_allclose(have[name], values, rtol=1e-9, atol=0, err_msg=name)
+        else:
+            np.testing.assert_array_equal(have[name], values, err_msg=name)
+    assert got.counts() == expected.counts()
+    for user_id in want["users.logged_users"].tolist()[:50]:
+        np.testing.assert_array_equal(got.users.history(user_id), expected.users.history(user_id))
+    at, news = expected.signals.time or 0, np.arange(1, expected.signals.num_news + 1)
+    np.testing.assert_allclose(
+        got.signals.signals(0, at, news[:5], news),
+        expected.signals.signals(0, at, news[:5], news),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def log_events(live: LiveState, rec: Recommender, events: list[dict], stop: bool) -> None:
+    """Log `events` in batches; stop: then stop the app cleanly (else leave it as a crash
+    would, its lifespan never run)."""
+    client = TestClient(create_app(rec, live=live))
+    with client if stop else nullcontext():
+        for start in range(0, len(events), 300):
+            client.post("/events/batch", json=events[start : start + 300]).raise_for_status()
+    live.state.close()
+
+
+def test_a_snapshot_of_the_signals_then_the_log_after_it_equal_a_full_replay(
+    signals_run, tmp_path, caplog
+):
+    rec = Recommender.from_run(signals_run)
+    events = sorted(split_events(rec.store, "train"), key=lambda e: e["time"])
+    events = [e | {"impression_id": f"S{n}"} for n, e in enumerate(events)]
+    half, state = len(events) // 2, tmp_path / "state"
+    served, live = open_live(rec, state)
+    log_events(live, served, events[:half], stop=True)  # a snapshot at the half's last one
+    assert (state / SNAPSHOT_FILE).is_file()
+    served, live = open_live(rec, state)
+    assert live.snapshot_seq == half
+    log_events(live, served, events[half:], stop=False)  # the snapshot stays at the half
+    _, from_snapshot = open_live(rec, state)
+    assert from_snapshot.snapshot_seq == half  # only the second half replayed
+    from_snapshot.state.close()
+    (state / SNAPSHOT_FILE).rename(tmp_path / "saved.npz")
+    _, replayed = open_live(rec, state)
+    assert replayed.snapshot_seq == 0
+    replayed.state.close()
+    assert_same_signals(replayed, from_snapshot)
+
+    # a snapshot of another log (its impression at the snapshot's place differs): ignored
+    other = tmp_path / "other"
+    _, live = open_live(rec, other)
+    ids = [e | {"impression_id": f"T{n}"} for n, e in enumerate(events)]
+    log_events(live, served, ids, stop=False)
+    (tmp_path / "saved.npz").rename(other / SNAPSHOT_FILE)
+    caplog.set_level("INFO", logger="mmnewsrec.serve.live")
+    _, stale = open_live(rec, other)
+    stale.state.close()
+    assert stale.snapshot_seq == 0
+    assert f"the log holds no impression 'S{half - 1}' at {half}" in caplog.text
+    assert_same_signals(replayed, stale)
+
+    # a snapshot written for other settings (signals that did not start from the store)
+    _, bare = open_live(rec, state, signals_from_store=False)
+    log_events(bare, served, [], stop=True)
+    caplog.clear()
+    _, again = open_live(rec, state)
+    again.state.close()
+    assert again.snapshot_seq == 0 and "written for other signals_from_store" in caplog.text
+    assert_same_signals(replayed, again)

@@ -11,6 +11,7 @@ from mmnewsrec.csr import csr_offsets
 from mmnewsrec.data.signals import (
     COCLICK_HISTORY,
     SIGNALS_VERSION,
+    Impressions,
     PairCounts,
     SignalState,
     build_signals,
@@ -215,9 +216,9 @@ def test_prepare_stores_signals_memory_mapped(tmp_path):
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared/data/movielens-100k-mind"
 
 
-def replay(store: Store) -> dict[str, np.ndarray]:
+def replay(store: Store) -> tuple[dict[str, np.ndarray], SignalState]:
     """Every split's signals from a SignalState fed the store's logs in time order: train with
-    its clicks, the other splits without theirs (the labels being scored)."""
+    its clicks, the other splits without theirs (the labels being scored); and the state."""
     logs = {split: store.behaviors(split) for split in store.splits}
     rows = [(split, i) for split, b in logs.items() for i in range(b.num_impressions)]
     times = np.concatenate([np.asarray(b.times) for b in logs.values()])
@@ -235,11 +236,11 @@ def replay(store: Store) -> dict[str, np.ndarray]:
         )
         clicked = items[labels == 1] if split == "train" else items[:0]
         state.observe(user, at, history, items, clicked)
-    return out
+    return out, state
 
 
 def assert_replay_matches(store: Store) -> None:
-    replayed = replay(store)
+    replayed, _ = replay(store)
     for split in store.splits:
         batch = np.asarray(store.signals(split))
         for column, name in enumerate(SIGNAL_NAMES):
@@ -257,6 +258,67 @@ def test_replay_through_the_state_gives_the_batch_values_movielens(tmp_path):
     if not MOVIELENS.is_dir():
         pytest.skip(f"{MOVIELENS} not found")
     assert_replay_matches(build_store(MOVIELENS, tmp_path / "store"))
+
+
+def store_impressions(store: Store) -> Impressions:
+    """Every log of the store in time order, the train split's clicks counted."""
+    logs = [store.behaviors(split) for split in store.splits]
+    imps = Impressions.concat(logs, [split == "train" for split in store.splits])
+    return imps.take(np.argsort(imps.times, kind="stable"))
+
+
+def test_a_batch_gives_the_state_of_one_impression_at_a_time_movielens(tmp_path):
+    """Fed in batches of random sizes (cut within times and periods), the state equals the
+    one fed one impression at a time, array for array, and answers the batch face's values at
+    the start of every batch."""
+    if not MOVIELENS.is_dir():
+        pytest.skip(f"{MOVIELENS} not found")
+    store = build_store(MOVIELENS, tmp_path / "store")
+    _, one_by_one = replay(store)
+    imps = store_impressions(store)
+    logs = [store.behaviors(split) for split in store.splits]
+    batch_values = np.concatenate([np.asarray(store.signals(split)) for split in store.splits])
+    order = np.argsort(np.concatenate([np.asarray(b.times) for b in logs]), kind="stable")
+    sizes = np.concatenate([np.diff(b.candidate_offsets) for b in logs])
+    starts = csr_offsets(sizes)[:-1]
+    state = SignalState.empty(store.num_news)
+    rng = np.random.default_rng(0)
+    cuts = np.unique(np.r_[0, np.cumsum(rng.integers(1, 400, len(order))), len(order)])
+    cuts = cuts[cuts <= len(order)]
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        first = imps.take(np.array([lo]))
+        asked = state.signals(0, int(first.times[0]), first.history_items, first.candidate_items)
+        row = starts[order[lo]]
+        np.testing.assert_allclose(asked, batch_values[row : row + len(asked)], atol=1e-6, rtol=0)
+        state.observe_batch(imps.take(np.arange(lo, hi)))
+    assert len(cuts) > 50
+    expected, got = one_by_one.to_arrays(), state.to_arrays()
+    assert expected.keys() == got.keys()
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    whole = SignalState.empty(store.num_news)
+    whole.observe_batch(imps)
+    for name, values in whole.to_arrays().items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    with pytest.raises(ValueError, match="must not decrease"):
+        whole.observe_batch(imps.take(np.arange(2)))
+
+
+def test_state_arrays_give_the_state_back():
+    state, no_click = SignalState.empty(5, history=2), np.zeros(0, np.int64)
+    state.observe(0, 10, np.array([1, 2, 3]), np.array([4, 5]), np.array([4]))
+    state.observe(1, DAY + 5, np.array([1, 2]), np.array([3]), no_click)
+    state.observe(1, DAY + 6, np.array([4, 2]), np.array([3, 5]), np.array([5]))
+    back = SignalState.from_arrays(state.to_arrays())
+    for name, values in state.to_arrays().items():
+        np.testing.assert_array_equal(back.to_arrays()[name], values, err_msg=name)
+    for s in (state, back):
+        s.observe(2, 2 * DAY, np.array([2]), np.array([1, 3]), no_click)
+    history, candidates = np.array([1, 2]), np.array([1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(
+        back.signals(0, 3 * DAY, history, candidates),
+        state.signals(0, 3 * DAY, history, candidates),
+    )
 
 
 def test_pair_counts_count_like_a_dict_through_merges_and_removals():

@@ -152,6 +152,20 @@ class Impressions:
             joined(clicks, np.bool_),
         )
 
+    def take(self, rows: np.ndarray) -> Impressions:
+        """The impressions of `rows`, in that order."""
+        history, history_pos = last_clicks(self.history_offsets, rows, len(self.history_items))
+        cand, cand_pos = last_clicks(self.candidate_offsets, rows, len(self.candidate_items))
+        return Impressions(
+            self.times[rows],
+            self.users[rows],
+            history,
+            self.history_items[history_pos],
+            cand,
+            self.candidate_items[cand_pos],
+            self.counted[cand_pos],
+        )
+
 
 def profile_pairs(
     imps: Impressions, rows: np.ndarray, width: int, history: int
@@ -171,6 +185,23 @@ def profile_pairs(
     first = np.repeat(np.arange(len(item)), after)
     second = first + 1 + np.arange(len(first)) - np.repeat(csr_offsets(after)[:-1], after)
     return item, item[first] * width + item[second]
+
+
+def set_pairs(sizes: np.ndarray, items: np.ndarray, width: int) -> np.ndarray:
+    """Pair keys x * width + y, x <= y, of the sets of items of rows of `sizes` items each (an
+    item repeated in a row counts once), all together."""
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    keys = np.sort(owner * width + items)
+    first_of = np.ones(len(keys), dtype=bool)
+    first_of[1:] = keys[1:] != keys[:-1]
+    keys = keys[first_of]  # a set per row, sorted
+    owner, item = np.divmod(keys, width)
+    ends = csr_offsets(np.bincount(owner, minlength=len(sizes)))[owner + 1]
+    # x at position i pairs with positions i .. the end of its set
+    after = ends - np.arange(len(item))
+    first = np.repeat(np.arange(len(item)), after)
+    second = first + np.arange(len(first)) - np.repeat(csr_offsets(after)[:-1], after)
+    return item[first] * width + item[second]
 
 
 class PairCounts:
@@ -362,20 +393,21 @@ def coclick(
 
 
 class SignalState:
-    """Incremental face: the same definitions as build_signals, one impression at a time.
+    """Incremental face: the same definitions as build_signals, one impression at a time
+    (`observe`) or a batch of them (`observe_batch`, the same state as one at a time).
 
-    `observe` takes impressions in time order (times never decrease; equal times are fine);
-    `signals` answers for a time at or after the last one observed, counting what came before
-    it exactly as the batch face does: clicks of impressions before the cutoff (the start of
-    the time's period of `lag` seconds), impressions shown strictly before the time. Asking at
-    a time, then observing impressions of that same time, then asking again at it, gives the
-    same answer. A time earlier than the latest one seen is refused (ValueError). `user` is the
+    Impressions come in time order (times never decrease; equal times are fine); `signals`
+    answers for a time at or after the last one observed, counting what came before it exactly
+    as the batch face does: clicks of impressions before the cutoff (the start of the time's
+    period of `lag` seconds), impressions shown strictly before the time. Asking at a time,
+    then observing impressions of that same time, then asking again at it, gives the same
+    answer. A time earlier than the latest one seen is refused (ValueError). `user` is the
     user's index; a user unseen so far is fine (the current signals do not depend on it).
 
     Held in memory: per news item click, exposure and first-appearance counts (numpy), the
-    user profiles and the co-occurrence counts of their items (dicts; about `history` ** 2
-    pairs per user). The counts only change when a period starts; `signals` reads them from a
-    `PairCounts` copy, built again the first time it is asked after they changed.
+    user profiles (the last `history` clicks of their latest history, by user index) and the
+    co-occurrence counts of their items (a `PairCounts`; about `history` ** 2 pairs per user),
+    which change when a period starts. `to_arrays` / `from_arrays`: all of it as named arrays.
     """
 
     def __init__(self, num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY) -> None:
@@ -388,14 +420,14 @@ class SignalState:
         self.shown = np.zeros(1, np.int64)  # impressions before the current time showing each
         self.impressions = 0
         self.first_seen = np.full(1, NEVER, np.int64)
-        self.profiles: dict[int, frozenset[int]] = {}
+        self.profiles: dict[int, np.ndarray] = {}  # a set: items may repeat
         self.holders = np.zeros(1, np.int64)  # n(x): profiles holding x
-        self.pairs: dict[int, int] = {}  # n(x, y) of x < y as x << 32 | y, over the profiles
-        self._pair_table: PairCounts | None = None  # self.pairs for vectorised reads
+        self.pairs = PairCounts(1)  # n(x, y) of x < y as x * (num_news + 1) + y
         self.time: int | None = None  # the latest time observed or asked for
-        self._period_clicks: list[np.ndarray] = []  # clicks of the current period
+        self._period_clicks = np.zeros(1, np.int64)  # clicks of the current period
         self._period_profiles: dict[int, np.ndarray] = {}  # latest history of each user in it
-        self._now_shown: list[np.ndarray] = []  # impressions of the current time
+        self._now_shown: list[np.ndarray] = []  # news shown by impressions of the current time
+        self._now_count = 0  # those impressions
         self._grown: dict[str, GrowingRows] = {}  # the per-news counts as news are added
         self.grow(num_news)
 
@@ -405,8 +437,7 @@ class SignalState:
         return cls(num_news, **settings)
 
     def grow(self, num_news: int) -> None:
-        """Make room for news indices up to `num_news` (news added at serving time), in
-        amortised O(1) per news item (`mmnewsrec.growing`)."""
+        """Make room for news indices up to `num_news` (news added at serving time)."""
         extra = num_news - self.num_news
         if extra < 0:
             raise ValueError(f"cannot shrink from {self.num_news} to {num_news} news")
@@ -416,8 +447,8 @@ class SignalState:
         never = np.full(extra, NEVER, np.int64)
         self.first_seen = append_rows(grown, "first_seen", self.first_seen, never)
         self.holders = append_rows(grown, "holders", self.holders, zeros)
+        self._period_clicks = append_rows(grown, "period_clicks", self._period_clicks, zeros)
         self.num_news = num_news
-        self._pair_table = None  # its keys hold the number of news
 
     def observe(
         self,
@@ -432,10 +463,69 @@ class SignalState:
         self._advance(time)
         history, shown = np.asarray(history, np.int64), np.asarray(shown, np.int64)
         self._now_shown.append(shown)
-        self._period_clicks.append(np.asarray(clicked, np.int64))
+        self._now_count += 1
+        np.add.at(self._period_clicks, np.asarray(clicked, np.int64), 1)
         self._period_profiles[int(user)] = history[-self.history :]
         for items in (shown, history):
             np.minimum.at(self.first_seen, items, time)
+
+    def observe_batch(self, imps: Impressions) -> None:
+        """Take impressions in time order, clicks where `counted`: the state `observe` reaches
+        taking them one at a time."""
+        times = np.asarray(imps.times, np.int64)
+        if not len(times):
+            return
+        if np.any(np.diff(times) < 0) or (self.time is not None and times[0] < self.time):
+            raise ValueError(f"times must not decrease, nor start before {self.time}")
+        last = int(times[-1])
+        candidate_impression = segment_ids(imps.candidate_offsets)
+        candidate_time = times[candidate_impression]
+        np.minimum.at(self.first_seen, imps.candidate_items, candidate_time)
+        np.minimum.at(
+            self.first_seen, imps.history_items, np.repeat(times, np.diff(imps.history_offsets))
+        )
+        # exposures: impressions before the batch's last time count, those at it wait
+        now = candidate_time == last
+        if self.time is None or last > self.time:
+            self._flush_shown()
+            self.shown += np.bincount(imps.candidate_items[~now], minlength=len(self.shown))
+            self.impressions += int((times < last).sum())
+        self._now_shown.append(imps.candidate_items[now].astype(np.int64))
+        self._now_count += int((times == last).sum())
+        # clicks and profiles: those of periods before the last one count, its own wait
+        period, current = times // self.lag, last // self.lag
+        before = period < current
+        clicked = imps.counted.astype(bool)
+        early = clicked & before[candidate_impression]
+        late_clicks = np.bincount(
+            imps.candidate_items[clicked & ~early], minlength=len(self.clicks)
+        )
+        if np.any(before) or (self.time is not None and current > self.time // self.lag):
+            self._period_clicks += np.bincount(
+                imps.candidate_items[early], minlength=len(self.clicks)
+            )
+            self._period_profiles.update(self._latest_histories(imps, np.flatnonzero(before)))
+            self._flush_period()
+        self._period_clicks += late_clicks
+        self._period_profiles.update(self._latest_histories(imps, np.flatnonzero(~before)))
+        self.time = last
+
+    def _latest_histories(self, imps: Impressions, rows: np.ndarray) -> dict[int, np.ndarray]:
+        """The last `history` clicks of each user's latest impression among `rows`."""
+        users = imps.users[rows][::-1]
+        _, last = np.unique(users, return_index=True)
+        latest = rows[::-1][np.sort(last)][::-1]  # in row order
+        offsets, pos = last_clicks(imps.history_offsets, latest, self.history)
+        items = imps.history_items[pos].astype(np.int64)
+        return {
+            int(user): items[a:b]
+            for user, a, b in zip(
+                imps.users[latest].tolist(),
+                offsets[:-1].tolist(),
+                offsets[1:].tolist(),
+                strict=True,
+            )
+        }
 
     def signals(
         self, user: int, time: int, history: np.ndarray, candidates: np.ndarray
@@ -472,47 +562,130 @@ class SignalState:
         return cos.reshape(len(candidates), len(history)).sum(axis=1) / len(history)
 
     def _pair_counts(self) -> PairCounts:
-        """`pairs` as a PairCounts, built again after the profiles changed."""
-        if self._pair_table is None:
-            keys = np.fromiter(self.pairs, np.int64, len(self.pairs))
-            x, y = keys >> 32, keys & 0xFFFFFFFF
-            self._pair_table = PairCounts(self.num_news + 1)
-            counts = np.fromiter(self.pairs.values(), np.int32, len(keys))
-            self._pair_table.add(x * (self.num_news + 1) + y, counts)
-        return self._pair_table
+        """`pairs`, their keys made again for the number of news if news were added."""
+        if self.pairs.width != self.num_news + 1:
+            x, y = np.divmod(self.pairs.keys, self.pairs.width)
+            self.pairs, counts = PairCounts(self.num_news + 1), self.pairs.counts
+            self.pairs.add(x * (self.num_news + 1) + y, counts)
+        return self.pairs
 
     def _advance(self, time: int) -> None:
         """Move to `time`: what happened before it, and before its period, now counts."""
         if self.time is not None and time < self.time:
             raise ValueError(f"time {time} is before the latest time seen, {self.time}")
         if self.time is None or time > self.time:
-            for shown in self._now_shown:
-                np.add.at(self.shown, shown, 1)
-            self.impressions += len(self._now_shown)
-            self._now_shown = []
+            self._flush_shown()
         if self.time is None or time // self.lag > self.time // self.lag:
-            for clicked in self._period_clicks:
-                np.add.at(self.clicks, clicked, 1)
-                self.total_clicks += len(clicked)
-            self._period_clicks = []
-            for user, history in self._period_profiles.items():
-                self._set_profile(user, frozenset(history.tolist()))
-            self._period_profiles = {}
+            self._flush_period()
         self.time = time
 
-    def _set_profile(self, user: int, new: frozenset[int]) -> None:
-        """Replace a user's profile, updating the counts of the items and pairs that changed."""
-        old = self.profiles.get(user, frozenset())
-        self._pair_table = None
-        for gone, within, step in ((old - new, old, -1), (new - old, new, 1)):
-            for x in gone:
-                self.holders[x] += step
-                for y in within:
-                    if y != x and (y not in gone or x < y):  # each changed pair once
-                        key = min(x, y) << 32 | max(x, y)
-                        count = self.pairs.get(key, 0) + step
-                        if count:
-                            self.pairs[key] = count
-                        else:
-                            del self.pairs[key]
-        self.profiles[user] = new
+    def _flush_shown(self) -> None:
+        """The impressions of the current time count as exposures."""
+        if self._now_shown:
+            self.shown += np.bincount(np.concatenate(self._now_shown), minlength=len(self.shown))
+        self.impressions += self._now_count
+        self._now_shown, self._now_count = [], 0
+
+    def _flush_period(self) -> None:
+        """The clicks and latest histories of the current period count."""
+        self.clicks += self._period_clicks
+        self.total_clicks += int(self._period_clicks.sum())
+        self._period_clicks[:] = 0
+        if self._period_profiles:
+            self._set_profiles(self._period_profiles)
+        self._period_profiles = {}
+
+    def _set_profiles(self, new: dict[int, np.ndarray]) -> None:
+        """Replace users' profiles, updating the counts of their items and pairs."""
+        old = [self.profiles[user] for user in new if user in self.profiles]
+        width = self.num_news + 1
+        keys, signs = [], []
+        for step, rows in ((-1, old), (1, list(new.values()))):
+            sizes = np.array([len(row) for row in rows], np.int64)
+            items = np.concatenate([np.zeros(0, np.int64), *rows])
+            keys.append(set_pairs(sizes, items, width))
+            signs.append(np.full(len(keys[-1]), step, np.int64))
+        x, y = np.divmod(np.concatenate(keys), width)
+        sign = np.concatenate(signs)
+        own = x == y
+        self.holders += np.bincount(x[own & (sign > 0)], minlength=width)
+        self.holders -= np.bincount(x[own & (sign < 0)], minlength=width)
+        self._pair_counts().add((x * width + y)[~own], sign[~own].astype(np.int32))
+        self.profiles.update(new)
+
+    # ------------------------------------------------------------------ as arrays
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything the state holds, as named arrays (`from_arrays` gives the state back):
+        two states that hold the same give equal arrays."""
+        x, y = np.divmod(self.pairs.keys, self.pairs.width)  # sorted, counts never 0
+        shown = np.concatenate([np.zeros(0, np.int64), *self._now_shown])
+        now_shown = np.bincount(shown, minlength=len(self.shown))  # counts: order-free, small
+        scalars = [self.lag, self.history, self.num_news, -1 if self.time is None else self.time]
+        scalars += [self.total_clicks, self.impressions, self._now_count]
+        return {
+            "scalars": np.array(scalars, np.int64),
+            "clicks": self.clicks,
+            "shown": self.shown,
+            "first_seen": self.first_seen,
+            "holders": self.holders,
+            "pair_keys": x << 32 | y,
+            "pair_counts": self.pairs.counts.astype(np.int64),
+            "period_clicks": self._period_clicks,
+            "now_shown": now_shown,
+            **as_rows("profile", self.profiles),
+            **as_rows("period_profile", self._period_profiles),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> SignalState:
+        """The state `to_arrays` gave."""
+        lag, history, num_news, at, total_clicks, impressions, now_count = arrays[
+            "scalars"
+        ].tolist()
+        state = cls(num_news, lag=lag, history=history)
+        state.time = None if at < 0 else at
+        state.total_clicks, state.impressions, state._now_count = (
+            total_clicks,
+            impressions,
+            now_count,
+        )
+        for name in ("clicks", "shown", "first_seen", "holders"):
+            setattr(state, name, np.array(arrays[name], np.int64))
+        state._period_clicks = np.array(arrays["period_clicks"], np.int64)
+        keys = np.asarray(arrays["pair_keys"])
+        state.pairs = PairCounts(num_news + 1)
+        state.pairs.add(
+            (keys >> 32) * (num_news + 1) + (keys & 0xFFFFFFFF),
+            np.asarray(arrays["pair_counts"], np.int32),
+        )
+        shown = np.asarray(arrays["now_shown"])
+        state._now_shown = [np.repeat(np.arange(len(shown)), shown)] if now_count else []
+        state.profiles = from_rows("profile", arrays)
+        state._period_profiles = from_rows("period_profile", arrays)
+        return state
+
+
+def as_rows(name: str, rows: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of int arrays by int key as three arrays, in key order: keys, CSR offsets, items."""
+    keys = np.array(sorted(rows), np.int64)
+    parts = [rows[key] for key in keys.tolist()]
+    return {
+        f"{name}_keys": keys,
+        f"{name}_offsets": csr_offsets(np.array([len(p) for p in parts], np.int64)),
+        f"{name}_items": np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.int64),
+    }
+
+
+def from_rows(name: str, arrays: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """The rows `as_rows` gave."""
+    offsets, items = np.asarray(arrays[f"{name}_offsets"]), np.array(arrays[f"{name}_items"])
+    return {
+        key: items[a:b]
+        for key, a, b in zip(
+            arrays[f"{name}_keys"].tolist(),
+            offsets[:-1].tolist(),
+            offsets[1:].tolist(),
+            strict=True,
+        )
+    }

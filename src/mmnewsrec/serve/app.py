@@ -325,19 +325,22 @@ async def health(recommender: RecommenderDep, request: Request) -> dict[str, Any
 
 
 @asynccontextmanager
-async def follow_shared_log(app: FastAPI) -> AsyncIterator[None]:
-    """While serving, follow the log that replicas share (a PostgreSQL state)."""
+async def live_tasks(app: FastAPI) -> AsyncIterator[None]:
+    """While serving, follow the log that replicas share (a PostgreSQL state), or keep
+    snapshots of the signals (a state folder: one more at a clean stop)."""
     live: LiveState | None = app.state.live
-    if live is None or live.follower is None:
+    if live is None:
         yield
         return
-    task = asyncio.create_task(live.follower.run())
+    task = asyncio.create_task(live.follower.run() if live.follower else live.keep_snapshots())
     try:
         yield
     finally:
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+        if live.follower is None:
+            live.save_snapshot()
 
 
 def caught_up(state: Any, changes: Changes) -> None:
@@ -357,7 +360,7 @@ def create_app(
     app = FastAPI(
         title="mmnewsrec",
         summary="News recommendations for a click history.",
-        lifespan=follow_shared_log,
+        lifespan=live_tasks,
     )
     app.state.recommender, app.state.live = recommender, live
     if live is not None and isinstance(live.state, PostgresState):

@@ -50,9 +50,9 @@ def copy_state(source: Path | str, target: Path | str) -> dict[str, int]:
             for impression in origin.impressions():
                 batch.append(impression)
                 if len(batch) == READ_CHUNK:
-                    stored += sum(copy.add_impressions(batch).result())
+                    stored += sum(seq > 0 for seq in copy.add_impressions(batch).result())
                     batch = []
-            stored += sum(copy.add_impressions(batch).result()) if batch else 0
+            stored += sum(seq > 0 for seq in copy.add_impressions(batch).result()) if batch else 0
         finally:
             copy.close()
     finally:

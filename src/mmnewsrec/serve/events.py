@@ -8,15 +8,16 @@ and the value at fault, as FastAPI's own validation errors do (`detail`: a list 
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from mmnewsrec.csr import segment_ids
 from mmnewsrec.formats.store import SIGNAL_NAMES
-from mmnewsrec.serve.live import LiveState, index_news
+from mmnewsrec.serve.live import CLICKED, SHOWN, LiveState, NewsRows, index_news
 from mmnewsrec.serve.recommender import Recommender
 from mmnewsrec.serve.state import Impression
 
@@ -86,16 +87,16 @@ class UserOut(BaseModel):
     titles: list[str] = Field(description="Their titles.")
 
 
-def parse_time(value: str) -> int:
+def parse_time(value: str, now: datetime | None = None) -> int:
     """Unix seconds of an ISO 8601 time (UTC without an offset); ValueError if unparseable,
-    before 1970 or over a day ahead of the server's clock."""
+    before 1970 or over a day ahead of the server's clock (`now`, read if not given)."""
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise ValueError(f"{value!r} is not an ISO 8601 time") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    if moment.timestamp() < 0 or moment > datetime.now(UTC) + MAX_FUTURE:
+    if moment.timestamp() < 0 or moment > (now or datetime.now(UTC)) + MAX_FUTURE:
         raise ValueError(f"{value!r} is before 1970 or more than a day ahead of the server")
     return int(moment.timestamp())
 
@@ -118,41 +119,78 @@ LiveDep = Annotated[LiveState, Depends(get_live)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 
 
-def to_impressions(events: list[EventIn], lookup: dict[str, int], nested: bool) -> list[Impression]:
-    """Impressions of validated events, or a 422 naming every unknown news id, clicked id
-    not shown and impression id repeated in the body. nested: a batch (locations by position)."""
-    errors: list[dict[str, Any]] = []
-    now, seen_ids, times = int(time.time()), set(), []
+def to_impressions(
+    events: list[EventIn], lookup: dict[str, int], nested: bool
+) -> tuple[list[Impression], NewsRows]:
+    """Impressions of validated events and their news indices, or a 422 naming every
+    unparseable time, unknown news id, repeated news id, clicked id not shown and impression
+    id repeated in the body. nested: a batch (locations by position). The checks run over the
+    whole batch at once; the events they find at fault are then described one by one."""
+    now = datetime.now(UTC)
+    clock, times, faulty = int(now.timestamp()), [], set()
     for n, event in enumerate(events):
-        loc = ["body", n] if nested else ["body"]
         try:
-            times.append(now if event.time is None else parse_time(event.time))
-        except ValueError as err:
-            errors.append({"loc": [*loc, "time"], "msg": str(err), "input": event.time})
-        for name in ("history", "shown", "clicked"):
-            ids = getattr(event, name)
-            if not all(news_id in lookup for news_id in ids) or len(set(ids)) < len(ids):
-                errors += _id_errors([*loc, name], ids, lookup)
-        if not set(event.clicked) <= set(event.shown):
-            shown = set(event.shown)
-            errors += [
-                _error([*loc, "clicked", j], "clicked but not shown", news_id)
-                for j, news_id in enumerate(event.clicked)
-                if news_id not in shown
-            ]
-        if event.impression_id in seen_ids:
-            errors.append(
-                _error([*loc, "impression_id"], "repeated in this body", event.impression_id)
-            )
-        seen_ids.add(event.impression_id)
-    if errors:
-        raise HTTPException(422, errors[:100])
-    return [
+            times.append(clock if event.time is None else parse_time(event.time, now))
+        except ValueError:
+            times.append(0)
+            faulty.add(n)
+    impressions = [
         Impression(
             e.impression_id, e.user_id, at, tuple(e.history), tuple(e.shown), tuple(e.clicked)
         )
         for e, at in zip(events, times, strict=True)
     ]
+    news = NewsRows.of(impressions, lookup)
+    faulty.update(_faulty_lists(news).tolist())
+    first: dict[str, int] = {}
+    repeats = {n for n, e in enumerate(events) if first.setdefault(e.impression_id, n) < n}
+    faulty |= repeats
+    if faulty:
+        errors: list[dict[str, Any]] = []
+        for n in sorted(faulty):
+            loc = ["body", n] if nested else ["body"]
+            errors += _event_errors(loc, events[n], lookup, repeated=n in repeats, now=now)
+        raise HTTPException(422, errors[:100])
+    return impressions, news
+
+
+def _faulty_lists(news: NewsRows) -> np.ndarray:
+    """Impressions with an unknown news id, a news id twice in one list or a clicked id not
+    shown."""
+    row = segment_ids(news.offsets).astype(np.int64)
+    width = int(news.items.max(initial=0)) + 2
+    order = np.argsort(row * width + news.items + 1)
+    keys = (row * width + news.items + 1)[order]
+    repeated = row[order][1:][keys[1:] == keys[:-1]]
+    shown, clicked = news.part(SHOWN), news.part(CLICKED)
+    shown_keys = segment_ids(shown.offsets).astype(np.int64) * width + shown.items
+    clicked_row = segment_ids(clicked.offsets).astype(np.int64)
+    not_shown = ~np.isin(clicked_row * width + clicked.items, shown_keys)
+    rows = np.r_[row[news.items < 0] // 3, repeated // 3, clicked_row[not_shown]]
+    return np.unique(rows)
+
+
+def _event_errors(
+    loc: list[Any], event: EventIn, lookup: dict[str, int], repeated: bool, now: datetime
+) -> list[dict[str, Any]]:
+    """Every fault of one event: its time, its news ids, its impression id repeated."""
+    errors: list[dict[str, Any]] = []
+    if event.time is not None:
+        try:
+            parse_time(event.time, now)
+        except ValueError as err:
+            errors.append({"loc": [*loc, "time"], "msg": str(err), "input": event.time})
+    for name in ("history", "shown", "clicked"):
+        errors += _id_errors([*loc, name], getattr(event, name), lookup)
+    shown = set(event.shown)
+    errors += [
+        _error([*loc, "clicked", j], "clicked but not shown", news_id)
+        for j, news_id in enumerate(event.clicked)
+        if news_id not in shown
+    ]
+    if repeated:
+        errors.append(_error([*loc, "impression_id"], "repeated in this body", event.impression_id))
+    return errors
 
 
 def _id_errors(loc: list[Any], ids: list[str], lookup: dict[str, int]) -> list[dict[str, Any]]:
@@ -172,15 +210,20 @@ def _error(loc: list[Any], msg: str, value: str) -> dict[str, Any]:
 
 
 async def log_impressions(
-    live: LiveState, recommender: Recommender, impressions: list[Impression]
+    live: LiveState, recommender: Recommender, impressions: list[Impression], news: NewsRows
 ) -> list[bool]:
-    """Store impressions durably (their commit awaited), then learn from the new ones."""
-    new = await asyncio.wrap_future(live.state.add_impressions(impressions))
+    """Store impressions durably (their commit awaited), then learn from the new ones; which
+    were new."""
+    seqs = await asyncio.wrap_future(live.state.add_impressions(impressions))
+    new = [seq > 0 for seq in seqs]
     if live.follower is not None:  # replicas learn from the shared log, this one too
         await live.follower.wait_for_own_writes()
         return new
-    fresh = [imp for imp, is_new in zip(impressions, new, strict=True) if is_new]
-    live.apply(fresh, recommender.news_lookup)
+    fresh = np.flatnonzero(new)
+    if len(fresh) < len(impressions):
+        impressions = [impressions[n] for n in fresh.tolist()]
+        news, seqs = news.take(fresh), [seqs[n] for n in fresh.tolist()]
+    live.apply(impressions, recommender.news_lookup, news, seqs)
     return new
 
 
@@ -195,8 +238,8 @@ signals_router = APIRouter(tags=["signals"])
 async def post_event(body: EventIn, live: LiveDep, recommender: RecommenderDep) -> EventStored:
     """Log one impression; answered once it is on disk. A retried impression id is not logged
     again (`stored`: false)."""
-    impressions = to_impressions([body], recommender.news_lookup, nested=False)
-    (new,) = await log_impressions(live, recommender, impressions)
+    impressions, news = to_impressions([body], recommender.news_lookup, nested=False)
+    (new,) = await log_impressions(live, recommender, impressions, news)
     return EventStored(impression_id=body.impression_id, stored=new)
 
 
@@ -208,8 +251,8 @@ async def post_events(
     if not 1 <= len(body) <= MAX_BATCH:
         message = f"a batch holds 1 to {MAX_BATCH} impressions, not {len(body)}"
         raise HTTPException(422, [{"loc": ["body"], "msg": message, "input": len(body)}])
-    impressions = to_impressions(body, recommender.news_lookup, nested=True)
-    new = await log_impressions(live, recommender, impressions)
+    impressions, news = to_impressions(body, recommender.news_lookup, nested=True)
+    new = await log_impressions(live, recommender, impressions, news)
     ids = [imp.impression_id for imp in impressions]
     duplicates = [i for i, is_new in zip(ids, new, strict=True) if not is_new]
     return BatchStored(stored=sum(new), duplicates=duplicates)

@@ -1,28 +1,40 @@
 """What the service learns from its traffic: users' click histories and live popularity,
 built from the store's logs at start, then from the event log, then per event.
 
-Counters in memory are a cache of the logs: `LiveState.build` replays them at every start.
+Counters in memory are a cache of the logs: rebuilt at every start from the logs, or from a
+snapshot in the state folder and the log after it (`LiveState.restore`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmnewsrec.csr import csr_offsets, segment_ids
-from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState
+from mmnewsrec.data.signals import (
+    COCLICK_HISTORY,
+    LAG,
+    SIGNALS_VERSION,
+    Impressions,
+    SignalState,
+    last_clicks,
+)
+from mmnewsrec.files import atomic_file
 from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
 from mmnewsrec.growing import GrowingRows, append_rows
 from mmnewsrec.recall.channels import store_item_stats
 from mmnewsrec.serve.backends import open_state
 from mmnewsrec.serve.recommender import Recommendation, Recommender
-from mmnewsrec.serve.state import READ_CHUNK, Impression, StateStore
+from mmnewsrec.serve.state import READ_CHUNK, Impression, SQLiteState, StateStore
 
 if TYPE_CHECKING:
     from mmnewsrec.serve.new_news import NewNews
@@ -31,6 +43,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COLD_START_HALF_LIFE_DAYS = 1.0  # of the cold-start list's click decay and freshness
+SNAPSHOT_FILE = "snapshot.npz"  # in a state folder: what was learned from the logs
+SNAPSHOT_SECONDS = 300.0  # between snapshots of the signals while serving (and one at a stop)
 
 
 @dataclass
@@ -55,6 +69,33 @@ class Users:
         self._base_row, self._base_time, self._base = latest_histories(logs, store.num_users)
         self._click_offsets, self._clicks = store_clicks(logs, store.num_users)
         self._logged: dict[str, LoggedUser] = {}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """What the event log added (its users and their clicks), as named arrays."""
+        logged = list(self._logged.items())
+        histories = [user.history for _, user in logged]
+        clicks = [np.array(user.clicks, np.int64).reshape(-1, 2) for _, user in logged]
+        return {
+            "new_users": np.array(list(self._index)[self.num_store_users :], dtype=str),
+            "logged_users": np.array([user_id for user_id, _ in logged], dtype=str),
+            "history_times": np.array([user.history_time for _, user in logged], np.int64),
+            "history_offsets": csr_offsets(np.array([len(h) for h in histories], np.int64)),
+            "history_items": np.concatenate([np.zeros(0, np.int64), *histories]),
+            "click_offsets": csr_offsets(np.array([len(c) for c in clicks], np.int64)),
+            "clicks": np.concatenate([np.zeros((0, 2), np.int64), *clicks]),
+        }
+
+    def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take what the event log added from `to_arrays`'s arrays."""
+        for user_id in arrays["new_users"].tolist():
+            self.user_index(user_id)
+        history = Ragged(arrays["history_offsets"], arrays["history_items"])
+        clicks = Ragged(arrays["click_offsets"], arrays["clicks"])
+        for n, (user_id, at) in enumerate(
+            zip(arrays["logged_users"].tolist(), arrays["history_times"].tolist(), strict=True)
+        ):
+            made = [(t, i) for t, i in clicks.items_of(n).tolist()]
+            self._logged[user_id] = LoggedUser(at, history.items_of(n).copy(), made)
 
     def user_index(self, user_id: str) -> int:
         """The user's index (store users first, then users new to the event log in order of
@@ -87,13 +128,22 @@ class Users:
             clicks.append(np.array(ordered, dtype=np.int64))
         return first_occurrences(np.concatenate([base, *clicks]).astype(np.int64, copy=False))
 
-    def observe(self, user_id: str, time: int, history: np.ndarray, clicked: np.ndarray) -> None:
-        """One logged impression of `user_id` (news indices)."""
-        self.user_index(user_id)
-        logged = self._logged.setdefault(user_id, LoggedUser())
-        if len(history) and time >= logged.history_time:
-            logged.history_time, logged.history = time, history.astype(np.int64)
-        logged.clicks.extend((time, int(i)) for i in clicked)
+    def observe(self, user_ids: Sequence[str], times: np.ndarray, news: NewsRows) -> np.ndarray:
+        """Logged impressions of `user_ids` at `times`, in order; their users' indices."""
+        index = np.fromiter(map(self.user_index, user_ids), np.int64, len(user_ids))
+        history, clicked = news.part(HISTORY), news.part(CLICKED)
+        history_at, click_at = history.offsets.tolist(), clicked.offsets.tolist()
+        for n, (user_id, at) in enumerate(zip(user_ids, times.tolist(), strict=True)):
+            logged = self._logged.get(user_id)
+            if logged is None:
+                logged = self._logged[user_id] = LoggedUser()
+            start, end = history_at[n], history_at[n + 1]
+            if end > start and at >= logged.history_time:
+                logged.history_time, logged.history = at, history.items[start:end].copy()
+            start, end = click_at[n], click_at[n + 1]
+            if end > start:
+                logged.clicks += [(at, i) for i in clicked.items[start:end].tolist()]
+        return index
 
 
 @dataclass
@@ -105,6 +155,10 @@ class Ragged:
 
     def items_of(self, row: int) -> np.ndarray:
         return self.items[self.offsets[row] : self.offsets[row + 1]]
+
+    def times(self, row_times: np.ndarray) -> np.ndarray:
+        """`row_times` (one per row) repeated for each item of its row."""
+        return np.repeat(row_times, np.diff(self.offsets))
 
 
 def latest_histories(
@@ -220,6 +274,48 @@ def index_news(lookup: dict[str, int], ids: Iterable[str]) -> np.ndarray:
     return np.fromiter((lookup[i] for i in ids), dtype=np.int64)
 
 
+HISTORY, SHOWN, CLICKED = range(3)  # the news lists of an impression, in `NewsRows` order
+
+
+@dataclass
+class NewsRows:
+    """The news lists of impressions as indices: impression n's history, shown and clicked
+    are rows 3n, 3n + 1 and 3n + 2 (CSR; -1 for an id not served)."""
+
+    offsets: np.ndarray
+    items: np.ndarray
+
+    @classmethod
+    def of(cls, impressions: Sequence[Impression], lookup: dict[str, int]) -> NewsRows:
+        """Every news id of `impressions` looked up at once."""
+        lists = [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
+        flat = list(chain.from_iterable(lists))
+        try:
+            items = np.fromiter(map(lookup.__getitem__, flat), np.int64, len(flat))
+        except KeyError:  # twice as slow
+            items = np.fromiter(map(lookup.get, flat, repeat(-1)), np.int64, len(flat))
+        return cls(csr_offsets(np.fromiter(map(len, lists), np.int64, len(lists))), items)
+
+    def take(self, impressions: np.ndarray) -> NewsRows:
+        """The rows of these impressions, in that order."""
+        rows = (3 * np.asarray(impressions)[:, None] + np.arange(3)).ravel()
+        offsets, pos = last_clicks(self.offsets, rows, len(self.items))
+        return NewsRows(offsets, self.items[pos])
+
+    def part(self, which: int) -> Ragged:
+        """One list (HISTORY, SHOWN or CLICKED) of every impression."""
+        rows = np.arange(which, len(self.offsets) - 1, 3)
+        offsets, pos = last_clicks(self.offsets, rows, len(self.items))
+        return Ragged(offsets, self.items[pos])
+
+    def clicked(self) -> np.ndarray:
+        """(shown items,) bool: the shown item was clicked in its impression."""
+        shown, clicked = self.part(SHOWN), self.part(CLICKED)
+        width = int(self.items.max(initial=0)) + 1
+        keys = segment_ids(shown.offsets).astype(np.int64) * width + shown.items
+        return np.isin(keys, segment_ids(clicked.offsets).astype(np.int64) * width + clicked.items)
+
+
 class LiveState:
     """The durable state of a service and what it learned from it: users' histories and the
     cold-start list, updated per logged impression."""
@@ -239,8 +335,17 @@ class LiveState:
         settings = store.manifest.get("signals", {})
         lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
         self.signals = SignalState.empty(recommender.num_news, lag=lag, history=history)
-        if signals_from_store:
-            replay_store(self.signals, store, split)
+        self.stamp = {  # what a snapshot of the signals must have been taken of
+            "store": store.content_hash,
+            "vectors": recommender.vectors.hash,
+            "signals_from_store": signals_from_store,
+            "signals_version": SIGNALS_VERSION,
+            "lag": lag,
+            "history": history,
+        }
+        self.seq, self.last_id = 0, ""  # the latest logged impression learned from
+        self.snapshot_seq = 0  # the snapshot read at start holds the log up to here
+        self.signals_from_store = signals_from_store
         recommender.signal_source = self.signal_values
         self.logged = {"logged_impressions": 0, "logged_clicks": 0}  # learned from so far
 
@@ -252,8 +357,16 @@ class LiveState:
         """`recommender` with the added news of the state, and this state caught up with its
         logged impressions."""
         recommender = self.with_added_news(recommender, self.state.news())
+        after = self.load_snapshot(self.folder) if self.folder else 0
+        if not after and self.signals_from_store:
+            split = recommender.ranker.config.data.train_split
+            replay_store(self.signals, recommender.store, split)
+        if isinstance(self.state, SQLiteState):
+            logged = self.state.impressions(after)
+        else:
+            logged = self.state.impressions()
         batch: list[Impression] = []
-        for impression in self.state.impressions():
+        for impression in logged:
             batch.append(impression)
             if len(batch) == READ_CHUNK:
                 self.apply(batch, recommender.news_lookup)
@@ -287,28 +400,126 @@ class LiveState:
         self.popularity.grow(index)
         self.popularity.first_seen[index] = min(self.popularity.first_seen[index], time)
 
-    def apply(self, impressions: Sequence[Impression], lookup: dict[str, int]) -> None:
-        """Learn from logged impressions (their news known to `lookup`), in order."""
+    def apply(
+        self,
+        impressions: Sequence[Impression],
+        lookup: dict[str, int],
+        news: NewsRows | None = None,
+        seqs: Sequence[int] | None = None,
+    ) -> None:
+        """Learn from logged impressions (their news known to `lookup`; `news`: already looked
+        up), in log order; `seqs`: their places in the log, where theirs are not set yet."""
         if not impressions:
             return
-        # every news id of the batch looked up at once: (history, shown, clicked) per impression
-        parts = [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
-        flat = np.array([lookup[i] for part in parts for i in part], dtype=np.int64)
-        bounds = np.cumsum([0, *(len(part) for part in parts)]).tolist()
-        rows = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        user_index, signals = self.users.user_index, self.signals
-        for n, imp in enumerate(impressions):
-            history, shown, clicks = rows[3 * n : 3 * n + 3]
-            self.users.observe(imp.user_id, imp.time, history, clicks)
-            # an impression older than one already taken counts at that one's time
-            at = max(imp.time, signals.time or 0)
-            signals.observe(user_index(imp.user_id), at, history, shown, clicks)
-        sizes = np.diff(bounds).reshape(-1, 3)
-        is_click = np.repeat(np.tile([False, False, True], len(impressions)), sizes.ravel())
-        times = np.repeat(np.array([imp.time for imp in impressions], dtype=np.int64), sizes.sum(1))
-        self.popularity.observe(flat[~is_click], times[~is_click], flat[is_click], times[is_click])
-        self.logged["logged_impressions"] += len(impressions)
-        self.logged["logged_clicks"] += int(is_click.sum())
+        news = NewsRows.of(impressions, lookup) if news is None else news
+        if np.any(news.items < 0):
+            raise KeyError(f"news ids not served: {np.flatnonzero(news.items < 0)[:5]}")
+        n = len(impressions)
+        times = np.fromiter((imp.time for imp in impressions), np.int64, n)
+        places = np.fromiter(seqs or (imp.seq for imp in impressions), np.int64, n)
+        users = self.users.observe([imp.user_id for imp in impressions], times, news)
+        self.learn_signals(users, times, news)
+        history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
+        seen = np.r_[history.items, shown.items]
+        seen_times = np.r_[history.times(times), shown.times(times)]
+        self.popularity.observe(seen, seen_times, clicked.items, clicked.times(times))
+        self.logged["logged_impressions"] += n
+        self.logged["logged_clicks"] += len(clicked.items)
+        latest = int(places.argmax())
+        if places[latest] > self.seq:
+            self.seq, self.last_id = int(places[latest]), impressions[latest].impression_id
+
+    def learn_signals(self, users: np.ndarray, times: np.ndarray, news: NewsRows) -> None:
+        """The signals learn from impressions of these users (indices) at these times: an
+        impression older than one already taken counts at that one's time."""
+        at = np.maximum.accumulate(np.maximum(times, self.signals.time or 0))
+        history, shown = news.part(HISTORY), news.part(SHOWN)
+        imps = Impressions(
+            at, users, history.offsets, history.items, shown.offsets, shown.items, news.clicked()
+        )
+        self.signals.observe_batch(imps)
+
+    # ------------------------------------------------------------------ snapshots
+
+    @property
+    def folder(self) -> Path | None:
+        """The state folder (None: a database) where snapshots of the signals are kept."""
+        return self.state.folder if isinstance(self.state, SQLiteState) else None
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(stamp, arrays) of what was learned from the logs: the signals, the users, the
+        cold-start counts; a copy, to write while the state moves on."""
+        stamp = self.stamp | {"seq": self.seq, "impression_id": self.last_id}
+        stamp |= {
+            "logged": dict(self.logged),
+            "popularity": [self.popularity.ref, self.popularity.end],
+        }
+        arrays = {f"signals.{k}": v for k, v in self.signals.to_arrays().items()}
+        arrays |= {f"users.{k}": v for k, v in self.users.to_arrays().items()}
+        arrays |= {"popularity.weights": self.popularity.weights}
+        arrays |= {"popularity.first_seen": self.popularity.first_seen}
+        return stamp, {name: a.copy() for name, a in arrays.items()}
+
+    def save_snapshot(self) -> Path | None:
+        """Write the snapshot to the state folder (see `write_snapshot`); None: no folder, or
+        nothing logged yet."""
+        if self.folder is None or not self.seq:
+            return None
+        stamp, arrays = self.snapshot()
+        return write_snapshot(self.folder, stamp, arrays)
+
+    async def keep_snapshots(self, seconds: float = SNAPSHOT_SECONDS) -> None:
+        """Every `seconds` (until cancelled), a snapshot if the state learned since the last
+        one; written in a thread."""
+        saved = self.snapshot_seq
+        while self.folder is not None:
+            await asyncio.sleep(seconds)
+            if self.seq != saved:
+                stamp, arrays = self.snapshot()
+                await asyncio.to_thread(write_snapshot, self.folder, stamp, arrays)
+                saved = stamp["seq"]
+
+    def load_snapshot(self, folder: Path) -> int:
+        """Take what was learned from the logs from folder/SNAPSHOT_FILE if it was written for
+        this data and the log still holds the impression it stopped at: the sequence number
+        of that impression (the log is to be replayed after it). Else log why not, and 0."""
+        path = folder / SNAPSHOT_FILE
+        if not path.is_file() or not isinstance(self.state, SQLiteState):
+            return 0
+        part: dict[str, dict[str, np.ndarray]] = {}
+        try:
+            with np.load(path) as saved:
+                stamp = json.loads(str(saved["stamp"]))
+                for name in saved.files:
+                    owner, _, key = name.partition(".")
+                    part.setdefault(owner, {})[key] = saved[name]
+            signals = SignalState.from_arrays(part["signals"])
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning("%s: not read (%s); replaying the logs", path, err)
+            return 0
+        differs = [key for key, value in self.stamp.items() if stamp.get(key) != value]
+        seq = int(stamp.get("seq", 0))
+        if differs:
+            reason = f"written for other {', '.join(differs)}"
+        elif seq < 1 or self.state.impression_id(seq) != stamp.get("impression_id"):
+            reason = f"the log holds no impression {stamp.get('impression_id')!r} at {seq}"
+        elif signals.num_news > self.signals.num_news:
+            reason = f"{signals.num_news} news, more than the {self.signals.num_news} served"
+        else:
+            signals.grow(self.signals.num_news)
+            self.signals, self.snapshot_seq = signals, seq
+            self.seq, self.last_id = seq, stamp["impression_id"]
+            self.users.load_arrays(part["users"])
+            self.popularity.grow(self.signals.num_news)
+            size = len(part["popularity"]["weights"])
+            self.popularity.weights[:size] = part["popularity"]["weights"]
+            self.popularity.first_seen[:size] = part["popularity"]["first_seen"]
+            self.popularity.ref, self.popularity.end = stamp["popularity"]
+            self.logged = stamp["logged"]
+            logger.info("state learned up to impression %d read from %s", seq, path)
+            return seq
+        logger.warning("%s ignored: %s; replaying the logs", path, reason)
+        return 0
 
     def recommend(
         self, recommender: Recommender, user_id: str, k: int, exclude_history: bool
@@ -321,18 +532,24 @@ class LiveState:
         )
 
 
+def write_snapshot(folder: Path, stamp: dict[str, Any], arrays: dict[str, Any]) -> Path:
+    """Write a snapshot (`LiveState.snapshot`) to folder/SNAPSHOT_FILE, atomically (under a
+    temporary name, then renamed), `stamp` beside the arrays."""
+    path = folder / SNAPSHOT_FILE
+    started = time.perf_counter()
+    with atomic_file(path) as tmp, tmp.open("wb") as out:
+        np.savez(out, stamp=np.array(json.dumps(stamp)), **arrays)
+    seconds = time.perf_counter() - started
+    logger.info("snapshot at impression %d in %.2f s: %s", stamp["seq"], seconds, path)
+    return path
+
+
 def replay_store(signals: SignalState, store: Store, train_split: str) -> None:
     """Feed `signals` the store's impressions in time order: the train split with its clicks,
     the other splits without theirs, as `prepare` counts them."""
     logs = [store.behaviors(split) for split in store.splits]
-    which = np.concatenate([np.full(b.num_impressions, k) for k, b in enumerate(logs)])
-    row = np.concatenate([np.arange(b.num_impressions) for b in logs])
-    times = np.concatenate([np.asarray(b.times) for b in logs])
-    for j in np.argsort(times, kind="stable").tolist():
-        b, i = logs[which[j]], int(row[j])
-        items, labels = b.candidates(i)
-        clicked = items[labels == 1] if b.split == train_split and b.labelled else items[:0]
-        signals.observe(int(b.user_index[i]), int(b.times[i]), b.history(i), items, clicked)
+    imps = Impressions.concat(logs, [b.split == train_split and b.labelled for b in logs])
+    signals.observe_batch(imps.take(np.argsort(imps.times, kind="stable")))
 
 
 def open_live(

@@ -165,8 +165,9 @@ class PostgresState(GroupCommit):
 
     # ------------------------------------------------------------------ impressions
 
-    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[bool]]:
-        """One transaction over several requests' impressions; which of each were new."""
+    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[int]]:
+        """One transaction over several requests' impressions; the sequence numbers of the new
+        ones (0: logged before)."""
         rows = [_row(imp) for batch in batches for imp in batch]
         columns = [list(column) for column in zip(*rows, strict=True)]  # one array a column
         if self.writer_db.broken:
@@ -179,12 +180,12 @@ class PostgresState(GroupCommit):
                 db.execute("SELECT pg_notify(%s, '')", (LOG_CHANNEL,))
         if inserted:
             self._written_impressions = max(inserted.values())
-        results: list[list[bool]] = []
+        results: list[list[int]] = []
         claimed: set[str] = set()
         for batch in batches:  # an id repeated across requests is new in the first only
-            new = [i.impression_id in inserted and i.impression_id not in claimed for i in batch]
-            claimed.update(imp.impression_id for imp in batch)
-            results.append(new)
+            ids = [imp.impression_id for imp in batch]
+            results.append([0 if i in claimed else inserted.get(i, 0) for i in ids])
+            claimed.update(ids)
         return results
 
     def impressions(self) -> Iterator[Impression]:

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +68,7 @@ class Impression:
     history: tuple[str, ...]
     shown: tuple[str, ...]
     clicked: tuple[str, ...]
+    seq: int = field(default=0, compare=False)  # its place in the log (0: not logged yet)
 
 
 class StateError(RuntimeError):
@@ -77,9 +78,10 @@ class StateError(RuntimeError):
 class StateStore(Protocol):
     """What the service needs from its durable state."""
 
-    def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[bool]]:
+    def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[int]]:
         """Store `impressions` (distinct ids) durably; the future resolves, after the commit,
-        to whether each was new (False: its id was logged before and it is not stored again)."""
+        to the sequence number each new one got in the log (0: its id was logged before and it
+        is not stored again)."""
         ...
 
     def impressions(self) -> Iterator[Impression]:
@@ -109,8 +111,8 @@ class GroupCommit:
         self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
         self._writer.start()
 
-    def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[bool]]:
-        future: Future[list[bool]] = Future()
+    def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[int]]:
+        future: Future[list[int]] = Future()
         self._queue.put((impressions, future))
         return future
 
@@ -136,8 +138,9 @@ class GroupCommit:
             for (_, future), result in zip(jobs, results, strict=True):
                 future.set_result(result)
 
-    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[bool]]:
-        """Store several requests' impressions in one transaction; which of each were new."""
+    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[int]]:
+        """Store several requests' impressions in one transaction; the sequence numbers of
+        the new ones (0: logged before)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -196,25 +199,36 @@ class SQLiteState(GroupCommit):
 
     # ------------------------------------------------------------------ impressions
 
-    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[bool]]:
-        """One transaction over several requests' impressions; which of each were new."""
-        results: list[list[bool]] = []
+    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[int]]:
+        """One transaction over several requests' impressions; the sequence numbers of the new
+        ones (0: logged before). One writer: new rows take the numbers after the last."""
+        results: list[list[int]] = []
         seen: set[str] = set()
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                (last,) = self.db.execute(
+                    "SELECT coalesce(max(seq), 0) FROM impressions"
+                ).fetchone()
                 for batch in batches:
                     ids = [imp.impression_id for imp in batch]
                     logged = self._logged(ids) | seen
                     new = [imp.impression_id not in logged for imp in batch]
-                    rows = [_row(imp) for imp, is_new in zip(batch, new, strict=True) if is_new]
+                    rows = [
+                        (last + n, *_row(imp))
+                        for n, imp in enumerate(
+                            (i for i, is_new in zip(batch, new, strict=True) if is_new), 1
+                        )
+                    ]
                     self.db.executemany(
-                        "INSERT INTO impressions (impression_id, user_id, time, history, shown,"
-                        " clicked) VALUES (?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO impressions (seq, impression_id, user_id, time, history,"
+                        " shown, clicked) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         rows,
                     )
+                    seqs = iter(range(last + 1, last + len(rows) + 1))
+                    results.append([next(seqs) if is_new else 0 for is_new in new])
+                    last += len(rows)
                     seen.update(ids)
-                    results.append(new)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -231,8 +245,9 @@ class SQLiteState(GroupCommit):
             found.update(row[0] for row in self.db.execute(query, chunk))
         return found
 
-    def impressions(self) -> Iterator[Impression]:
-        last = 0
+    def impressions(self, after: int = 0) -> Iterator[Impression]:
+        """Every logged impression in arrival order (after sequence number `after`)."""
+        last = after
         while True:
             with self._lock:
                 rows = self.db.execute(
@@ -244,6 +259,14 @@ class SQLiteState(GroupCommit):
                 return
             yield from (impression(row) for row in rows)
             last = rows[-1][0]
+
+    def impression_id(self, seq: int) -> str | None:
+        """The id of the impression logged at `seq` (None: none there)."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT impression_id FROM impressions WHERE seq = ?", (seq,)
+            ).fetchone()
+        return None if row is None else row[0]
 
     # ------------------------------------------------------------------ news
 
@@ -281,7 +304,7 @@ class SQLiteState(GroupCommit):
 
 def impression(row: tuple) -> Impression:
     """An impression from a stored row (seq, id, user, time, history, shown, clicked)."""
-    _, impression_id, user_id, time, history, shown, clicked = row
+    seq, impression_id, user_id, time, history, shown, clicked = row
     return Impression(
         impression_id,
         user_id,
@@ -289,6 +312,7 @@ def impression(row: tuple) -> Impression:
         tuple(history.split()),
         tuple(shown.split()),
         tuple(clicked.split()),
+        seq,
     )
 
 
