@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmnewsrec.data.signals import SignalState
+from mmnewsrec.data.signals import SignalState, replay_store
 from mmnewsrec.data.store import build_store
 from mmnewsrec.data.synthetic import SynthConfig, generate
 from mmnewsrec.formats.store import Store
-from mmnewsrec.serve.live import replay_store
 
 MOVIELENS = Path(__file__).resolve().parents[1].parent / "shared/data/movielens-100k-mind"
 

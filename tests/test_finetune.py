@@ -143,15 +143,19 @@ def test_each_distinct_news_of_a_batch_goes_through_the_tower_once(data, tmp_pat
     monkeypatch.setattr(TextTower, "forward", counting)
     batch = next(iter(recipe.loader))
     model.train()
-    scores = model(batch.history, batch.candidates)
+    scores = model(batch.history, batch.candidates, batch.signals)
     ids = torch.cat([batch.history.flatten(), batch.candidates.flatten()])
     assert seen == [len(torch.unique(ids[ids > 0]))]
     # the same scores as the ranker on the full table (dropout off)
     model.eval()
     np.testing.assert_allclose(
-        model(batch.history, batch.candidates).detach().numpy(),
+        model(batch.history, batch.candidates, batch.signals).detach().numpy(),
         model.with_table(
-            model.full_table(), model.ranker.has_image, batch.history, batch.candidates, None
+            model.full_table(),
+            model.ranker.has_image,
+            batch.history,
+            batch.candidates,
+            batch.signals,
         )
         .detach()
         .numpy(),
@@ -212,7 +216,8 @@ def test_evaluate_and_serve_use_the_runs_vectors(data, run):
     ranker = load_ranker(run, vectors=NewsVectors.load(run / "vectors"))
     used = history[-ranker.history_len :]
     _, recalled = recommender.recaller.search_one(used, 20, np.unique(history))
-    scores = ranker.score_items(used, recalled, width=len(recalled))
+    signals = recommender.signal_source(history, recalled)  # after the store's logs
+    scores = ranker.score_items(used, recalled, width=len(recalled), signals=signals)
     best = np.argsort(-scores, kind="stable")[:5]
     assert [item.news_id for item in served] == news_ids[recalled[best] - 1].tolist()
     assert [item.stage for item in served] == ["rerank"] * 5
@@ -227,18 +232,21 @@ def test_the_fine_tuned_path_runs_under_bf16_autocast_with_fp32_outputs(data, tm
     model, batch = recipe.model, next(iter(recipe.loader))
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        scores = model(batch.history, batch.candidates)
+        scores = model(batch.history, batch.candidates, batch.signals)
     assert scores.dtype == torch.float32
     scores.logsumexp(dim=1).sum().backward()
     grads = [p.grad for p in model.text.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
     model.eval()
     with torch.inference_mode():
-        exact_table, exact = model.full_table(), model(batch.history, batch.candidates)
+        exact_table, exact = (
+            model.full_table(),
+            model(batch.history, batch.candidates, batch.signals),
+        )
     exact_stats = model.mean.clone(), model.scale.clone()
     model.eval()  # drops the table: the next one is computed under autocast, in fp32
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        scores = model(batch.history, batch.candidates)
+        scores = model(batch.history, batch.candidates, batch.signals)
         table = model.table
     assert table is not None and table.dtype == scores.dtype == torch.float32
     torch.testing.assert_close(table, exact_table, rtol=1e-6, atol=1e-6)  # what the export writes

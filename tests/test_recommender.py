@@ -221,15 +221,26 @@ def test_bad_k_and_mismatched_vectors_are_refused(rec, run_dir):
         Recommender(rec.store, other, rec.ranker)
 
 
-def test_a_model_that_reads_signals_needs_a_source_of_them(rec):
+def test_without_a_live_state_the_signals_are_those_after_the_stores_logs(rec):
     from dataclasses import replace
+
+    from mmnewsrec.data.signals import SignalState, replay_store
 
     ranker = replace(
         rec.ranker, checkpoint=rec.ranker.checkpoint | {"model_args": {"signals": ["popularity"]}}
     )
     reads = Recommender(rec.store, rec.vectors, ranker, trace=False)
-    with pytest.raises(ValueError, match="reads behaviour signals.*serve it with a state"):
-        reads.recommend(rec.store.news["news_id"].to_list()[:2])
+    assert reads.signal_source is None
+    assert reads.recommend(rec.store.news["news_id"].to_list()[:2]).items
+    replayed = SignalState.for_store(rec.store, rec.store.num_news)
+    replay_store(replayed, rec.store, "train")
+    history, candidates = np.array([3, 5]), np.arange(1, rec.store.num_news + 1)
+    assert reads.signal_source is not None
+    np.testing.assert_allclose(
+        reads.signal_source(history, candidates),
+        replayed.signals(0, replayed.time, history, candidates),
+        atol=1e-6,
+    )
 
 
 def test_news_lookup_search_and_images(rec):

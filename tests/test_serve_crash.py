@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import free_port
 
-from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState
+from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState, replay_store
 from mmnewsrec.formats.store import Store
-from mmnewsrec.serve.live import SNAPSHOT_FILE, replay_store
+from mmnewsrec.serve.live import SNAPSHOT_FILE
 
 pytestmark = pytest.mark.slow  # three server starts: about 30 s
 

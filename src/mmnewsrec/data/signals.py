@@ -44,7 +44,14 @@ from pathlib import Path
 import numpy as np
 
 from mmnewsrec.csr import csr_offsets, segment_ids
-from mmnewsrec.formats.store import DAY, NEVER, SIGNAL_NAMES, Behaviors, first_appearance
+from mmnewsrec.formats.store import (
+    DAY,
+    NEVER,
+    SIGNAL_NAMES,
+    Behaviors,
+    Store,
+    first_appearance,
+)
 from mmnewsrec.growing import GrowingRows, append_rows
 
 logger = logging.getLogger(__name__)
@@ -436,6 +443,13 @@ class SignalState:
         """A state that has seen nothing; settings: `lag` (seconds), `history` (clicks)."""
         return cls(num_news, **settings)
 
+    @classmethod
+    def for_store(cls, store: Store, num_news: int) -> SignalState:
+        """A state that has seen nothing, with the settings of the store's signals."""
+        settings = store.manifest.get("signals", {})
+        lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
+        return cls(num_news, lag=lag, history=history)
+
     def grow(self, num_news: int) -> None:
         """Make room for news indices up to `num_news` (news added at serving time)."""
         extra = num_news - self.num_news
@@ -689,3 +703,11 @@ def from_rows(name: str, arrays: Mapping[str, np.ndarray]) -> dict[int, np.ndarr
             strict=True,
         )
     }
+
+
+def replay_store(signals: SignalState, store: Store, train_split: str) -> None:
+    """Feed `signals` the store's impressions in time order: the train split with its clicks,
+    the other splits without theirs, as `prepare` counts them."""
+    logs = [store.behaviors(split) for split in store.splits]
+    imps = Impressions.concat(logs, [b.split == train_split and b.labelled for b in logs])
+    signals.observe_batch(imps.take(np.argsort(imps.times, kind="stable")))

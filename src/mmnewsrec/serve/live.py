@@ -21,12 +21,11 @@ import numpy as np
 
 from mmnewsrec.csr import csr_offsets, segment_ids
 from mmnewsrec.data.signals import (
-    COCLICK_HISTORY,
-    LAG,
     SIGNALS_VERSION,
     Impressions,
     SignalState,
     last_clicks,
+    replay_store,
 )
 from mmnewsrec.files import atomic_file
 from mmnewsrec.formats.store import DAY, NEVER, Behaviors, Store
@@ -332,16 +331,14 @@ class LiveState:
         self.popularity = Popularity(store, split, COLD_START_HALF_LIFE_DAYS)
         self.popularity.grow(recommender.num_news)
         self.follower: LogFollower | None = None  # set where replicas share the log
-        settings = store.manifest.get("signals", {})
-        lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
-        self.signals = SignalState.empty(recommender.num_news, lag=lag, history=history)
+        self.signals = SignalState.for_store(store, recommender.num_news)
         self.stamp = {  # what a snapshot of the signals must have been taken of
             "store": store.content_hash,
             "vectors": recommender.vectors.hash,
             "signals_from_store": signals_from_store,
             "signals_version": SIGNALS_VERSION,
-            "lag": lag,
-            "history": history,
+            "lag": self.signals.lag,
+            "history": self.signals.history,
         }
         self.seq, self.last_id = 0, ""  # the latest logged impression learned from
         self.snapshot_seq = 0  # the snapshot read at start holds the log up to here
@@ -542,14 +539,6 @@ def write_snapshot(folder: Path, stamp: dict[str, Any], arrays: dict[str, Any]) 
     seconds = time.perf_counter() - started
     logger.info("snapshot at impression %d in %.2f s: %s", stamp["seq"], seconds, path)
     return path
-
-
-def replay_store(signals: SignalState, store: Store, train_split: str) -> None:
-    """Feed `signals` the store's impressions in time order: the train split with its clicks,
-    the other splits without theirs, as `prepare` counts them."""
-    logs = [store.behaviors(split) for split in store.splits]
-    imps = Impressions.concat(logs, [b.split == train_split and b.labelled for b in logs])
-    signals.observe_batch(imps.take(np.argsort(imps.times, kind="stable")))
 
 
 def open_live(

@@ -418,15 +418,29 @@ class Recommender:
         """The signals the ranker reads for these candidates (None for a run without)."""
         if not self._signal_columns:
             return None
-        if self.signal_source is None:
-            raise ValueError(
-                f"{self.ranker.path} reads behaviour signals {self.ranker.signal_names}: serve "
-                "it with a state (`mmnewsrec serve`), which computes them"
-            )
         start = time.perf_counter()
+        if self.signal_source is None:  # no live state: the signals after the store's logs
+            self.signal_source = self._store_signals()
         table = self.signal_source(history, candidates)[:, self._signal_columns]
         timings["signals"] = _ms(start)
         return table
+
+    def _store_signals(self) -> SignalSource:
+        """The signals as of the store's last impression: its logs replayed (`prepare`'s
+        values), then frozen. A live state (`serve.live`) replaces them with its own."""
+        from mmnewsrec.data.signals import SignalState, replay_store
+
+        state = SignalState.for_store(self.store, self.num_news)
+        replay_store(state, self.store, self.ranker.config.data.train_split)
+        now, lock = state.time or 0, threading.Lock()
+
+        def source(history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+            with lock:  # the state's caches change on reads
+                if len(candidates) and int(candidates.max()) > state.num_news:
+                    state.grow(int(candidates.max()))  # news added since
+                return state.signals(0, now, history, candidates)
+
+        return source
 
     def _popular_items(self, exclude: np.ndarray, k: int) -> list[RecommendedNews]:
         top = self._popular[: k + len(exclude)]
