@@ -28,6 +28,19 @@ def rec(run_dir) -> Recommender:
 
 
 @pytest.fixture(scope="module")
+def signals_of(rec):
+    """The signals the run reads (every one: train_cpu's default) after the store's logs, as a
+    recommender without a live state serves them: (history, candidates) -> (C, F)."""
+    from mmnewsrec.data.signals import SignalState, replay_store
+    from mmnewsrec.formats.store import SIGNAL_NAMES
+
+    assert rec.ranker.signal_names == list(SIGNAL_NAMES)
+    state = SignalState.for_store(rec.store, rec.store.num_news)
+    replay_store(state, rec.store, "train")
+    return lambda history, candidates: state.signals(0, state.time, history, candidates)
+
+
+@pytest.fixture(scope="module")
 def golf(rec) -> list[str]:
     """Ids of the news of one subcategory."""
     news = rec.store.news
@@ -38,7 +51,7 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_rerank_returns_model_scores_of_recalled_news(rec, golf):
+def test_rerank_returns_model_scores_of_recalled_news(rec, golf, signals_of):
     history = golf[:3]
     result = rec.recommend(history, k=10)
     assert len(result.items) == 10 and result.unknown == [] and result.history_used == history
@@ -49,7 +62,8 @@ def test_rerank_returns_model_scores_of_recalled_news(rec, golf):
     assert len(set(ids)) == 10 and not set(ids) & set(history)
     index = np.array([rec.index_of(i) for i in ids])
     used = np.array([rec.index_of(i) for i in history])
-    expected = rec.ranker.score_items(used, index)  # a candidate's score is its own
+    # a candidate's score is its own
+    expected = rec.ranker.score_items(used, index, signals=signals_of(used, index))
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
     assert all(1 <= item.recall_rank <= rec.recall_k for item in result.items)
     row = rec.store.news.row(int(index[0]) - 1, named=True)
@@ -61,17 +75,18 @@ def test_rerank_returns_model_scores_of_recalled_news(rec, golf):
     )
 
 
-def test_rerank_scores_through_a_frozen_trace_as_the_model_does(rec, run_dir, golf):
+def test_rerank_scores_through_a_frozen_trace_as_the_model_does(rec, run_dir, golf, signals_of):
     assert isinstance(rec.ranker.traced, torch.jit.ScriptModule)
     eager = dataclasses.replace(rec.ranker, traced=None)
     rng = np.random.default_rng(0)
     for length in (1, 3, HISTORY_LEN, HISTORY_LEN + 5):  # the trace was made at another length
         history = rng.integers(1, rec.store.num_news + 1, length)
         candidates = rng.integers(1, rec.store.num_news + 1, 37)
+        signals = signals_of(history, candidates)
         for width in (37, 10):  # one row, or four rows (the trace was made with one)
             np.testing.assert_allclose(
-                rec.ranker.score_items(history, candidates, width),
-                eager.score_items(history, candidates, width),
+                rec.ranker.score_items(history, candidates, width, signals),
+                eager.score_items(history, candidates, width, signals),
                 rtol=1e-5,
                 atol=1e-6,
             )
@@ -84,13 +99,21 @@ def test_rerank_scores_through_a_frozen_trace_as_the_model_does(rec, run_dir, go
     )
 
 
-def test_history_is_padded_to_its_own_length_with_the_same_scores(rec):
+def test_history_is_padded_to_its_own_length_with_the_same_scores(rec, signals_of):
     history, candidates = np.array([5, 9, 2]), np.arange(1, 30)
     padded = np.zeros((1, HISTORY_LEN), dtype=np.int64)
     padded[0, -3:] = history
-    full = rec.ranker.score_batch(torch.from_numpy(padded), torch.from_numpy(candidates[None]))
+    signals = signals_of(history, candidates)
+    full = rec.ranker.score_batch(
+        torch.from_numpy(padded),
+        torch.from_numpy(candidates[None]),
+        torch.from_numpy(signals[None]),
+    )
     np.testing.assert_allclose(
-        rec.ranker.score_items(history, candidates), full[0].numpy(), rtol=1e-5, atol=1e-6
+        rec.ranker.score_items(history, candidates, signals=signals),
+        full[0].numpy(),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
