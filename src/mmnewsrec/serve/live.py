@@ -288,6 +288,11 @@ class NewsRows:
     def of(cls, impressions: Sequence[Impression], lookup: dict[str, int]) -> NewsRows:
         """Every news id of `impressions` looked up at once."""
         lists = [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
+        return cls.of_lists(lists, lookup)
+
+    @classmethod
+    def of_lists(cls, lists: Sequence[Sequence[str]], lookup: dict[str, int]) -> NewsRows:
+        """Lists of news ids (history, shown, clicked of each impression in turn) looked up."""
         flat = list(chain.from_iterable(lists))
         try:
             items = np.fromiter(map(lookup.__getitem__, flat), np.int64, len(flat))
@@ -397,34 +402,44 @@ class LiveState:
         self.popularity.grow(index)
         self.popularity.first_seen[index] = min(self.popularity.first_seen[index], time)
 
-    def apply(
-        self,
-        impressions: Sequence[Impression],
-        lookup: dict[str, int],
-        news: NewsRows | None = None,
-        seqs: Sequence[int] | None = None,
-    ) -> None:
-        """Learn from logged impressions (their news known to `lookup`; `news`: already looked
-        up), in log order; `seqs`: their places in the log, where theirs are not set yet."""
+    def apply(self, impressions: Sequence[Impression], lookup: dict[str, int]) -> None:
+        """Learn from logged impressions (their news known to `lookup`), in log order."""
         if not impressions:
             return
-        news = NewsRows.of(impressions, lookup) if news is None else news
+        n = len(impressions)
+        self.learn(
+            [imp.impression_id for imp in impressions],
+            [imp.user_id for imp in impressions],
+            np.fromiter((imp.time for imp in impressions), np.int64, n),
+            NewsRows.of(impressions, lookup),
+            np.fromiter((imp.seq for imp in impressions), np.int64, n),
+        )
+
+    def learn(
+        self,
+        impression_ids: Sequence[str],
+        user_ids: Sequence[str],
+        times: np.ndarray,
+        news: NewsRows,
+        seqs: np.ndarray,
+    ) -> None:
+        """Learn from logged impressions given as columns, in log order: their users, times,
+        news (every id served) and places in the log."""
+        if not len(times):
+            return
         if np.any(news.items < 0):
             raise KeyError(f"news ids not served: {np.flatnonzero(news.items < 0)[:5]}")
-        n = len(impressions)
-        times = np.fromiter((imp.time for imp in impressions), np.int64, n)
-        places = np.fromiter(seqs or (imp.seq for imp in impressions), np.int64, n)
-        users = self.users.observe([imp.user_id for imp in impressions], times, news)
+        users = self.users.observe(user_ids, times, news)
         self.learn_signals(users, times, news)
         history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
         seen = np.r_[history.items, shown.items]
         seen_times = np.r_[history.times(times), shown.times(times)]
         self.popularity.observe(seen, seen_times, clicked.items, clicked.times(times))
-        self.logged["logged_impressions"] += n
+        self.logged["logged_impressions"] += len(times)
         self.logged["logged_clicks"] += len(clicked.items)
-        latest = int(places.argmax())
-        if places[latest] > self.seq:
-            self.seq, self.last_id = int(places[latest]), impressions[latest].impression_id
+        latest = int(seqs.argmax())
+        if seqs[latest] > self.seq:
+            self.seq, self.last_id = int(seqs[latest]), impression_ids[latest]
 
     def learn_signals(self, users: np.ndarray, times: np.ndarray, news: NewsRows) -> None:
         """The signals learn from impressions of these users (indices) at these times: an
