@@ -212,18 +212,17 @@ CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]
 def event_times(values: Sequence[str | None], now: datetime) -> tuple[np.ndarray, set[int]]:
     """Unix seconds of events' times (`now` where None) and the positions of those that
     `parse_time` refuses. Times written as numpy writes them (2019-11-14T08:00:00) are parsed
-    at once; numpy's reading of each is kept only where it writes it back the same."""
+    at once (numpy refuses a field out of range as Python does; its year 0 falls before 1970),
+    others one by one."""
     clock = int(now.timestamp())
     seconds = np.full(len(values), clock, dtype=np.int64)
     canonical = [n for n, v in enumerate(values) if v is not None and CANONICAL_TIME.fullmatch(v)]
-    text = np.array([values[n] for n in canonical], dtype=str)
     try:
-        parsed = text.astype("datetime64[s]")
-    except ValueError:  # one of them is no date (2019-02-30): each is parsed alone
-        canonical, text, parsed = [], text[:0], np.zeros(0, dtype="datetime64[s]")
-    exact = np.datetime_as_string(parsed, unit="s") == text
-    at = np.asarray(canonical, dtype=np.int64)[exact]
-    seconds[at] = parsed[exact].astype(np.int64)
+        parsed = np.array([values[n] for n in canonical], dtype=str).astype("datetime64[s]")
+    except ValueError:  # one of them is no time (2019-02-30): each is parsed alone
+        canonical, parsed = [], np.zeros(0, dtype="datetime64[s]")
+    at = np.asarray(canonical, dtype=np.int64)
+    seconds[at] = parsed.astype(np.int64)
     latest = now.timestamp() + MAX_FUTURE.total_seconds()
     faulty = set(at[(seconds[at] < 0) | (seconds[at] > latest)].tolist())
     alone = np.ones(len(values), dtype=bool)

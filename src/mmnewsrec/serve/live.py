@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmnewsrec.csr import csr_offsets, segment_ids
+from mmnewsrec.csr import csr_offsets, isin_small, segment_ids
 from mmnewsrec.data.signals import (
     SIGNALS_VERSION,
     Impressions,
@@ -128,20 +128,37 @@ class Users:
         return first_occurrences(np.concatenate([base, *clicks]).astype(np.int64, copy=False))
 
     def observe(self, user_ids: Sequence[str], times: np.ndarray, news: NewsRows) -> np.ndarray:
-        """Logged impressions of `user_ids` at `times`, in order; their users' indices."""
+        """Logged impressions of `user_ids` at `times`, in order; their users' indices. Each
+        user in the batch is met once: their latest impression with a history (the last of
+        equal times) and their clicks in impression order."""
         index = np.fromiter(map(self.user_index, user_ids), np.int64, len(user_ids))
         history, clicked = news.part(HISTORY), news.part(CLICKED)
-        history_at, click_at = history.offsets.tolist(), clicked.offsets.tolist()
-        for n, (user_id, at) in enumerate(zip(user_ids, times.tolist(), strict=True)):
+        users, first, inverse = np.unique(index, return_index=True, return_inverse=True)
+        with_history = np.flatnonzero(np.diff(history.offsets) > 0)
+        latest = np.full(len(users), -1, dtype=np.int64)  # per user: an impression, or -1
+        ordered = with_history[
+            np.lexsort((with_history, times[with_history], inverse[with_history]))
+        ]
+        last = np.r_[inverse[ordered][1:] != inverse[ordered][:-1], True][: len(ordered)]
+        latest[inverse[ordered[last]]] = ordered[last]
+        click_row = segment_ids(clicked.offsets)
+        by_user = np.argsort(inverse[click_row], kind="stable")
+        click_bounds = csr_offsets(np.bincount(inverse[click_row], minlength=len(users))).tolist()
+        click_times = times[click_row[by_user]].tolist()
+        click_items = clicked.items[by_user].tolist()
+        latest_rows, latest_times = latest.tolist(), times[latest].tolist()
+        firsts = first.tolist()
+        for k in np.argsort(first).tolist():  # in order of first appearance
+            user_id = user_ids[firsts[k]]
             logged = self._logged.get(user_id)
             if logged is None:
                 logged = self._logged[user_id] = LoggedUser()
-            start, end = history_at[n], history_at[n + 1]
-            if end > start and at >= logged.history_time:
-                logged.history_time, logged.history = at, history.items[start:end].copy()
-            start, end = click_at[n], click_at[n + 1]
+            row, at = latest_rows[k], latest_times[k]
+            if row >= 0 and at >= logged.history_time:
+                logged.history_time, logged.history = at, history.items_of(row).copy()
+            start, end = click_bounds[k], click_bounds[k + 1]
             if end > start:
-                logged.clicks += [(at, i) for i in clicked.items[start:end].tolist()]
+                logged.clicks += zip(click_times[start:end], click_items[start:end], strict=True)
         return index
 
 
@@ -317,7 +334,8 @@ class NewsRows:
         shown, clicked = self.part(SHOWN), self.part(CLICKED)
         width = int(self.items.max(initial=0)) + 1
         keys = segment_ids(shown.offsets).astype(np.int64) * width + shown.items
-        return np.isin(keys, segment_ids(clicked.offsets).astype(np.int64) * width + clicked.items)
+        clicks = segment_ids(clicked.offsets).astype(np.int64) * width + clicked.items
+        return isin_small(keys, clicks)
 
 
 class LiveState:
