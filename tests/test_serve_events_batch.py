@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from mmnewsrec.serve import Recommender, create_app
 from mmnewsrec.serve.events import event_times, parse_time
 from mmnewsrec.serve.export import split_events
-from mmnewsrec.serve.live import open_live
+from mmnewsrec.serve.live import BulkLookup, open_live
 
 PLAIN = {"content-type": "application/vnd.api+json"}  # JSON to FastAPI, not to msgspec
 
@@ -181,3 +181,16 @@ def test_a_batch_names_each_bad_time_as_single_events_do(servers, rec):
         expected += [e | {"loc": ["body", n, *e["loc"][1:]]} for e in single]
     assert response.json()["detail"] == expected
     assert rows(folder) == []
+
+
+def test_bulk_lookup_finds_what_the_dict_holds_as_it_grows():
+    lookup = {"": 0, "N1": 1, "N2": 2, "N10": 3}
+    bulk = BulkLookup()
+    ids = ["N2", "N1", "nope", "N10", "N2", "", "n1", "N1 "]
+    assert bulk.index(ids, lookup).tolist() == [2, 1, -1, 3, 2, 0, -1, -1]
+    lookup["nope"] = 4  # a news item added: the lookup grows in place
+    assert bulk.index(ids, lookup).tolist() == [2, 1, 4, 3, 2, 0, -1, -1]
+    other = {"N1": 7}
+    assert bulk.index(["N1", "N2"], other).tolist() == [7, -1]
+    assert bulk.index(["N1", "\ud800"], lookup).tolist() == [1, -1]  # not UTF-8: one by one
+    assert bulk.index([], lookup).tolist() == []

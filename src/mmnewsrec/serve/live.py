@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import polars as pl
 
 from mmnewsrec.csr import csr_offsets, isin_small, segment_ids
 from mmnewsrec.data.signals import (
@@ -285,6 +286,31 @@ class Popularity:
         return top, scores[top]
 
 
+class BulkLookup:
+    """News indices of many ids at once (-1: not served), by a cast to a polars Enum of the
+    served ids: a hash join in Rust, two to three times faster than a dict lookup per id at a
+    bulk load's 300,000 ids. The Enum is made again when the ids served change (news are only
+    ever added to a lookup)."""
+
+    def __init__(self) -> None:
+        self._enum: tuple[dict[str, int], int, pl.Enum, np.ndarray] | None = None
+
+    def index(self, ids: list[str], lookup: dict[str, int]) -> np.ndarray:
+        if self._enum is None or self._enum[0] is not lookup or self._enum[1] != len(lookup):
+            codes = np.fromiter(lookup.values(), np.int64, len(lookup))
+            self._enum = (lookup, len(lookup), pl.Enum(list(lookup)), codes)
+        _, _, enum, codes = self._enum
+        try:
+            series = pl.Series(ids, dtype=pl.String)
+        except UnicodeEncodeError:  # a lone surrogate (json.loads makes them): one at a time
+            return np.fromiter(map(lookup.get, ids, repeat(-1)), np.int64, len(ids))
+        position = series.cast(enum, strict=False).to_physical().fill_null(len(codes))
+        return np.r_[codes, -1][position.to_numpy()]
+
+
+BULK_LOOKUP = BulkLookup()  # of the lookup served last
+
+
 def index_news(lookup: dict[str, int], ids: Iterable[str]) -> np.ndarray:
     """News indices of ids known to be served."""
     return np.fromiter((lookup[i] for i in ids), dtype=np.int64)
@@ -310,11 +336,7 @@ class NewsRows:
     @classmethod
     def of_lists(cls, lists: Sequence[Sequence[str]], lookup: dict[str, int]) -> NewsRows:
         """Lists of news ids (history, shown, clicked of each impression in turn) looked up."""
-        flat = list(chain.from_iterable(lists))
-        try:
-            items = np.fromiter(map(lookup.__getitem__, flat), np.int64, len(flat))
-        except KeyError:  # twice as slow
-            items = np.fromiter(map(lookup.get, flat, repeat(-1)), np.int64, len(flat))
+        items = BULK_LOOKUP.index(list(chain.from_iterable(lists)), lookup)
         return cls(csr_offsets(np.fromiter(map(len, lists), np.int64, len(lists))), items)
 
     def take(self, impressions: np.ndarray) -> NewsRows:
