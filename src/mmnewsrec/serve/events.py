@@ -199,11 +199,10 @@ def to_batch(events: Sequence[Event], lookup: dict[str, int], nested: bool) -> E
             errors += _event_errors(loc, events[n], lookup, repeated=n in repeats, now=now)
         raise HTTPException(422, errors[:100])
     joined = [" ".join(part) for part in lists]
-    rows = [
-        (i, e.user_id, at, *joined[3 * n : 3 * n + 3])
-        for n, (i, e, at) in enumerate(zip(ids, events, times.tolist(), strict=True))
-    ]
-    return EventBatch(rows, [e.user_id for e in events], times, news)
+    users = [e.user_id for e in events]
+    columns = (ids, users, times.tolist(), joined[::3], joined[1::3], joined[2::3])
+    rows = list(zip(*columns, strict=True))
+    return EventBatch(rows, users, times, news)
 
 
 CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")
