@@ -89,16 +89,17 @@ def ingest_bodies(store: Store, count: int) -> list[dict]:
     ]  # fmt: skip
 
 
-async def ingest(url: str, bodies: list[dict], batch: int) -> float:
-    """POST every body in batches (encoded beforehand), one request at a time; seconds taken."""
+async def ingest(url: str, bodies: list[dict], batch: int) -> tuple[float, float]:
+    """POST every body in batches (encoded beforehand), one request at a time; seconds taken,
+    and the CPU seconds of this client meanwhile."""
     encoded = [json.dumps(bodies[first : first + batch]) for first in range(0, len(bodies), batch)]
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(timeout=300) as client:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for content in encoded:
             response = await client.post(url, content=content, headers=headers)
             response.raise_for_status()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 def ingest_only(
@@ -116,14 +117,14 @@ def ingest_only(
                 try:
                     cpu = cpu_seconds(server.pid)
                     url = f"http://127.0.0.1:{port}/events/batch"
-                    seconds = asyncio.run(ingest(url, bodies, args.batch))
+                    seconds, client = asyncio.run(ingest(url, bodies, args.batch))
                     cpu = cpu_seconds(server.pid) - cpu
                 finally:
                     stop(server)
             load = " ".join(f"{x:.1f}" for x in os.getloadavg())
             print(
                 f"{attempt + 1} {label}: {seconds:.2f} s, {len(bodies) / seconds:,.0f} "
-                f"impressions/s, server CPU {cpu:.2f} s; load average {load}"
+                f"impressions/s, CPU: server {cpu:.2f} s, client {client:.2f} s; load {load}"
             )
 
 
@@ -204,7 +205,7 @@ def main() -> int:
         empty_start, server = timed_start(run, port, ["--state", state, *options], args.src)
         try:
             loaded_rss = rss_mb(server.pid)[0]
-            seconds = asyncio.run(ingest(f"{base}/events/batch", bodies, args.batch))
+            seconds, _ = asyncio.run(ingest(f"{base}/events/batch", bodies, args.batch))
             ingest_rss = rss_mb(server.pid)[0]
             tallies = {}
             if args.skip_recommend:
