@@ -118,6 +118,14 @@ def test_a_body_msgspec_refuses_gets_the_422_pydantic_gives(servers, body, loc):
     assert rows(folder) == []
 
 
+def test_a_body_only_msgspec_refuses_is_stored_as_pydantic_accepts_it(servers, rec):
+    (client, live, folder), _ = servers
+    event = replay_events(rec)[0] | {"user_id": "U\x1f1"}  # a space to Python's re, not to Rust's
+    assert client.post("/events/batch", json=[event]).json() == {"stored": 1, "duplicates": []}
+    assert [row[2] for row in rows(folder)] == ["U\x1f1"]
+    assert live.users.known("U\x1f1")
+
+
 def test_other_json_content_types_are_served_too(servers, rec):
     (client, _, folder), _ = servers
     events = replay_events(rec)[:3]
