@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from bisect import insort
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
@@ -49,7 +50,8 @@ SNAPSHOT_SECONDS = 300.0  # between snapshots of the signals while serving (and 
 @dataclass
 class LoggedUser:
     """A user's part of the event log: the history of their latest impression that came
-    with one, and their clicks as (time, news index)."""
+    with one, and their clicks as (time, news index) in time order (in log order at equal
+    times)."""
 
     history_time: int = -1
     history: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -93,7 +95,7 @@ class Users:
         for n, (user_id, at) in enumerate(
             zip(arrays["logged_users"].tolist(), arrays["history_times"].tolist(), strict=True)
         ):
-            made = [(t, i) for t, i in clicks.items_of(n).tolist()]
+            made = sorted(((t, i) for t, i in clicks.items_of(n).tolist()), key=by_time)
             self._logged[user_id] = LoggedUser(at, history.items_of(n).copy(), made)
 
     def user_index(self, user_id: str) -> int:
@@ -123,14 +125,15 @@ class Users:
         if logged is not None:
             if logged.history_time > base_time:
                 base = logged.history
-            ordered = [i for _, i in sorted(logged.clicks, key=by_time)]
-            clicks.append(np.array(ordered, dtype=np.int64))
+            clicks.append(np.array([i for _, i in logged.clicks], dtype=np.int64))
         return first_occurrences(np.concatenate([base, *clicks]).astype(np.int64, copy=False))
 
-    def observe(self, user_ids: Sequence[str], times: np.ndarray, news: NewsRows) -> np.ndarray:
-        """Logged impressions of `user_ids` at `times`, in order; their users' indices."""
+    def observe(
+        self, user_ids: Sequence[str], times: np.ndarray, history: Ragged, clicked: Ragged
+    ) -> np.ndarray:
+        """Logged impressions of `user_ids` at `times`, in order, with their histories and
+        clicks; their users' indices."""
         index = np.fromiter(map(self.user_index, user_ids), np.int64, len(user_ids))
-        history, clicked = news.part(HISTORY), news.part(CLICKED)
         history_at, click_at = history.offsets.tolist(), clicked.offsets.tolist()
         for n, (user_id, at) in enumerate(zip(user_ids, times.tolist(), strict=True)):
             logged = self._logged.get(user_id)
@@ -141,7 +144,12 @@ class Users:
                 logged.history_time, logged.history = at, history.items[start:end].copy()
             start, end = click_at[n], click_at[n + 1]
             if end > start:
-                logged.clicks += [(at, i) for i in clicked.items[start:end].tolist()]
+                made = [(at, i) for i in clicked.items[start:end].tolist()]
+                if not logged.clicks or logged.clicks[-1][0] <= at:
+                    logged.clicks += made
+                else:  # an impression older than the user's latest: after its equals
+                    for click in made:
+                        insort(logged.clicks, click, key=by_time)
         return index
 
 
@@ -307,9 +315,9 @@ class NewsRows:
         offsets, pos = last_clicks(self.offsets, rows, len(self.items))
         return Ragged(offsets, self.items[pos])
 
-    def clicked(self) -> np.ndarray:
-        """(shown items,) bool: the shown item was clicked in its impression."""
-        shown, clicked = self.part(SHOWN), self.part(CLICKED)
+    def clicked(self, shown: Ragged, clicked: Ragged) -> np.ndarray:
+        """(shown items,) bool: the shown item was clicked in its impression (`shown` and
+        `clicked`: the SHOWN and CLICKED parts)."""
         width = int(self.items.max(initial=0)) + 1
         keys = segment_ids(shown.offsets).astype(np.int64) * width + shown.items
         return np.isin(keys, segment_ids(clicked.offsets).astype(np.int64) * width + clicked.items)
@@ -414,9 +422,9 @@ class LiveState:
         n = len(impressions)
         times = np.fromiter((imp.time for imp in impressions), np.int64, n)
         places = np.fromiter(seqs or (imp.seq for imp in impressions), np.int64, n)
-        users = self.users.observe([imp.user_id for imp in impressions], times, news)
-        self.learn_signals(users, times, news)
         history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
+        users = self.users.observe([imp.user_id for imp in impressions], times, history, clicked)
+        self.learn_signals(users, times, history, shown, news.clicked(shown, clicked))
         seen = np.r_[history.items, shown.items]
         seen_times = np.r_[history.times(times), shown.times(times)]
         self.popularity.observe(seen, seen_times, clicked.items, clicked.times(times))
@@ -426,13 +434,20 @@ class LiveState:
         if places[latest] > self.seq:
             self.seq, self.last_id = int(places[latest]), impressions[latest].impression_id
 
-    def learn_signals(self, users: np.ndarray, times: np.ndarray, news: NewsRows) -> None:
-        """The signals learn from impressions of these users (indices) at these times: an
-        impression older than one already taken counts at that one's time."""
+    def learn_signals(
+        self,
+        users: np.ndarray,
+        times: np.ndarray,
+        history: Ragged,
+        shown: Ragged,
+        clicked: np.ndarray,
+    ) -> None:
+        """The signals learn from impressions of these users (indices) at these times, with
+        these histories and shown news (`clicked`: per shown item): an impression older than
+        one already taken counts at that one's time."""
         at = np.maximum.accumulate(np.maximum(times, self.signals.time or 0))
-        history, shown = news.part(HISTORY), news.part(SHOWN)
         imps = Impressions(
-            at, users, history.offsets, history.items, shown.offsets, shown.items, news.clicked()
+            at, users, history.offsets, history.items, shown.offsets, shown.items, clicked
         )
         self.signals.observe_batch(imps)
 
