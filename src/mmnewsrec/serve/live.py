@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from bisect import insort
 from collections.abc import Iterable, Mapping, Sequence
@@ -128,12 +129,10 @@ class Users:
             clicks.append(np.array([i for _, i in logged.clicks], dtype=np.int64))
         return first_occurrences(np.concatenate([base, *clicks]).astype(np.int64, copy=False))
 
-    def observe(
-        self, user_ids: Sequence[str], times: np.ndarray, history: Ragged, clicked: Ragged
-    ) -> np.ndarray:
-        """Logged impressions of `user_ids` at `times`, in order, with their histories and
-        clicks; their users' indices."""
+    def observe(self, user_ids: Sequence[str], times: np.ndarray, news: NewsRows) -> np.ndarray:
+        """Logged impressions of `user_ids` at `times`, in order; their users' indices."""
         index = np.fromiter(map(self.user_index, user_ids), np.int64, len(user_ids))
+        history, clicked = news.part(HISTORY), news.part(CLICKED)
         history_at, click_at = history.offsets.tolist(), clicked.offsets.tolist()
         for n, (user_id, at) in enumerate(zip(user_ids, times.tolist(), strict=True)):
             logged = self._logged.get(user_id)
@@ -291,6 +290,7 @@ class NewsRows:
 
     offsets: np.ndarray
     items: np.ndarray
+    _parts: dict[int, Ragged] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, impressions: Sequence[Impression], lookup: dict[str, int]) -> NewsRows:
@@ -310,14 +310,16 @@ class NewsRows:
         return NewsRows(offsets, self.items[pos])
 
     def part(self, which: int) -> Ragged:
-        """One list (HISTORY, SHOWN or CLICKED) of every impression."""
-        rows = np.arange(which, len(self.offsets) - 1, 3)
-        offsets, pos = last_clicks(self.offsets, rows, len(self.items))
-        return Ragged(offsets, self.items[pos])
+        """One list (HISTORY, SHOWN or CLICKED) of every impression (made once)."""
+        if which not in self._parts:
+            rows = np.arange(which, len(self.offsets) - 1, 3)
+            offsets, pos = last_clicks(self.offsets, rows, len(self.items))
+            self._parts[which] = Ragged(offsets, self.items[pos])
+        return self._parts[which]
 
-    def clicked(self, shown: Ragged, clicked: Ragged) -> np.ndarray:
-        """(shown items,) bool: the shown item was clicked in its impression (`shown` and
-        `clicked`: the SHOWN and CLICKED parts)."""
+    def clicked(self) -> np.ndarray:
+        """(shown items,) bool: the shown item was clicked in its impression."""
+        shown, clicked = self.part(SHOWN), self.part(CLICKED)
         width = int(self.items.max(initial=0)) + 1
         keys = segment_ids(shown.offsets).astype(np.int64) * width + shown.items
         return np.isin(keys, segment_ids(clicked.offsets).astype(np.int64) * width + clicked.items)
@@ -352,6 +354,9 @@ class LiveState:
         self.snapshot_seq = 0  # the snapshot read at start holds the log up to here
         self.signals_from_store = signals_from_store
         recommender.signal_source = self.signal_values
+        # learning (on the event loop) against recommendations computed in worker threads
+        # (`serve --parallel`), which read the users' histories and the signals
+        self.lock = threading.Lock()
         self.logged = {"logged_impressions": 0, "logged_clicks": 0}  # learned from so far
 
     def counts(self) -> dict[str, int]:
@@ -397,7 +402,8 @@ class LiveState:
         """The candidates' behaviour signals (C, len(SIGNAL_NAMES)) for a click history, at the
         time of the latest logged impression: the log's clock, which a replay of old logs
         moves as it goes. (The signals do not depend on the user's index.)"""
-        return self.signals.signals(0, self.signals.time or 0, history, candidates)
+        with self.lock:
+            return self.signals.signals(0, self.signals.time or 0, history, candidates)
 
     def news_added(self, index: int, time: int) -> None:
         """A news item added at `time`: fresh from then on."""
@@ -416,15 +422,25 @@ class LiveState:
         up), in log order; `seqs`: their places in the log, where theirs are not set yet."""
         if not impressions:
             return
+        with self.lock:
+            self._apply(impressions, lookup, news, seqs)
+
+    def _apply(
+        self,
+        impressions: Sequence[Impression],
+        lookup: dict[str, int],
+        news: NewsRows | None,
+        seqs: Sequence[int] | None,
+    ) -> None:
         news = NewsRows.of(impressions, lookup) if news is None else news
         if np.any(news.items < 0):
             raise KeyError(f"news ids not served: {np.flatnonzero(news.items < 0)[:5]}")
         n = len(impressions)
         times = np.fromiter((imp.time for imp in impressions), np.int64, n)
         places = np.fromiter(seqs or (imp.seq for imp in impressions), np.int64, n)
+        users = self.users.observe([imp.user_id for imp in impressions], times, news)
+        self.learn_signals(users, times, news)
         history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
-        users = self.users.observe([imp.user_id for imp in impressions], times, history, clicked)
-        self.learn_signals(users, times, history, shown, news.clicked(shown, clicked))
         seen = np.r_[history.items, shown.items]
         seen_times = np.r_[history.times(times), shown.times(times)]
         self.popularity.observe(seen, seen_times, clicked.items, clicked.times(times))
@@ -434,20 +450,13 @@ class LiveState:
         if places[latest] > self.seq:
             self.seq, self.last_id = int(places[latest]), impressions[latest].impression_id
 
-    def learn_signals(
-        self,
-        users: np.ndarray,
-        times: np.ndarray,
-        history: Ragged,
-        shown: Ragged,
-        clicked: np.ndarray,
-    ) -> None:
-        """The signals learn from impressions of these users (indices) at these times, with
-        these histories and shown news (`clicked`: per shown item): an impression older than
-        one already taken counts at that one's time."""
+    def learn_signals(self, users: np.ndarray, times: np.ndarray, news: NewsRows) -> None:
+        """The signals learn from impressions of these users (indices) at these times: an
+        impression older than one already taken counts at that one's time."""
         at = np.maximum.accumulate(np.maximum(times, self.signals.time or 0))
+        history, shown = news.part(HISTORY), news.part(SHOWN)
         imps = Impressions(
-            at, users, history.offsets, history.items, shown.offsets, shown.items, clicked
+            at, users, history.offsets, history.items, shown.offsets, shown.items, news.clicked()
         )
         self.signals.observe_batch(imps)
 
@@ -538,7 +547,8 @@ class LiveState:
     ) -> Recommendation:
         """Top-k news for a user from their history; cold start for a user with none."""
         start = time.perf_counter()
-        history = self.users.history(user_id)
+        with self.lock:
+            history = self.users.history(user_id)
         return recommender.recommend_known(
             history, k, exclude_history, start=start, cold_start=self.popularity, user=user_id
         )
