@@ -256,3 +256,17 @@ def test_a_bulk_load_may_pass_the_body_limit_of_other_requests(server, rec, tmp_
     assert response.status_code == 200, response.text[:300]
     assert response.json()["stored"] == 8000
     assert logged(tmp_path / "state") == 8000
+
+
+def test_clicks_logged_out_of_time_order_join_the_history_in_time_order(server, rec):
+    client, live = server
+    ids = rec.store.news["news_id"].to_list()
+    at = {"noon": "2026-12-01T12:00:00Z", "ten": "2026-12-01T10:00:00Z"}
+    for n, (when, clicked) in enumerate([("noon", 1), ("ten", 2), ("noon", 3), ("ten", 4)]):
+        body = event(n, "U-late", ids[:6], [ids[clicked]], time=at[when])
+        client.post("/events", json=body).raise_for_status()
+    # by time, then in the order logged among equal times
+    expected = [ids[2], ids[4], ids[1], ids[3]]
+    assert client.get("/users/U-late").json()["history"] == expected
+    live.users.load_arrays(live.users.to_arrays())  # as a snapshot gives them back
+    assert client.get("/users/U-late").json()["history"] == expected
