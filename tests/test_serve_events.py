@@ -2,6 +2,7 @@
 added news kept across restarts; through FastAPI's test client on a real tiny run."""
 
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
@@ -270,3 +271,17 @@ def test_clicks_logged_out_of_time_order_join_the_history_in_time_order(server, 
     assert client.get("/users/U-late").json()["history"] == expected
     live.users.load_arrays(live.users.to_arrays())  # as a snapshot gives them back
     assert client.get("/users/U-late").json()["history"] == expected
+
+
+def test_a_recommendation_in_a_worker_thread_waits_for_an_event_being_learned(server, rec):
+    client, live = server
+    ids = rec.store.news["news_id"].to_list()
+    client.post("/events", json=event(1, "U-par", ids[:4], [ids[1]])).raise_for_status()
+    served, done = client.app.state.recommender, []
+    worker = threading.Thread(target=lambda: done.append(live.recommend(served, "U-par", 5, True)))
+    with live.lock:  # as `apply` holds it while an event is learned
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not done  # it does not read the state half updated
+    worker.join(60)
+    assert done and done[0].history_used == [ids[1]]
