@@ -285,3 +285,24 @@ def test_a_recommendation_in_a_worker_thread_waits_for_an_event_being_learned(se
         assert worker.is_alive() and not done  # it does not read the state half updated
     worker.join(60)
     assert done and done[0].history_used == [ids[1]]
+
+
+def test_a_history_encoding_that_failed_is_computed_again(server, rec, monkeypatch):
+    client, live = server
+    ids = rec.store.news["news_id"].to_list()
+    client.post("/events", json=event(1, "U-fail", ids[:4], [ids[1]])).raise_for_status()
+    served = client.app.state.recommender
+    ranker, calls = served.ranker, []
+    encode = ranker.encode_history
+
+    def fails_once(history):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return encode(history)
+
+    monkeypatch.setattr(ranker, "encode_history", fails_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        live.recommend(served, "U-fail", 5, True)
+    again = live.recommend(served, "U-fail", 5, True)  # not the failure kept for this history
+    assert len(calls) == 2 and len(again.items) == 5

@@ -63,6 +63,12 @@ class UserCache(Generic[V]):
                 self._kept.popitem(last=False)  # the least recently asked
         return value
 
+    def forget(self, user: str | None) -> None:
+        """Drop what is kept for `user` (a value that turned out to be a failure)."""
+        if user is not None:
+            with self._lock:
+                self._kept.pop(user, None)
+
     def __len__(self) -> int:
         return len(self._kept)
 
@@ -396,7 +402,12 @@ class Recommender:
         head = found[: self.recall_k]
         signals = self._signals(known, head, timings)
         start = time.perf_counter()
-        scores = self.ranker.score_encoded(encoded.result(), head, max(len(head), 1), signals)
+        try:
+            encoding = encoded.result()
+        except BaseException:
+            self.history_cache.forget(user)  # computed again at the next request
+            raise
+        scores = self.ranker.score_encoded(encoding, head, max(len(head), 1), signals)
         order = np.argsort(-scores, kind="stable")[:k]
         timings["rerank"] = _ms(start)
         items = [self._item(head[j], scores[j], "rerank", int(j) + 1) for j in order]
