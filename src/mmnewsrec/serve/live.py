@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmnewsrec.csr import csr_offsets, segment_ids
+from mmnewsrec.csr import csr_offsets, isin_small, segment_ids
 from mmnewsrec.data.signals import (
     SIGNALS_VERSION,
     Impressions,
@@ -322,7 +322,8 @@ class NewsRows:
         shown, clicked = self.part(SHOWN), self.part(CLICKED)
         width = int(self.items.max(initial=0)) + 1
         keys = segment_ids(shown.offsets).astype(np.int64) * width + shown.items
-        return np.isin(keys, segment_ids(clicked.offsets).astype(np.int64) * width + clicked.items)
+        pool = segment_ids(clicked.offsets).astype(np.int64) * width + clicked.items
+        return isin_small(keys, pool)
 
 
 class LiveState:
@@ -441,8 +442,8 @@ class LiveState:
         users = self.users.observe([imp.user_id for imp in impressions], times, news)
         self.learn_signals(users, times, news)
         history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
-        seen = np.r_[history.items, shown.items]
-        seen_times = np.r_[history.times(times), shown.times(times)]
+        seen = np.concatenate((history.items, shown.items))
+        seen_times = np.concatenate((history.times(times), shown.times(times)))
         self.popularity.observe(seen, seen_times, clicked.items, clicked.times(times))
         self.logged["logged_impressions"] += n
         self.logged["logged_clicks"] += len(clicked.items)
