@@ -46,7 +46,7 @@ def main() -> None:
     from serve_live import ingest_bodies
 
     from mmnewsrec.formats.store import Store
-    from mmnewsrec.serve.events import EventIn, log_impressions, to_impressions
+    from mmnewsrec.serve import events as routes
     from mmnewsrec.serve.live import open_live
     from mmnewsrec.serve.recommender import Recommender
 
@@ -62,9 +62,15 @@ def main() -> None:
         recommender, live = open_live(recommender, folder, args.sync)
 
         async def post(bodies: list[dict], nested: bool) -> None:
-            events = [EventIn.model_validate(body) for body in bodies]
-            impressions, rows = to_impressions(events, recommender.news_lookup, nested)
-            await log_impressions(live, recommender, impressions, rows)
+            """As `POST /events` does after parsing (the route's own helpers)."""
+            events = [routes.EventIn.model_validate(body) for body in bodies]
+            if hasattr(routes, "to_batch"):
+                await routes.log_batch(
+                    live, routes.to_batch(events, recommender.news_lookup, nested)
+                )
+            else:  # a checkout from before the columnar batch path
+                impressions, rows = routes.to_impressions(events, recommender.news_lookup, nested)
+                await routes.log_impressions(live, recommender, impressions, rows)
 
         async def ingest() -> None:
             bodies = ingest_bodies(store, args.ingest)
