@@ -609,13 +609,18 @@ class LiveState:
         logger.warning("%s ignored: %s; replaying the logs", path, reason)
         return 0
 
+    def history(self, user_id: str) -> np.ndarray:
+        """`Users.history`, read while no event is being learned (it may sort the user's
+        clicks)."""
+        with self.lock:
+            return self.users.history(user_id)
+
     def recommend(
         self, recommender: Recommender, user_id: str, k: int, exclude_history: bool
     ) -> Recommendation:
         """Top-k news for a user from their history; cold start for a user with none."""
         start = time.perf_counter()
-        with self.lock:
-            history = self.users.history(user_id)
+        history = self.history(user_id)
         return recommender.recommend_known(
             history, k, exclude_history, start=start, cold_start=self.popularity, user=user_id
         )
