@@ -263,17 +263,17 @@ def set_pairs(sizes: np.ndarray, items: np.ndarray, width: int) -> np.ndarray:
 
 class PairCounts:
     """Counts of item pairs, held as sorted unique keys x * width + y (x < y < width) and their
-    int32 counts (never 0), with a one-hash Bloom filter of the pairs (16 bits a pair, hashed
-    from random codes of the two items) that rules out most absent pairs before any key is
-    made: 14 bytes a pair held. Read and updated a whole array of pairs at a time."""
+    int32 counts (never 0), with two one-hash Bloom filters of the pairs (16 bits a pair each,
+    hashed from random codes of the two items) that rule out most absent pairs before any key
+    is made: 16 bytes a pair held. Read and updated a whole array of pairs at a time."""
 
     def __init__(self, width: int) -> None:
         self.width = width
         self.keys = np.zeros(0, np.int64)
         self.counts = np.zeros(0, np.int32)
-        # a code per item, and one for `width` (padding, in no pair)
-        self._codes = np.random.default_rng(0).integers(0, 2**32, width + 1, dtype=np.uint32)
-        self._filter: np.ndarray | None = None  # of self.keys; None: to build
+        # two codes per item, and two for `width` (padding, in no pair)
+        self._codes = np.random.default_rng(0).integers(0, 2**32, (2, width + 1), np.uint32)
+        self._filters: np.ndarray | None = None  # (2, bytes) of self.keys; None: to build
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -308,42 +308,54 @@ class PairCounts:
         live = self.counts != 0
         if not live.all():
             self.keys, self.counts = self.keys[live], self.counts[live]
-            self._filter = None  # the filter cannot forget a pair: built again
-        elif self._filter is not None and len(self._filter) == 1 << self._filter_bits() >> 3:
-            self._mark(self._filter, keys[new])
+            self._filters = None  # a filter cannot forget a pair: built again
+        elif self._filters is not None and self._filters.shape[1] << 3 == 1 << self._filter_bits():
+            self._mark(self._filters, keys[new])
         else:
-            self._filter = None
+            self._filters = None
 
     def may_hold(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per pair of items (x, y broadcast together, either order): False for a pair surely
-        absent; true for a held pair and ~6% of the absent ones."""
+        absent; true for a held pair and ~0.3% of the absent ones (the second filter tests
+        only the pairs that the first lets through)."""
         if not len(self.keys):
             return np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), bool)
-        if self._filter is None:
-            self._filter = np.zeros(1 << self._filter_bits() >> 3, np.uint8)
+        if self._filters is None:
+            self._filters = np.zeros((2, 1 << self._filter_bits() >> 3), np.uint8)
             for lo in range(0, len(self.keys), PAIR_CHUNK):
-                self._mark(self._filter, self.keys[lo : lo + PAIR_CHUNK])
-        slot = self._slots(x, y)
-        byte = np.take(self._filter, slot >> 3)
+                self._mark(self._filters, self.keys[lo : lo + PAIR_CHUNK])
+        held = self._passes(self._filters, 0, x, y)
+        through = np.nonzero(held)
+        x, y = np.broadcast_arrays(x, y)
+        held[through] = self._passes(self._filters, 1, x[through], y[through])
+        return held
+
+    def _passes(self, filters: np.ndarray, k: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether filter `k` holds the bit of each pair (x, y broadcast together)."""
+        slot = self._slots(k, x, y)
+        byte = np.take(filters[k], slot >> 3)
         byte >>= (slot & 7).astype(np.uint8)
         byte &= 1
         return byte.view(bool)
 
-    def _mark(self, filter_: np.ndarray, keys: np.ndarray) -> None:
-        """Set the bits of `keys` in the filter."""
-        slot = np.sort(self._slots(*np.divmod(keys, self.width)))
-        byte = slot >> 3
-        first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]][: len(byte)])
-        bits = np.left_shift(1, (slot & 7).astype(np.uint8), dtype=np.uint8)
-        filter_[byte[first]] |= np.bitwise_or.reduceat(bits, first)
+    def _mark(self, filters: np.ndarray, keys: np.ndarray) -> None:
+        """Set the bits of `keys` in both filters."""
+        x, y = np.divmod(keys, self.width)
+        for k in range(2):
+            slot = np.sort(self._slots(k, x, y))
+            byte = slot >> 3
+            first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]][: len(byte)])
+            bits = np.left_shift(1, (slot & 7).astype(np.uint8), dtype=np.uint8)
+            filters[k, byte[first]] |= np.bitwise_or.reduceat(bits, first)
 
     def _filter_bits(self) -> int:
-        """log2 of the filter's bits: at least 16 a pair (at most 2**32)."""
+        """log2 of each filter's bits: at least 16 a pair (at most 2**32)."""
         return min(32, max(6, (16 * len(self.keys) - 1).bit_length()))
 
-    def _slots(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """The filter's bit of each pair: the top bits of the xor of the items' codes."""
-        return (self._codes[x] ^ self._codes[y]) >> np.uint32(32 - self._filter_bits())
+    def _slots(self, k: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Filter `k`'s bit of each pair: the top bits of the xor of the items' codes."""
+        codes = self._codes[k]
+        return (codes[x] ^ codes[y]) >> np.uint32(32 - self._filter_bits())
 
 
 def period_signals(
