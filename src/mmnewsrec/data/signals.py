@@ -382,10 +382,10 @@ def period_signals(
         cand_offsets, cand = last_clicks(imps.candidate_offsets, rows, len(imps.candidate_items))
         items = imps.candidate_items[cand]
         block = np.empty((len(cand), len(SIGNAL_NAMES)), np.float32)
-        block[:, 0] = log_share(clicks[items], total_clicks)
+        block[:, 0] = log_share(clicks, total_clicks)[items]
         within = earlier_within(items, np.searchsorted(times, imps.times[rows]), cand_offsets)
-        count = shown[items] + within
-        block[:, 1] = log_share(count, np.repeat(earlier[rows], np.diff(cand_offsets)))
+        count = shown[items] + within  # log_share, its second term once per impression:
+        block[:, 1] = np.log1p(count) - np.repeat(np.log1p(earlier[rows]), np.diff(cand_offsets))
         shown_at = np.repeat(imps.times[rows], np.diff(cand_offsets))
         block[:, 2] = np.log1p(np.maximum(shown_at - first[items], 0) / 3600.0)
         block[:, 3] = coclick(imps, rows, cand_offsets, cand, holders, pairs, history)
