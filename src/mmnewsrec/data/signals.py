@@ -28,9 +28,11 @@ appearances) count everything strictly earlier. Labels of dev and test never cou
 
 The batch face walks the periods in order over all logs at once: the impressions of a period
 read dense per-item counts (clicks, exposures, profile holders) and the profile pair counts
-(`PairCounts`: sorted keys, 14 bytes a pair held, only pairs of the current profiles), then add
-their own clicks, exposures and profiles. Exposures within a period come from one sort of its
-candidates by (item, time); co-click pairs are looked up in chunks.
+(`PairCounts`: sorted keys, 16 bytes a pair held, only pairs of the current profiles), then add
+their own clicks, exposures and profiles (a user whose history is unchanged keeps its profile
+as it is). Exposures within a period come from one sort of its candidates by (item, time);
+co-click pairs are looked up in chunks. Each period's rows go to a temporary file as they are
+computed; the split files are then written from it in log order, a few impressions at a time.
 """
 
 from __future__ import annotations
