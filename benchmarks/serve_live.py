@@ -19,11 +19,12 @@ folder per invocation. Phases, in order:
 
 --src DIR serves the package of another checkout (DIR/src first on its PYTHONPATH, e.g. the
 main branch), for a before/after on the same machine; --skip-recommend leaves out the
-/recommend and mixed phases.
+/recommend and mixed phases, --ingest-only every phase but the ingest (then --repeat N runs it N
+times, each on a fresh server and state, alternating with the --src server where given).
 
     python benchmarks/serve_live.py [--news 100000] [--ingest 200000] [--batch 5000]
         [--requests 1000] [--concurrency 1 16] [--mixed 2000] [--sync full|normal] [--no-signals]
-        [--src DIR] [--skip-recommend]
+        [--src DIR] [--skip-recommend] [--ingest-only [--repeat N]]
 
 The run reads every behaviour signal (the model of benchmarks/serve.py retrained a few steps
 with model.signals) unless --no-signals.
@@ -44,7 +45,16 @@ from typing import Any
 
 import httpx
 import numpy as np
-from serve import Tally, build_run, drive, free_port, rss_mb, start_server, timed
+from serve import (
+    Tally,
+    build_run,
+    cpu_seconds,
+    drive,
+    free_port,
+    rss_mb,
+    start_server,
+    timed,
+)
 
 from mmnewsrec.formats.store import Store
 from mmnewsrec.serve.export import split_events
@@ -79,16 +89,43 @@ def ingest_bodies(store: Store, count: int) -> list[dict]:
     ]  # fmt: skip
 
 
-async def ingest(url: str, bodies: list[dict], batch: int) -> float:
-    """POST every body in batches (encoded beforehand), one request at a time; seconds taken."""
+async def ingest(url: str, bodies: list[dict], batch: int) -> tuple[float, float]:
+    """POST every body in batches (encoded beforehand), one request at a time; seconds taken,
+    and the CPU seconds of this client meanwhile."""
     encoded = [json.dumps(bodies[first : first + batch]) for first in range(0, len(bodies), batch)]
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(timeout=300) as client:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for content in encoded:
             response = await client.post(url, content=content, headers=headers)
             response.raise_for_status()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
+
+
+def ingest_only(
+    run: Path, work: Path, bodies: list[dict], args: argparse.Namespace, options: list[str]
+) -> None:
+    """The ingest alone, --repeat times on a fresh server and state (this checkout's, then the
+    --src one's, in turn): wall seconds, impressions/s and the server's CPU seconds."""
+    port = free_port()
+    sources = [("this checkout", None)] + ([(f"--src {args.src}", args.src)] if args.src else [])
+    print(f"ingest of {len(bodies):,} impressions in batches of {args.batch:,}, sync {args.sync}")
+    for attempt in range(args.repeat):
+        for label, src in sources:
+            with tempfile.TemporaryDirectory(dir=work) as state:
+                server = start_server(run, port, ["--state", state, *options], src)
+                try:
+                    cpu = cpu_seconds(server.pid)
+                    url = f"http://127.0.0.1:{port}/events/batch"
+                    seconds, client = asyncio.run(ingest(url, bodies, args.batch))
+                    cpu = cpu_seconds(server.pid) - cpu
+                finally:
+                    stop(server)
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            print(
+                f"{attempt + 1} {label}: {seconds:.2f} s, {len(bodies) / seconds:,.0f} "
+                f"impressions/s, CPU: server {cpu:.2f} s, client {client:.2f} s; load {load}"
+            )
 
 
 def timed_start(run: Path, port: int, options: list[str], src: Path | None) -> tuple[float, Any]:
@@ -146,6 +183,8 @@ def main() -> int:
     parser.add_argument("--no-signals", action="store_true", help="a run without signals")
     parser.add_argument("--src", type=Path, help="serve the package of this checkout")
     parser.add_argument("--skip-recommend", action="store_true", help="ingest and start-up only")
+    parser.add_argument("--ingest-only", action="store_true", help="the ingest phase alone")
+    parser.add_argument("--repeat", type=int, default=1, help="ingests, with --ingest-only")
     args = parser.parse_args()
 
     work = args.work / f"news{args.news}-dim{args.dim}"
@@ -159,11 +198,14 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     options = ["--sync", args.sync]
+    if args.ingest_only:
+        ingest_only(run, work, bodies, args, options)
+        return 0
     with tempfile.TemporaryDirectory(dir=work) as state:
         empty_start, server = timed_start(run, port, ["--state", state, *options], args.src)
         try:
             loaded_rss = rss_mb(server.pid)[0]
-            seconds = asyncio.run(ingest(f"{base}/events/batch", bodies, args.batch))
+            seconds, _ = asyncio.run(ingest(f"{base}/events/batch", bodies, args.batch))
             ingest_rss = rss_mb(server.pid)[0]
             tallies = {}
             if args.skip_recommend:

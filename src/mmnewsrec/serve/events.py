@@ -8,21 +8,28 @@ and the value at fault, as FastAPI's own validation errors do (`detail`: a list 
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
+import msgspec
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from mmnewsrec.csr import segment_ids
+from mmnewsrec.csr import isin_small, segment_ids
 from mmnewsrec.formats.store import SIGNAL_NAMES
 from mmnewsrec.serve.live import CLICKED, SHOWN, LiveState, NewsRows, index_news
 from mmnewsrec.serve.recommender import Recommender
-from mmnewsrec.serve.state import Impression
+from mmnewsrec.serve.state import Row
 
-EventId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^\S+$")]
-NewsRef = Annotated[str, StringConstraints(min_length=1, max_length=64)]  # looked up: no pattern
+ID_PATTERN, MAX_ID = r"^\S+$", 64  # impression and user ids
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN)]
+NewsRef = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)]  # looked up
 MAX_SHOWN = 1000  # news ids in one impression's shown list (MIND's longest: about 300)
 MAX_EVENT_HISTORY = 1000
 MAX_BATCH = 10_000  # impressions in one POST /events/batch
@@ -46,8 +53,38 @@ class EventIn(BaseModel):
     shown: list[NewsRef] = Field(min_length=1, max_length=MAX_SHOWN)
     clicked: list[NewsRef] = Field(default_factory=list, max_length=MAX_SHOWN)
 
-    # Times, repeated ids and news ids are checked by `to_impressions`, in one pass over a
-    # batch: as pydantic validators in Python they took most of a bulk load's time.
+    # Times, repeated ids and news ids are checked by `to_batch`, in one pass over a batch:
+    # as pydantic validators in Python they took most of a bulk load's time.
+
+
+class Event(Protocol):
+    """The fields of an impression, validated (an `EventIn` or an `EventFields`)."""
+
+    impression_id: str
+    user_id: str
+    time: str | None
+    history: list[str]
+    shown: list[str]
+    clicked: list[str]
+
+
+MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN)]
+MsgRef = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
+
+
+class EventFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`EventIn` for msgspec: a bulk body decoded and checked in one pass in C, as strictly as
+    pydantic checks it (a body it refuses goes to pydantic, which names the faults)."""
+
+    impression_id: MsgId
+    user_id: MsgId
+    time: str | None = None
+    history: Annotated[list[MsgRef], msgspec.Meta(max_length=MAX_EVENT_HISTORY)] = []
+    shown: Annotated[list[MsgRef], msgspec.Meta(min_length=1, max_length=MAX_SHOWN)]
+    clicked: Annotated[list[MsgRef], msgspec.Meta(max_length=MAX_SHOWN)] = []
+
+
+BATCH_DECODER = msgspec.json.Decoder(list[EventFields])
 
 
 class EventStored(BaseModel):
@@ -119,31 +156,41 @@ LiveDep = Annotated[LiveState, Depends(get_live)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 
 
-def to_impressions(
-    events: list[EventIn], lookup: dict[str, int], nested: bool
-) -> tuple[list[Impression], NewsRows]:
-    """Impressions of validated events and their news indices, or a 422 naming every
-    unparseable time, unknown news id, repeated news id, clicked id not shown and impression
-    id repeated in the body. nested: a batch (locations by position). The checks run over the
-    whole batch at once; the events they find at fault are then described one by one."""
+@dataclass
+class EventBatch:
+    """Validated impressions as columns: their stored rows, users, times (unix seconds) and
+    news indices."""
+
+    rows: list[Row]
+    user_ids: list[str]
+    times: np.ndarray
+    news: NewsRows
+
+    def impression_ids(self) -> list[str]:
+        return [row[0] for row in self.rows]
+
+    def take(self, keep: np.ndarray) -> EventBatch:
+        """These impressions (indices), in this order."""
+        picked = keep.tolist()
+        rows, users = [self.rows[n] for n in picked], [self.user_ids[n] for n in picked]
+        return EventBatch(rows, users, self.times[keep], self.news.take(keep))
+
+
+def to_batch(events: Sequence[Event], lookup: dict[str, int], nested: bool) -> EventBatch:
+    """The columns of validated events, or a 422 naming every unparseable time, unknown news
+    id, repeated news id, clicked id not shown and impression id repeated in the body.
+    nested: a batch (locations by position). The checks run over the whole batch at once; the
+    events they find at fault are then described one by one."""
     now = datetime.now(UTC)
-    clock, times, faulty = int(now.timestamp()), [], set()
-    for n, event in enumerate(events):
-        try:
-            times.append(clock if event.time is None else parse_time(event.time, now))
-        except ValueError:
-            times.append(0)
-            faulty.add(n)
-    impressions = [
-        Impression(
-            e.impression_id, e.user_id, at, tuple(e.history), tuple(e.shown), tuple(e.clicked)
-        )
-        for e, at in zip(events, times, strict=True)
-    ]
-    news = NewsRows.of(impressions, lookup)
+    times, faulty = event_times([e.time for e in events], now)
+    lists = [part for e in events for part in (e.history, e.shown, e.clicked)]
+    news = NewsRows.of_lists(lists, lookup)
     faulty.update(_faulty_lists(news).tolist())
-    first: dict[str, int] = {}
-    repeats = {n for n, e in enumerate(events) if first.setdefault(e.impression_id, n) < n}
+    ids = [e.impression_id for e in events]
+    repeats: set[int] = set()
+    if len(set(ids)) < len(ids):
+        first: dict[str, int] = {}
+        repeats = {n for n, i in enumerate(ids) if first.setdefault(i, n) < n}
     faulty |= repeats
     if faulty:
         errors: list[dict[str, Any]] = []
@@ -151,7 +198,43 @@ def to_impressions(
             loc = ["body", n] if nested else ["body"]
             errors += _event_errors(loc, events[n], lookup, repeated=n in repeats, now=now)
         raise HTTPException(422, errors[:100])
-    return impressions, news
+    joined = [" ".join(part) for part in lists]
+    users = [e.user_id for e in events]
+    columns = (ids, users, times.tolist(), joined[::3], joined[1::3], joined[2::3])
+    rows = list(zip(*columns, strict=True))
+    return EventBatch(rows, users, times, news)
+
+
+CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")
+
+
+def event_times(values: Sequence[str | None], now: datetime) -> tuple[np.ndarray, set[int]]:
+    """Unix seconds of events' times (`now` where None) and the positions of those that
+    `parse_time` refuses. Times written as numpy writes them (2019-11-14T08:00:00) are parsed
+    at once (numpy refuses a field out of range as Python does; its year 0 falls before 1970),
+    others one by one."""
+    clock = int(now.timestamp())
+    seconds = np.full(len(values), clock, dtype=np.int64)
+    canonical = [n for n, v in enumerate(values) if v is not None and CANONICAL_TIME.fullmatch(v)]
+    try:
+        parsed = np.array([values[n] for n in canonical], dtype=str).astype("datetime64[s]")
+    except ValueError:  # one of them is no time (2019-02-30): each is parsed alone
+        canonical, parsed = [], np.zeros(0, dtype="datetime64[s]")
+    at = np.asarray(canonical, dtype=np.int64)
+    seconds[at] = parsed.astype(np.int64)
+    latest = now.timestamp() + MAX_FUTURE.total_seconds()
+    faulty = set(at[(seconds[at] < 0) | (seconds[at] > latest)].tolist())
+    alone = np.ones(len(values), dtype=bool)
+    alone[at] = False
+    for n in np.flatnonzero(alone).tolist():
+        value = values[n]
+        if value is not None:
+            try:
+                seconds[n] = parse_time(value, now)
+            except ValueError:
+                seconds[n] = 0
+                faulty.add(n)
+    return seconds, faulty
 
 
 def _faulty_lists(news: NewsRows) -> np.ndarray:
@@ -159,19 +242,18 @@ def _faulty_lists(news: NewsRows) -> np.ndarray:
     shown."""
     row = segment_ids(news.offsets).astype(np.int64)
     width = int(news.items.max(initial=0)) + 2
-    order = np.argsort(row * width + news.items + 1)
-    keys = (row * width + news.items + 1)[order]
-    repeated = row[order][1:][keys[1:] == keys[:-1]]
+    keys = np.sort(row * width + news.items + 1)
+    repeated = keys[1:][keys[1:] == keys[:-1]] // width
     shown, clicked = news.part(SHOWN), news.part(CLICKED)
     shown_keys = segment_ids(shown.offsets).astype(np.int64) * width + shown.items
     clicked_row = segment_ids(clicked.offsets).astype(np.int64)
-    not_shown = ~np.isin(clicked_row * width + clicked.items, shown_keys)
+    not_shown = ~isin_small(clicked_row * width + clicked.items, shown_keys)
     rows = np.r_[row[news.items < 0] // 3, repeated // 3, clicked_row[not_shown]]
     return np.unique(rows)
 
 
 def _event_errors(
-    loc: list[Any], event: EventIn, lookup: dict[str, int], repeated: bool, now: datetime
+    loc: list[Any], event: Event, lookup: dict[str, int], repeated: bool, now: datetime
 ) -> list[dict[str, Any]]:
     """Every fault of one event: its time, its news ids, its impression id repeated."""
     errors: list[dict[str, Any]] = []
@@ -209,22 +291,55 @@ def _error(loc: list[Any], msg: str, value: str) -> dict[str, Any]:
     return {"loc": loc, "msg": f"{msg}: {value!r}", "input": value}
 
 
-async def log_impressions(
-    live: LiveState, recommender: Recommender, impressions: list[Impression], news: NewsRows
-) -> list[bool]:
+async def log_batch(live: LiveState, batch: EventBatch) -> list[bool]:
     """Store impressions durably (their commit awaited), then learn from the new ones; which
     were new."""
-    seqs = await asyncio.wrap_future(live.state.add_impressions(impressions))
-    new = [seq > 0 for seq in seqs]
+    seqs = np.array(await asyncio.wrap_future(live.state.add_rows(batch.rows)), dtype=np.int64)
     if live.follower is not None:  # replicas learn from the shared log, this one too
         await live.follower.wait_for_own_writes()
-        return new
-    fresh = np.flatnonzero(new)
-    if len(fresh) < len(impressions):
-        impressions = [impressions[n] for n in fresh.tolist()]
-        news, seqs = news.take(fresh), [seqs[n] for n in fresh.tolist()]
-    live.apply(impressions, recommender.news_lookup, news, seqs)
-    return new
+        return (seqs > 0).tolist()
+    fresh = np.flatnonzero(seqs)
+    learnt = batch if len(fresh) == len(seqs) else batch.take(fresh)
+    live.learn(learnt.impression_ids(), learnt.user_ids, learnt.times, learnt.news, seqs[fresh])
+    return (seqs > 0).tolist()
+
+
+async def store_batch(
+    events: Sequence[Event], live: LiveState, recommender: Recommender
+) -> BatchStored:
+    """Check, store and learn from a batch of events."""
+    if not 1 <= len(events) <= MAX_BATCH:
+        message = f"a batch holds 1 to {MAX_BATCH} impressions, not {len(events)}"
+        raise HTTPException(422, [{"loc": ["body"], "msg": message, "input": len(events)}])
+    batch = to_batch(events, recommender.news_lookup, nested=True)
+    new = await log_batch(live, batch)
+    ids = batch.impression_ids()
+    duplicates = [i for i, is_new in zip(ids, new, strict=True) if not is_new]
+    return BatchStored(stored=sum(new), duplicates=duplicates)
+
+
+class BulkRoute(APIRoute):
+    """A route whose JSON body msgspec decodes and checks against `EventFields` in one pass;
+    any other body (another content type, one msgspec refuses) goes through FastAPI and
+    pydantic as usual, which name its faults."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        validated = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind == "application/json":
+                try:
+                    events = BATCH_DECODER.decode(await request.body())
+                except msgspec.MsgspecError:
+                    pass
+                else:
+                    live = await get_live(request)
+                    stored = await store_batch(events, live, request.app.state.recommender)
+                    return JSONResponse(stored.model_dump())
+            return await validated(request)  # the body read above is read again from memory
+
+        return handler
 
 
 # ---------------------------------------------------------------------------- routes
@@ -238,24 +353,25 @@ signals_router = APIRouter(tags=["signals"])
 async def post_event(body: EventIn, live: LiveDep, recommender: RecommenderDep) -> EventStored:
     """Log one impression; answered once it is on disk. A retried impression id is not logged
     again (`stored`: false)."""
-    impressions, news = to_impressions([body], recommender.news_lookup, nested=False)
-    (new,) = await log_impressions(live, recommender, impressions, news)
+    batch = to_batch([body], recommender.news_lookup, nested=False)
+    (new,) = await log_batch(live, batch)
     return EventStored(impression_id=body.impression_id, stored=new)
 
 
-@events_router.post("/batch", response_model=BatchStored)
 async def post_events(
     body: list[EventIn], live: LiveDep, recommender: RecommenderDep
 ) -> BatchStored:
     """Log up to 10,000 impressions in one transaction: all of them, or none on a 422."""
-    if not 1 <= len(body) <= MAX_BATCH:
-        message = f"a batch holds 1 to {MAX_BATCH} impressions, not {len(body)}"
-        raise HTTPException(422, [{"loc": ["body"], "msg": message, "input": len(body)}])
-    impressions, news = to_impressions(body, recommender.news_lookup, nested=True)
-    new = await log_impressions(live, recommender, impressions, news)
-    ids = [imp.impression_id for imp in impressions]
-    duplicates = [i for i, is_new in zip(ids, new, strict=True) if not is_new]
-    return BatchStored(stored=sum(new), duplicates=duplicates)
+    return await store_batch(body, live, recommender)
+
+
+events_router.add_api_route(
+    "/batch",
+    post_events,
+    methods=["POST"],
+    response_model=BatchStored,
+    route_class_override=BulkRoute,
+)
 
 
 @signals_router.post("/signals", response_model=SignalsOut)

@@ -37,8 +37,8 @@ from mmnewsrec.serve.state import (
     READ_CHUNK,
     GroupCommit,
     Impression,
+    Row,
     StateError,
-    _row,
     impression,
 )
 
@@ -165,10 +165,10 @@ class PostgresState(GroupCommit):
 
     # ------------------------------------------------------------------ impressions
 
-    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[int]]:
-        """One transaction over several requests' impressions; the sequence numbers of the new
-        ones (0: logged before)."""
-        rows = [_row(imp) for batch in batches for imp in batch]
+    def _commit(self, batches: list[Sequence[Row]]) -> list[list[int]]:
+        """One transaction over several requests' impressions (rows); the sequence numbers of
+        the new ones (0: logged before)."""
+        rows = [row for batch in batches for row in batch]
         columns = [list(column) for column in zip(*rows, strict=True)]  # one array a column
         if self.writer_db.broken:
             self.writer_db = connect(self.url, autocommit=True)
@@ -183,7 +183,7 @@ class PostgresState(GroupCommit):
         results: list[list[int]] = []
         claimed: set[str] = set()
         for batch in batches:  # an id repeated across requests is new in the first only
-            ids = [imp.impression_id for imp in batch]
+            ids = [row[0] for row in batch]
             results.append([0 if i in claimed else inserted.get(i, 0) for i in ids])
             claimed.update(ids)
         return results

@@ -24,8 +24,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -75,6 +76,9 @@ class StateError(RuntimeError):
     """A state folder that does not belong to the served run, or cannot be opened."""
 
 
+Row = tuple[str, str, int, str, str, str]  # an impression as stored (`impression_row`)
+
+
 class StateStore(Protocol):
     """What the service needs from its durable state."""
 
@@ -82,6 +86,10 @@ class StateStore(Protocol):
         """Store `impressions` (distinct ids) durably; the future resolves, after the commit,
         to the sequence number each new one got in the log (0: its id was logged before and it
         is not stored again)."""
+        ...
+
+    def add_rows(self, rows: Sequence[Row]) -> Future[list[int]]:
+        """`add_impressions` of impressions already in their stored form."""
         ...
 
     def impressions(self) -> Iterator[Impression]:
@@ -106,14 +114,17 @@ class GroupCommit:
     transaction (`_commit`, of the backend): concurrent requests share a commit."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Sequence[Impression], Future] | None]
+        self._queue: queue.SimpleQueue[tuple[Sequence[Row], Future] | None]
         self._queue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
         self._writer.start()
 
     def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[int]]:
+        return self.add_rows([impression_row(imp) for imp in impressions])
+
+    def add_rows(self, rows: Sequence[Row]) -> Future[list[int]]:
         future: Future[list[int]] = Future()
-        self._queue.put((impressions, future))
+        self._queue.put((rows, future))
         return future
 
     def _write_loop(self) -> None:
@@ -138,9 +149,9 @@ class GroupCommit:
             for (_, future), result in zip(jobs, results, strict=True):
                 future.set_result(result)
 
-    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[int]]:
-        """Store several requests' impressions in one transaction; the sequence numbers of
-        the new ones (0: logged before)."""
+    def _commit(self, batches: list[Sequence[Row]]) -> list[list[int]]:
+        """Store several requests' impressions (rows) in one transaction; the sequence numbers
+        of the new ones (0: logged before)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -199,9 +210,9 @@ class SQLiteState(GroupCommit):
 
     # ------------------------------------------------------------------ impressions
 
-    def _commit(self, batches: list[Sequence[Impression]]) -> list[list[int]]:
-        """One transaction over several requests' impressions; the sequence numbers of the new
-        ones (0: logged before). One writer: new rows take the numbers after the last."""
+    def _commit(self, batches: list[Sequence[Row]]) -> list[list[int]]:
+        """One transaction over several requests' impressions (rows); the sequence numbers of
+        the new ones (0: logged before). One writer: new rows take the numbers after the last."""
         results: list[list[int]] = []
         seen: set[str] = set()
         with self._lock:
@@ -211,15 +222,11 @@ class SQLiteState(GroupCommit):
                     "SELECT coalesce(max(seq), 0) FROM impressions"
                 ).fetchone()
                 for batch in batches:
-                    ids = [imp.impression_id for imp in batch]
+                    ids = [row[0] for row in batch]
                     logged = self._logged(ids) | seen
-                    new = [imp.impression_id not in logged for imp in batch]
-                    rows = [
-                        (last + n, *_row(imp))
-                        for n, imp in enumerate(
-                            (i for i, is_new in zip(batch, new, strict=True) if is_new), 1
-                        )
-                    ]
+                    new = [i not in logged for i in ids]
+                    fresh = compress(batch, new)
+                    rows = [(last + n, *row) for n, row in enumerate(fresh, 1)]
                     self.db.executemany(
                         "INSERT INTO impressions (seq, impression_id, user_id, time, history,"
                         " shown, clicked) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -316,7 +323,8 @@ def impression(row: tuple) -> Impression:
     )
 
 
-def _row(imp: Impression) -> tuple[Any, ...]:
+def impression_row(imp: Impression) -> Row:
+    """An impression as stored: its news lists as ids separated by spaces."""
     return (
         imp.impression_id,
         imp.user_id,
