@@ -24,7 +24,7 @@ times, each on a fresh server and state, alternating with the --src server where
 
     python benchmarks/serve_live.py [--news 100000] [--ingest 200000] [--batch 5000]
         [--requests 1000] [--concurrency 1 16] [--mixed 2000] [--sync full|normal] [--no-signals]
-        [--src DIR] [--skip-recommend] [--ingest-only [--repeat N]]
+        [--parallel 1] [--src DIR] [--skip-recommend] [--ingest-only [--repeat N]]
 
 The run reads every behaviour signal (the model of benchmarks/serve.py retrained a few steps
 with model.signals) unless --no-signals.
@@ -140,20 +140,26 @@ def stop(server: subprocess.Popen) -> None:
     server.wait(60)
 
 
-async def mixed(base: str, users: list[str], news: list[str], count: int, tally: Tally) -> int:
+async def mixed(
+    base: str, users: list[str], news: list[str], count: int, tally: Tally
+) -> tuple[int, list[float]]:
     """16 clients, each: POST /events (a click of one of ten news) then POST /recommend for
-    that user; the /recommend latencies go to `tally`; returns the events stored."""
+    that user; the /recommend latencies go to `tally`; returns the events stored and their
+    latencies (ms)."""
     rng = np.random.default_rng(0)
     plan = iter(range(count))
-    stored = 0
+    stored, event_ms = 0, []
+    ids = np.array(news)  # once: a choice among the list itself converts it at every call
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal stored
         for n in plan:
             user = users[n % len(users)]
-            shown = rng.choice(news, 10, replace=False).tolist()
+            shown = ids[rng.choice(len(ids), 10, replace=False)].tolist()
             event = {"impression_id": f"m{n}", "user_id": user, "shown": shown}
+            start = time.perf_counter()
             response = await client.post(f"{base}/events", json=event | {"clicked": shown[:1]})
+            event_ms.append((time.perf_counter() - start) * 1000)
             stored += response.status_code == 200
             start = time.perf_counter()
             response = await client.post(f"{base}/recommend", json={"user_id": user, "k": 10})
@@ -165,7 +171,14 @@ async def mixed(base: str, users: list[str], news: list[str], count: int, tally:
     limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         await asyncio.gather(*(worker(client) for _ in range(16)))
-    return stored
+    return stored, event_ms
+
+
+def client_timed(server: subprocess.Popen, tally: Tally, job: Any) -> float:
+    """`timed`, and the CPU seconds this process (the benchmark's client) spent meanwhile."""
+    start = time.process_time()
+    timed(server, tally, job)
+    return time.process_time() - start
 
 
 def main() -> int:
@@ -180,6 +193,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--mixed", type=int, default=2000, help="event + recommend pairs")
     parser.add_argument("--sync", default="full", help="serve --sync")
+    parser.add_argument("--parallel", type=int, default=1, help="serve --parallel")
     parser.add_argument("--no-signals", action="store_true", help="a run without signals")
     parser.add_argument("--src", type=Path, help="serve the package of this checkout")
     parser.add_argument("--skip-recommend", action="store_true", help="ingest and start-up only")
@@ -197,7 +211,7 @@ def main() -> int:
     news = store.news_ids[1:].tolist()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    options = ["--sync", args.sync]
+    options = ["--sync", args.sync, "--parallel", str(args.parallel)]
     if args.ingest_only:
         ingest_only(run, work, bodies, args, options)
         return 0
@@ -207,22 +221,31 @@ def main() -> int:
             loaded_rss = rss_mb(server.pid)[0]
             seconds, _ = asyncio.run(ingest(f"{base}/events/batch", bodies, args.batch))
             ingest_rss = rss_mb(server.pid)[0]
-            tallies = {}
+            tallies, client_cpu = {}, {}
             if args.skip_recommend:
                 args.concurrency, args.mixed = [], 0
             asked = [{"user_id": users[i % len(users)], "k": 10} for i in range(args.requests)]
             if args.concurrency:
                 asyncio.run(drive(f"{base}/recommend", asked[:50], 1, Tally()))  # warm-up
             for concurrency in args.concurrency:
-                tally = tallies[f"concurrency {concurrency}"] = Tally()
-                timed(server, tally, drive(f"{base}/recommend", asked, concurrency, tally))
-            tally = tallies["returning users, concurrency 1"] = Tally()
-            timed(server, tally, drive(f"{base}/recommend", asked, 1, tally))
-            mixed_tally = Tally()
-            start = time.perf_counter()
-            stored = asyncio.run(mixed(base, users, news, args.mixed, mixed_tally))
-            mixed_seconds = time.perf_counter() - start
-            mixed_tally.seconds = mixed_seconds
+                label = f"concurrency {concurrency}"
+                tally = tallies[label] = Tally()
+                job = drive(f"{base}/recommend", asked, concurrency, tally)
+                client_cpu[label] = client_timed(server, tally, job)
+            label = "returning users, concurrency 1"
+            tally = tallies[label] = Tally()
+            client_cpu[label] = client_timed(
+                server, tally, drive(f"{base}/recommend", asked, 1, tally)
+            )
+            mixed_tally, event_ms = Tally(), []
+            if args.mixed:
+                stored_ms: list[tuple[int, list[float]]] = []
+
+                async def mixed_load() -> None:
+                    stored_ms.append(await mixed(base, users, news, args.mixed, mixed_tally))
+
+                mixed_client = client_timed(server, mixed_tally, mixed_load())
+                stored, event_ms = stored_ms[0]
             rss, peak = rss_mb(server.pid)
             size = sum(f.stat().st_size for f in Path(state).iterdir()) / 2**20
             stop(server)
@@ -242,7 +265,7 @@ def main() -> int:
     print(
         f"\nlive service at {args.news:,} news x {args.dim}-d, {args.model} (cpu preset"
         f"{', no signals' if args.no_signals else ', every signal'}), "
-        f"sync {args.sync}; {os.cpu_count()} CPUs, load average "
+        f"sync {args.sync}, parallel {args.parallel}; {os.cpu_count()} CPUs, load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(
@@ -252,12 +275,18 @@ def main() -> int:
     header = ("", "requests", "errors", "p50 ms", "p99 ms", "req/s", "cpu ms/req")
     print("{:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>10}  server medians (ms)".format(*header))
     for label, tally in tallies.items():
-        print(label)
+        per_request = client_cpu[label] * 1000 / len(tally.latencies_ms)
+        print(f"{label} (the client's CPU: {per_request:.2f} ms/req)")
         print(tally.row(""))
     if args.mixed:
-        rate = stored / mixed_seconds
-        print(f"mixed (16 clients, one POST /events per /recommend): {rate:,.0f} events/s")
-        mixed_tally.cpu_seconds = float("nan")
+        rate = stored / mixed_tally.seconds
+        print(
+            f"mixed (16 clients, one POST /events per /recommend): {rate:,.0f} events/s; "
+            f"POST /events p50 {np.percentile(event_ms, 50):.2f} / p99 "
+            f"{np.percentile(event_ms, 99):.2f} ms; CPU per pair: server "
+            f"{mixed_tally.cpu_seconds * 1000 / args.mixed:.2f} ms, client "
+            f"{mixed_client * 1000 / args.mixed:.2f} ms; /recommend (cpu ms/req: a pair's):"
+        )
         print(mixed_tally.row(""))
     print(
         f"server RSS: {loaded_rss:,.0f} MB loaded, {ingest_rss:,.0f} MB after the ingest, "

@@ -2,6 +2,7 @@
 added news kept across restarts; through FastAPI's test client on a real tiny run."""
 
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
@@ -256,3 +257,52 @@ def test_a_bulk_load_may_pass_the_body_limit_of_other_requests(server, rec, tmp_
     assert response.status_code == 200, response.text[:300]
     assert response.json()["stored"] == 8000
     assert logged(tmp_path / "state") == 8000
+
+
+def test_clicks_logged_out_of_time_order_join_the_history_in_time_order(server, rec):
+    client, live = server
+    ids = rec.store.news["news_id"].to_list()
+    at = {"noon": "2026-12-01T12:00:00Z", "ten": "2026-12-01T10:00:00Z"}
+    for n, (when, clicked) in enumerate([("noon", 1), ("ten", 2), ("noon", 3), ("ten", 4)]):
+        body = event(n, "U-late", ids[:6], [ids[clicked]], time=at[when])
+        client.post("/events", json=body).raise_for_status()
+    # by time, then in the order logged among equal times
+    expected = [ids[2], ids[4], ids[1], ids[3]]
+    assert client.get("/users/U-late").json()["history"] == expected
+    live.users.load_arrays(live.users.to_arrays())  # as a snapshot gives them back
+    assert client.get("/users/U-late").json()["history"] == expected
+
+
+def test_a_recommendation_in_a_worker_thread_waits_for_an_event_being_learned(server, rec):
+    client, live = server
+    ids = rec.store.news["news_id"].to_list()
+    client.post("/events", json=event(1, "U-par", ids[:4], [ids[1]])).raise_for_status()
+    served, done = client.app.state.recommender, []
+    worker = threading.Thread(target=lambda: done.append(live.recommend(served, "U-par", 5, True)))
+    with live.lock:  # as `apply` holds it while an event is learned
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not done  # it does not read the state half updated
+    worker.join(60)
+    assert done and done[0].history_used == [ids[1]]
+
+
+def test_a_history_encoding_that_failed_is_computed_again(server, rec, monkeypatch):
+    client, live = server
+    ids = rec.store.news["news_id"].to_list()
+    client.post("/events", json=event(1, "U-fail", ids[:4], [ids[1]])).raise_for_status()
+    served = client.app.state.recommender
+    ranker, calls = served.ranker, []
+    encode = ranker.encode_history
+
+    def fails_once(history):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return encode(history)
+
+    monkeypatch.setattr(ranker, "encode_history", fails_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        live.recommend(served, "U-fail", 5, True)
+    again = live.recommend(served, "U-fail", 5, True)  # not the failure kept for this history
+    assert len(calls) == 2 and len(again.items) == 5

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mmnewsrec.serve import Recommender, create_app
+from mmnewsrec.serve import live as live_module
 from mmnewsrec.serve.events import event_times, parse_time
 from mmnewsrec.serve.export import split_events
 from mmnewsrec.serve.live import BulkLookup, open_live
@@ -198,7 +199,19 @@ def test_bulk_lookup_finds_what_the_dict_holds_as_it_grows():
     assert bulk.index(ids, lookup).tolist() == [2, 1, -1, 3, 2, 0, -1, -1]
     lookup["nope"] = 4  # a news item added: the lookup grows in place
     assert bulk.index(ids, lookup).tolist() == [2, 1, 4, 3, 2, 0, -1, -1]
+    assert bulk.index(ids * 2, lookup).tolist() == [2, 1, 4, 3, 2, 0, -1, -1] * 2  # by the cast
     other = {"N1": 7}
     assert bulk.index(["N1", "N2"], other).tolist() == [7, -1]
     assert bulk.index(["N1", "\ud800"], lookup).tolist() == [1, -1]  # not UTF-8: one by one
     assert bulk.index([], lookup).tolist() == []
+
+
+def test_bulk_lookup_of_a_few_ids_makes_no_pass_over_the_served_ones(monkeypatch):
+    lookup = {f"N{i}": i for i in range(1000)}
+
+    def no_cast(*args, **kwargs):
+        raise AssertionError("a cast to an Enum of every served id")
+
+    monkeypatch.setattr(live_module.pl, "Series", no_cast)
+    ids = ["N5", "N999", "gone", "N5"]  # one impression's: looked up in the dict
+    assert BulkLookup().index(ids, lookup).tolist() == [5, 999, -1, 5]

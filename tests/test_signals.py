@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mmnewsrec.csr import csr_offsets
+from mmnewsrec.data import signals as signals_module
 from mmnewsrec.data.signals import (
     COCLICK_HISTORY,
     SIGNALS_VERSION,
@@ -254,6 +255,41 @@ def test_replay_through_the_state_gives_the_batch_values_synthetic(tmp_path):
     assert_replay_matches(build_store(tmp_path / "data", tmp_path / "store"))
 
 
+def test_signals_written_a_few_impressions_at_a_time_give_the_replay_values(tmp_path, monkeypatch):
+    """The periods' rows, spilled as computed, come back in each split's log order whatever
+    the number of impressions written at once; only the split files are left."""
+    generate(tmp_path / "data", SynthConfig.quick())
+    monkeypatch.setattr(signals_module, "SAVE_ROWS", 7)
+    store = build_store(tmp_path / "data", tmp_path / "store")
+    assert_replay_matches(store)
+    files = sorted(path.name for path in (store.path / "signals").iterdir())
+    assert files == sorted(f"{split}.npy" for split in store.splits)
+
+
+def test_profiles_kept_across_periods_count_as_the_state_counts_them(tmp_path):
+    """A user whose history stays the same keeps its profile; one whose history changes, or
+    changes back, has it replaced: the batch values equal a replay through the state."""
+    same, other = [1, 2, 3], [[1, 4], [2, 4], [1, 4], [1, 4]]
+    train = behaviors(
+        "train",
+        times=[d * DAY + t for d in range(4) for t in (100, 200)],
+        users=[0, 1] * 4,
+        histories=[h for d in range(4) for h in (same, other[d])],
+        candidates=[[1, 2, 4], [3, 4]] * 4,
+        labels=[[1, 0, 0], [0, 1]] * 4,
+    )
+    build_signals({"train": train}, 4, tmp_path)
+    state, expected = SignalState.empty(4), []
+    for i in range(train.num_impressions):
+        items, labels = train.candidates(i)
+        user, at, history = int(train.user_index[i]), int(train.times[i]), train.history(i)
+        expected.append(state.signals(user, at, history, items))
+        state.observe(user, at, history, items, items[labels == 1])
+    got = np.load(tmp_path / "train.npy")
+    np.testing.assert_allclose(got, np.concatenate(expected), atol=1e-6, rtol=0)
+    assert got[:, CO].max() > 0  # the profiles were read
+
+
 def test_replay_through_the_state_gives_the_batch_values_movielens(tmp_path):
     if not MOVIELENS.is_dir():
         pytest.skip(f"{MOVIELENS} not found")
@@ -344,3 +380,21 @@ def test_pair_counts_count_like_a_dict_through_merges_and_removals():
     absent_x, absent_y = np.divmod(queries[want == 0], width)
     pairs = absent_x < absent_y
     assert counts.may_hold(absent_x[pairs], absent_y[pairs]).mean() < 0.2  # most ruled out
+
+
+def test_pair_filters_keep_every_pair_added_without_removals():
+    """Pairs only added (the filters are then updated in place, and built again when they
+    grow): no held pair is ruled out, nearly every absent one is."""
+    rng = np.random.default_rng(1)
+    width = 3_000
+    counts, held = PairCounts(width), np.zeros(0, np.int64)
+    for _ in range(6):
+        x, y = np.sort(rng.choice(width, (5_000, 2)), axis=1).T
+        keys = (x * width + y)[x < y]
+        counts.add(keys, np.ones(len(keys), np.int32))
+        held = np.union1d(held, keys)
+        held_x, held_y = np.divmod(held, width)
+        assert counts.may_hold(held_y, held_x).all()
+    x, y = np.sort(rng.choice(width, (200_000, 2)), axis=1).T
+    absent = ~np.isin(x * width + y, held) & (x < y)
+    assert counts.may_hold(x[absent], y[absent]).mean() < 0.02

@@ -28,22 +28,29 @@ appearances) count everything strictly earlier. Labels of dev and test never cou
 
 The batch face walks the periods in order over all logs at once: the impressions of a period
 read dense per-item counts (clicks, exposures, profile holders) and the profile pair counts
-(`PairCounts`: sorted keys, 14 bytes a pair held, only pairs of the current profiles), then add
-their own clicks, exposures and profiles. Exposures within a period come from one sort of its
-candidates by (item, time); co-click pairs are looked up in chunks.
+(`PairCounts`: sorted keys, 16 bytes a pair held, only pairs of the current profiles), then add
+their own clicks, exposures and profiles (a user whose history is unchanged keeps its profile
+as it is). Exposures within a period come from one sort of its candidates by (item, time);
+co-click pairs are looked up in chunks. Each period's rows go to a temporary file as they are
+computed; the split files are then written from it in log order, a few impressions at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+import os
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from mmnewsrec.csr import csr_offsets, segment_ids
+from mmnewsrec.files import atomic_file
 from mmnewsrec.formats.store import (
     DAY,
     NEVER,
@@ -60,6 +67,7 @@ COCLICK_HISTORY = 10  # clicks of a history (and of a user profile) that co-clic
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
 PROFILE_CHUNK = 300_000  # profiles whose pairs are counted at once
+SAVE_ROWS = 65_536  # impressions whose signals are written to their split's file at once
 SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
 
 
@@ -71,7 +79,11 @@ def build_signals(
     lag: int = LAG,
     history: int = COCLICK_HISTORY,
 ) -> dict[str, object]:
-    """Compute every split's signals into folder/<split>.npy; returns the manifest entry."""
+    """Compute every split's signals into folder/<split>.npy; returns the manifest entry.
+
+    The periods' rows go to a temporary file as they are computed, then each split's file is
+    written from it in log order, SAVE_ROWS impressions at a time: the (C, 5) table is never
+    whole in memory."""
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     train = splits.get(train_split)
@@ -79,12 +91,12 @@ def build_signals(
     logs = list(splits.values())
     first = first_appearance(logs, num_news)
     imps = Impressions.concat(logs, [b is train for b in logs])
-    table = np.empty((len(imps.candidate_items), len(SIGNAL_NAMES)), dtype=np.float32)
-    per_period_signals(imps, first, lag, history, table)
-    bounds = csr_offsets(np.array([len(b.candidate_items) for b in logs]))
-    for i, name in enumerate(splits):
-        np.save(folder / f"{name}.npy", table[bounds[i] : bounds[i + 1]])
-        logger.info("signals of %s: %d candidates", name, bounds[i + 1] - bounds[i])
+    order, bounds = group_by_period(imps.times, lag)
+    with tempfile.TemporaryFile(dir=folder) as spill:
+        for block in period_signals(imps, order, bounds, first, lag, history):
+            block.tofile(spill)
+        ends = dict(zip(splits, np.cumsum([b.num_impressions for b in logs]).tolist(), strict=True))
+        save_in_log_order(spill, order, imps.candidate_offsets, ends, folder)
     logger.info("signals computed in %.1f s", time.perf_counter() - started)
     return {
         "names": list(SIGNAL_NAMES),
@@ -95,9 +107,54 @@ def build_signals(
     }
 
 
+def save_in_log_order(
+    spill: BinaryIO,
+    order: np.ndarray,
+    candidate_offsets: np.ndarray,
+    ends: Mapping[str, int],
+    folder: Path,
+) -> None:
+    """Write folder/<split>.npy from `spill`, the rows of the impressions' candidates in the
+    impressions' `order`; `ends`: the impression each split ends before, in log order."""
+    sizes = np.diff(candidate_offsets)
+    start = np.empty(len(order), np.int64)  # each impression's first row in the spill
+    start[order] = csr_offsets(sizes[order])[:-1]
+    spill.flush()
+    length = os.fstat(spill.fileno()).st_size
+    mapped = mmap.mmap(spill.fileno(), length, access=mmap.ACCESS_READ) if length else None
+    rows = np.frombuffer(mapped or b"", np.float32).reshape(-1, len(SIGNAL_NAMES))
+    lo = 0
+    for name, hi in ends.items():
+        shape = (int(candidate_offsets[hi] - candidate_offsets[lo]), len(SIGNAL_NAMES))
+        header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+        with atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for a in range(lo, hi, SAVE_ROWS):
+                counts = sizes[a : min(a + SAVE_ROWS, hi)]
+                own = csr_offsets(counts)
+                pos = np.repeat(start[a : a + len(counts)] - own[:-1], counts) + np.arange(own[-1])
+                rows[pos].tofile(f)
+                if mapped is not None:
+                    mapped.madvise(mmap.MADV_DONTNEED)  # the pages read leave the RSS
+        logger.info("signals of %s: %d candidates", name, shape[0])
+        lo = hi
+    del rows
+    if mapped is not None:
+        mapped.close()
+
+
 def log_share(count: np.ndarray, total: np.ndarray | int) -> np.ndarray:
     """log((count + 1) / (total + 1))."""
     return np.log1p(count) - np.log1p(total)
+
+
+def add_counts(counts: np.ndarray, items: np.ndarray) -> None:
+    """counts[item] += 1 for each of `items` (repeats count): a pass over `counts` for many
+    items, in place for a few (one impression's, at serving time, against 100k news)."""
+    if len(items) * 64 < len(counts):
+        np.add.at(counts, items, 1)
+    else:
+        counts += np.bincount(items, minlength=len(counts))
 
 
 def last_clicks(
@@ -112,11 +169,15 @@ def last_clicks(
     return out, pos
 
 
-def group_by_rank(rank: np.ndarray, ranks: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions sorted by rank, stable; (ranks + 1,) bounds of each rank's positions)."""
-    small = rank.astype(np.uint16) if ranks < 2**16 else rank  # radix sort
+def group_by_period(times: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """(impressions in period order, log order within a period; (P + 1,) bounds of each
+    period's impressions)."""
+    period = times // lag
+    periods = np.unique(period)
+    rank = np.searchsorted(periods, period)
+    small = rank.astype(np.uint16) if len(periods) < 2**16 else rank  # radix sort
     order = np.argsort(small, kind="stable")
-    return order, np.searchsorted(rank[order], np.arange(ranks + 1))
+    return order, np.searchsorted(rank[order], np.arange(len(periods) + 1))
 
 
 @dataclass
@@ -213,17 +274,17 @@ def set_pairs(sizes: np.ndarray, items: np.ndarray, width: int) -> np.ndarray:
 
 class PairCounts:
     """Counts of item pairs, held as sorted unique keys x * width + y (x < y < width) and their
-    int32 counts (never 0), with a one-hash Bloom filter of the pairs (16 bits a pair, hashed
-    from random codes of the two items) that rules out most absent pairs before any key is
-    made: 14 bytes a pair held. Read and updated a whole array of pairs at a time."""
+    int32 counts (never 0), with two one-hash Bloom filters of the pairs (16 bits a pair each,
+    hashed from random codes of the two items) that rule out most absent pairs before any key
+    is made: 16 bytes a pair held. Read and updated a whole array of pairs at a time."""
 
     def __init__(self, width: int) -> None:
         self.width = width
         self.keys = np.zeros(0, np.int64)
         self.counts = np.zeros(0, np.int32)
-        # a code per item, and one for `width` (padding, in no pair)
-        self._codes = np.random.default_rng(0).integers(0, 2**32, width + 1, dtype=np.uint32)
-        self._filter: np.ndarray | None = None  # of self.keys; None: to build
+        # two codes per item, and two for `width` (padding, in no pair)
+        self._codes = np.random.default_rng(0).integers(0, 2**32, (2, width + 1), np.uint32)
+        self._filters: np.ndarray | None = None  # (2, bytes) of self.keys; None: to build
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -258,37 +319,68 @@ class PairCounts:
         live = self.counts != 0
         if not live.all():
             self.keys, self.counts = self.keys[live], self.counts[live]
-        self._filter = None
+            self._filters = None  # a filter cannot forget a pair: built again
+        elif self._filters is not None and self._filters.shape[1] << 3 == 1 << self._filter_bits():
+            self._mark(self._filters, keys[new])
+        else:
+            self._filters = None
 
     def may_hold(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per pair of items (x, y broadcast together, either order): False for a pair surely
-        absent; true for a held pair and ~6% of the absent ones."""
-        if self._filter is None:
-            self._filter = np.zeros(1 << self._filter_bits() >> 3, np.uint8)
-            slot = self._slots(*np.divmod(self.keys, self.width))
-            bit = np.left_shift(1, (slot & 7).astype(np.uint8), dtype=np.uint8)
-            np.bitwise_or.at(self._filter, slot >> 3, bit)
-        slot = self._slots(x, y)
-        return (self._filter[slot >> 3] >> (slot & 7).astype(np.uint8) & 1).view(bool)
+        absent; true for a held pair and ~0.3% of the absent ones (the second filter tests
+        only the pairs that the first lets through)."""
+        if not len(self.keys):
+            return np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), bool)
+        if self._filters is None:
+            self._filters = np.zeros((2, 1 << self._filter_bits() >> 3), np.uint8)
+            for lo in range(0, len(self.keys), PAIR_CHUNK):
+                self._mark(self._filters, self.keys[lo : lo + PAIR_CHUNK])
+        held = self._passes(self._filters, 0, x, y)
+        through = np.nonzero(held)
+        x, y = np.broadcast_arrays(x, y)
+        held[through] = self._passes(self._filters, 1, x[through], y[through])
+        return held
+
+    def _passes(self, filters: np.ndarray, k: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether filter `k` holds the bit of each pair (x, y broadcast together)."""
+        slot = self._slots(k, x, y)
+        byte = np.take(filters[k], slot >> 3)
+        byte >>= (slot & 7).astype(np.uint8)
+        byte &= 1
+        return byte.view(bool)
+
+    def _mark(self, filters: np.ndarray, keys: np.ndarray) -> None:
+        """Set the bits of `keys` in both filters."""
+        x, y = np.divmod(keys, self.width)
+        for k in range(2):
+            slot = np.sort(self._slots(k, x, y))
+            byte = slot >> 3
+            first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]][: len(byte)])
+            bits = np.left_shift(1, (slot & 7).astype(np.uint8), dtype=np.uint8)
+            filters[k, byte[first]] |= np.bitwise_or.reduceat(bits, first)
 
     def _filter_bits(self) -> int:
-        """log2 of the filter's bits: at least 16 a pair (at most 2**32)."""
+        """log2 of each filter's bits: at least 16 a pair (at most 2**32)."""
         return min(32, max(6, (16 * len(self.keys) - 1).bit_length()))
 
-    def _slots(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """The filter's bit of each pair: the top bits of the xor of the items' codes."""
-        return (self._codes[x] ^ self._codes[y]) >> np.uint32(32 - self._filter_bits())
+    def _slots(self, k: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Filter `k`'s bit of each pair: the top bits of the xor of the items' codes."""
+        codes = self._codes[k]
+        return (codes[x] ^ codes[y]) >> np.uint32(32 - self._filter_bits())
 
 
-def per_period_signals(
-    imps: Impressions, first: np.ndarray, lag: int, history: int, table: np.ndarray
-) -> None:
-    """Fill `table` (C, 5) one period at a time: what the impressions of a period see, then
-    what they add. `first`: (N+1,) each item's first appearance (`first_appearance`)."""
+def period_signals(
+    imps: Impressions,
+    order: np.ndarray,
+    bounds: np.ndarray,
+    first: np.ndarray,
+    lag: int,
+    history: int,
+) -> Iterator[np.ndarray]:
+    """The (candidates, 5) rows of each period's impressions (`order[bounds[r]:bounds[r + 1]]`)
+    in turn: what they see, then what they add. `first`: (N+1,) each item's first appearance
+    (`first_appearance`)."""
     width = len(first)
-    period = imps.times // lag
-    periods = np.unique(period)
-    imp_order, imp_bounds = group_by_rank(np.searchsorted(periods, period), len(periods))
     times = np.unique(imps.times)
     earlier = np.searchsorted(np.sort(imps.times), imps.times)  # impressions strictly before
     clicks, shown = np.zeros(width, np.int64), np.zeros(width, np.int64)
@@ -296,29 +388,33 @@ def per_period_signals(
     holders = np.zeros(width, np.int64)  # n(x): profiles holding x
     pairs = PairCounts(width)  # n(x, y), x < y
     profile_of = np.full(int(imps.users.max(initial=-1)) + 1, -1)  # impression per user
-    for r in range(len(periods)):
-        rows = imp_order[imp_bounds[r] : imp_bounds[r + 1]]
+    for r in range(len(bounds) - 1):
+        rows = order[bounds[r] : bounds[r + 1]]
         cand_offsets, cand = last_clicks(imps.candidate_offsets, rows, len(imps.candidate_items))
         items = imps.candidate_items[cand]
-        table[cand, 0] = log_share(clicks[items], total_clicks)
+        block = np.empty((len(cand), len(SIGNAL_NAMES)), np.float32)
+        block[:, 0] = log_share(clicks, total_clicks)[items]
         within = earlier_within(items, np.searchsorted(times, imps.times[rows]), cand_offsets)
-        count = shown[items] + within
-        table[cand, 1] = log_share(count, np.repeat(earlier[rows], np.diff(cand_offsets)))
+        count = shown[items] + within  # log_share, its second term once per impression:
+        block[:, 1] = np.log1p(count) - np.repeat(np.log1p(earlier[rows]), np.diff(cand_offsets))
         shown_at = np.repeat(imps.times[rows], np.diff(cand_offsets))
-        table[cand, 2] = np.log1p(np.maximum(shown_at - first[items], 0) / 3600.0)
-        table[cand, 3] = coclick(imps, rows, cand_offsets, cand, holders, pairs, history)
+        block[:, 2] = np.log1p(np.maximum(shown_at - first[items], 0) / 3600.0)
+        block[:, 3] = coclick(imps, rows, cand_offsets, cand, holders, pairs, history)
         sizes = np.diff(imps.history_offsets)[rows]
-        table[cand, 4] = np.repeat(np.log1p(sizes), np.diff(cand_offsets))
+        block[:, 4] = np.repeat(np.log1p(sizes), np.diff(cand_offsets))
+        yield block
         counted = imps.counted[cand]
         clicks += np.bincount(items[counted], minlength=width)
         total_clicks += int(counted.sum())
         shown += np.bincount(items, minlength=width)
-        del cand, items, within, count, shown_at, counted  # memory for the profiles' pairs
+        del block, cand, items, within, count, shown_at, counted  # memory for the pairs
         # each user's latest impression of the period (log order among equal times)
         latest = rows[np.lexsort((rows, imps.times[rows], imps.users[rows]))]
         users = imps.users[latest]
         latest = latest[np.r_[users[1:] != users[:-1], True]]
         replaced = profile_of[imps.users[latest]]
+        changed = ~same_profiles(imps, replaced, latest, history)  # a profile kept: no change
+        replaced, latest = replaced[changed], latest[changed]
         update_profiles(imps, replaced[replaced >= 0], latest, holders, pairs, history)
         profile_of[imps.users[latest]] = latest
 
@@ -345,6 +441,25 @@ def update_profiles(
             keys.append(pair_keys)
             deltas.append(np.full(len(pair_keys), sign, np.int32))
         pairs.add(np.concatenate(keys), np.concatenate(deltas))
+
+
+def recent_clicks(imps: Impressions, rows: np.ndarray, history: int, pad: int) -> np.ndarray:
+    """(len(rows), history) int32: the last `history` clicks of each impression's history,
+    oldest first, padded at the end with `pad`."""
+    offsets, pos = last_clicks(imps.history_offsets, rows, history)
+    clicks = np.full((len(rows), history), pad, np.int32)
+    column = np.arange(len(pos)) - np.repeat(offsets[:-1], np.diff(offsets))
+    clicks[segment_ids(offsets), column] = imps.history_items[pos]
+    return clicks
+
+
+def same_profiles(imps: Impressions, old: np.ndarray, new: np.ndarray, history: int) -> np.ndarray:
+    """Per pair of impressions (old[k], new[k]; old[k] = -1 for none): whether they give the
+    same profile (the same last `history` clicks)."""
+    same = old >= 0
+    older, newer = (recent_clicks(imps, rows[same], history, -1) for rows in (old, new))
+    same[same] = (older == newer).all(axis=1)
+    return same
 
 
 def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -374,12 +489,8 @@ def coclick(
     """Mean cosine of each candidate (flat positions `cand` of impressions `rows`, CSR
     `cand_offsets`) with its impression's last `history` clicks, PAIR_CHUNK pairs at a time."""
     width = len(holders)
-    offsets, pos = last_clicks(imps.history_offsets, rows, history)
-    sizes = np.diff(offsets)
-    clicks = np.full((len(rows), history), width, np.int32)  # padded with an item in no profile
-    clicks[segment_ids(offsets), np.arange(len(pos)) - np.repeat(offsets[:-1], sizes)] = (
-        imps.history_items[pos]
-    )
+    clicks = recent_clicks(imps, rows, history, width)  # padded with an item in no profile
+    sizes = np.minimum(np.diff(imps.history_offsets)[rows], history)
     imp = segment_ids(cand_offsets)
     out = np.zeros(len(cand))
     step = max(1, PAIR_CHUNK // history)
@@ -387,14 +498,17 @@ def coclick(
         c = imps.candidate_items[cand[lo : lo + step]]
         h = clicks[imp[lo : lo + step]]  # (candidates, history)
         n_c = holders[c]
-        same = h == c[:, None]  # cos(c, c) = 1 for an item in a profile
-        look = np.flatnonzero(pairs.may_hold(c[:, None], h) & ~same)  # else n(c, h) = 0
-        owner, h = look // history, h.ravel()[look]
-        n_ch = pairs.get(np.minimum(c[owner], h).astype(np.int64) * width + np.maximum(c[owner], h))
+        look = np.flatnonzero(pairs.may_hold(c[:, None], h))  # else n(c, h) = 0
+        owner, h_look = look // history, h.ravel()[look]
+        other = c[owner] != h_look  # n(c, c) is no pair: below
+        owner, h_look = owner[other], h_look[other]
+        x, y = np.minimum(c[owner], h_look), np.maximum(c[owner], h_look)
+        n_ch = pairs.get(x.astype(np.int64) * width + y)
         hit = n_ch > 0  # then n(c) and n(h) > 0
-        cos = n_ch[hit] / np.sqrt((n_c[owner[hit]] * holders[h[hit]]).astype(np.float64))
+        cos = n_ch[hit] / np.sqrt((n_c[owner[hit]] * holders[h_look[hit]]).astype(np.float64))
         total = np.bincount(owner[hit], cos, minlength=len(c))
-        total += (same & (n_c > 0)[:, None]).sum(axis=1)
+        same = np.flatnonzero(h == c[:, None]) // history  # cos(c, c) = 1 for c in a profile
+        total += np.bincount(same, minlength=len(c)) * (n_c > 0)
         out[lo : lo + step] = total / np.maximum(sizes[imp[lo : lo + step]], 1)
     return out
 
@@ -502,7 +616,7 @@ class SignalState:
         now = candidate_time == last
         if self.time is None or last > self.time:
             self._flush_shown()
-            self.shown += np.bincount(imps.candidate_items[~now], minlength=len(self.shown))
+            add_counts(self.shown, imps.candidate_items[~now])
             self.impressions += int((times < last).sum())
         self._now_shown.append(imps.candidate_items[now].astype(np.int64))
         self._now_count += int((times == last).sum())
@@ -511,16 +625,12 @@ class SignalState:
         before = period < current
         clicked = imps.counted.astype(bool)
         early = clicked & before[candidate_impression]
-        late_clicks = np.bincount(
-            imps.candidate_items[clicked & ~early], minlength=len(self.clicks)
-        )
+        late_clicks = imps.candidate_items[clicked & ~early]
         if np.any(before) or (self.time is not None and current > self.time // self.lag):
-            self._period_clicks += np.bincount(
-                imps.candidate_items[early], minlength=len(self.clicks)
-            )
+            add_counts(self._period_clicks, imps.candidate_items[early])
             self._period_profiles.update(self._latest_histories(imps, np.flatnonzero(before)))
             self._flush_period()
-        self._period_clicks += late_clicks
+        add_counts(self._period_clicks, late_clicks)
         self._period_profiles.update(self._latest_histories(imps, np.flatnonzero(~before)))
         self.time = last
 
@@ -596,7 +706,7 @@ class SignalState:
     def _flush_shown(self) -> None:
         """The impressions of the current time count as exposures."""
         if self._now_shown:
-            self.shown += np.bincount(np.concatenate(self._now_shown), minlength=len(self.shown))
+            add_counts(self.shown, np.concatenate(self._now_shown))
         self.impressions += self._now_count
         self._now_shown, self._now_count = [], 0
 

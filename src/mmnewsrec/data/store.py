@@ -443,7 +443,9 @@ class NewsMap:
 
 
 MAX_ID_NUMBER = 1 << 24  # largest number of a MIND id looked up by table (64 MiB)
-POWERS_OF_10 = 10 ** np.arange(1, 10)
+# the numbers an id of L bytes (N and L - 1 digits) can write without a leading zero:
+# LOWEST[L] <= number < LOWEST[L + 1], for L up to 12 (a uint32 has at most 10 digits)
+LOWEST = np.array([0, 0, 0, *(10 ** np.arange(1, 12))])
 
 
 def mind_numbers(ids: pl.Series) -> np.ndarray:
@@ -451,9 +453,9 @@ def mind_numbers(ids: pl.Series) -> np.ndarray:
     a number without leading zeros or sign."""
     number = ids.str.slice(1).cast(pl.UInt32, strict=False)
     values = number.fill_null(0).to_numpy().astype(np.int64)
-    digits = 1 + np.searchsorted(POWERS_OF_10, values, side="right")
     shaped = (ids.str.starts_with("N") & number.is_not_null()).to_numpy()
-    canonical = shaped & (ids.str.len_bytes().to_numpy() == 1 + digits)
+    size = np.minimum(ids.str.len_bytes().to_numpy(), len(LOWEST) - 2)
+    canonical = shaped & (LOWEST[size] <= values) & (values < LOWEST[size + 1])
     return np.where(canonical, values, -1)
 
 

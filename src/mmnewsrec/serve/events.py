@@ -399,7 +399,7 @@ async def post_signals(body: SignalsIn, live: LiveDep, recommender: RecommenderD
 @users_router.get("/{user_id}", response_model=UserOut)
 async def get_user(user_id: str, live: LiveDep, recommender: RecommenderDep) -> UserOut:
     """A user's click history as the service knows it (store logs, then the event log)."""
-    history = live.users.history(user_id)
+    history = live.history(user_id)
     ids = recommender.news_ids_of(history)
     titles = [recommender.summary(int(i)).title for i in history]
     return UserOut(user_id=user_id, known=live.users.known(user_id), history=ids, titles=titles)

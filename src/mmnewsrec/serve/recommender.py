@@ -9,6 +9,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -61,6 +62,12 @@ class UserCache(Generic[V]):
             if len(self._kept) > self.size:
                 self._kept.popitem(last=False)  # the least recently asked
         return value
+
+    def forget(self, user: str | None) -> None:
+        """Drop what is kept for `user` (a value that turned out to be a failure)."""
+        if user is not None:
+            with self._lock:
+                self._kept.pop(user, None)
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -191,7 +198,9 @@ class Recommender:
         self.recall_cache: UserCache[tuple[np.ndarray, np.ndarray]] = UserCache(RECALL_CACHE_USERS)
         # the reranker's encoding of a user's history: the same for the copies `with_news`
         # makes, whose model keeps the weights and the tokens of the news already served
-        self.history_cache: UserCache[tuple[Any, ...]] = UserCache(HISTORY_CACHE_USERS)
+        self.history_cache: UserCache[Future[tuple[Any, ...]]] = UserCache(HISTORY_CACHE_USERS)
+        # encodes a history while the request's own thread recalls (both release the GIL)
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="history-encoder")
         # (history, candidates) -> their behaviour signals: needed by a run that reads them
         self.signal_source: SignalSource | None = None
         self._signal_columns = [SIGNAL_NAMES.index(name) for name in ranker.signal_names]
@@ -381,16 +390,24 @@ class Recommender:
         user: str | None = None,
     ) -> list[RecommendedNews]:
         start = time.perf_counter()
+        # the history's encoding (kept, or computed in the encoder thread meanwhile)
+        encoded = self.history_cache.get(
+            user,
+            history.tobytes(),
+            lambda: self._encoder.submit(self.ranker.encode_history, history),
+        )
         recall_scores, found = self._recall(history, exclude, max(k, self.recall_k), user)
         timings["recall"] = _ms(start)
 
         head = found[: self.recall_k]
         signals = self._signals(known, head, timings)
         start = time.perf_counter()
-        encoded = self.history_cache.get(
-            user, history.tobytes(), lambda: self.ranker.encode_history(history)
-        )
-        scores = self.ranker.score_encoded(encoded, head, max(len(head), 1), signals)
+        try:
+            encoding = encoded.result()
+        except BaseException:
+            self.history_cache.forget(user)  # computed again at the next request
+            raise
+        scores = self.ranker.score_encoded(encoding, head, max(len(head), 1), signals)
         order = np.argsort(-scores, kind="stable")[:k]
         timings["rerank"] = _ms(start)
         items = [self._item(head[j], scores[j], "rerank", int(j) + 1) for j in order]
