@@ -9,7 +9,8 @@ std per row and data set, the synthetic generator's oracle and visible AUC, the 
 the load average.
 
     python benchmarks/signals_default.py --out /tmp/signals_default [--data synthetic movielens]
-        [--seeds 0 1 2] [--epochs 3] [--threads 1] [--jobs 2] [--override model.preset=base]
+        [--seeds 0 1 2] [--epochs 3] [--threads 1] [--jobs 2] [--override optim.lr=1e-3]
+        [--rows fast_rec_transformer_signals]  (some rows only; default: all four)
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def experiment_text(name: str, data: Path, args: argparse.Namespace) -> str:
     for model in RANKERS:
         for suffix, signals in (("content", []), ("signals", list(SIGNAL_NAMES))):
             key = f"{model}_{suffix}"
+            if args.rows and key not in args.rows:
+                continue
             text += RANKER.format(key=key, model=model, signals=json.dumps(signals))
     return text
 
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--movielens", type=Path, default=MOVIELENS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rows", nargs="*", default=[], help="rankers to run (default: all)")
     parser.add_argument("--override", nargs="*", default=[], help="more train overrides")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (busy machines)")
     parser.add_argument("--jobs", type=int, default=1, help="processes training the rows")
