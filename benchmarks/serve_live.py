@@ -7,9 +7,10 @@ folder per invocation. Phases, in order:
 - ingest: --ingest impressions (the store's train impressions, cycled under new ids) through
   POST /events/batch in batches of --batch, one request at a time, the bodies encoded as JSON
   beforehand (the server's work, not the client's): impressions/s;
-- by user: POST /recommend {"user_id"} for the dev split's users at each --concurrency: p50,
-  p99, req/s, errors, the server's CPU time per request; then the same requests again at
-  concurrency 1, each user now a returning one (their recall and history encoding kept);
+- by user: POST /recommend {"user_id"} at each --concurrency, each level for users of its own
+  (the store's users, shuffled, each asked once: first visits): p50, p99, req/s, errors, the
+  server's CPU time per request; then the first level's requests again at concurrency 1, each
+  user now a returning one (their recall and history encoding kept);
 - mixed: 16 clients, each alternating POST /events (one impression with a click) and POST
   /recommend for the same user: /recommend p50/p99, events/s;
 - the server's resident memory and the state file's size after all of it;
@@ -181,6 +182,11 @@ def client_timed(server: subprocess.Popen, tally: Tally, job: Any) -> float:
     return time.process_time() - start
 
 
+def asks(users: list[str], count: int, block: int) -> list[dict]:
+    """`count` /recommend bodies for the users of the `block`-th run of `count` users."""
+    return [{"user_id": users[(block * count + i) % len(users)], "k": 10} for i in range(count)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/mmnewsrec-bench-serve"))
@@ -207,7 +213,7 @@ def main() -> int:
         run = signals_run(work, run)
     store = Store.load(work / "store")
     bodies = ingest_bodies(store, args.ingest)
-    users = store.user_ids[np.unique(np.asarray(store.behaviors("dev").user_index))].tolist()
+    users = np.random.default_rng(0).permutation(store.user_ids).tolist()  # the store's, 2,451
     news = store.news_ids[1:].tolist()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -224,14 +230,17 @@ def main() -> int:
             tallies, client_cpu = {}, {}
             if args.skip_recommend:
                 args.concurrency, args.mixed = [], 0
-            asked = [{"user_id": users[i % len(users)], "k": 10} for i in range(args.requests)]
+            # each concurrency level asks users of its own (first visits), after a warm-up
+            # on others; the returning users are the first level's, asked again
+            levels = [asks(users, args.requests, n + 1) for n in range(len(args.concurrency))]
             if args.concurrency:
-                asyncio.run(drive(f"{base}/recommend", asked[:50], 1, Tally()))  # warm-up
-            for concurrency in args.concurrency:
+                asyncio.run(drive(f"{base}/recommend", asks(users, 50, 0), 1, Tally()))
+            for concurrency, asked in zip(args.concurrency, levels, strict=True):
                 label = f"concurrency {concurrency}"
                 tally = tallies[label] = Tally()
                 job = drive(f"{base}/recommend", asked, concurrency, tally)
                 client_cpu[label] = client_timed(server, tally, job)
+            asked = levels[0] if levels else asks(users, args.requests, 1)
             label = "returning users, concurrency 1"
             tally = tallies[label] = Tally()
             client_cpu[label] = client_timed(
