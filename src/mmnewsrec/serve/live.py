@@ -492,30 +492,20 @@ class LiveState:
         news (every id served) and places in the log."""
         if not len(times):
             return
-        with self.lock:
-            self._learn(impression_ids, user_ids, times, news, seqs)
-
-    def _learn(
-        self,
-        impression_ids: Sequence[str],
-        user_ids: Sequence[str],
-        times: np.ndarray,
-        news: NewsRows,
-        seqs: np.ndarray,
-    ) -> None:
         if np.any(news.items < 0):
             raise KeyError(f"news ids not served: {np.flatnonzero(news.items < 0)[:5]}")
-        users = self.users.observe(user_ids, times, news)
-        self.learn_signals(users, times, news)
-        history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
-        seen = np.concatenate((history.items, shown.items))
-        seen_times = np.concatenate((history.times(times), shown.times(times)))
-        self.popularity.observe(seen, seen_times, clicked.items, clicked.times(times))
-        self.logged["logged_impressions"] += len(times)
-        self.logged["logged_clicks"] += len(clicked.items)
-        latest = int(seqs.argmax())
-        if seqs[latest] > self.seq:
-            self.seq, self.last_id = int(seqs[latest]), impression_ids[latest]
+        with self.lock:
+            users = self.users.observe(user_ids, times, news)
+            self.learn_signals(users, times, news)
+            history, shown, clicked = (news.part(k) for k in (HISTORY, SHOWN, CLICKED))
+            seen = np.concatenate((history.items, shown.items))
+            seen_times = np.concatenate((history.times(times), shown.times(times)))
+            self.popularity.observe(seen, seen_times, clicked.items, clicked.times(times))
+            self.logged["logged_impressions"] += len(times)
+            self.logged["logged_clicks"] += len(clicked.items)
+            latest = int(seqs.argmax())
+            if seqs[latest] > self.seq:
+                self.seq, self.last_id = int(seqs[latest]), impression_ids[latest]
 
     def learn_signals(self, users: np.ndarray, times: np.ndarray, news: NewsRows) -> None:
         """The signals learn from impressions of these users (indices) at these times: an
