@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from mmnewsrec.devices import autocast, resolve_device
 from mmnewsrec.formats.runs import CheckpointError, check_vectors_hash, read_checkpoint
 from mmnewsrec.growing import SharedLock
 from mmnewsrec.rank.batches import BehaviorArrays, gather_history, iter_eval_batches
+
+if TYPE_CHECKING:
+    from mmnewsrec.rank.model import Ranker
 
 logger = logging.getLogger(__name__)
 
@@ -185,16 +188,20 @@ class TrainedRanker:
         self.traced = traced
         return True
 
+    def news_model(self) -> Ranker:
+        """The model, if it can score news added after its own (a ValueError if not)."""
+        from mmnewsrec.rank.model import Ranker
+
+        if not isinstance(self.model, Ranker):
+            raise ValueError(f"{self.path}: a {type(self.model).__name__} cannot take new news")
+        return self.model
+
     def add_news(self, rows: torch.Tensor, has_image: torch.Tensor, table: Any = None) -> None:
         """Score n news added after the model's own as well: their vectors (n, D), image flags
         (n,) and, where the model shares it, the news table with the rows already appended.
         In place, in amortised O(n) (`Ranker.add_news`); a trace reads the grown token tables
         as the model does, and is not made again."""
-        from mmnewsrec.rank.model import Ranker
-
-        model = self.model
-        if not isinstance(model, Ranker):
-            raise ValueError(f"{self.path}: a {type(model).__name__} cannot take new news")
+        model = self.news_model()
         model.add_news(rows.to(self.device), has_image.to(self.device), table)
         if self.traced is None:
             return
@@ -212,11 +219,7 @@ class TrainedRanker:
         """A copy for adding other news than those added to this ranker's model since it
         scored news 0..`num_news`: the weights shared, the per-news tables cut to those news
         (they grow apart from here), the trace made again."""
-        from mmnewsrec.rank.model import Ranker
-
-        model = self.model
-        if not isinstance(model, Ranker):
-            raise ValueError(f"{self.path}: a {type(model).__name__} cannot take new news")
+        model = self.news_model()
         memo: dict[int, Any] = {id(p): p for p in model.parameters()}  # shared, not copied
         memo |= {id(t): t[: num_news + 1] for t in model.news_tables().values()}
         memo[id(model.grown_)] = {}

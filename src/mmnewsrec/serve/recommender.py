@@ -488,8 +488,6 @@ class Recommender:
         """`with_news` for several news at once."""
         import torch
 
-        from mmnewsrec.rank.model import Ranker
-
         ids = [news.news_id for news, _ in added]
         if len(set(ids)) < len(ids):
             raise ValueError("news ids repeated among the added news")
@@ -498,9 +496,7 @@ class Recommender:
             raise ValueError(
                 f"a news vector of {rows.shape[1]} values; the news have {self.vectors.dim}"
             )
-        model = self.ranker.model
-        if not isinstance(model, Ranker):
-            raise ValueError(f"{self.ranker.path}: a {type(model).__name__} cannot take new news")
+        model = self.ranker.news_model()  # refused before anything is appended
         with self._adding:
             for news_id in ids:
                 if self.index_of(news_id):
