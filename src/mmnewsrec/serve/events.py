@@ -25,7 +25,7 @@ from mmnewsrec.csr import isin_small, segment_ids
 from mmnewsrec.formats.store import SIGNAL_NAMES
 from mmnewsrec.serve.live import CLICKED, SHOWN, LiveState, NewsRows, index_news
 from mmnewsrec.serve.recommender import Recommender
-from mmnewsrec.serve.state import Row
+from mmnewsrec.serve.state import Row, stored_rows
 
 ID_PATTERN, MAX_ID = r"^\S+$", 64  # impression and user ids
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN)]
@@ -198,11 +198,8 @@ def to_batch(events: Sequence[Event], lookup: dict[str, int], nested: bool) -> E
             loc = ["body", n] if nested else ["body"]
             errors += _event_errors(loc, events[n], lookup, repeated=n in repeats, now=now)
         raise HTTPException(422, errors[:100])
-    joined = [" ".join(part) for part in lists]
     users = [e.user_id for e in events]
-    columns = (ids, users, times.tolist(), joined[::3], joined[1::3], joined[2::3])
-    rows = list(zip(*columns, strict=True))
-    return EventBatch(rows, users, times, news)
+    return EventBatch(stored_rows(ids, users, times.tolist(), lists), users, times, news)
 
 
 CANONICAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")

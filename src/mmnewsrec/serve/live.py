@@ -36,7 +36,7 @@ from mmnewsrec.growing import GrowingRows, append_rows
 from mmnewsrec.recall.channels import store_item_stats
 from mmnewsrec.serve.backends import open_state
 from mmnewsrec.serve.recommender import Recommendation, Recommender
-from mmnewsrec.serve.state import READ_CHUNK, Impression, SQLiteState, StateStore
+from mmnewsrec.serve.state import READ_CHUNK, Impression, SQLiteState, StateStore, news_lists
 
 if TYPE_CHECKING:
     from mmnewsrec.serve.new_news import NewNews
@@ -349,8 +349,7 @@ class NewsRows:
     @classmethod
     def of(cls, impressions: Sequence[Impression], lookup: dict[str, int]) -> NewsRows:
         """Every news id of `impressions` looked up at once."""
-        lists = [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
-        return cls.of_lists(lists, lookup)
+        return cls.of_lists(news_lists(impressions), lookup)
 
     @classmethod
     def of_lists(cls, lists: Sequence[Sequence[str]], lookup: dict[str, int]) -> NewsRows:

@@ -76,7 +76,7 @@ class StateError(RuntimeError):
     """A state folder that does not belong to the served run, or cannot be opened."""
 
 
-Row = tuple[str, str, int, str, str, str]  # an impression as stored (`impression_row`)
+Row = tuple[str, str, int, str, str, str]  # an impression as stored (`stored_rows`)
 
 
 class StateStore(Protocol):
@@ -120,7 +120,14 @@ class GroupCommit:
         self._writer.start()
 
     def add_impressions(self, impressions: Sequence[Impression]) -> Future[list[int]]:
-        return self.add_rows([impression_row(imp) for imp in impressions])
+        return self.add_rows(
+            stored_rows(
+                [imp.impression_id for imp in impressions],
+                [imp.user_id for imp in impressions],
+                [imp.time for imp in impressions],
+                news_lists(impressions),
+            )
+        )
 
     def add_rows(self, rows: Sequence[Row]) -> Future[list[int]]:
         future: Future[list[int]] = Future()
@@ -323,13 +330,15 @@ def impression(row: tuple) -> Impression:
     )
 
 
-def impression_row(imp: Impression) -> Row:
-    """An impression as stored: its news lists as ids separated by spaces."""
-    return (
-        imp.impression_id,
-        imp.user_id,
-        imp.time,
-        " ".join(imp.history),
-        " ".join(imp.shown),
-        " ".join(imp.clicked),
-    )
+def news_lists(impressions: Sequence[Impression]) -> list[tuple[str, ...]]:
+    """Each impression's history, shown and clicked news ids, in turn."""
+    return [part for imp in impressions for part in (imp.history, imp.shown, imp.clicked)]
+
+
+def stored_rows(
+    ids: Sequence[str], users: Sequence[str], times: Sequence[int], lists: Sequence[Sequence[str]]
+) -> list[Row]:
+    """Impressions as stored, from their columns; `lists` holds each impression's history,
+    shown and clicked news in turn, stored as ids separated by spaces."""
+    joined = [" ".join(part) for part in lists]
+    return list(zip(ids, users, times, joined[::3], joined[1::3], joined[2::3], strict=True))
