@@ -5,9 +5,9 @@ import json
 import sqlite3
 from datetime import UTC, datetime
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from test_serve_signals import assert_same_signals
 
 from mmnewsrec.serve import Recommender, create_app
 from mmnewsrec.serve import live as live_module
@@ -40,12 +40,6 @@ def rows(folder) -> list[tuple]:
         return db.execute("SELECT * FROM impressions ORDER BY seq").fetchall()
 
 
-def learned(live) -> dict[str, np.ndarray]:
-    """Everything a state learned, as arrays (its snapshot's)."""
-    _, arrays = live.snapshot()
-    return arrays
-
-
 def replay_events(rec) -> list[dict]:
     """The train split as events, with times in every form a client may send."""
     events = split_events(rec.store, "train")[:60]
@@ -69,10 +63,7 @@ def test_a_batch_stores_and_learns_what_single_events_do(servers, rec):
 
     assert rows(first) == rows(second) and len(rows(first)) == len(events)
     assert one.counts() == two.counts()
-    mine, theirs = learned(one), learned(two)
-    assert mine.keys() == theirs.keys()
-    for name, array in mine.items():
-        np.testing.assert_array_equal(array, theirs[name], err_msg=name)
+    assert_same_signals(one, two)  # learned in other batch shapes: float sums within 1e-9
     for user in {e["user_id"] for e in events}:
         assert single.get(f"/users/{user}").json() == bulk.get(f"/users/{user}").json()
 
@@ -82,13 +73,10 @@ def test_a_restart_replaying_a_bulk_loaded_log_learns_the_same(servers, rec):
     events = replay_events(rec)
     for start in range(0, len(events), 16):
         bulk.post("/events/batch", json=events[start : start + 16]).raise_for_status()
-    before = learned(live)
     live.state.close()
     _, replayed = open_live(rec, folder)  # no snapshot: the log is replayed
-    after = learned(replayed)
     replayed.state.close()
-    for name, array in before.items():
-        np.testing.assert_array_equal(array, after[name], err_msg=name)
+    assert_same_signals(live, replayed)
 
 
 @pytest.mark.parametrize(
