@@ -118,6 +118,11 @@ class ModelConfig(Section):
         'rankers) or used as features (gbdt); "all": every signal, for the models that read '
         "signals; []: content only",
     )
+    categories: bool = Field(
+        True,
+        description="the neural rankers read each news item's category and subcategory (one-hot, "
+        "vocabularies from the store) beside its vectors",
+    )
     finetune_layers: int = Field(
         0,
         ge=0,
