@@ -347,6 +347,10 @@ class Ranker(nn.Module):
             if isinstance(module, NewsProjection) and module.cached is not None:
                 tokens = module.tokens(self, added)
                 module.cached = append_rows(grown, f"{name}.cached", module.cached, tokens)
+        self.grow_tables(rows)
+
+    def grow_tables(self, rows: Tensor) -> None:
+        """`add_news` for a subclass's own per-news tables, given the new vectors (n, D)."""
 
 
 class SignalHead(nn.Module):
@@ -702,15 +706,8 @@ class PopularityRanker(Ranker):
         self.counts.copy_(counts)
         return self
 
-    def add_news(
-        self,
-        rows: Tensor,
-        has_image: Tensor,
-        table: Tensor | None = None,
-        categories: Tensor | None = None,
-    ) -> None:
-        """`Ranker.add_news`; new news have no train clicks."""
-        super().add_news(rows, has_image, table, categories)
+    def grow_tables(self, rows: Tensor) -> None:
+        """New news have no train clicks."""
         self.counts = append_rows(
             self.grown_, "counts", self.counts, self.counts.new_zeros(len(rows))
         )
@@ -753,16 +750,8 @@ class MeanCosineRanker(Ranker):
         self.register_buffer("space_scale", space.scales_, persistent=False)  # (N+1, P)
         self.register_buffer("space_part", part_of, persistent=False)  # (D,) part of a column
 
-    def add_news(
-        self,
-        rows: Tensor,
-        has_image: Tensor,
-        table: Tensor | None = None,
-        categories: Tensor | None = None,
-    ) -> None:
-        """`Ranker.add_news`, and the new rows' recall-space scales by the fitted means
-        (`RecallSpace.row_scales`)."""
-        super().add_news(rows, has_image, table, categories)
+    def grow_tables(self, rows: Tensor) -> None:
+        """The new rows' recall-space scales, by the fitted means (`RecallSpace.row_scales`)."""
         scales = self.space.row_scales(rows)
         self.space_scale = append_rows(self.grown_, "space_scale", self.space_scale, scales)
 
