@@ -166,7 +166,7 @@ def test_report_summarises_seeds_and_writes_plots(tmp_path):
     inputs = ReportInputs("t", "data", ["mmnewsrec demo"], 0.9, {"text": {10: 0.25}})
     report = write_report(tmp_path / "report", results, inputs).read_text()
     assert "0.6500 ± 0.0707" in report and "| (oracle) |" in report and "0.2500" in report
-    assert "Reported on: **dev**. Checkpoints selected on: **valid**" in report
+    assert "Reported on: **dev**. Checkpoints selected on: **valid (impressions held out" in report
     assert "optimistic" not in report
     unselected = [replace(r, metrics=r.metrics | {"selected_on": None}) for r in results]
     report = write_report(tmp_path / "last", unselected, inputs).read_text()
