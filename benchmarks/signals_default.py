@@ -3,7 +3,7 @@
 For each data set (the default synthetic set of `mmnewsrec demo`, and MovieLens 100K in MIND
 format) writes an experiment file and runs it with `run_experiment` (prepare; MiniLM +
 EfficientNet-Lite0 vectors for the synthetic set, whose news have images, MiniLM text vectors
-for MovieLens; `train_cpu` with its default validation rule, dev metrics): fast_rec_transformer and
+for MovieLens; `train_cpu` with its defaults, dev metrics): fast_rec_transformer and
 additive_attention, each without and with all signals, over `--seeds`. Prints dev AUC mean +-
 std per row and data set, the synthetic generator's oracle and visible AUC, the time taken and
 the load average.

@@ -64,7 +64,7 @@ def test_parse_value():
 @pytest.mark.parametrize(
     ("override", "rule"),
     [
-        ([], "auto"),
+        ([], ""),
         (["data.valid_split=last-day"], "last-day"),
         (["data.valid_split=0.1"], "0.1"),  # read as a TOML number
         (["data.valid_split=2019-11-14"], "2019-11-14"),  # read as a TOML date

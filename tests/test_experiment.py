@@ -43,8 +43,9 @@ def test_evaluate_run_matches_the_metrics_of_the_model_scores(tiny_run):
     expected = reference_means(scores, labels, offsets)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert metrics["split"] == "dev"
-    assert metrics["selected_on"] == "valid" and not metrics["selected_on_reported_split"]
-    assert metrics["selection"]["rule"] == "auto" and metrics["selection"]["applied"] == "last-day"
+    # train_cpu's default: no selection split, the last weights
+    assert metrics["selected_on"] is None and not metrics["selected_on_reported_split"]
+    assert metrics["selection"] == {"split": None, "rule": ""}
     assert json.loads((tiny_run / "metrics.json").read_text()) == metrics
     clicks = np.add.reduceat(labels, offsets[:-1])
     scored = int(((clicks > 0) & (clicks < np.diff(offsets))).sum())
@@ -165,8 +166,11 @@ def test_report_summarises_seeds_and_writes_plots(tmp_path):
     inputs = ReportInputs("t", "data", ["mmnewsrec demo"], 0.9, {"text": {10: 0.25}})
     report = write_report(tmp_path / "report", results, inputs).read_text()
     assert "0.6500 ± 0.0707" in report and "| (oracle) |" in report and "0.2500" in report
-    assert "Reported on: **dev**. Checkpoints selected on: **valid**" in report
+    assert "Reported on: **dev**. Checkpoints selected on: **valid (impressions held out" in report
     assert "optimistic" not in report
+    unselected = [replace(r, metrics=r.metrics | {"selected_on": None}) for r in results]
+    report = write_report(tmp_path / "last", unselected, inputs).read_text()
+    assert "Checkpoints selected on: **none (the last weights, trained on every train" in report
     peeked = [RunResult("-", "m", 0, {**r.metrics, "selected_on": "dev"}) for r in results[:1]]
     report = write_report(tmp_path / "peeked", peeked, inputs).read_text()
     assert "Selected on the reported split: these figures are optimistic." in report
@@ -442,17 +446,16 @@ def test_demo_grid_for_the_im_mind_layout_maps_and_crops_the_cards(tmp_path):
 
 
 def test_demo_grids_train_settings(tmp_path):
-    """The default demo trains 2 epochs and scores the held-out day once, at the end; the
-    quick demo keeps 3 epochs, scored after each."""
+    """The default demo trains 2 epochs, the quick demo 3, both on every train impression
+    (train_cpu's default: no held-out selection)."""
     from mmnewsrec.demo import demo_files
 
-    for quick, epochs, each_epoch in [(False, 2, False), (True, 3, True)]:
+    for quick, epochs in [(False, 2), (True, 3)]:
         path = tmp_path / "experiment.toml"
         path.write_text(demo_files(tmp_path, quick=quick)[1])
         config = load_experiment(path)
         train = load_config(config.train_config, config.train_overrides)
-        assert train.optim.epochs == epochs
-        assert train.run.eval_each_epoch is each_epoch
+        assert train.optim.epochs == epochs and train.data.valid_split == ""
 
 
 def slot_after_a_while() -> int:

@@ -308,13 +308,14 @@ def test_a_stopped_fine_tuning_run_resumes_to_the_same_weights(data, tmp_path):
 
 def test_a_checkpoint_before_the_export_is_refused_with_what_to_run(data, tmp_path):
     out = tmp_path / "cut"
-    run_training(train_config(data, out, "run.stop_after=2", "run.eval_every=1"))
+    selected = ("run.eval_every=1", "data.valid_split=dev")  # a checkpoint.pt before the end
+    run_training(train_config(data, out, "run.stop_after=2", *selected))
     assert "finetune" in read_checkpoint(out / "checkpoint.pt")  # selected, not exported
     with pytest.raises(
         CheckpointError, match="before the run's news vectors were exported.*--resume"
     ):
         load_ranker(out)
-    run_training(train_config(data, out, "run.eval_every=1"), resume=True)
+    run_training(train_config(data, out, *selected), resume=True)
     assert load_ranker(out).vectors_hash == NewsVectors.load(out / "vectors").hash
 
 

@@ -453,3 +453,100 @@ def test_a_kept_history_encoding_scores_as_the_forward(name, vectors, has_image)
         )
     neural = name in NEURAL
     assert neural == (encoded[0] is not history)  # the neural models encode the history
+
+
+CATEGORIES = {"category_names": ["news", "sports"], "subcategory_names": ["golf", "tennis"]}
+
+
+def with_categories(name, vectors, has_image):
+    """A model reading the categories of CATEGORIES: news i has ids (i % 2 + 1, i // 2 % 2 + 1)."""
+    model = make(name, vectors, has_image, **CATEGORIES)
+    index = torch.arange(len(vectors))
+    ids = torch.stack([index % 2 + 1, index // 2 % 2 + 1], dim=1)
+    ids[0] = 0
+    model.fit_news_features(ids.numpy())
+    return model
+
+
+def test_category_ids_map_names_and_unknown_names_to_zero(vectors, has_image):
+    model = make("fast_rec_transformer", vectors, has_image, **CATEGORIES)
+    ids = model.category_ids(["sports", "news", "weather", ""], ["golf", "chess", "tennis", ""])
+    np.testing.assert_array_equal(ids, [[2, 1], [1, 0], [0, 2], [0, 0]])
+    plain = make("fast_rec_transformer", vectors, has_image)
+    np.testing.assert_array_equal(plain.category_ids(["sports"], ["golf"]), [[0, 0]])
+    assert plain.news_categories is None and plain.feature_dim == vectors.shape[1]
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_categories_are_standardised_one_hot_inputs_saved_with_the_weights(
+    name, vectors, has_image
+):
+    model = with_categories(name, vectors, has_image).eval()
+    features = model.news_features(torch.arange(1, len(vectors)))
+    assert features.shape == (60, 16 + 3 + 3)
+    one_hot = features[:, 16:]
+    # the columns seen vary and are standardised; the unknown ids (never seen) stay at 0
+    seen = [1, 2, 4, 5]
+    torch.testing.assert_close(one_hot[:, seen].mean(dim=0), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(one_hot[:, seen].std(dim=0, correction=0), torch.ones(4))
+    assert (one_hot[:, [0, 3]] == 0).all()
+    history, candidates = torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 6]])
+    expected = model(history, candidates)
+    state = model.state_dict()
+    assert {"news_categories", "category_mean", "category_scale"} <= set(state)
+    rebuilt = build_model(name, model.model_args, vectors, has_image).eval()
+    rebuilt.load_state_dict(state)
+    torch.testing.assert_close(rebuilt(history, candidates), expected)
+    rebuilt.news_categories[4] = torch.tensor([2, 2])  # news 4 in another category (was 1, 1)
+    assert rebuilt(history, candidates)[0, 0] != expected[0, 0]
+    torch.testing.assert_close(rebuilt(history, candidates)[0, 1:], expected[0, 1:])
+
+
+def test_categories_must_be_given_to_a_model_that_reads_them(vectors, has_image):
+    model = make("fast_rec_transformer", vectors, has_image, **CATEGORIES)
+    with pytest.raises(ValueError, match=r"reads news categories: pass ids \(61, 2\)"):
+        model.fit_news_features(None)
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_added_news_take_their_categories(name, vectors, has_image):
+    model = with_categories(name, vectors, has_image).eval().cache_news_tokens()
+    copied = torch.tensor([5, 5, 5])
+    ids = model.news_categories[copied].clone()
+    ids[1, 0] = 1 if ids[1, 0] == 2 else 2  # another category
+    model.add_news(vectors[copied], has_image[copied], categories=ids)
+    model.add_news(vectors[copied[:1]], has_image[copied[:1]])  # none given: unknown (0, 0)
+    assert len(model.news_tables()["news_categories"]) == 65
+    assert (model.news_categories[64] == 0).all()
+    history = torch.tensor([[1, 2, 3]])
+    scores = model(history, torch.tensor([[5, 61, 62, 63, 64]]))[0]
+    torch.testing.assert_close(scores[1], scores[0])  # the same vector and categories
+    torch.testing.assert_close(scores[3], scores[0])
+    assert scores[2] != scores[0] and torch.isfinite(scores[4]) and scores[4] != scores[0]
+
+
+@pytest.mark.parametrize("text_dim", [0, 10])
+def test_content_rank_whitens_each_parts_top_principal_directions(text_dim, vectors, has_image):
+    scaled = vectors * torch.linspace(0.1, 3.0, 16)  # distinct variances: distinct directions
+    model = make("fast_rec_transformer", scaled, has_image, content_rank=4, text_dim=text_dim)
+    assert model.content_basis is not None and not model.content_basis.any()  # until fitted
+    model.fit_news_features()
+    parts = 2 if text_dim else 1
+    assert model.feature_dim == 4 * parts
+    features = model.news_features(torch.arange(1, 61)).double()
+    covariance = features.T @ features / 60
+    basis = model.content_basis
+    for i, (start, stop) in enumerate(model.content_parts):
+        block = covariance[4 * i : 4 * i + 4, 4 * i : 4 * i + 4]
+        torch.testing.assert_close(block, torch.eye(4, dtype=torch.float64), atol=1e-4, rtol=0)
+        # the part's directions read that part only, and span its top principal subspace
+        assert not basis[:start, 4 * i : 4 * i + 4].any()
+        assert not basis[stop:, 4 * i : 4 * i + 4].any()
+        centred = scaled[1:, start:stop] - scaled[1:, start:stop].mean(dim=0)
+        top = torch.linalg.svd(centred, full_matrices=False).Vh[:4].T  # (part, 4)
+        found = torch.linalg.qr(basis[start:stop, 4 * i : 4 * i + 4])[0]
+        torch.testing.assert_close(top @ top.T, found @ found.T, atol=1e-4, rtol=0)
+    state = model.state_dict()
+    rebuilt = build_model("fast_rec_transformer", model.model_args, scaled, has_image)
+    rebuilt.load_state_dict(state)  # the basis is saved with the weights
+    torch.testing.assert_close(rebuilt.content_basis, basis)

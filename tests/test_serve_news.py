@@ -82,6 +82,10 @@ def test_a_posted_news_item_is_encoded_as_the_runs_news_and_recommended_next(run
     matrix = served.recaller.vectors_
     np.testing.assert_allclose(matrix[new], matrix[rec.index_of(source)], atol=2e-3)
     assert served.ranker.model.news_vectors is matrix  # the news matrix is held once
+    categories = served.ranker.model.news_categories  # the same names, so the same ids
+    assert (categories[new] > 0).all() and (
+        categories[new] == categories[rec.index_of(source)]
+    ).all()
     answer = client.post("/recommend", json={"history": [source], "k": 20}).json()
     found = {item["news_id"]: item for item in answer["items"]}
     assert found["NEW1"]["recall_rank"] == 1 and found["NEW1"]["stage"] == "rerank"

@@ -142,6 +142,12 @@ def test_loss_decreases_and_the_best_checkpoint_scores_dev(data, tmp_path):
     dev = store.behaviors("dev")
     ranker = load_ranker(tmp_path / "run", vectors=NewsVectors.load(data / "emb"))
     assert ranker.signal_names == list(SIGNAL_NAMES)  # the default: every signal
+    # the default: the news' categories, by the store's names, saved with the weights
+    news = store.news
+    assert ranker.model.config.category_names == sorted(set(news["category"]))
+    ids = ranker.model.news_categories[1:].numpy()
+    names = np.array(ranker.model.config.subcategory_names)[ids[:, 1] - 1]
+    assert (ids > 0).all() and names.tolist() == news["subcategory"].to_list()
     scores = ranker.score(dev, signals=store.signals("dev", ranker.signal_names))
     assert scores.dtype == np.float32 and scores.shape == dev.candidate_items.shape
     metrics = evaluate_scores(scores, dev.candidate_labels, dev.candidate_offsets)
@@ -452,6 +458,20 @@ def test_signals_of_a_model_that_reads_none_are_refused(data, tmp_path):
         run_training(config)
     with pytest.raises(ConfigError, match="unknown signals"):
         make_config(data, tmp_path / "r", 'model.signals=["clicks"]')
+
+
+def test_categories_off_and_a_content_rank_go_through_training(data, tmp_path):
+    from mmnewsrec.evaluate.experiment import evaluate_run
+
+    run = tmp_path / "rank"
+    cfg = make_config(data, run, "model.categories=false", "model.args.content_rank=3")
+    result = run_training(cfg)
+    ranker = load_ranker(run)
+    model = ranker.model
+    assert model.news_categories is None and model.model_args["category_names"] == []
+    assert model.content_parts == [(0, model.news_dim)]  # text vectors: one part
+    assert model.feature_dim == 3 and model.content_basis.abs().sum() > 0
+    assert evaluate_run(run)["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
 
 
 def test_pointwise_loss_trains(data, tmp_path):

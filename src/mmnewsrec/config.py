@@ -54,12 +54,13 @@ class DataConfig(Section):
         "cross-entropy per candidate",
     )
     valid_split: str = Field(
-        "auto",
+        "",
         description="what selects the best checkpoint and stops early: impressions held out of "
         "train_split ('auto': its last UTC day when that holds at least 5% of them, else its "
         "latest tenth; 'last-day': its last UTC day, MIND's convention; 'YYYY-MM-DD': that day "
         "on; a fraction such as '0.1': its latest tenth), 'dev' (dev_split, which is then also "
-        "the reported split) or '' (none: the last weights)",
+        "the reported split) or '' (the default: none, the last weights, trained on every train "
+        "impression)",
     )
     dev_impressions: int = Field(
         0, ge=0, description="evaluate on the first n selection impressions; 0 = all"
@@ -117,6 +118,11 @@ class ModelConfig(Section):
         description="behaviour signals of the store added to the content score (neural "
         'rankers) or used as features (gbdt); "all": every signal, for the models that read '
         "signals; []: content only",
+    )
+    categories: bool = Field(
+        True,
+        description="the neural rankers read each news item's category and subcategory (one-hot, "
+        "vocabularies from the store) beside its vectors",
     )
     finetune_layers: int = Field(
         0,

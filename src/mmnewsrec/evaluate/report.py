@@ -200,9 +200,13 @@ def selection_line(rows: Sequence[dict]) -> str:
     selected = sorted({row["selected_on"] for row in rows if "selected_on" in row})
     if not reported or not selected:
         return "Selection split not recorded."
+    named = {
+        "None": "none (the last weights, trained on every train impression)",
+        "valid": "valid (impressions held out of train by data.valid_split)",
+    }
     line = (
         f"Reported on: **{', '.join(reported)}**. Checkpoints selected on: "
-        f"**{', '.join(selected)}** (`valid`: impressions held out of train by data.valid_split)."
+        f"**{', '.join(named.get(split, split) for split in selected)}**."
     )
     if set(reported) & set(selected):
         line += " Selected on the reported split: these figures are optimistic."

@@ -58,6 +58,10 @@ class RecTransformerConfig:
     max_history: int = 50  # L: the most recent clicks kept
     image_flag: bool = True  # add a learned "no image" vector to news without an image
     signals: list[str] = field(default_factory=list)  # behaviour signals (SignalHead)
+    content_rank: int = 0  # > 0: each part of the vectors reduced to its top principal directions
+    text_dim: int = 0  # the text part's width in [text | image] vectors (content_rank's parts)
+    category_names: list[str] = field(default_factory=list)  # sorted; [] = no category input
+    subcategory_names: list[str] = field(default_factory=list)  # sorted
 
 
 @dataclass
@@ -74,6 +78,10 @@ class AdditiveAttentionConfig:
     max_history: int = 50
     image_flag: bool = True
     signals: list[str] = field(default_factory=list)
+    content_rank: int = 0
+    text_dim: int = 0
+    category_names: list[str] = field(default_factory=list)
+    subcategory_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +122,10 @@ class Ranker(nn.Module):
     has_image: Tensor
     vector_mean: Tensor
     vector_scale: Tensor
+    content_basis: Tensor | None
+    news_categories: Tensor | None
+    category_mean: Tensor | None
+    category_scale: Tensor | None
 
     def __init__(self, config: Any, news_vectors: Any, has_image: Any = None) -> None:
         super().__init__()
@@ -131,9 +143,110 @@ class Ranker(nn.Module):
         mean, scale = standardisation(vectors)
         self.register_buffer("vector_mean", mean, persistent=False)  # (D,)
         self.register_buffer("vector_scale", scale, persistent=False)  # (D,)
+        self._register_news_inputs(config, len(vectors))
         names = getattr(config, "signals", [])
         self.signal_head = SignalHead(len(names)) if names and self.trainable else None
         self.grown_: dict[str, GrowingRows] = {}  # per-news tables as news are added
+
+    def _register_news_inputs(self, config: Any, rows: int) -> None:
+        """The buffers of what `news_features` adds to the vectors, saved with the weights and
+        set by `fit_news_features`: the principal directions (D, r) of `content_rank`, and the
+        news' (category, subcategory) ids (N+1, 2) with their one-hot columns' standardisation."""
+        rank, dim = getattr(config, "content_rank", 0), self.news_dim
+        basis = torch.zeros(dim, rank * len(self.content_parts)) if rank > 0 else None
+        self.register_buffer("content_basis", basis)
+        width = sum(self.category_sizes)
+        ids = torch.zeros(rows, 2, dtype=torch.long) if width else None
+        self.register_buffer("news_categories", ids)
+        self.register_buffer("category_mean", torch.zeros(width) if width else None)
+        self.register_buffer("category_scale", torch.ones(width) if width else None)
+
+    @property
+    def content_parts(self) -> list[tuple[int, int]]:
+        """The vectors' parts reduced separately by `content_rank`: [text | image] or whole."""
+        dim, text_dim = self.news_dim, getattr(self.config, "text_dim", 0)
+        return [(0, text_dim), (text_dim, dim)] if 0 < text_dim < dim else [(0, dim)]
+
+    @property
+    def category_sizes(self) -> tuple[int, int]:
+        """One-hot widths of the category and subcategory inputs (id 0: unknown); (0, 0) for a
+        model that reads no categories."""
+        names = getattr(self.config, "category_names", [])
+        if not names:
+            return (0, 0)
+        return (len(names) + 1, len(self.config.subcategory_names) + 1)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of `news_features`."""
+        basis = self.content_basis
+        return (self.news_dim if basis is None else basis.shape[1]) + sum(self.category_sizes)
+
+    def news_features(self, indices: Tensor) -> Tensor:
+        """(n,) news indices -> (n, feature_dim): the standardised vectors (or their principal
+        components, whitened), then the standardised one-hot category and subcategory."""
+        vectors = self.news_vectors[indices] - self.vector_mean
+        if self.content_basis is None:
+            x = vectors * self.vector_scale
+        else:
+            x = vectors @ self.content_basis.to(vectors.dtype)
+        if self.news_categories is None:
+            return x
+        assert self.category_mean is not None and self.category_scale is not None
+        onehot = self.category_onehot(self.news_categories[indices]).to(x.dtype)
+        return torch.cat([x, (onehot - self.category_mean) * self.category_scale], dim=-1)
+
+    def category_onehot(self, ids: Tensor) -> Tensor:
+        """(n, 2) (category, subcategory) ids -> (n, sum(category_sizes)) one-hot floats."""
+        first, second = self.category_sizes
+        return torch.cat([F.one_hot(ids[:, 0], first), F.one_hot(ids[:, 1], second)], -1).float()
+
+    def category_ids(self, categories: Any, subcategories: Any) -> np.ndarray:
+        """(n, 2) ids of n news' category and subcategory names in the model's vocabularies
+        (`category_names`, `subcategory_names`); 0 for a name the model never saw, and for
+        every news item of a model that reads no categories."""
+        columns = []
+        for vocabulary, names in (
+            (getattr(self.config, "category_names", []), categories),
+            (getattr(self.config, "subcategory_names", []), subcategories),
+        ):
+            if not vocabulary:
+                columns.append(np.zeros(len(names), np.int64))
+                continue
+            known, names = np.asarray(vocabulary, dtype=str), np.asarray(names, dtype=str)
+            at = np.minimum(np.searchsorted(known, names), len(known) - 1)
+            columns.append(np.where(known[at] == names, at + 1, 0))
+        return np.stack(columns, axis=1).astype(np.int64)
+
+    @torch.no_grad()
+    def fit_news_features(self, categories: np.ndarray | None = None, block: int = 65_536) -> None:
+        """Fit `news_features` on the news table: each part's top `content_rank` principal
+        directions, scaled to unit variance, and the news' category ids (N+1, 2)
+        (`category_ids`, row 0 padding) with their one-hot columns' mean and 1 / std (0 for a
+        column that never varies, such as the unknown id)."""
+        if self.content_basis is not None:
+            rank = self.config.content_rank
+            for i, (start, stop) in enumerate(self.content_parts):
+                covariance = torch.zeros(stop - start, stop - start, dtype=torch.float64)
+                for rows in self.news_vectors[1:, start:stop].split(block):
+                    centred = (rows - self.vector_mean[start:stop]).double().cpu()
+                    covariance += centred.T @ centred
+                values, directions = torch.linalg.eigh(covariance / (len(self.news_vectors) - 1))
+                k = min(rank, stop - start)
+                top = directions[:, -k:].flip(1) / values[-k:].flip(0).clamp_min(1e-12).sqrt()
+                self.content_basis[start:stop, i * rank : i * rank + k] = top.float()
+        if self.news_categories is None:
+            return
+        assert self.category_mean is not None and self.category_scale is not None
+        expected = tuple(self.news_categories.shape)
+        if categories is None or categories.shape != expected:
+            got = None if categories is None else categories.shape
+            raise ValueError(f"{self.name} reads news categories: pass ids {expected}, got {got}")
+        self.news_categories.copy_(torch.as_tensor(categories))
+        onehot = self.category_onehot(self.news_categories[1:]).double()
+        std = onehot.std(dim=0, correction=0)
+        self.category_mean.copy_(onehot.mean(dim=0))
+        self.category_scale.copy_(torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), 0.0))
 
     @property
     def signal_names(self) -> list[str]:
@@ -200,12 +313,21 @@ class Ranker(nn.Module):
     def news_tables(self) -> dict[str, Tensor]:
         """Every per-news table (a row per news index) by attribute path."""
         tables = {"news_vectors": self.news_vectors, "has_image": self.has_image}
+        if self.news_categories is not None:
+            tables["news_categories"] = self.news_categories
         return tables | self.token_tables()
 
     @torch.inference_mode()
-    def add_news(self, rows: Tensor, has_image: Tensor, table: Tensor | None = None) -> None:
+    def add_news(
+        self,
+        rows: Tensor,
+        has_image: Tensor,
+        table: Tensor | None = None,
+        categories: Tensor | None = None,
+    ) -> None:
         """Score n news added after the model's own as well (indices N+1 .. N+n): their vectors
-        `rows` (n, D) and image flags (n,). Each per-news table takes only the new rows, at the
+        `rows` (n, D), image flags (n,) and, for a model that reads them, category ids (n, 2)
+        (`category_ids`; None: unknown). Each per-news table takes only the new rows, at the
         end of a growing table (`mmnewsrec.growing`: amortised O(n), not O(N)); `table`: the
         news table with `rows` already appended, where the model shares it (with recall).
         In place: a forward running meanwhile reads only news it knew, whose rows do not
@@ -215,11 +337,20 @@ class Ranker(nn.Module):
             table = append_rows(grown, "news_vectors", self.news_vectors, rows)
         self.news_vectors = table
         self.has_image = append_rows(grown, "has_image", self.has_image, has_image)
+        if self.news_categories is not None:
+            if categories is None:
+                categories = torch.zeros(len(rows), 2, dtype=torch.long)
+            ids = categories.to(self.news_categories.device)
+            self.news_categories = append_rows(grown, "news_categories", self.news_categories, ids)
         added = torch.arange(first, first + len(rows), device=rows.device)
         for name, module in self.named_modules():
             if isinstance(module, NewsProjection) and module.cached is not None:
                 tokens = module.tokens(self, added)
                 module.cached = append_rows(grown, f"{name}.cached", module.cached, tokens)
+        self.grow_tables(rows)
+
+    def grow_tables(self, rows: Tensor) -> None:
+        """`add_news` for a subclass's own per-news tables, given the new vectors (n, D)."""
 
 
 class SignalHead(nn.Module):
@@ -265,14 +396,15 @@ def standardisation(vectors: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class NewsProjection(nn.Module):
-    """News indices -> d_model tokens: the frozen vector standardised per dimension (mean and
-    scale of the news table, so neither part of a text+image concatenation dominates by its
-    scale), a projection, a "no image" vector and a LayerNorm. Each distinct news item of a
+    """News indices -> d_model tokens: the ranker's `news_features` (the frozen vector
+    standardised per dimension by the news table's mean and scale, so neither part of a
+    text+image concatenation dominates by its scale; the news' categories), a projection, a
+    "no image" vector and a LayerNorm. Each distinct news item of a
     batch is projected once."""
 
-    def __init__(self, news_dim: int, d_model: int, image_flag: bool) -> None:
+    def __init__(self, feature_dim: int, d_model: int, image_flag: bool) -> None:
         super().__init__()
-        self.proj = nn.Linear(news_dim, d_model)
+        self.proj = nn.Linear(feature_dim, d_model)
         self.no_image = nn.Parameter(torch.zeros(d_model)) if image_flag else None
         self.norm = nn.LayerNorm(d_model)
         # every news item's token (`cache_tokens`): a buffer, so a trace reads it as an
@@ -289,8 +421,7 @@ class NewsProjection(nn.Module):
 
     def tokens(self, ranker: Ranker, indices: Tensor) -> Tensor:
         """(n,) news indices -> (n, d) tokens, computed."""
-        vectors = (ranker.news_vectors[indices] - ranker.vector_mean) * ranker.vector_scale
-        x = self.proj(vectors)  # (n, d)
+        x = self.proj(ranker.news_features(indices))  # (n, d)
         if self.no_image is not None:
             x = x + (~ranker.has_image[indices]).unsqueeze(-1).to(x.dtype) * self.no_image
         return self.norm(x)
@@ -326,9 +457,9 @@ def with_no_history(tokens: Tensor, history: Tensor, no_history: Tensor) -> tupl
 class SequenceEmbedding(nn.Module):
     """Tokens for the transformers: news token + type (history/candidate) + recency position."""
 
-    def __init__(self, news_dim: int, cfg: RecTransformerConfig) -> None:
+    def __init__(self, feature_dim: int, cfg: RecTransformerConfig) -> None:
         super().__init__()
-        self.news = NewsProjection(news_dim, cfg.d_model, cfg.image_flag)
+        self.news = NewsProjection(feature_dim, cfg.d_model, cfg.image_flag)
         self.type_emb = nn.Parameter(torch.randn(2, cfg.d_model) * 0.02)  # 0 history, 1 candidate
         self.recency = nn.Parameter(torch.randn(cfg.max_history, cfg.d_model) * 0.02)
         self.no_history = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
@@ -371,7 +502,7 @@ class RecTransformer(Ranker):
 
     def __init__(self, config: RecTransformerConfig, news_vectors: Any, has_image: Any = None):
         super().__init__(config, news_vectors, has_image)
-        self.embed = SequenceEmbedding(self.news_dim, config)
+        self.embed = SequenceEmbedding(self.feature_dim, config)
         self.encoder = transformer_encoder(config)
         self.head = nn.Linear(config.d_model, 1)
 
@@ -431,7 +562,7 @@ class FastRecTransformer(Ranker):
     def __init__(self, config: FastRecTransformerConfig, news_vectors: Any, has_image: Any = None):
         super().__init__(config, news_vectors, has_image)
         d = config.d_model
-        self.embed = SequenceEmbedding(self.news_dim, config)
+        self.embed = SequenceEmbedding(self.feature_dim, config)
         self.encoder = transformer_encoder(config)
         self.cross = nn.ModuleList(
             CrossAttentionBlock(d, config.n_heads, config.d_ff, config.dropout)
@@ -494,7 +625,7 @@ class AdditiveAttentionUser(Ranker):
     def __init__(self, config: AdditiveAttentionConfig, news_vectors: Any, has_image: Any = None):
         super().__init__(config, news_vectors, has_image)
         d = config.d_model
-        self.news = NewsProjection(self.news_dim, d, config.image_flag)
+        self.news = NewsProjection(self.feature_dim, d, config.image_flag)
         self.no_history = nn.Parameter(torch.randn(d) * 0.02)
         self.attn = nn.MultiheadAttention(d, config.n_heads, config.dropout, batch_first=True)
         self.pool = AdditivePooling(d, config.query_dim)
@@ -575,9 +706,8 @@ class PopularityRanker(Ranker):
         self.counts.copy_(counts)
         return self
 
-    def add_news(self, rows: Tensor, has_image: Tensor, table: Tensor | None = None) -> None:
-        """`Ranker.add_news`; new news have no train clicks."""
-        super().add_news(rows, has_image, table)
+    def grow_tables(self, rows: Tensor) -> None:
+        """New news have no train clicks."""
         self.counts = append_rows(
             self.grown_, "counts", self.counts, self.counts.new_zeros(len(rows))
         )
@@ -620,10 +750,8 @@ class MeanCosineRanker(Ranker):
         self.register_buffer("space_scale", space.scales_, persistent=False)  # (N+1, P)
         self.register_buffer("space_part", part_of, persistent=False)  # (D,) part of a column
 
-    def add_news(self, rows: Tensor, has_image: Tensor, table: Tensor | None = None) -> None:
-        """`Ranker.add_news`, and the new rows' recall-space scales by the fitted means
-        (`RecallSpace.row_scales`)."""
-        super().add_news(rows, has_image, table)
+    def grow_tables(self, rows: Tensor) -> None:
+        """The new rows' recall-space scales, by the fitted means (`RecallSpace.row_scales`)."""
         scales = self.space.row_scales(rows)
         self.space_scale = append_rows(self.grown_, "space_scale", self.space_scale, scales)
 

@@ -116,20 +116,34 @@ class FineTunedRanker(nn.Module):
         local_history = inverse[1 : 1 + n_hist].view_as(history)
         local_candidates = inverse[1 + n_hist :].view_as(candidates)
         flags = self.ranker.has_image[unique]
-        return self.with_table(table, flags, local_history, local_candidates, signals)
+        categories = self.ranker.news_categories
+        categories = None if categories is None else categories[unique]
+        return self.with_table(table, flags, local_history, local_candidates, signals, categories)
 
     def with_table(
-        self, table: Tensor, flags: Tensor, history: Tensor, cand: Tensor, signals: Tensor | None
+        self,
+        table: Tensor,
+        flags: Tensor,
+        history: Tensor,
+        cand: Tensor,
+        signals: Tensor | None,
+        categories: Tensor | None = None,
     ) -> Tensor:
-        """The ranker's forward on another news table (rows addressed by history / cand)."""
+        """The ranker's forward on another news table (rows addressed by history / cand), with
+        its image flags and, where the ranker reads them, category ids."""
         ranker = self.ranker
-        saved = ranker.news_vectors, ranker.has_image, ranker.vector_mean, ranker.vector_scale
-        ranker.news_vectors, ranker.has_image = table, flags
-        ranker.vector_mean, ranker.vector_scale = self.mean, self.scale
+        names = ("news_vectors", "has_image", "vector_mean", "vector_scale", "news_categories")
+        saved = [getattr(ranker, name) for name in names]
+        if categories is None:
+            categories = ranker.news_categories
+        values = (table, flags, self.mean, self.scale, categories)
+        for name, value in zip(names, values, strict=True):
+            setattr(ranker, name, value)
         try:
             return ranker(history, cand, signals)
         finally:
-            ranker.news_vectors, ranker.has_image, ranker.vector_mean, ranker.vector_scale = saved
+            for name, value in zip(names, saved, strict=True):
+                setattr(ranker, name, value)
 
     @torch.no_grad()
     def full_table(self) -> Tensor:

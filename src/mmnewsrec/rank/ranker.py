@@ -196,13 +196,20 @@ class TrainedRanker:
             raise ValueError(f"{self.path}: a {type(self.model).__name__} cannot take new news")
         return self.model
 
-    def add_news(self, rows: torch.Tensor, has_image: torch.Tensor, table: Any = None) -> None:
+    def add_news(
+        self,
+        rows: torch.Tensor,
+        has_image: torch.Tensor,
+        table: Any = None,
+        categories: torch.Tensor | None = None,
+    ) -> None:
         """Score n news added after the model's own as well: their vectors (n, D), image flags
-        (n,) and, where the model shares it, the news table with the rows already appended.
+        (n,), where the model shares it the news table with the rows already appended, and for
+        a model that reads them their category ids (n, 2) (`Ranker.category_ids`).
         In place, in amortised O(n) (`Ranker.add_news`); a trace reads the grown token tables
         as the model does, and is not made again."""
         model = self.news_model()
-        model.add_news(rows.to(self.device), has_image.to(self.device), table)
+        model.add_news(rows.to(self.device), has_image.to(self.device), table, categories)
         if self.traced is None:
             return
         # The trace reads each token table's whole buffer, spare rows too (never indexed):

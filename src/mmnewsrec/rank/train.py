@@ -340,9 +340,16 @@ class TrainRecipe:
                 raise ValueError(f"{self.model_name} reads no signals; unset model.signals")
             if "signals" in keys:
                 args["signals"] = self.signal_names
+            news = self.store.news
+            if cfg.model.categories and "category_names" in keys:
+                for name in ("category", "subcategory"):
+                    args[f"{name}_names"] = news[name].unique().sort().to_list()
             model = build_model(
                 self.model_name, args, self.vectors.vectors, np.array(self.vectors.has_image)
             )
+            if model.trainable:
+                names = model.category_ids(news["category"], news["subcategory"])
+                model.fit_news_features(np.concatenate([np.zeros((1, 2), np.int64), names]))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from None
         history_cap = getattr(model.config, "max_history", cfg.data.history_len)
