@@ -550,3 +550,16 @@ def test_content_rank_whitens_each_parts_top_principal_directions(text_dim, vect
     rebuilt = build_model("fast_rec_transformer", model.model_args, scaled, has_image)
     rebuilt.load_state_dict(state)  # the basis is saved with the weights
     torch.testing.assert_close(rebuilt.content_basis, basis)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"content_rank": -1}, "content_rank must be >= 0"),
+        ({"category_names": ["sports", "news"]}, "category_names must be sorted and distinct"),
+        ({**CATEGORIES, "subcategory_names": ["golf", "golf"]}, "subcategory_names must be sorted"),
+    ],
+)
+def test_bad_news_input_settings_are_refused(args, message, vectors, has_image):
+    with pytest.raises(ValueError, match=message):
+        make("fast_rec_transformer", vectors, has_image, **args)

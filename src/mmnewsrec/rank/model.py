@@ -153,6 +153,12 @@ class Ranker(nn.Module):
         set by `fit_news_features`: the principal directions (D, r) of `content_rank`, and the
         news' (category, subcategory) ids (N+1, 2) with their one-hot columns' standardisation."""
         rank, dim = getattr(config, "content_rank", 0), self.news_dim
+        if rank < 0:
+            raise ValueError(f"content_rank must be >= 0 (0: the whole vectors), got {rank}")
+        for key in ("category_names", "subcategory_names"):
+            names = getattr(config, key, [])
+            if list(names) != sorted(set(names)):
+                raise ValueError(f"{key} must be sorted and distinct, got {names}")
         basis = torch.zeros(dim, rank * len(self.content_parts)) if rank > 0 else None
         self.register_buffer("content_basis", basis)
         width = sum(self.category_sizes)

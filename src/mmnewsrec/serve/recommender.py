@@ -507,10 +507,15 @@ class Recommender:
             if len(model.news_vectors) != self._num_news + 1:  # a later copy's news in it
                 new.ranker = self.ranker.forked(self._num_news)
             table = new.recaller.vectors_ if shared else None
-            names = [(news.category, news.subcategory) for news, _ in added]
-            categories = torch.as_tensor(model.category_ids(*zip(*names, strict=True)))
+            news_items = [news for news, _ in added]
+            categories = torch.as_tensor(
+                model.category_ids(
+                    [news.category for news in news_items],
+                    [news.subcategory for news in news_items],
+                )
+            )
             new.ranker.add_news(rows, torch.zeros(len(rows), dtype=torch.bool), table, categories)
-            new._append_metadata([news for news, _ in added])
+            new._append_metadata(news_items)
             return new
 
     def _latest_or_copy(self) -> Recommender:
