@@ -22,7 +22,7 @@ appearances) count everything strictly earlier. Labels of dev and test never cou
   >= 0 and later logs never change it.
 - coclick: item-kNN affinity of the candidate with the history: the mean over the history's last
   `history` clicks h of cos(c, h) = n(c, h) / sqrt(n(c) n(h)), where n counts the users whose
-  profile holds the items. A user's profile is the set of the last `history` clicks of the
+  profile holds the items. A user's profile is the set of the last `profile` clicks of the
   history of their latest impression (any log) before the cutoff. 0 for an item in no profile.
 - history_len: log1p(clicks in the impression's history), the same for all its candidates.
 
@@ -63,12 +63,13 @@ from mmnewsrec.growing import GrowingRows, append_rows
 
 logger = logging.getLogger(__name__)
 
-COCLICK_HISTORY = 10  # clicks of a history (and of a user profile) that co-clicks look at
+COCLICK_HISTORY = 10  # last clicks of a history that a candidate's co-click is averaged over
+COCLICK_PROFILE = 20  # last clicks of a user's latest history that make its co-click profile
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
 PROFILE_CHUNK = 300_000  # profiles whose pairs are counted at once
 SAVE_ROWS = 65_536  # impressions whose signals are written to their split's file at once
-SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
+SIGNALS_VERSION = 4  # 3: co-click profiles before the cutoff, in every log; 4: 20-click profiles
 
 
 def build_signals(
@@ -78,6 +79,7 @@ def build_signals(
     train_split: str = "train",
     lag: int = LAG,
     history: int = COCLICK_HISTORY,
+    profile: int = COCLICK_PROFILE,
 ) -> dict[str, object]:
     """Compute every split's signals into folder/<split>.npy; returns the manifest entry.
 
@@ -93,7 +95,7 @@ def build_signals(
     imps = Impressions.concat(logs, [b is train for b in logs])
     order, bounds = group_by_period(imps.times, lag)
     with tempfile.TemporaryFile(dir=folder) as spill:
-        for block in period_signals(imps, order, bounds, first, lag, history):
+        for block in period_signals(imps, order, bounds, first, lag, history, profile):
             block.tofile(spill)
         ends = dict(zip(splits, np.cumsum([b.num_impressions for b in logs]).tolist(), strict=True))
         save_in_log_order(spill, order, imps.candidate_offsets, ends, folder)
@@ -104,6 +106,7 @@ def build_signals(
         "version": SIGNALS_VERSION,
         "lag": lag,
         "history": history,
+        "profile": profile,
     }
 
 
@@ -236,11 +239,11 @@ class Impressions:
 
 
 def profile_pairs(
-    imps: Impressions, rows: np.ndarray, width: int, history: int
+    imps: Impressions, rows: np.ndarray, width: int, profile: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The profiles (each the set of the last `history` clicks) of the impressions `rows`, all
+    """The profiles (each the set of the last `profile` clicks) of the impressions `rows`, all
     together: (their items, their pair keys x * width + y of x < y)."""
-    offsets, pos = last_clicks(imps.history_offsets, rows, history)
+    offsets, pos = last_clicks(imps.history_offsets, rows, profile)
     owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
     keys = np.sort(owner * width + imps.history_items[pos])
     first_of = np.ones(len(keys), dtype=bool)
@@ -376,10 +379,11 @@ def period_signals(
     first: np.ndarray,
     lag: int,
     history: int,
+    profile: int,
 ) -> Iterator[np.ndarray]:
     """The (candidates, 5) rows of each period's impressions (`order[bounds[r]:bounds[r + 1]]`)
     in turn: what they see, then what they add. `first`: (N+1,) each item's first appearance
-    (`first_appearance`)."""
+    (`first_appearance`); `history`, `profile`: the co-click's lengths."""
     width = len(first)
     times = np.unique(imps.times)
     earlier = np.searchsorted(np.sort(imps.times), imps.times)  # impressions strictly before
@@ -413,9 +417,9 @@ def period_signals(
         users = imps.users[latest]
         latest = latest[np.r_[users[1:] != users[:-1], True]]
         replaced = profile_of[imps.users[latest]]
-        changed = ~same_profiles(imps, replaced, latest, history)  # a profile kept: no change
+        changed = ~same_profiles(imps, replaced, latest, profile)  # a profile kept: no change
         replaced, latest = replaced[changed], latest[changed]
-        update_profiles(imps, replaced[replaced >= 0], latest, holders, pairs, history)
+        update_profiles(imps, replaced[replaced >= 0], latest, holders, pairs, profile)
         profile_of[imps.users[latest]] = latest
 
 
@@ -425,10 +429,11 @@ def update_profiles(
     new: np.ndarray,
     holders: np.ndarray,
     pairs: PairCounts,
-    history: int,
+    profile: int,
 ) -> None:
-    """Replace the profiles of the impressions `gone` by those of `new` in the item and pair
-    counts, PROFILE_CHUNK profiles at a time (~history ** 2 / 2 pair keys each)."""
+    """Replace the profiles (the last `profile` clicks) of the impressions `gone` by those of
+    `new` in the item and pair counts, PROFILE_CHUNK profiles at a time (~profile ** 2 / 2 pair
+    keys each)."""
     width = len(holders)
     rows = np.r_[gone, new]
     signs = np.r_[np.full(len(gone), -1), np.ones(len(new), np.int64)]
@@ -436,7 +441,7 @@ def update_profiles(
         keys, deltas = [], []
         for sign in (-1, 1):
             chosen = rows[lo : lo + PROFILE_CHUNK][signs[lo : lo + PROFILE_CHUNK] == sign]
-            items, pair_keys = profile_pairs(imps, chosen, width, history)
+            items, pair_keys = profile_pairs(imps, chosen, width, profile)
             holders += sign * np.bincount(items, minlength=width)
             keys.append(pair_keys)
             deltas.append(np.full(len(pair_keys), sign, np.int32))
@@ -453,11 +458,11 @@ def recent_clicks(imps: Impressions, rows: np.ndarray, history: int, pad: int) -
     return clicks
 
 
-def same_profiles(imps: Impressions, old: np.ndarray, new: np.ndarray, history: int) -> np.ndarray:
+def same_profiles(imps: Impressions, old: np.ndarray, new: np.ndarray, profile: int) -> np.ndarray:
     """Per pair of impressions (old[k], new[k]; old[k] = -1 for none): whether they give the
-    same profile (the same last `history` clicks)."""
+    same profile (the same last `profile` clicks)."""
     same = old >= 0
-    older, newer = (recent_clicks(imps, rows[same], history, -1) for rows in (old, new))
+    older, newer = (recent_clicks(imps, rows[same], profile, -1) for rows in (old, new))
     same[same] = (older == newer).all(axis=1)
     return same
 
@@ -526,15 +531,21 @@ class SignalState:
     user's index; a user unseen so far is fine (the current signals do not depend on it).
 
     Held in memory: per news item click, exposure and first-appearance counts (numpy), the
-    user profiles (the last `history` clicks of their latest history, by user index) and the
-    co-occurrence counts of their items (a `PairCounts`; about `history` ** 2 pairs per user),
+    user profiles (the last `profile` clicks of their latest history, by user index) and the
+    co-occurrence counts of their items (a `PairCounts`; about `profile` ** 2 / 2 pairs per user),
     which change when a period starts. `to_arrays` / `from_arrays`: all of it as named arrays.
     """
 
-    def __init__(self, num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY) -> None:
-        if lag <= 0 or history <= 0:
-            raise ValueError(f"lag and history must be > 0, got {lag} and {history}")
-        self.lag, self.history = lag, history
+    def __init__(
+        self,
+        num_news: int,
+        lag: int = LAG,
+        history: int = COCLICK_HISTORY,
+        profile: int = COCLICK_PROFILE,
+    ) -> None:
+        if min(lag, history, profile) <= 0:
+            raise ValueError(f"lag, history and profile must be > 0: {lag}, {history}, {profile}")
+        self.lag, self.history, self.profile = lag, history, profile
         self.num_news = 0
         self.clicks = np.zeros(1, np.int64)  # clicks before the current period
         self.total_clicks = 0
@@ -554,7 +565,8 @@ class SignalState:
 
     @classmethod
     def empty(cls, num_news: int, **settings: int) -> SignalState:
-        """A state that has seen nothing; settings: `lag` (seconds), `history` (clicks)."""
+        """A state that has seen nothing; settings: `lag` (seconds), `history`, `profile`
+        (clicks)."""
         return cls(num_news, **settings)
 
     @classmethod
@@ -562,7 +574,8 @@ class SignalState:
         """A state that has seen nothing, with the settings of the store's signals."""
         settings = store.manifest.get("signals", {})
         lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
-        return cls(num_news, lag=lag, history=history)
+        profile = settings.get("profile", history)  # before version 4, profiles were histories
+        return cls(num_news, lag=lag, history=history, profile=profile)
 
     def grow(self, num_news: int) -> None:
         """Make room for news indices up to `num_news` (news added at serving time)."""
@@ -593,7 +606,7 @@ class SignalState:
         self._now_shown.append(shown)
         self._now_count += 1
         np.add.at(self._period_clicks, np.asarray(clicked, np.int64), 1)
-        self._period_profiles[int(user)] = history[-self.history :]
+        self._period_profiles[int(user)] = history[-self.profile :]
         for items in (shown, history):
             np.minimum.at(self.first_seen, items, time)
 
@@ -635,11 +648,11 @@ class SignalState:
         self.time = last
 
     def _latest_histories(self, imps: Impressions, rows: np.ndarray) -> dict[int, np.ndarray]:
-        """The last `history` clicks of each user's latest impression among `rows`."""
+        """The last `profile` clicks of each user's latest impression among `rows`."""
         users = imps.users[rows][::-1]
         _, last = np.unique(users, return_index=True)
         latest = rows[::-1][np.sort(last)][::-1]  # in row order
-        offsets, pos = last_clicks(imps.history_offsets, latest, self.history)
+        offsets, pos = last_clicks(imps.history_offsets, latest, self.profile)
         items = imps.history_items[pos].astype(np.int64)
         return {
             int(user): items[a:b]
@@ -745,7 +758,8 @@ class SignalState:
         x, y = np.divmod(self.pairs.keys, self.pairs.width)  # sorted, counts never 0
         shown = np.concatenate([np.zeros(0, np.int64), *self._now_shown])
         now_shown = np.bincount(shown, minlength=len(self.shown))  # counts: order-free, small
-        scalars = [self.lag, self.history, self.num_news, -1 if self.time is None else self.time]
+        scalars = [self.lag, self.history, self.profile, self.num_news]
+        scalars += [-1 if self.time is None else self.time]
         scalars += [self.total_clicks, self.impressions, self._now_count]
         return {
             "scalars": np.array(scalars, np.int64),
@@ -764,10 +778,10 @@ class SignalState:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> SignalState:
         """The state `to_arrays` gave."""
-        lag, history, num_news, at, total_clicks, impressions, now_count = arrays[
+        lag, history, profile, num_news, at, total_clicks, impressions, now_count = arrays[
             "scalars"
         ].tolist()
-        state = cls(num_news, lag=lag, history=history)
+        state = cls(num_news, lag=lag, history=history, profile=profile)
         state.time = None if at < 0 else at
         state.total_clicks, state.impressions, state._now_count = (
             total_clicks,
