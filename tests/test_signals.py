@@ -388,7 +388,11 @@ def test_state_arrays_give_the_state_back():
     )
 
 
-def test_pair_counts_count_like_a_dict_through_merges_and_removals():
+@pytest.mark.parametrize("bucket_bits", [signals_module.PAIR_BUCKET_BITS, 6])
+def test_pair_counts_count_like_a_dict_through_merges_and_removals(monkeypatch, bucket_bits):
+    """In one bucket of keys, and in 157 of 64 keys each."""
+    monkeypatch.setattr(signals_module, "PAIR_BUCKET_BITS", bucket_bits)
+    monkeypatch.setattr(signals_module, "PAIR_LOW_MASK", (1 << bucket_bits) - 1)
     rng = np.random.default_rng(0)
     width = 100
     counts, expected = PairCounts(width), {}
@@ -396,13 +400,16 @@ def test_pair_counts_count_like_a_dict_through_merges_and_removals():
         x, y = np.sort(rng.choice(width, (2_000, 2)), axis=1).T  # some x == y: not pairs
         keys = (x * width + y)[x < y]
         deltas = rng.choice([-1, 1, 2], len(keys)).astype(np.int32)
-        counts.add(keys, deltas)
+        counts.stage(keys[:500], deltas[:500])  # two updates merged at once, as one
+        counts.add(keys[500:], deltas[500:])
         for key, delta in zip(keys.tolist(), deltas.tolist(), strict=True):
             expected[key] = expected.get(key, 0) + delta
         live = {key: n for key, n in expected.items() if n}
-        assert counts.keys.tolist() == sorted(live)  # sorted, unique, no zero count held
-        assert counts.counts.tolist() == [live[key] for key in sorted(live)]
-        held_x, held_y = np.divmod(counts.keys, width)
+        held, held_counts = counts.items()
+        assert held.tolist() == sorted(live)  # sorted, unique, no zero count held
+        assert held_counts.tolist() == [live[key] for key in sorted(live)]
+        assert len(counts) == len(live)
+        held_x, held_y = np.divmod(held, width)
         assert counts.may_hold(held_y, held_x).all()  # no held pair ruled out, either order
     queries = np.arange(width * width)
     want = np.array([expected.get(key, 0) for key in queries.tolist()])
