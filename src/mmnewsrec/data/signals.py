@@ -335,6 +335,7 @@ class PairCounts:
 
     def stage(self, keys: np.ndarray, deltas: np.ndarray) -> None:
         """Keep counts[key] += delta for the next `merge`."""
+        keys = np.asarray(keys, np.int64)
         bucket = keys >> PAIR_BUCKET_BITS
         bounds = csr_offsets(np.bincount(bucket, minlength=len(self._low)))
         small = bucket.astype(np.uint16) if len(self._low) <= 2**16 else bucket  # radix sort
@@ -352,7 +353,7 @@ class PairCounts:
         """Apply the staged updates, a bucket at a time: counts[key] += delta; a key whose
         count becomes 0 is dropped."""
         staged = sum(len(part) for parts in self._staged for part in parts)
-        bits = filter_bits(self._size + staged)  # at most: keys already held or dropped count
+        bits = filter_bits(self._size + staged)  # the pairs held after the merge: at most
         if self._filters is not None and self._filters.shape[1] << 3 != 1 << bits:
             self._filters = None  # built again, larger, when next read
         for b, parts in enumerate(self._staged):
@@ -371,8 +372,13 @@ class PairCounts:
             found[found] = held[pos[found]] == low[found]
             counts[pos[found]] += deltas[found]
             new = ~found & (deltas != 0)
-            held = np.insert(held, pos[new], low[new])
-            counts = np.insert(counts, pos[new], deltas[new])
+            at = pos[new] + np.arange(np.count_nonzero(new))  # the new keys' places
+            old = np.ones(len(held) + len(at), bool)
+            old[at] = False
+            held, counts = (
+                interleave(held, low[new], at, old),
+                interleave(counts, deltas[new], at, old),
+            )
             live = counts != 0
             if not live.all():
                 held, counts = held[live], counts[live]
@@ -392,10 +398,10 @@ class PairCounts:
             self._filters = np.zeros((2, 1 << filter_bits(self._size) >> 3), np.uint8)
             for keys in self._held_keys():
                 self._mark(keys)
-        held = self._passes(0, x, y)
-        through = np.nonzero(held)
         x, y = np.broadcast_arrays(x, y)
-        held[through] = self._passes(1, x[through], y[through])
+        held = self._passes(0, x, y)
+        through = np.flatnonzero(held)  # flat: several times faster to index than by axes
+        held.reshape(-1)[through] = self._passes(1, x.flat[through], y.flat[through])
         return held
 
     def _held_keys(self) -> Iterator[np.ndarray]:
@@ -430,6 +436,14 @@ class PairCounts:
         bits = (self._filters.shape[1] << 3).bit_length() - 1
         codes = self._codes[k]
         return (codes[x] ^ codes[y]) >> np.uint32(32 - bits)
+
+
+def interleave(held: np.ndarray, new: np.ndarray, at: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """`held` and `new` in one array: `new` at the positions `at`, `held` where `old`."""
+    out = np.empty(len(old), held.dtype)
+    out[at] = new
+    out[old] = held
+    return out
 
 
 def filter_bits(pairs: int) -> int:
