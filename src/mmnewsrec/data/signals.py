@@ -65,7 +65,7 @@ from mmnewsrec.growing import GrowingRows, append_rows
 logger = logging.getLogger(__name__)
 
 COCLICK_HISTORY = 10  # last clicks of a history that a candidate's co-click is averaged over
-COCLICK_PROFILE = 20  # last clicks of a user's latest history that make its co-click profile
+COCLICK_PROFILE = 10  # last clicks of a user's latest history that make its co-click profile
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 FILTER_BITS = 8  # least bits a pair of each of the two Bloom filters of `PairCounts`
 PAIR_BUCKET_BITS = 28  # `PairCounts` holds its keys in buckets of 2 ** 28 consecutive keys
@@ -73,7 +73,7 @@ PAIR_LOW_MASK = (1 << PAIR_BUCKET_BITS) - 1  # a key's bits within its bucket
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
 PROFILE_CHUNK = 100_000  # profiles whose pairs are made at once
 SAVE_ROWS = 65_536  # impressions whose signals are written to their split's file at once
-SIGNALS_VERSION = 4  # 3: co-click profiles before the cutoff, in every log; 4: 20-click profiles
+SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
 
 
 def build_signals(
@@ -659,7 +659,7 @@ class SignalState:
         """A state that has seen nothing, with the settings of the store's signals."""
         settings = store.manifest.get("signals", {})
         lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
-        profile = settings.get("profile", history)  # before version 4, profiles were histories
+        profile = settings.get("profile", history)  # a store written before profile: the same
         return cls(num_news, lag=lag, history=history, profile=profile)
 
     def grow(self, num_news: int) -> None:
