@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import free_port
 
-from mmnewsrec.data.signals import COCLICK_HISTORY, LAG, SignalState, replay_store
+from mmnewsrec.data.signals import SignalState, replay_store
 from mmnewsrec.formats.store import Store
 from mmnewsrec.serve.live import SNAPSHOT_FILE
 
@@ -111,9 +111,7 @@ def replayed_signals(store_dir: Path, state: Path) -> tuple[SignalState, int]:
     """The signals of the store's logs, then of the logged impressions one at a time, in log
     order; and the latest logged time."""
     store = Store.load(store_dir)
-    settings = store.manifest.get("signals", {})
-    lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
-    signals = SignalState.empty(store.num_news, lag=lag, history=history)
+    signals = SignalState.for_store(store, store.num_news)
     replay_store(signals, store, "train")
     with sqlite3.connect(state / "state.sqlite") as db:
         rows = db.execute(

@@ -11,6 +11,7 @@ from mmnewsrec.csr import csr_offsets
 from mmnewsrec.data import signals as signals_module
 from mmnewsrec.data.signals import (
     COCLICK_HISTORY,
+    COCLICK_PROFILE,
     SIGNALS_VERSION,
     Impressions,
     PairCounts,
@@ -67,6 +68,7 @@ def signals(tmp_path) -> dict[str, np.ndarray]:
         "version": SIGNALS_VERSION,
         "lag": DAY,
         "history": COCLICK_HISTORY,
+        "profile": COCLICK_PROFILE,
     }
     return {split: np.load(tmp_path / f"{split}.npy") for split in ("train", "dev")}
 
@@ -123,6 +125,35 @@ def test_coclick_counts_the_profiles_of_earlier_days(signals):
     np.testing.assert_allclose(dev[:3], [2 / math.sqrt(2 * 3), 0, 1 / math.sqrt(3)], rtol=1e-6)
     # the last dev impression: candidate 1 with history {1, 2}: mean of cos(1, 1) and cos(1, 2)
     assert dev[4] == pytest.approx((1 + 2 / math.sqrt(6)) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("history", "profile", "expected"),
+    [(1, 2, [1.0, 0.0]), (1, 3, [1.0, 1 / math.sqrt(2)]), (2, 2, [0.5, 0.0])],
+)
+def test_coclick_profile_and_history_lengths_act_apart(tmp_path, history, profile, expected):
+    """Profiles hold a user's last `profile` clicks; a candidate is compared with the
+    impression's last `history` clicks. The state replays to the same values."""
+    train = behaviors(
+        "train",
+        times=[100, 200, DAY + 100],
+        users=[0, 1, 2],
+        histories=[[1, 2, 3], [2, 3], [5, 2]],
+        candidates=[[4, 5], [4, 5], [3, 1]],
+        labels=[[1, 0], [1, 0], [1, 0]],
+    )
+    manifest = build_signals({"train": train}, 5, tmp_path, history=history, profile=profile)
+    assert (manifest["history"], manifest["profile"]) == (history, profile)
+    got = np.load(tmp_path / "train.npy")
+    # day 1 (user 2, last clicks [5, 2]): profiles {2, 3} twice, and 1 in user 0's at length 3
+    np.testing.assert_allclose(got[4:, CO], expected, rtol=1e-6, atol=1e-7)
+    state, replayed = SignalState.empty(5, history=history, profile=profile), []
+    for i in range(train.num_impressions):
+        items, labels = train.candidates(i)
+        user, at, clicks = int(train.user_index[i]), int(train.times[i]), train.history(i)
+        replayed.append(state.signals(user, at, clicks, items))
+        state.observe(user, at, clicks, items, items[labels == 1])
+    np.testing.assert_allclose(np.concatenate(replayed), got, atol=1e-6, rtol=0)
 
 
 def test_coclick_profiles_start_after_their_day_and_end_at_the_next(tmp_path):
@@ -341,7 +372,7 @@ def test_a_batch_gives_the_state_of_one_impression_at_a_time_movielens(tmp_path)
 
 
 def test_state_arrays_give_the_state_back():
-    state, no_click = SignalState.empty(5, history=2), np.zeros(0, np.int64)
+    state, no_click = SignalState.empty(5, history=2, profile=3), np.zeros(0, np.int64)
     state.observe(0, 10, np.array([1, 2, 3]), np.array([4, 5]), np.array([4]))
     state.observe(1, DAY + 5, np.array([1, 2]), np.array([3]), no_click)
     state.observe(1, DAY + 6, np.array([4, 2]), np.array([3, 5]), np.array([5]))
@@ -357,7 +388,11 @@ def test_state_arrays_give_the_state_back():
     )
 
 
-def test_pair_counts_count_like_a_dict_through_merges_and_removals():
+@pytest.mark.parametrize("bucket_bits", [signals_module.PAIR_BUCKET_BITS, 6])
+def test_pair_counts_count_like_a_dict_through_merges_and_removals(monkeypatch, bucket_bits):
+    """In one bucket of keys, and in 157 of 64 keys each."""
+    monkeypatch.setattr(signals_module, "PAIR_BUCKET_BITS", bucket_bits)
+    monkeypatch.setattr(signals_module, "PAIR_LOW_MASK", (1 << bucket_bits) - 1)
     rng = np.random.default_rng(0)
     width = 100
     counts, expected = PairCounts(width), {}
@@ -365,13 +400,16 @@ def test_pair_counts_count_like_a_dict_through_merges_and_removals():
         x, y = np.sort(rng.choice(width, (2_000, 2)), axis=1).T  # some x == y: not pairs
         keys = (x * width + y)[x < y]
         deltas = rng.choice([-1, 1, 2], len(keys)).astype(np.int32)
-        counts.add(keys, deltas)
+        counts.stage(keys[:500], deltas[:500])  # two updates merged at once, as one
+        counts.add(keys[500:], deltas[500:])
         for key, delta in zip(keys.tolist(), deltas.tolist(), strict=True):
             expected[key] = expected.get(key, 0) + delta
         live = {key: n for key, n in expected.items() if n}
-        assert counts.keys.tolist() == sorted(live)  # sorted, unique, no zero count held
-        assert counts.counts.tolist() == [live[key] for key in sorted(live)]
-        held_x, held_y = np.divmod(counts.keys, width)
+        held, held_counts = counts.items()
+        assert held.tolist() == sorted(live)  # sorted, unique, no zero count held
+        assert held_counts.tolist() == [live[key] for key in sorted(live)]
+        assert len(counts) == len(live)
+        held_x, held_y = np.divmod(held, width)
         assert counts.may_hold(held_y, held_x).all()  # no held pair ruled out, either order
     queries = np.arange(width * width)
     want = np.array([expected.get(key, 0) for key in queries.tolist()])

@@ -22,15 +22,16 @@ appearances) count everything strictly earlier. Labels of dev and test never cou
   >= 0 and later logs never change it.
 - coclick: item-kNN affinity of the candidate with the history: the mean over the history's last
   `history` clicks h of cos(c, h) = n(c, h) / sqrt(n(c) n(h)), where n counts the users whose
-  profile holds the items. A user's profile is the set of the last `history` clicks of the
+  profile holds the items. A user's profile is the set of the last `profile` clicks of the
   history of their latest impression (any log) before the cutoff. 0 for an item in no profile.
 - history_len: log1p(clicks in the impression's history), the same for all its candidates.
 
 The batch face walks the periods in order over all logs at once: the impressions of a period
 read dense per-item counts (clicks, exposures, profile holders) and the profile pair counts
-(`PairCounts`: sorted keys, 16 bytes a pair held, only pairs of the current profiles), then add
-their own clicks, exposures and profiles (a user whose history is unchanged keeps its profile
-as it is). Exposures within a period come from one sort of its candidates by (item, time);
+(`PairCounts`: sorted keys in buckets, 10 to 12 bytes a pair held, only pairs of the current
+profiles), then add their own clicks, exposures and profiles (a user whose history is unchanged
+keeps its profile as it is; the last period's profiles are read by no one and not counted).
+Exposures within a period come from one sort of its candidates by (item, time);
 co-click pairs are looked up in chunks. Each period's rows go to a temporary file as they are
 computed; the split files are then written from it in log order, a few impressions at a time.
 """
@@ -63,10 +64,14 @@ from mmnewsrec.growing import GrowingRows, append_rows
 
 logger = logging.getLogger(__name__)
 
-COCLICK_HISTORY = 10  # clicks of a history (and of a user profile) that co-clicks look at
+COCLICK_HISTORY = 10  # last clicks of a history that a candidate's co-click is averaged over
+COCLICK_PROFILE = 10  # last clicks of a user's latest history that make its co-click profile
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
+FILTER_BITS = 8  # least bits a pair of each of the two Bloom filters of `PairCounts`
+PAIR_BUCKET_BITS = 28  # `PairCounts` holds its keys in buckets of 2 ** 28 consecutive keys
+PAIR_LOW_MASK = (1 << PAIR_BUCKET_BITS) - 1  # a key's bits within its bucket
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
-PROFILE_CHUNK = 300_000  # profiles whose pairs are counted at once
+PROFILE_CHUNK = 100_000  # profiles whose pairs are made at once
 SAVE_ROWS = 65_536  # impressions whose signals are written to their split's file at once
 SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
 
@@ -78,6 +83,7 @@ def build_signals(
     train_split: str = "train",
     lag: int = LAG,
     history: int = COCLICK_HISTORY,
+    profile: int = COCLICK_PROFILE,
 ) -> dict[str, object]:
     """Compute every split's signals into folder/<split>.npy; returns the manifest entry.
 
@@ -93,7 +99,7 @@ def build_signals(
     imps = Impressions.concat(logs, [b is train for b in logs])
     order, bounds = group_by_period(imps.times, lag)
     with tempfile.TemporaryFile(dir=folder) as spill:
-        for block in period_signals(imps, order, bounds, first, lag, history):
+        for block in period_signals(imps, order, bounds, first, lag, history, profile):
             block.tofile(spill)
         ends = dict(zip(splits, np.cumsum([b.num_impressions for b in logs]).tolist(), strict=True))
         save_in_log_order(spill, order, imps.candidate_offsets, ends, folder)
@@ -104,6 +110,7 @@ def build_signals(
         "version": SIGNALS_VERSION,
         "lag": lag,
         "history": history,
+        "profile": profile,
     }
 
 
@@ -236,11 +243,11 @@ class Impressions:
 
 
 def profile_pairs(
-    imps: Impressions, rows: np.ndarray, width: int, history: int
+    imps: Impressions, rows: np.ndarray, width: int, profile: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The profiles (each the set of the last `history` clicks) of the impressions `rows`, all
+    """The profiles (each the set of the last `profile` clicks) of the impressions `rows`, all
     together: (their items, their pair keys x * width + y of x < y)."""
-    offsets, pos = last_clicks(imps.history_offsets, rows, history)
+    offsets, pos = last_clicks(imps.history_offsets, rows, profile)
     owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
     keys = np.sort(owner * width + imps.history_items[pos])
     first_of = np.ones(len(keys), dtype=bool)
@@ -250,9 +257,11 @@ def profile_pairs(
     ends = csr_offsets(np.bincount(owner, minlength=len(rows)))[owner + 1]
     # x at position i pairs with positions i + 1 .. the end of its profile
     after = ends - np.arange(len(item)) - 1
-    first = np.repeat(np.arange(len(item)), after)
-    second = first + 1 + np.arange(len(first)) - np.repeat(csr_offsets(after)[:-1], after)
-    return item, item[first] * width + item[second]
+    second = np.repeat(np.arange(1, len(item) + 1) - csr_offsets(after)[:-1], after)
+    second += np.arange(len(second))
+    keys = np.repeat(item * width, after)
+    keys += item[second]
+    return item, keys
 
 
 def set_pairs(sizes: np.ndarray, items: np.ndarray, width: int) -> np.ndarray:
@@ -273,100 +282,174 @@ def set_pairs(sizes: np.ndarray, items: np.ndarray, width: int) -> np.ndarray:
 
 
 class PairCounts:
-    """Counts of item pairs, held as sorted unique keys x * width + y (x < y < width) and their
-    int32 counts (never 0), with two one-hash Bloom filters of the pairs (16 bits a pair each,
-    hashed from random codes of the two items) that rule out most absent pairs before any key
-    is made: 16 bytes a pair held. Read and updated a whole array of pairs at a time."""
+    """Counts of item pairs (x, y), x < y < width, by key x * width + y, in buckets of
+    2 ** PAIR_BUCKET_BITS consecutive keys: each holds its keys' low bits, sorted and unique
+    (uint32), and their int32 counts (never 0). Two one-hash Bloom filters of the pairs (8 to 16
+    bits a pair each, hashed from random codes of the two items) rule out most absent pairs
+    before any key is made: 10 to 12 bytes a pair held. Read and updated a whole array of pairs
+    at a time; `stage` collects updates (8 bytes a pair) that `merge` applies a bucket at a time,
+    so that an update never holds two copies of all the pairs."""
 
     def __init__(self, width: int) -> None:
         self.width = width
-        self.keys = np.zeros(0, np.int64)
-        self.counts = np.zeros(0, np.int32)
+        buckets = ((width * width - 1) >> PAIR_BUCKET_BITS) + 1
+        self._edges = np.arange(buckets + 1, dtype=np.int64) << PAIR_BUCKET_BITS
+        self._low = [np.zeros(0, np.uint32) for _ in range(buckets)]
+        self._counts = [np.zeros(0, np.int32) for _ in range(buckets)]
+        self._staged: list[list[np.ndarray]] = [[] for _ in range(buckets)]  # see `stage`
+        self._size = 0
         # two codes per item, and two for `width` (padding, in no pair)
         self._codes = np.random.default_rng(0).integers(0, 2**32, (2, width + 1), np.uint32)
-        self._filters: np.ndarray | None = None  # (2, bytes) of self.keys; None: to build
+        self._filters: np.ndarray | None = None  # (2, bytes) of the pairs held; None: to build
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._size
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, counts) of the pairs held, in key order."""
+        counts = np.concatenate([np.zeros(0, np.int32), *self._counts])
+        return np.concatenate([np.zeros(0, np.int64), *self._held_keys()]), counts
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         """The count of each key (0 if absent)."""
         out = np.zeros(len(keys), np.int32)
-        if not len(self.keys):
+        if not self._size:
             return out
         order = np.argsort(keys)  # a search in sorted order is several times faster
         wanted = keys[order]
-        pos = np.searchsorted(self.keys, wanted).clip(max=len(self.keys) - 1)
-        out[order] = np.where(self.keys[pos] == wanted, self.counts[pos], 0)
+        bounds = np.searchsorted(wanted, self._edges)
+        for b in np.flatnonzero(np.diff(bounds)):
+            held, part = self._low[b], slice(bounds[b], bounds[b + 1])
+            if not len(held):
+                continue
+            low = (wanted[part] & PAIR_LOW_MASK).astype(np.uint32)
+            pos = np.searchsorted(held, low).clip(max=len(held) - 1)
+            out[order[part]] = np.where(held[pos] == low, self._counts[b][pos], 0)
         return out
 
     def add(self, keys: np.ndarray, deltas: np.ndarray) -> None:
         """counts[key] += delta (a key may come several times); a key whose count becomes 0
         is dropped."""
-        if not len(keys):
-            return
-        order = np.argsort(keys)
-        keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        deltas, keys = np.add.reduceat(deltas[order], starts), keys[starts]
-        pos = np.searchsorted(self.keys, keys)
-        found = pos < len(self.keys)
-        found[found] = self.keys[pos[found]] == keys[found]
-        self.counts[pos[found]] += deltas[found].astype(np.int32)
-        new = ~found & (deltas != 0)
-        self.keys = np.insert(self.keys, pos[new], keys[new])
-        self.counts = np.insert(self.counts, pos[new], deltas[new].astype(np.int32))
-        live = self.counts != 0
-        if not live.all():
-            self.keys, self.counts = self.keys[live], self.counts[live]
-            self._filters = None  # a filter cannot forget a pair: built again
-        elif self._filters is not None and self._filters.shape[1] << 3 == 1 << self._filter_bits():
-            self._mark(self._filters, keys[new])
-        else:
-            self._filters = None
+        self.stage(keys, deltas)
+        self.merge()
+
+    def stage(self, keys: np.ndarray, deltas: np.ndarray) -> None:
+        """Keep counts[key] += delta for the next `merge`."""
+        keys = np.asarray(keys, np.int64)
+        bucket = keys >> PAIR_BUCKET_BITS
+        bounds = csr_offsets(np.bincount(bucket, minlength=len(self._low)))
+        small = bucket.astype(np.uint16) if len(self._low) <= 2**16 else bucket  # radix sort
+        del bucket
+        order = np.argsort(small, kind="stable")
+        del small
+        staged = keys[order]  # (low bits, delta as uint32) as one int64: sorted faster
+        staged &= PAIR_LOW_MASK
+        staged <<= 32
+        staged |= np.asarray(deltas, np.int32)[order].view(np.uint32)
+        for b in np.flatnonzero(np.diff(bounds)):
+            self._staged[b].append(staged[bounds[b] : bounds[b + 1]])
+
+    def merge(self) -> None:
+        """Apply the staged updates, a bucket at a time: counts[key] += delta; a key whose
+        count becomes 0 is dropped."""
+        staged = sum(len(part) for parts in self._staged for part in parts)
+        bits = filter_bits(self._size + staged)  # the pairs held after the merge: at most
+        if self._filters is not None and self._filters.shape[1] << 3 != 1 << bits:
+            self._filters = None  # built again, larger, when next read
+        for b, parts in enumerate(self._staged):
+            if not parts:
+                continue
+            both = np.sort(np.concatenate(parts))
+            self._staged[b] = []
+            low, deltas = (both >> 32).astype(np.uint32), (both & 0xFFFFFFFF).astype(np.uint32)
+            del both
+            deltas = deltas.view(np.int32)
+            starts = np.flatnonzero(np.r_[True, low[1:] != low[:-1]])
+            deltas, low = np.add.reduceat(deltas, starts), low[starts]
+            held, counts = self._low[b], self._counts[b]
+            pos = np.searchsorted(held, low)
+            found = pos < len(held)
+            found[found] = held[pos[found]] == low[found]
+            counts[pos[found]] += deltas[found]
+            new = ~found & (deltas != 0)
+            at = pos[new] + np.arange(np.count_nonzero(new))  # the new keys' places
+            old = np.ones(len(held) + len(at), bool)
+            old[at] = False
+            held, counts = (
+                interleave(held, low[new], at, old),
+                interleave(counts, deltas[new], at, old),
+            )
+            live = counts != 0
+            if not live.all():
+                held, counts = held[live], counts[live]
+                self._filters = None  # a filter cannot forget a pair: built again
+            elif self._filters is not None:
+                self._mark(self._edges[b] + low[new])
+            self._low[b], self._counts[b] = held, counts
+        self._size = sum(len(low) for low in self._low)
 
     def may_hold(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per pair of items (x, y broadcast together, either order): False for a pair surely
-        absent; true for a held pair and ~0.3% of the absent ones (the second filter tests
+        absent; true for a held pair and ~0.4-1.4% of the absent ones (the second filter tests
         only the pairs that the first lets through)."""
-        if not len(self.keys):
+        if not self._size:
             return np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), bool)
         if self._filters is None:
-            self._filters = np.zeros((2, 1 << self._filter_bits() >> 3), np.uint8)
-            for lo in range(0, len(self.keys), PAIR_CHUNK):
-                self._mark(self._filters, self.keys[lo : lo + PAIR_CHUNK])
-        held = self._passes(self._filters, 0, x, y)
-        through = np.nonzero(held)
+            self._filters = np.zeros((2, 1 << filter_bits(self._size) >> 3), np.uint8)
+            for keys in self._held_keys():
+                self._mark(keys)
         x, y = np.broadcast_arrays(x, y)
-        held[through] = self._passes(self._filters, 1, x[through], y[through])
+        held = self._passes(0, x, y)
+        through = np.flatnonzero(held)  # flat: several times faster to index than by axes
+        held.reshape(-1)[through] = self._passes(1, x.flat[through], y.flat[through])
         return held
 
-    def _passes(self, filters: np.ndarray, k: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _held_keys(self) -> Iterator[np.ndarray]:
+        """The keys held (int64), in order, at most PAIR_CHUNK at a time."""
+        for start, low in zip(self._edges.tolist(), self._low, strict=False):
+            for lo in range(0, len(low), PAIR_CHUNK):
+                yield start + low[lo : lo + PAIR_CHUNK].astype(np.int64)
+
+    def _passes(self, k: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Whether filter `k` holds the bit of each pair (x, y broadcast together)."""
+        assert self._filters is not None
         slot = self._slots(k, x, y)
-        byte = np.take(filters[k], slot >> 3)
-        byte >>= (slot & 7).astype(np.uint8)
+        byte = np.take(self._filters[k], slot >> 3)
+        byte >>= slot.astype(np.uint8) & 7
         byte &= 1
         return byte.view(bool)
 
-    def _mark(self, filters: np.ndarray, keys: np.ndarray) -> None:
+    def _mark(self, keys: np.ndarray) -> None:
         """Set the bits of `keys` in both filters."""
+        assert self._filters is not None
         x, y = np.divmod(keys, self.width)
         for k in range(2):
             slot = np.sort(self._slots(k, x, y))
             byte = slot >> 3
             first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]][: len(byte)])
             bits = np.left_shift(1, (slot & 7).astype(np.uint8), dtype=np.uint8)
-            filters[k, byte[first]] |= np.bitwise_or.reduceat(bits, first)
-
-    def _filter_bits(self) -> int:
-        """log2 of each filter's bits: at least 16 a pair (at most 2**32)."""
-        return min(32, max(6, (16 * len(self.keys) - 1).bit_length()))
+            self._filters[k, byte[first]] |= np.bitwise_or.reduceat(bits, first)
 
     def _slots(self, k: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Filter `k`'s bit of each pair: the top bits of the xor of the items' codes."""
+        assert self._filters is not None
+        bits = (self._filters.shape[1] << 3).bit_length() - 1
         codes = self._codes[k]
-        return (codes[x] ^ codes[y]) >> np.uint32(32 - self._filter_bits())
+        return (codes[x] ^ codes[y]) >> np.uint32(32 - bits)
+
+
+def interleave(held: np.ndarray, new: np.ndarray, at: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """`held` and `new` in one array: `new` at the positions `at`, `held` where `old`."""
+    out = np.empty(len(old), held.dtype)
+    out[at] = new
+    out[old] = held
+    return out
+
+
+def filter_bits(pairs: int) -> int:
+    """log2 of the bits of each of `PairCounts`' filters for `pairs` pairs: at least
+    FILTER_BITS a pair (at most 2**32)."""
+    return min(32, max(6, (FILTER_BITS * pairs - 1).bit_length()))
 
 
 def period_signals(
@@ -376,10 +459,11 @@ def period_signals(
     first: np.ndarray,
     lag: int,
     history: int,
+    profile: int,
 ) -> Iterator[np.ndarray]:
     """The (candidates, 5) rows of each period's impressions (`order[bounds[r]:bounds[r + 1]]`)
     in turn: what they see, then what they add. `first`: (N+1,) each item's first appearance
-    (`first_appearance`)."""
+    (`first_appearance`); `history`, `profile`: the co-click's lengths."""
     width = len(first)
     times = np.unique(imps.times)
     earlier = np.searchsorted(np.sort(imps.times), imps.times)  # impressions strictly before
@@ -397,8 +481,10 @@ def period_signals(
         within = earlier_within(items, np.searchsorted(times, imps.times[rows]), cand_offsets)
         count = shown[items] + within  # log_share, its second term once per impression:
         block[:, 1] = np.log1p(count) - np.repeat(np.log1p(earlier[rows]), np.diff(cand_offsets))
+        del within, count  # memory for the co-click's
         shown_at = np.repeat(imps.times[rows], np.diff(cand_offsets))
         block[:, 2] = np.log1p(np.maximum(shown_at - first[items], 0) / 3600.0)
+        del shown_at
         block[:, 3] = coclick(imps, rows, cand_offsets, cand, holders, pairs, history)
         sizes = np.diff(imps.history_offsets)[rows]
         block[:, 4] = np.repeat(np.log1p(sizes), np.diff(cand_offsets))
@@ -407,15 +493,17 @@ def period_signals(
         clicks += np.bincount(items[counted], minlength=width)
         total_clicks += int(counted.sum())
         shown += np.bincount(items, minlength=width)
-        del block, cand, items, within, count, shown_at, counted  # memory for the pairs
+        del block, cand, items, counted  # memory for the pairs
+        if r == len(bounds) - 2:
+            break  # no later impression reads the last period's profiles
         # each user's latest impression of the period (log order among equal times)
         latest = rows[np.lexsort((rows, imps.times[rows], imps.users[rows]))]
         users = imps.users[latest]
         latest = latest[np.r_[users[1:] != users[:-1], True]]
         replaced = profile_of[imps.users[latest]]
-        changed = ~same_profiles(imps, replaced, latest, history)  # a profile kept: no change
+        changed = ~same_profiles(imps, replaced, latest, profile)  # a profile kept: no change
         replaced, latest = replaced[changed], latest[changed]
-        update_profiles(imps, replaced[replaced >= 0], latest, holders, pairs, history)
+        update_profiles(imps, replaced[replaced >= 0], latest, holders, pairs, profile)
         profile_of[imps.users[latest]] = latest
 
 
@@ -425,22 +513,19 @@ def update_profiles(
     new: np.ndarray,
     holders: np.ndarray,
     pairs: PairCounts,
-    history: int,
+    profile: int,
 ) -> None:
-    """Replace the profiles of the impressions `gone` by those of `new` in the item and pair
-    counts, PROFILE_CHUNK profiles at a time (~history ** 2 / 2 pair keys each)."""
+    """Replace the profiles (the last `profile` clicks) of the impressions `gone` by those of
+    `new` in the item and pair counts: their pairs (~profile ** 2 / 2 each) are made
+    PROFILE_CHUNK profiles at a time and staged, then merged into `pairs` at once."""
     width = len(holders)
-    rows = np.r_[gone, new]
-    signs = np.r_[np.full(len(gone), -1), np.ones(len(new), np.int64)]
-    for lo in range(0, len(rows), PROFILE_CHUNK):
-        keys, deltas = [], []
-        for sign in (-1, 1):
-            chosen = rows[lo : lo + PROFILE_CHUNK][signs[lo : lo + PROFILE_CHUNK] == sign]
-            items, pair_keys = profile_pairs(imps, chosen, width, history)
+    for sign, rows in ((-1, gone), (1, new)):
+        for lo in range(0, len(rows), PROFILE_CHUNK):
+            items, keys = profile_pairs(imps, rows[lo : lo + PROFILE_CHUNK], width, profile)
             holders += sign * np.bincount(items, minlength=width)
-            keys.append(pair_keys)
-            deltas.append(np.full(len(pair_keys), sign, np.int32))
-        pairs.add(np.concatenate(keys), np.concatenate(deltas))
+            pairs.stage(keys, np.full(len(keys), sign, np.int32))
+            del items, keys
+    pairs.merge()
 
 
 def recent_clicks(imps: Impressions, rows: np.ndarray, history: int, pad: int) -> np.ndarray:
@@ -453,11 +538,11 @@ def recent_clicks(imps: Impressions, rows: np.ndarray, history: int, pad: int) -
     return clicks
 
 
-def same_profiles(imps: Impressions, old: np.ndarray, new: np.ndarray, history: int) -> np.ndarray:
+def same_profiles(imps: Impressions, old: np.ndarray, new: np.ndarray, profile: int) -> np.ndarray:
     """Per pair of impressions (old[k], new[k]; old[k] = -1 for none): whether they give the
-    same profile (the same last `history` clicks)."""
+    same profile (the same last `profile` clicks)."""
     same = old >= 0
-    older, newer = (recent_clicks(imps, rows[same], history, -1) for rows in (old, new))
+    older, newer = (recent_clicks(imps, rows[same], profile, -1) for rows in (old, new))
     same[same] = (older == newer).all(axis=1)
     return same
 
@@ -465,15 +550,19 @@ def same_profiles(imps: Impressions, old: np.ndarray, new: np.ndarray, history: 
 def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """For candidates of impressions with `time_rank` (CSR `offsets`): how many candidates of
     those impressions with a strictly smaller time rank have the same item."""
-    rank = np.repeat(time_rank, np.diff(offsets))
-    key = items.astype(np.int64) * (int(time_rank.max(initial=0)) + 1) + rank
+    key = items.astype(np.int64) * (int(time_rank.max(initial=0)) + 1)
+    key += np.repeat(time_rank, np.diff(offsets))
     order = np.argsort(key)  # equal keys get equal answers: no need for a stable sort
     key, item = key[order], items[order]
-    position = np.arange(len(key))
-    item_start = np.maximum.accumulate(np.where(np.r_[True, item[1:] != item[:-1]], position, 0))
-    run_start = np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], position, 0))
-    out = np.empty(len(key), np.int64)
-    out[order] = run_start - item_start
+    new_item, new_run = np.r_[True, item[1:] != item[:-1]], np.r_[True, key[1:] != key[:-1]]
+    del key, item  # the temporaries are as large as the period's candidates
+    position = np.arange(len(order))
+    item_start = np.maximum.accumulate(np.where(new_item, position, 0))
+    run_start = np.maximum.accumulate(np.where(new_run, position, 0))
+    del position
+    run_start -= item_start
+    out = np.empty(len(order), np.int64)
+    out[order] = run_start
     return out
 
 
@@ -490,6 +579,7 @@ def coclick(
     `cand_offsets`) with its impression's last `history` clicks, PAIR_CHUNK pairs at a time."""
     width = len(holders)
     clicks = recent_clicks(imps, rows, history, width)  # padded with an item in no profile
+    clicks = clicks.astype(np.int64)  # int64 indices gather several times faster
     sizes = np.minimum(np.diff(imps.history_offsets)[rows], history)
     imp = segment_ids(cand_offsets)
     out = np.zeros(len(cand))
@@ -526,15 +616,21 @@ class SignalState:
     user's index; a user unseen so far is fine (the current signals do not depend on it).
 
     Held in memory: per news item click, exposure and first-appearance counts (numpy), the
-    user profiles (the last `history` clicks of their latest history, by user index) and the
-    co-occurrence counts of their items (a `PairCounts`; about `history` ** 2 pairs per user),
+    user profiles (the last `profile` clicks of their latest history, by user index) and the
+    co-occurrence counts of their items (a `PairCounts`; about `profile` ** 2 / 2 pairs per user),
     which change when a period starts. `to_arrays` / `from_arrays`: all of it as named arrays.
     """
 
-    def __init__(self, num_news: int, lag: int = LAG, history: int = COCLICK_HISTORY) -> None:
-        if lag <= 0 or history <= 0:
-            raise ValueError(f"lag and history must be > 0, got {lag} and {history}")
-        self.lag, self.history = lag, history
+    def __init__(
+        self,
+        num_news: int,
+        lag: int = LAG,
+        history: int = COCLICK_HISTORY,
+        profile: int = COCLICK_PROFILE,
+    ) -> None:
+        if min(lag, history, profile) <= 0:
+            raise ValueError(f"lag, history and profile must be > 0: {lag}, {history}, {profile}")
+        self.lag, self.history, self.profile = lag, history, profile
         self.num_news = 0
         self.clicks = np.zeros(1, np.int64)  # clicks before the current period
         self.total_clicks = 0
@@ -554,7 +650,8 @@ class SignalState:
 
     @classmethod
     def empty(cls, num_news: int, **settings: int) -> SignalState:
-        """A state that has seen nothing; settings: `lag` (seconds), `history` (clicks)."""
+        """A state that has seen nothing; settings: `lag` (seconds), `history`, `profile`
+        (clicks)."""
         return cls(num_news, **settings)
 
     @classmethod
@@ -562,7 +659,8 @@ class SignalState:
         """A state that has seen nothing, with the settings of the store's signals."""
         settings = store.manifest.get("signals", {})
         lag, history = settings.get("lag", LAG), settings.get("history", COCLICK_HISTORY)
-        return cls(num_news, lag=lag, history=history)
+        profile = settings.get("profile", history)  # a store written before profile: the same
+        return cls(num_news, lag=lag, history=history, profile=profile)
 
     def grow(self, num_news: int) -> None:
         """Make room for news indices up to `num_news` (news added at serving time)."""
@@ -593,7 +691,7 @@ class SignalState:
         self._now_shown.append(shown)
         self._now_count += 1
         np.add.at(self._period_clicks, np.asarray(clicked, np.int64), 1)
-        self._period_profiles[int(user)] = history[-self.history :]
+        self._period_profiles[int(user)] = history[-self.profile :]
         for items in (shown, history):
             np.minimum.at(self.first_seen, items, time)
 
@@ -635,11 +733,11 @@ class SignalState:
         self.time = last
 
     def _latest_histories(self, imps: Impressions, rows: np.ndarray) -> dict[int, np.ndarray]:
-        """The last `history` clicks of each user's latest impression among `rows`."""
+        """The last `profile` clicks of each user's latest impression among `rows`."""
         users = imps.users[rows][::-1]
         _, last = np.unique(users, return_index=True)
         latest = rows[::-1][np.sort(last)][::-1]  # in row order
-        offsets, pos = last_clicks(imps.history_offsets, latest, self.history)
+        offsets, pos = last_clicks(imps.history_offsets, latest, self.profile)
         items = imps.history_items[pos].astype(np.int64)
         return {
             int(user): items[a:b]
@@ -688,8 +786,9 @@ class SignalState:
     def _pair_counts(self) -> PairCounts:
         """`pairs`, their keys made again for the number of news if news were added."""
         if self.pairs.width != self.num_news + 1:
-            x, y = np.divmod(self.pairs.keys, self.pairs.width)
-            self.pairs, counts = PairCounts(self.num_news + 1), self.pairs.counts
+            keys, counts = self.pairs.items()
+            x, y = np.divmod(keys, self.pairs.width)
+            self.pairs = PairCounts(self.num_news + 1)
             self.pairs.add(x * (self.num_news + 1) + y, counts)
         return self.pairs
 
@@ -742,10 +841,12 @@ class SignalState:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Everything the state holds, as named arrays (`from_arrays` gives the state back):
         two states that hold the same give equal arrays."""
-        x, y = np.divmod(self.pairs.keys, self.pairs.width)  # sorted, counts never 0
+        keys, counts = self.pairs.items()  # sorted, counts never 0
+        x, y = np.divmod(keys, self.pairs.width)
         shown = np.concatenate([np.zeros(0, np.int64), *self._now_shown])
         now_shown = np.bincount(shown, minlength=len(self.shown))  # counts: order-free, small
-        scalars = [self.lag, self.history, self.num_news, -1 if self.time is None else self.time]
+        scalars = [self.lag, self.history, self.profile, self.num_news]
+        scalars += [-1 if self.time is None else self.time]
         scalars += [self.total_clicks, self.impressions, self._now_count]
         return {
             "scalars": np.array(scalars, np.int64),
@@ -754,7 +855,7 @@ class SignalState:
             "first_seen": self.first_seen,
             "holders": self.holders,
             "pair_keys": x << 32 | y,
-            "pair_counts": self.pairs.counts.astype(np.int64),
+            "pair_counts": counts.astype(np.int64),
             "period_clicks": self._period_clicks,
             "now_shown": now_shown,
             **as_rows("profile", self.profiles),
@@ -764,10 +865,10 @@ class SignalState:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> SignalState:
         """The state `to_arrays` gave."""
-        lag, history, num_news, at, total_clicks, impressions, now_count = arrays[
+        lag, history, profile, num_news, at, total_clicks, impressions, now_count = arrays[
             "scalars"
         ].tolist()
-        state = cls(num_news, lag=lag, history=history)
+        state = cls(num_news, lag=lag, history=history, profile=profile)
         state.time = None if at < 0 else at
         state.total_clicks, state.impressions, state._now_count = (
             total_clicks,

@@ -404,6 +404,7 @@ class LiveState:
             "signals_version": SIGNALS_VERSION,
             "lag": self.signals.lag,
             "history": self.signals.history,
+            "profile": self.signals.profile,
         }
         self.seq, self.last_id = 0, ""  # the latest logged impression learned from
         self.snapshot_seq = 0  # the snapshot read at start holds the log up to here
