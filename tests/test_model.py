@@ -536,7 +536,8 @@ def test_content_rank_whitens_each_parts_top_principal_directions(text_dim, vect
     features = model.news_features(torch.arange(1, 61)).double()
     covariance = features.T @ features / 60
     basis = model.content_basis
-    for i, (start, stop) in enumerate(model.content_parts):
+    for i, (start, stop, rank) in enumerate(model.content_parts):
+        assert rank == 4
         block = covariance[4 * i : 4 * i + 4, 4 * i : 4 * i + 4]
         torch.testing.assert_close(block, torch.eye(4, dtype=torch.float64), atol=1e-4, rtol=0)
         # the part's directions read that part only, and span its top principal subspace
@@ -552,10 +553,32 @@ def test_content_rank_whitens_each_parts_top_principal_directions(text_dim, vect
     torch.testing.assert_close(rebuilt.content_basis, basis)
 
 
+def test_image_rank_reduces_the_image_part_alone(vectors, has_image):
+    scaled = vectors * torch.linspace(0.1, 3.0, 16)
+    model = make("fast_rec_transformer", scaled, has_image, image_rank=3, text_dim=10)
+    assert model.content_parts == [(0, 10, 0), (10, 16, 3)]
+    model.fit_news_features()
+    assert model.feature_dim == 10 + 3
+    features = model.news_features(torch.arange(1, 61)).double()
+    standardised = (scaled[1:61, :10] - model.vector_mean[:10]) * model.vector_scale[:10]
+    torch.testing.assert_close(features[:, :10], standardised.double())  # the text part whole
+    assert not model.content_basis[:10].any()  # the directions read the image part only
+    covariance = features[:, 10:].T @ features[:, 10:] / 60
+    torch.testing.assert_close(covariance, torch.eye(3, dtype=torch.float64), atol=1e-4, rtol=0)
+    # content_rank reduces the text part too; image_rank keeps its place for the image part
+    ranks = {"content_rank": 2, "image_rank": 3}
+    both = make("fast_rec_transformer", scaled, has_image, text_dim=10, **ranks)
+    assert both.content_parts == [(0, 10, 2), (10, 16, 3)] and both.feature_dim == 5
+    # a model saved before image_rank (its args lack it) reads its image part whole
+    older = make("fast_rec_transformer", scaled, has_image, text_dim=10)
+    assert older.content_basis is None and older.feature_dim == 16
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         ({"content_rank": -1}, "content_rank must be >= 0"),
+        ({"image_rank": -2}, "image_rank must be >= 0"),
         ({"category_names": ["sports", "news"]}, "category_names must be sorted and distinct"),
         ({**CATEGORIES, "subcategory_names": ["golf", "golf"]}, "subcategory_names must be sorted"),
     ],

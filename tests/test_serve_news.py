@@ -20,7 +20,7 @@ from mmnewsrec.encode.pipeline import EncodeConfig, encode_store, news_texts
 from mmnewsrec.formats.store import Store
 from mmnewsrec.formats.vectors import NewsVectors
 from mmnewsrec.rank import load_ranker
-from mmnewsrec.rank.model import build_model
+from mmnewsrec.rank.model import IMAGE_RANK, build_model
 from mmnewsrec.rank.train import run_training
 from mmnewsrec.serve import Recommender, ServeSettings, create_app
 from mmnewsrec.serve.live import open_live
@@ -53,6 +53,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for values in (frozen, tuned):
         run_training(load_config("train_cpu", values=common | values))
     return {"frozen": root / "frozen", "tuned": root / "tuned"}
+
+
+def test_training_reduces_the_image_part_by_default(runs):
+    model = load_ranker(runs["frozen"]).model
+    text_dim = model.config.text_dim
+    assert model.model_args["image_rank"] == IMAGE_RANK
+    assert model.content_parts == [(0, text_dim, 0), (text_dim, model.news_dim, IMAGE_RANK)]
+    basis = model.content_basis
+    assert basis[text_dim:].abs().sum() > 0 and not basis[:text_dim].any()
 
 
 def copy_of_a_news_item(rec: Recommender, news_id: str) -> tuple[str, dict]:

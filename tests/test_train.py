@@ -469,7 +469,7 @@ def test_categories_off_and_a_content_rank_go_through_training(data, tmp_path):
     ranker = load_ranker(run)
     model = ranker.model
     assert model.news_categories is None and model.model_args["category_names"] == []
-    assert model.content_parts == [(0, model.news_dim)]  # text vectors: one part
+    assert model.content_parts == [(0, model.news_dim, 3)]  # text vectors: one part
     assert model.feature_dim == 3 and model.content_basis.abs().sum() > 0
     assert evaluate_run(run)["auc"] == pytest.approx(result.best_metrics["auc"], abs=1e-6)
 

@@ -47,6 +47,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": {"d_model": 768, "n_layers": 4, "n_heads": 8, "d_ff": 1024, "dropout": 0.1},
 }
 
+# The image part of [text | image] vectors that training reduces by default (`image_rank`): a
+# frozen image encoder's features of news pictures vary mostly in detail that says nothing of a
+# click; a few whitened principal directions keep their style (docs/models.md).
+IMAGE_RANK = 8
+
 
 @dataclass
 class RecTransformerConfig:
@@ -59,6 +64,7 @@ class RecTransformerConfig:
     image_flag: bool = True  # add a learned "no image" vector to news without an image
     signals: list[str] = field(default_factory=list)  # behaviour signals (SignalHead)
     content_rank: int = 0  # > 0: each part of the vectors reduced to its top principal directions
+    image_rank: int = 0  # > 0: the image part of [text | image] vectors so, in content_rank's place
     text_dim: int = 0  # the text part's width in [text | image] vectors (content_rank's parts)
     category_names: list[str] = field(default_factory=list)  # sorted; [] = no category input
     subcategory_names: list[str] = field(default_factory=list)  # sorted
@@ -79,6 +85,7 @@ class AdditiveAttentionConfig:
     image_flag: bool = True
     signals: list[str] = field(default_factory=list)
     content_rank: int = 0
+    image_rank: int = 0
     text_dim: int = 0
     category_names: list[str] = field(default_factory=list)
     subcategory_names: list[str] = field(default_factory=list)
@@ -150,16 +157,18 @@ class Ranker(nn.Module):
 
     def _register_news_inputs(self, config: Any, rows: int) -> None:
         """The buffers of what `news_features` adds to the vectors, saved with the weights and
-        set by `fit_news_features`: the principal directions (D, r) of `content_rank`, and the
-        news' (category, subcategory) ids (N+1, 2) with their one-hot columns' standardisation."""
-        rank, dim = getattr(config, "content_rank", 0), self.news_dim
-        if rank < 0:
-            raise ValueError(f"content_rank must be >= 0 (0: the whole vectors), got {rank}")
+        set by `fit_news_features`: the principal directions (D, r) of the reduced parts
+        (`content_parts`), and the news' (category, subcategory) ids (N+1, 2) with their
+        one-hot columns' standardisation."""
+        for key in ("content_rank", "image_rank"):
+            if (rank := getattr(config, key, 0)) < 0:
+                raise ValueError(f"{key} must be >= 0 (0: the whole part), got {rank}")
         for key in ("category_names", "subcategory_names"):
             names = getattr(config, key, [])
             if list(names) != sorted(set(names)):
                 raise ValueError(f"{key} must be sorted and distinct, got {names}")
-        basis = torch.zeros(dim, rank * len(self.content_parts)) if rank > 0 else None
+        reduced = sum(rank for _, _, rank in self.content_parts)
+        basis = torch.zeros(self.news_dim, reduced) if reduced else None
         self.register_buffer("content_basis", basis)
         width = sum(self.category_sizes)
         ids = torch.zeros(rows, 2, dtype=torch.long) if width else None
@@ -168,10 +177,15 @@ class Ranker(nn.Module):
         self.register_buffer("category_scale", torch.ones(width) if width else None)
 
     @property
-    def content_parts(self) -> list[tuple[int, int]]:
-        """The vectors' parts reduced separately by `content_rank`: [text | image] or whole."""
+    def content_parts(self) -> list[tuple[int, int, int]]:
+        """The vectors' parts, [text | image] or whole, as (start, stop, rank): each reduced to
+        its top `rank` principal directions, `content_rank`, or `image_rank` for an image part
+        where that is set; rank 0: the part whole."""
         dim, text_dim = self.news_dim, getattr(self.config, "text_dim", 0)
-        return [(0, text_dim), (text_dim, dim)] if 0 < text_dim < dim else [(0, dim)]
+        rank = getattr(self.config, "content_rank", 0)
+        if not 0 < text_dim < dim:
+            return [(0, dim, rank)]
+        return [(0, text_dim, rank), (text_dim, dim, getattr(self.config, "image_rank", 0) or rank)]
 
     @property
     def category_sizes(self) -> tuple[int, int]:
@@ -185,17 +199,23 @@ class Ranker(nn.Module):
     @property
     def feature_dim(self) -> int:
         """Width of `news_features`."""
-        basis = self.content_basis
-        return (self.news_dim if basis is None else basis.shape[1]) + sum(self.category_sizes)
+        widths = (rank or stop - start for start, stop, rank in self.content_parts)
+        return sum(widths) + sum(self.category_sizes)
 
     def news_features(self, indices: Tensor) -> Tensor:
-        """(n,) news indices -> (n, feature_dim): the standardised vectors (or their principal
-        components, whitened), then the standardised one-hot category and subcategory."""
+        """(n,) news indices -> (n, feature_dim): the standardised vectors' whole parts, the
+        reduced parts' principal components, whitened, then the standardised one-hot category
+        and subcategory."""
         vectors = self.news_vectors[indices] - self.vector_mean
         if self.content_basis is None:
             x = vectors * self.vector_scale
         else:
-            x = vectors @ self.content_basis.to(vectors.dtype)
+            whole = [
+                vectors[:, start:stop] * self.vector_scale[start:stop]
+                for start, stop, rank in self.content_parts
+                if not rank
+            ]
+            x = torch.cat([*whole, vectors @ self.content_basis.to(vectors.dtype)], dim=-1)
         if self.news_categories is None:
             return x
         assert self.category_mean is not None and self.category_scale is not None
@@ -226,13 +246,13 @@ class Ranker(nn.Module):
 
     @torch.no_grad()
     def fit_news_features(self, categories: np.ndarray | None = None, block: int = 65_536) -> None:
-        """Fit `news_features` on the news table: each part's top `content_rank` principal
-        directions, scaled to unit variance, and the news' category ids (N+1, 2)
+        """Fit `news_features` on the news table: each reduced part's top principal directions
+        (`content_parts`), scaled to unit variance, and the news' category ids (N+1, 2)
         (`category_ids`, row 0 padding) with their one-hot columns' mean and 1 / std (0 for a
         column that never varies, such as the unknown id)."""
-        if self.content_basis is not None:
-            rank = self.config.content_rank
-            for i, (start, stop) in enumerate(self.content_parts):
+        column = 0
+        for start, stop, rank in self.content_parts:
+            if rank and self.content_basis is not None:
                 covariance = torch.zeros(stop - start, stop - start, dtype=torch.float64)
                 for rows in self.news_vectors[1:, start:stop].split(block):
                     centred = (rows - self.vector_mean[start:stop]).double().cpu()
@@ -240,7 +260,8 @@ class Ranker(nn.Module):
                 values, directions = torch.linalg.eigh(covariance / (len(self.news_vectors) - 1))
                 k = min(rank, stop - start)
                 top = directions[:, -k:].flip(1) / values[-k:].flip(0).clamp_min(1e-12).sqrt()
-                self.content_basis[start:stop, i * rank : i * rank + k] = top.float()
+                self.content_basis[start:stop, column : column + k] = top.float()
+                column += rank
         if self.news_categories is None:
             return
         assert self.category_mean is not None and self.category_scale is not None

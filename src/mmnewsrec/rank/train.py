@@ -313,6 +313,7 @@ class TrainRecipe:
 
     def _build_model(self) -> None:
         from mmnewsrec.rank.model import (
+            IMAGE_RANK,
             MODELS,
             GBDTRanker,
             PopularityRanker,
@@ -336,6 +337,8 @@ class TrainRecipe:
                 args.setdefault(
                     "text_dim", vector_parts(self.vectors.manifest, self.vectors.dim)[0].stop
                 )
+            if "image_rank" in keys:
+                args.setdefault("image_rank", IMAGE_RANK)
             if self.signal_names and "signals" not in keys:
                 raise ValueError(f"{self.model_name} reads no signals; unset model.signals")
             if "signals" in keys:
