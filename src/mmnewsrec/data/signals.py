@@ -372,13 +372,8 @@ class PairCounts:
             found[found] = held[pos[found]] == low[found]
             counts[pos[found]] += deltas[found]
             new = ~found & (deltas != 0)
-            at = pos[new] + np.arange(np.count_nonzero(new))  # the new keys' places
-            old = np.ones(len(held) + len(at), bool)
-            old[at] = False
-            held, counts = (
-                interleave(held, low[new], at, old),
-                interleave(counts, deltas[new], at, old),
-            )
+            held = np.insert(held, pos[new], low[new])
+            counts = np.insert(counts, pos[new], deltas[new])
             live = counts != 0
             if not live.all():
                 held, counts = held[live], counts[live]
@@ -436,14 +431,6 @@ class PairCounts:
         bits = (self._filters.shape[1] << 3).bit_length() - 1
         codes = self._codes[k]
         return (codes[x] ^ codes[y]) >> np.uint32(32 - bits)
-
-
-def interleave(held: np.ndarray, new: np.ndarray, at: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """`held` and `new` in one array: `new` at the positions `at`, `held` where `old`."""
-    out = np.empty(len(old), held.dtype)
-    out[at] = new
-    out[old] = held
-    return out
 
 
 def filter_bits(pairs: int) -> int:
