@@ -156,6 +156,38 @@ def test_coclick_profile_and_history_lengths_act_apart(tmp_path, history, profil
     np.testing.assert_allclose(np.concatenate(replayed), got, atol=1e-6, rtol=0)
 
 
+def test_profiles_are_as_long_as_their_pairs_allow(tmp_path, monkeypatch):
+    """prepare's profiles hold up to COCLICK_PROFILE clicks, fewer where the pairs that the
+    users' longest histories could make pass PROFILE_PAIRS, never fewer than the minimum; the
+    manifest records the length taken, and the values are those of that length."""
+    longest = np.array([0, 1, 3, 40, 12])  # clicks of each user's longest history
+    assert signals_module.profile_capacity(longest, 10) == 0 + 0 + 3 + 45 + 45
+    assert signals_module.profile_length(longest) == COCLICK_PROFILE
+    monkeypatch.setattr(signals_module, "PROFILE_PAIRS", 3 + 105 + 66)  # 15 clicks: 3 + 105 + 66
+    assert signals_module.profile_length(longest) == 15
+    monkeypatch.setattr(signals_module, "PROFILE_PAIRS", 0)
+    assert signals_module.profile_length(longest) == signals_module.COCLICK_PROFILE_MIN
+
+    rng = np.random.default_rng(0)
+    clicks = [rng.choice(np.arange(1, 31), 14, replace=False) for _ in range(6)]
+    train = behaviors(
+        "train",
+        times=[100, 200, 300, DAY + 100, DAY + 200, DAY + 300],
+        users=[0, 1, 2, 0, 1, 2],
+        histories=clicks,
+        candidates=[c[[0, 5, 13]] for c in clicks[::-1]],
+        labels=[[1, 0, 0]] * 6,
+    )
+    monkeypatch.setattr(signals_module, "COCLICK_PROFILE_MIN", 4)
+    monkeypatch.setattr(signals_module, "PROFILE_PAIRS", 3 * 78)  # three profiles of 13 clicks
+    manifest = build_signals({"train": train}, 30, tmp_path / "auto")
+    assert manifest["profile"] == 13
+    build_signals({"train": train}, 30, tmp_path / "set", profile=13)
+    auto, set_ = (np.load(tmp_path / name / "train.npy") for name in ("auto", "set"))
+    np.testing.assert_array_equal(auto, set_)
+    assert auto[9:, CO].any()  # day 1 reads day 0's profiles
+
+
 def test_coclick_profiles_start_after_their_day_and_end_at_the_next(tmp_path):
     """A history counts from the next day on (never the same day) until the user's next one."""
     train = behaviors(
@@ -420,12 +452,13 @@ def test_pair_counts_count_like_a_dict_through_merges_and_removals(monkeypatch, 
     assert counts.may_hold(absent_x[pairs], absent_y[pairs]).mean() < 0.2  # most ruled out
 
 
-def test_pair_filters_keep_every_pair_added_without_removals():
+@pytest.mark.parametrize("capacity", [0, 100_000])
+def test_pair_filters_keep_every_pair_added_without_removals(capacity):
     """Pairs only added (the filters are then updated in place, and built again when they
-    grow): no held pair is ruled out, nearly every absent one is."""
+    grow past `capacity`): no held pair is ruled out, nearly every absent one is."""
     rng = np.random.default_rng(1)
     width = 3_000
-    counts, held = PairCounts(width), np.zeros(0, np.int64)
+    counts, held = PairCounts(width, capacity), np.zeros(0, np.int64)
     for _ in range(6):
         x, y = np.sort(rng.choice(width, (5_000, 2)), axis=1).T
         keys = (x * width + y)[x < y]

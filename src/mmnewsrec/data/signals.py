@@ -24,6 +24,10 @@ appearances) count everything strictly earlier. Labels of dev and test never cou
   `history` clicks h of cos(c, h) = n(c, h) / sqrt(n(c) n(h)), where n counts the users whose
   profile holds the items. A user's profile is the set of the last `profile` clicks of the
   history of their latest impression (any log) before the cutoff. 0 for an item in no profile.
+  `prepare` takes profiles of 50 clicks (as many as the ranker reads), or fewer, down to 10,
+  where the logs have so many users that the profiles' pairs could pass 2 ** 24
+  (`profile_length`: 50 on MovieLens 100K, 39 on MIND-small-sized logs, 10 at MIND-large
+  size); the store's manifest records the length, and the server's state reads it.
 - history_len: log1p(clicks in the impression's history), the same for all its candidates.
 
 The batch face walks the periods in order over all logs at once: the impressions of a period
@@ -65,7 +69,9 @@ from mmnewsrec.growing import GrowingRows, append_rows
 logger = logging.getLogger(__name__)
 
 COCLICK_HISTORY = 10  # last clicks of a history that a candidate's co-click is averaged over
-COCLICK_PROFILE = 10  # last clicks of a user's latest history that make its co-click profile
+COCLICK_PROFILE = 50  # last clicks of a user's latest history that make its co-click profile
+COCLICK_PROFILE_MIN = 10  # ... or fewer, down to this, where the pairs could pass PROFILE_PAIRS
+PROFILE_PAIRS = 2**24  # pairs of items the profiles can hold at once (10 to 12 bytes each)
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 FILTER_BITS = 8  # least bits a pair of each of the two Bloom filters of `PairCounts`
 PAIR_BUCKET_BITS = 28  # `PairCounts` holds its keys in buckets of 2 ** 28 consecutive keys
@@ -73,7 +79,7 @@ PAIR_LOW_MASK = (1 << PAIR_BUCKET_BITS) - 1  # a key's bits within its bucket
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
 PROFILE_CHUNK = 100_000  # profiles whose pairs are made at once
 SAVE_ROWS = 65_536  # impressions whose signals are written to their split's file at once
-SIGNALS_VERSION = 3  # 3: co-click profiles before the cutoff, in every log
+SIGNALS_VERSION = 4  # 3: co-click profiles before the cutoff, in every log; 4: their length
 
 
 def build_signals(
@@ -83,9 +89,10 @@ def build_signals(
     train_split: str = "train",
     lag: int = LAG,
     history: int = COCLICK_HISTORY,
-    profile: int = COCLICK_PROFILE,
+    profile: int | None = None,
 ) -> dict[str, object]:
     """Compute every split's signals into folder/<split>.npy; returns the manifest entry.
+    `profile`: the co-click profiles' length; None: `profile_length` of the logs.
 
     The periods' rows go to a temporary file as they are computed, then each split's file is
     written from it in log order, SAVE_ROWS impressions at a time: the (C, 5) table is never
@@ -97,9 +104,12 @@ def build_signals(
     logs = list(splits.values())
     first = first_appearance(logs, num_news)
     imps = Impressions.concat(logs, [b is train for b in logs])
+    longest = longest_histories(imps)
+    profile = profile_length(longest) if profile is None else profile
+    pairs = PairCounts(len(first), profile_capacity(longest, profile))
     order, bounds = group_by_period(imps.times, lag)
     with tempfile.TemporaryFile(dir=folder) as spill:
-        for block in period_signals(imps, order, bounds, first, lag, history, profile):
+        for block in period_signals(imps, order, bounds, first, lag, history, profile, pairs):
             block.tofile(spill)
         ends = dict(zip(splits, np.cumsum([b.num_impressions for b in logs]).tolist(), strict=True))
         save_in_log_order(spill, order, imps.candidate_offsets, ends, folder)
@@ -288,10 +298,12 @@ class PairCounts:
     bits a pair each, hashed from random codes of the two items) rule out most absent pairs
     before any key is made: 10 to 12 bytes a pair held. Read and updated a whole array of pairs
     at a time; `stage` collects updates (8 bytes a pair) that `merge` applies a bucket at a time,
-    so that an update never holds two copies of all the pairs."""
+    so that an update never holds two copies of all the pairs. `capacity`: the pairs the filters
+    are sized for at least, so that they need not be built again as the pairs grow to it."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, capacity: int = 0) -> None:
         self.width = width
+        self.capacity = capacity  # pairs the filters are sized for at least (see `filter_bits`)
         buckets = ((width * width - 1) >> PAIR_BUCKET_BITS) + 1
         self._edges = np.arange(buckets + 1, dtype=np.int64) << PAIR_BUCKET_BITS
         self._low = [np.zeros(0, np.uint32) for _ in range(buckets)]
@@ -315,7 +327,7 @@ class PairCounts:
         out = np.zeros(len(keys), np.int32)
         if not self._size:
             return out
-        order = np.argsort(keys)  # a search in sorted order is several times faster
+        order = sort_order(keys)  # a search in sorted order is several times faster
         wanted = keys[order]
         bounds = np.searchsorted(wanted, self._edges)
         for b in np.flatnonzero(np.diff(bounds)):
@@ -353,7 +365,7 @@ class PairCounts:
         """Apply the staged updates, a bucket at a time: counts[key] += delta; a key whose
         count becomes 0 is dropped."""
         staged = sum(len(part) for parts in self._staged for part in parts)
-        bits = filter_bits(self._size + staged)  # the pairs held after the merge: at most
+        bits = filter_bits(max(self.capacity, self._size + staged))  # after the merge: at most
         if self._filters is not None and self._filters.shape[1] << 3 != 1 << bits:
             self._filters = None  # built again, larger, when next read
         for b, parts in enumerate(self._staged):
@@ -390,7 +402,8 @@ class PairCounts:
         if not self._size:
             return np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), bool)
         if self._filters is None:
-            self._filters = np.zeros((2, 1 << filter_bits(self._size) >> 3), np.uint8)
+            bits = filter_bits(max(self.capacity, self._size))
+            self._filters = np.zeros((2, 1 << bits >> 3), np.uint8)
             for keys in self._held_keys():
                 self._mark(keys)
         x, y = np.broadcast_arrays(x, y)
@@ -409,8 +422,10 @@ class PairCounts:
         """Whether filter `k` holds the bit of each pair (x, y broadcast together)."""
         assert self._filters is not None
         slot = self._slots(k, x, y)
-        byte = np.take(self._filters[k], slot >> 3)
-        byte >>= slot.astype(np.uint8) & 7
+        bit = (slot & 7).astype(np.uint8)
+        slot >>= 3
+        byte = np.take(self._filters[k], slot)
+        byte >>= bit
         byte &= 1
         return byte.view(bool)
 
@@ -430,7 +445,9 @@ class PairCounts:
         assert self._filters is not None
         bits = (self._filters.shape[1] << 3).bit_length() - 1
         codes = self._codes[k]
-        return (codes[x] ^ codes[y]) >> np.uint32(32 - bits)
+        slot = codes[x] ^ codes[y]
+        slot >>= np.uint32(32 - bits)
+        return slot
 
 
 def filter_bits(pairs: int) -> int:
@@ -447,17 +464,18 @@ def period_signals(
     lag: int,
     history: int,
     profile: int,
+    pairs: PairCounts,
 ) -> Iterator[np.ndarray]:
     """The (candidates, 5) rows of each period's impressions (`order[bounds[r]:bounds[r + 1]]`)
     in turn: what they see, then what they add. `first`: (N+1,) each item's first appearance
-    (`first_appearance`); `history`, `profile`: the co-click's lengths."""
+    (`first_appearance`); `history`, `profile`: the co-click's lengths; `pairs`: empty, to count
+    the profiles' pairs n(x, y), x < y."""
     width = len(first)
     times = np.unique(imps.times)
     earlier = np.searchsorted(np.sort(imps.times), imps.times)  # impressions strictly before
     clicks, shown = np.zeros(width, np.int64), np.zeros(width, np.int64)
     total_clicks = 0
     holders = np.zeros(width, np.int64)  # n(x): profiles holding x
-    pairs = PairCounts(width)  # n(x, y), x < y
     profile_of = np.full(int(imps.users.max(initial=-1)) + 1, -1)  # impression per user
     for r in range(len(bounds) - 1):
         rows = order[bounds[r] : bounds[r + 1]]
@@ -492,6 +510,30 @@ def period_signals(
         replaced, latest = replaced[changed], latest[changed]
         update_profiles(imps, replaced[replaced >= 0], latest, holders, pairs, profile)
         profile_of[imps.users[latest]] = latest
+
+
+def longest_histories(imps: Impressions) -> np.ndarray:
+    """Per user index, the clicks of their longest history."""
+    longest = np.zeros(int(imps.users.max(initial=-1)) + 1, np.int64)
+    np.maximum.at(longest, imps.users, np.diff(imps.history_offsets))
+    return longest
+
+
+def profile_capacity(longest: np.ndarray, profile: int) -> int:
+    """The most pairs that profiles of `profile` clicks can hold at once: each user holds one,
+    of at most the last `profile` clicks of their longest history (`longest`, per user)."""
+    size = np.minimum(longest, profile)
+    return int((size * (size - 1) // 2).sum())
+
+
+def profile_length(longest: np.ndarray) -> int:
+    """The longest co-click profile, of COCLICK_PROFILE_MIN to COCLICK_PROFILE clicks, whose
+    pairs stay within PROFILE_PAIRS (`profile_capacity`); COCLICK_PROFILE_MIN if none does.
+    Few users (MovieLens 100K, MIND-small) get long profiles, many (MIND-large) short ones."""
+    for profile in range(COCLICK_PROFILE, COCLICK_PROFILE_MIN, -1):
+        if profile_capacity(longest, profile) <= PROFILE_PAIRS:
+            return profile
+    return COCLICK_PROFILE_MIN
 
 
 def update_profiles(
@@ -539,7 +581,7 @@ def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray
     those impressions with a strictly smaller time rank have the same item."""
     key = items.astype(np.int64) * (int(time_rank.max(initial=0)) + 1)
     key += np.repeat(time_rank, np.diff(offsets))
-    order = np.argsort(key)  # equal keys get equal answers: no need for a stable sort
+    order = sort_order(key)  # equal keys get equal answers: no need for a stable sort
     key, item = key[order], items[order]
     new_item, new_run = np.r_[True, item[1:] != item[:-1]], np.r_[True, key[1:] != key[:-1]]
     del key, item  # the temporaries are as large as the period's candidates
@@ -551,6 +593,20 @@ def earlier_within(items: np.ndarray, time_rank: np.ndarray, offsets: np.ndarray
     out = np.empty(len(order), np.int64)
     out[order] = run_start
     return out
+
+
+def sort_order(keys: np.ndarray) -> np.ndarray:
+    """np.argsort of non-negative int64 `keys`, equal keys in any order: when the keys and their
+    positions fit in 63 bits together, one sort of the keys with their positions in the low
+    bits (numpy sorts values several times faster than it argsorts them)."""
+    shift = max(1, (len(keys) - 1).bit_length())
+    if not len(keys) or int(keys.max()) >> (63 - shift):
+        return np.argsort(keys)
+    packed = keys.astype(np.int64) << shift
+    packed |= np.arange(len(keys))
+    packed.sort()
+    packed &= (1 << shift) - 1
+    return packed
 
 
 def coclick(
