@@ -59,11 +59,11 @@ def main() -> None:
             data = Path(tmp) / "data"
             generate(data, SynthConfig.quick())
         store = build_store(data, Path(tmp) / "store")
-        state = SignalState.empty(store.num_news)
+        state = SignalState.for_store(store, store.num_news)
         started = time.process_time()
         replay_store(state, store, "train")
         replay_s = time.process_time() - started
-        one_by_one = SignalState.empty(store.num_news)
+        one_by_one = SignalState.for_store(store, store.num_news)
         started = time.process_time()
         replay_one_at_a_time(one_by_one, store, "train")
         one_s = time.process_time() - started

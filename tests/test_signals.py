@@ -286,7 +286,7 @@ def replay(store: Store) -> tuple[dict[str, np.ndarray], SignalState]:
     logs = {split: store.behaviors(split) for split in store.splits}
     rows = [(split, i) for split, b in logs.items() for i in range(b.num_impressions)]
     times = np.concatenate([np.asarray(b.times) for b in logs.values()])
-    state = SignalState.empty(store.num_news)
+    state = SignalState.for_store(store, store.num_news)
     out = {
         split: np.zeros((len(b.candidate_items), len(SIGNAL_NAMES))) for split, b in logs.items()
     }
@@ -353,10 +353,14 @@ def test_profiles_kept_across_periods_count_as_the_state_counts_them(tmp_path):
     assert got[:, CO].max() > 0  # the profiles were read
 
 
-def test_replay_through_the_state_gives_the_batch_values_movielens(tmp_path):
+def test_replay_through_the_state_gives_the_batch_values_movielens(tmp_path, monkeypatch):
+    """With a pair budget that shortens the profiles: the state takes the store's length."""
     if not MOVIELENS.is_dir():
         pytest.skip(f"{MOVIELENS} not found")
-    assert_replay_matches(build_store(MOVIELENS, tmp_path / "store"))
+    monkeypatch.setattr(signals_module, "PROFILE_PAIRS", 100_000)
+    store = build_store(MOVIELENS, tmp_path / "store")
+    assert 10 < store.manifest["signals"]["profile"] < COCLICK_PROFILE
+    assert_replay_matches(store)
 
 
 def store_impressions(store: Store) -> Impressions:
@@ -380,7 +384,7 @@ def test_a_batch_gives_the_state_of_one_impression_at_a_time_movielens(tmp_path)
     order = np.argsort(np.concatenate([np.asarray(b.times) for b in logs]), kind="stable")
     sizes = np.concatenate([np.diff(b.candidate_offsets) for b in logs])
     starts = csr_offsets(sizes)[:-1]
-    state = SignalState.empty(store.num_news)
+    state = SignalState.for_store(store, store.num_news)
     rng = np.random.default_rng(0)
     cuts = np.unique(np.r_[0, np.cumsum(rng.integers(1, 400, len(order))), len(order)])
     cuts = cuts[cuts <= len(order)]
@@ -395,7 +399,7 @@ def test_a_batch_gives_the_state_of_one_impression_at_a_time_movielens(tmp_path)
     assert expected.keys() == got.keys()
     for name, values in expected.items():
         np.testing.assert_array_equal(got[name], values, err_msg=name)
-    whole = SignalState.empty(store.num_news)
+    whole = SignalState.for_store(store, store.num_news)
     whole.observe_batch(imps)
     for name, values in whole.to_arrays().items():
         np.testing.assert_array_equal(got[name], values, err_msg=name)
