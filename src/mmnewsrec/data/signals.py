@@ -74,7 +74,7 @@ COCLICK_PROFILE_MIN = 10  # ... or fewer, down to this, where the pairs could pa
 PROFILE_PAIRS = 2**24  # pairs of items the profiles can hold at once (10 to 12 bytes each)
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 FILTER_BITS = 8  # least bits a pair of each of the two Bloom filters of `PairCounts`
-PAIR_BUCKET_BITS = 28  # `PairCounts` holds its keys in buckets of 2 ** 28 consecutive keys
+PAIR_BUCKET_BITS = 31  # `PairCounts` holds its keys in buckets of 2 ** 31 consecutive keys
 PAIR_LOW_MASK = (1 << PAIR_BUCKET_BITS) - 1  # a key's bits within its bucket
 PAIR_CHUNK = 4_000_000  # (candidate, history click) pairs looked up at once
 PROFILE_CHUNK = 100_000  # profiles whose pairs are made at once
@@ -329,14 +329,17 @@ class PairCounts:
             return out
         order = sort_order(keys)  # a search in sorted order is several times faster
         wanted = keys[order]
-        bounds = np.searchsorted(wanted, self._edges)
-        for b in np.flatnonzero(np.diff(bounds)):
-            held, part = self._low[b], slice(bounds[b], bounds[b + 1])
+        bounds = np.searchsorted(wanted, self._edges).tolist()
+        low = (wanted & PAIR_LOW_MASK).astype(np.uint32)
+        found = np.zeros(len(keys), np.int32)  # in `wanted` order
+        for b in np.flatnonzero(np.diff(bounds)).tolist():
+            held, lo, hi = self._low[b], bounds[b], bounds[b + 1]
             if not len(held):
                 continue
-            low = (wanted[part] & PAIR_LOW_MASK).astype(np.uint32)
-            pos = np.searchsorted(held, low).clip(max=len(held) - 1)
-            out[order[part]] = np.where(held[pos] == low, self._counts[b][pos], 0)
+            pos = np.searchsorted(held, low[lo:hi])
+            np.minimum(pos, len(held) - 1, out=pos)
+            found[lo:hi] = np.where(held[pos] == low[lo:hi], self._counts[b][pos], 0)
+        out[order] = found
         return out
 
     def add(self, keys: np.ndarray, deltas: np.ndarray) -> None:
