@@ -25,8 +25,8 @@ appearances) count everything strictly earlier. Labels of dev and test never cou
   profile holds the items. A user's profile is the set of the last `profile` clicks of the
   history of their latest impression (any log) before the cutoff. 0 for an item in no profile.
   `prepare` takes profiles of 50 clicks (as many as the ranker reads), or fewer, down to 10,
-  where the logs have so many users that the profiles' pairs could pass 2 ** 24
-  (`profile_length`: 50 on MovieLens 100K, 39 on MIND-small-sized logs, 10 at MIND-large
+  where the logs have so many users that the profiles' pairs could pass 2 ** 23
+  (`profile_length`: 50 on MovieLens 100K, 24 on MIND-small-sized logs, 10 at MIND-large
   size); the store's manifest records the length, and the server's state reads it.
 - history_len: log1p(clicks in the impression's history), the same for all its candidates.
 
@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 COCLICK_HISTORY = 10  # last clicks of a history that a candidate's co-click is averaged over
 COCLICK_PROFILE = 50  # last clicks of a user's latest history that make its co-click profile
 COCLICK_PROFILE_MIN = 10  # ... or fewer, down to this, where the pairs could pass PROFILE_PAIRS
-PROFILE_PAIRS = 2**24  # pairs of items the profiles can hold at once (10 to 12 bytes each)
+PROFILE_PAIRS = 2**23  # pairs of items the profiles can hold at once (10 to 12 bytes each)
 LAG = DAY  # seconds: clicks count from impressions before the start of the impression's period
 FILTER_BITS = 8  # least bits a pair of each of the two Bloom filters of `PairCounts`
 PAIR_BUCKET_BITS = 31  # `PairCounts` holds its keys in buckets of 2 ** 31 consecutive keys
