@@ -456,6 +456,21 @@ def test_pair_counts_count_like_a_dict_through_merges_and_removals(monkeypatch, 
     assert counts.may_hold(absent_x[pairs], absent_y[pairs]).mean() < 0.2  # most ruled out
 
 
+def test_sort_order_sorts_like_argsort_packed_or_not():
+    """Positions packed beside the keys where both fit in 63 bits, argsort where they do not:
+    either way a permutation that sorts the keys."""
+    rng = np.random.default_rng(0)
+    for keys in (
+        rng.integers(0, 1_000, 5_000),  # packed, many equal keys
+        rng.integers(0, 2**62, 5_000),  # too large to pack
+        np.array([3], np.int32),
+        np.zeros(0, np.int64),
+    ):
+        order = signals_module.sort_order(keys)
+        np.testing.assert_array_equal(np.sort(order), np.arange(len(keys)))
+        np.testing.assert_array_equal(keys[order], np.sort(keys))
+
+
 @pytest.mark.parametrize("capacity", [0, 100_000])
 def test_pair_filters_keep_every_pair_added_without_removals(capacity):
     """Pairs only added (the filters are then updated in place, and built again when they
@@ -463,6 +478,7 @@ def test_pair_filters_keep_every_pair_added_without_removals(capacity):
     rng = np.random.default_rng(1)
     width = 3_000
     counts, held = PairCounts(width, capacity), np.zeros(0, np.int64)
+    filter_sizes = set()
     for _ in range(6):
         x, y = np.sort(rng.choice(width, (5_000, 2)), axis=1).T
         keys = (x * width + y)[x < y]
@@ -470,6 +486,9 @@ def test_pair_filters_keep_every_pair_added_without_removals(capacity):
         held = np.union1d(held, keys)
         held_x, held_y = np.divmod(held, width)
         assert counts.may_hold(held_y, held_x).all()
+        filter_sizes.add(counts._filters.nbytes)  # the filters as last built
+    # sized once for a capacity above the pairs held, else built again as they grew
+    assert len(held) < capacity and len(filter_sizes) == 1 or not capacity and len(filter_sizes) > 1
     x, y = np.sort(rng.choice(width, (200_000, 2)), axis=1).T
     absent = ~np.isin(x * width + y, held) & (x < y)
     assert counts.may_hold(x[absent], y[absent]).mean() < 0.02
